@@ -1,0 +1,119 @@
+"""The rocket loss: BCE(booster) + BCE(light) + lambda * hint(light, booster).
+
+Hints (z_l, z_b: light and booster logits [B]; t = the booster target):
+    mimic     mean((z_l - t)^2)                                  (the paper's)
+    mse_prob  mean((sigmoid(z_l) - sigmoid(t))^2)
+    kd        T^2 * BCE(sigmoid(z_l / T), target sigmoid(t / T))
+
+Gradient block (default on): t = z_b.detach(), so the hint's gradient never
+reaches booster-only parameters; it reaches the light tower and, through the
+light path only, the shared layers. Off: t = z_b, and the hint also pulls the
+booster towards the light tower.
+
+Modes: rocket (all three terms), booster_only, light_only, and
+teacher_student, whose second phase (`student`) trains the light tower on
+BCE + hint against a frozen booster (booster logits computed without grad,
+shared tables not trained). Means are weighted by the sample weights if given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("rocket", "booster_only", "light_only", "teacher_student")
+HINTS = ("mimic", "mse_prob", "kd")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    mode: str = "rocket"
+    hint: str = "kd"
+    hint_weight: float = 1.0  # lambda
+    temperature: float = 2.0  # kd only
+    gradient_block: bool = True
+    light_shared_grad_scale: float = 1.0  # 0 = light losses never reach shared tables
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.hint not in HINTS:
+            raise ValueError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
+        if not self.hint_weight >= 0:
+            raise ValueError(f"hint_weight (lambda) must be >= 0, got {self.hint_weight}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.light_shared_grad_scale <= 1.0:
+            raise ValueError(
+                f"light_shared_grad_scale must be in [0, 1], got {self.light_shared_grad_scale}"
+            )
+
+
+def _wmean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return x.mean() if w is None else (x * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def bce(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return _wmean(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"), w)
+
+
+def hint_loss(
+    z_l: torch.Tensor, target: torch.Tensor, kind: str, temperature: float, w: torch.Tensor | None
+) -> torch.Tensor:
+    if kind == "mimic":
+        per = (z_l - target) ** 2
+    elif kind == "mse_prob":
+        per = (torch.sigmoid(z_l) - torch.sigmoid(target)) ** 2
+    elif kind == "kd":
+        t = temperature
+        per = (t * t) * F.binary_cross_entropy_with_logits(
+            z_l / t, torch.sigmoid(target / t), reduction="none"
+        )
+    else:
+        raise ValueError(f"unknown hint {kind!r}")
+    return _wmean(per, w)
+
+
+def rocket_loss(
+    z_b: torch.Tensor | None,
+    z_l: torch.Tensor | None,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None,
+    cfg: LossConfig,
+    phase: str | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Return (total loss, every term as a float). phase: None or 'teacher'/'student'."""
+    mode = cfg.mode
+    if mode == "teacher_student":
+        mode = "booster_only" if phase in (None, "teacher") else "student"
+    terms: dict[str, torch.Tensor] = {}
+    if mode in ("rocket", "booster_only"):
+        assert z_b is not None
+        terms["bce_booster"] = bce(z_b, labels, weights)
+    if mode in ("rocket", "light_only", "student"):
+        assert z_l is not None
+        terms["bce_light"] = bce(z_l, labels, weights)
+    if mode in ("rocket", "student") and cfg.hint_weight > 0:
+        assert z_b is not None and z_l is not None
+        # gradient block: the booster's logits are a constant in the hint term, so the
+        # hint never reaches booster-only parameters (in 'student' the booster is frozen)
+        target = z_b.detach() if (cfg.gradient_block or mode == "student") else z_b
+        terms["hint"] = hint_loss(z_l, target, cfg.hint, cfg.temperature, weights)
+    total = sum(
+        (cfg.hint_weight * v if k == "hint" else v for k, v in terms.items()),
+        torch.zeros((), device=labels.device),
+    )
+    out = {k: float(v.detach()) for k, v in terms.items()}
+    out["loss"] = float(total.detach())
+    return total, out
+
+
+def towers_needed(cfg: LossConfig, phase: str | None = None) -> tuple[bool, bool]:
+    """(run_booster, run_light) for a training step."""
+    if cfg.mode == "booster_only" or (cfg.mode == "teacher_student" and phase != "student"):
+        return True, False
+    if cfg.mode == "light_only":
+        return False, True
+    return True, True

@@ -1,0 +1,218 @@
+"""Rocket model: shared TorchRec embedding tables, a deep booster and a light tower.
+
+    raw ids (KJT, keys = spec sparse order)
+        -> bucketize (id mod rows, non-negative, per feature)        [inside the model]
+        -> EmbeddingBagCollection (all tables; sharded by DMP later)  -> pooled[f]: [B, d_f]
+    booster: concat(pooled[all], dense_repr)    -> LayerNorm -> low-rank DCN-v2 cross x L
+             -> MLP -> Linear -> z_b [B]
+    light:   concat(pooled[light], light dense) -> LayerNorm -> MLP -> Linear -> z_l [B]
+
+Legend: B batch, D dense features, d_f embedding dim of feature f.
+
+The light tower reads the shared tables through `scale_grad(x, s)`:
+forward is the identity, backward multiplies the light losses' gradient into
+the shared layers by s (1 = the paper, 0 = the light tower reads detached
+shared outputs). Pooled embeddings are read by key (`to_dict()`), never by
+position: a sharded EBC may return its keys in another order.
+`forward` stores nothing on `self`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from rocketrec.spec import FeatureSpec
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cross_layers: int = 3
+    cross_rank: int = 32
+    booster_mlp: tuple[int, ...] = (256, 128, 64)
+    light_mlp: tuple[int, ...] = (32,)
+    shared_bottom: tuple[int, ...] = field(default_factory=tuple)  # dense MLP shared by both towers
+
+    def __post_init__(self) -> None:
+        if self.cross_layers < 0 or self.cross_rank < 1:
+            raise ValueError("cross_layers must be >= 0 and cross_rank >= 1")
+        for name in ("booster_mlp", "light_mlp", "shared_bottom"):
+            if any(int(x) < 1 for x in getattr(self, name)):
+                raise ValueError(f"{name}: every layer size must be >= 1")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return g * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward; gradient times `scale` backward (0 detaches, 1 is a no-op)."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()  # blocks the light losses from the shared layers entirely
+    return _ScaleGrad.apply(x, scale)
+
+
+def mlp(in_dim: int, sizes: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    for s in sizes:
+        layers += [nn.Linear(in_dim, s), nn.ReLU()]
+        in_dim = s
+    return nn.Sequential(*layers), in_dim
+
+
+class LowRankCross(nn.Module):
+    """DCN-v2 low-rank cross layer: x_{l+1} = x0 * (U (V x_l) + b) + x_l. x: [B, K]."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.v = nn.Linear(dim, rank, bias=False)
+        self.u = nn.Linear(rank, dim)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * self.u(self.v(x)) + x
+
+
+class BoosterTower(nn.Module):
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.cross = nn.ModuleList(LowRankCross(in_dim, cfg.cross_rank) for _ in range(cfg.cross_layers))
+        self.mlp, out = mlp(in_dim, cfg.booster_mlp)
+        self.head = nn.Linear(out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, K] -> logits [B]."""
+        x0 = self.norm(x)
+        h = x0
+        for layer in self.cross:
+            h = layer(x0, h)
+        return self.head(self.mlp(h)).squeeze(-1)
+
+
+class LightTower(nn.Module):
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.mlp, out = mlp(in_dim, cfg.light_mlp)
+        self.head = nn.Linear(out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, K_light] -> logits [B]."""
+        return self.head(self.mlp(self.norm(x))).squeeze(-1)
+
+
+class RocketOutput(NamedTuple):
+    booster: torch.Tensor | None  # logits [B], None when not computed
+    light: torch.Tensor | None  # logits [B], None when not computed
+
+
+class RocketModel(nn.Module):
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.spec, self.cfg = spec, cfg
+        device = device or torch.device("cpu")
+        by_table: dict[str, list[str]] = {}
+        for f in spec.sparse:
+            by_table.setdefault(f.table, []).append(f.name)
+        self.ebc = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(
+                    name=t.name,
+                    embedding_dim=t.dim,
+                    num_embeddings=t.rows,
+                    feature_names=by_table[t.name],
+                    pooling=PoolingType.SUM if t.pooling == "sum" else PoolingType.MEAN,
+                )
+                for t in spec.tables
+            ],
+            device=device,
+        )
+        self.register_buffer(
+            "bucket_rows",
+            torch.tensor([spec.table(f.table).rows for f in spec.sparse], dtype=torch.int64),
+            persistent=False,
+        )
+        dims = {f.name: spec.table(f.table).dim for f in spec.sparse}
+        n_dense = len(spec.dense)
+        self.light_dense_idx: list[int] = [spec.dense_names.index(f.name) for f in spec.light_dense]
+        self.register_buffer(
+            "light_dense_index", torch.tensor(self.light_dense_idx, dtype=torch.int64), persistent=False
+        )
+        self.light_sparse = [f.name for f in spec.light_sparse]
+        dense_out = n_dense
+        self.bottom: nn.Module | None = None
+        if cfg.shared_bottom:
+            if n_dense == 0:
+                raise ValueError("shared_bottom needs dense features")
+            if 0 < len(self.light_dense_idx) < n_dense:
+                raise ValueError(
+                    "shared_bottom reads every dense feature, but the light tower reads only "
+                    "some of them: drop shared_bottom or give the light tower all dense features"
+                )
+            self.bottom, dense_out = mlp(n_dense, cfg.shared_bottom)
+        self.light_uses_bottom = self.bottom is not None and len(self.light_dense_idx) == n_dense
+        booster_in = sum(dims.values()) + dense_out
+        light_in = sum(dims[n] for n in self.light_sparse) + (
+            dense_out if self.light_uses_bottom else len(self.light_dense_idx)
+        )
+        self.booster = BoosterTower(booster_in, cfg).to(device)
+        self.light = LightTower(light_in, cfg).to(device)
+        if self.bottom is not None:
+            self.bottom.to(device)
+
+    def bucketize(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Raw int64 ids -> rows: non-negative `id mod rows` of each feature's table."""
+        per_value_rows = torch.repeat_interleave(
+            self.bucket_rows, torch.tensor(kjt.length_per_key(), device=self.bucket_rows.device)
+        )
+        return KeyedJaggedTensor(
+            keys=kjt.keys(),
+            values=torch.remainder(kjt.values(), per_value_rows),
+            lengths=kjt.lengths(),
+        )
+
+    def forward(
+        self,
+        dense: torch.Tensor,
+        sparse: KeyedJaggedTensor,
+        run_booster: bool = True,
+        run_light: bool = True,
+        light_shared_grad_scale: float = 1.0,
+    ) -> RocketOutput:
+        """dense [B, D] float32, sparse KJT of raw ids -> RocketOutput(logits [B] or None)."""
+        pooled = self.ebc(self.bucketize(sparse)).to_dict()  # by key, never by position
+        dense_repr = self.bottom(dense) if self.bottom is not None else dense
+        z_b = z_l = None
+        if run_booster:
+            z_b = self.booster(torch.cat([pooled[n] for n in self.spec.sparse_names] + [dense_repr], 1))
+        if run_light:
+            parts = [pooled[n] for n in self.light_sparse]
+            if self.light_uses_bottom:
+                parts.append(dense_repr)
+            elif self.light_dense_idx:
+                parts.append(dense.index_select(1, self.light_dense_index))
+            # the scale sets how much of the light losses' gradient reaches the shared layers
+            x = scale_grad(torch.cat(parts, 1), light_shared_grad_scale)
+            z_l = self.light(x)
+        return RocketOutput(z_b, z_l)
+
+    def booster_only_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if n.startswith("booster.")]
+
+    def light_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if n.startswith("light.")]

@@ -1,0 +1,411 @@
+"""Feature spec: the YAML an ad engineer writes, parsed once into frozen dataclasses.
+
+YAML stays at the edge. `load_spec(path)` reads the file, rejects unknown keys
+(with a "did you mean" hint), duplicate keys, wrong types and dangling
+references, and returns a `FeatureSpec`. Every user error is a `SpecError`
+(a `ValueError`) whose message names the file, the feature and the field, so
+the CLI can print one line and exit non-zero.
+
+Schema (documented with examples in feature_specs/README.md):
+
+    version: 1
+    name: ads_ctr
+    label: {column: click}
+    weight: {column: w}                  # optional
+    tables:
+      - {name: items, rows: 100000, dim: 16, pooling: sum}
+    sparse:
+      - {name: ad_id, column: ad_id, dtype: int64, kind: scalar, table: items, max_ids: 1}
+    dense:
+      - {name: price, column: price, fill: 0.0, transform: log1p}
+    light:
+      features: [ad_id, price]
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SPEC_VERSION = 1
+POOLINGS = ("sum", "mean")
+SPARSE_DTYPES = ("int64", "string")
+SPARSE_KINDS = ("scalar", "list")
+TRANSFORMS = ("none", "log1p", "clip", "standardize")
+
+
+class SpecError(ValueError):
+    """A user error in a feature spec; the message names file, feature and field."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    rows: int
+    dim: int
+    pooling: str = "sum"
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    name: str
+    column: str
+    table: str
+    dtype: str = "int64"  # "int64" | "string" (strings are hashed, see rocketrec.hashing)
+    kind: str = "scalar"  # "scalar" | "list" (multi-hot)
+    max_ids: int | None = None  # keep at most this many ids per example (list features)
+
+
+@dataclass(frozen=True)
+class DenseFeature:
+    """A float feature: nulls become `fill`, then `transform` applies.
+
+    Transforms: none; log1p = log(1 + max(x, 0)); clip to [min, max];
+    standardize = (x - mean) / std.
+    """
+
+    name: str
+    column: str
+    fill: float = 0.0
+    transform: str = "none"
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    version: int
+    label_column: str
+    weight_column: str | None
+    tables: tuple[TableSpec, ...]
+    sparse: tuple[SparseFeature, ...]
+    dense: tuple[DenseFeature, ...]
+    light_features: tuple[str, ...]
+    source: str = field(default="<memory>", compare=False)
+
+    # -- derived views ---------------------------------------------------------
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [f.name for f in self.dense]
+
+    @property
+    def light_sparse(self) -> list[SparseFeature]:
+        keep = set(self.light_features)
+        return [f for f in self.sparse if f.name in keep]
+
+    @property
+    def light_dense(self) -> list[DenseFeature]:
+        keep = set(self.light_features)
+        return [f for f in self.dense if f.name in keep]
+
+    def table(self, name: str) -> TableSpec:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def columns(self) -> list[str]:
+        cols = [self.label_column]
+        if self.weight_column:
+            cols.append(self.weight_column)
+        for f in (*self.sparse, *self.dense):
+            if f.column not in cols:
+                cols.append(f.column)
+        return cols
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form that `spec_from_dict` reads back (checkpoints, manifests)."""
+        d: dict[str, Any] = {
+            "version": self.version,
+            "name": self.name,
+            "label": {"column": self.label_column},
+            "tables": [vars(t).copy() for t in self.tables],
+            "sparse": [{k: v for k, v in vars(f).items() if v is not None} for f in self.sparse],
+            "dense": [{k: v for k, v in vars(f).items() if v is not None} for f in self.dense],
+            "light": {"features": list(self.light_features)},
+        }
+        if self.weight_column:
+            d["weight"] = {"column": self.weight_column}
+        return d
+
+
+# -- parsing ------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise SpecError(
+                f"duplicate key {key!r} (lines {seen[key] + 1} and {key_node.start_mark.line + 1})"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+class _Ctx:
+    """Builds error messages of the form `file: where: field 'x': problem`."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, msg: str) -> SpecError:
+        prefix = f"{self.source}: " + (f"{where}: " if where else "")
+        return SpecError(prefix + msg)
+
+
+def _check_keys(
+    ctx: _Ctx, where: str, obj: Any, allowed: tuple[str, ...], required: tuple[str, ...]
+) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ctx.fail(where, f"expected a mapping, got {type(obj).__name__} ({obj!r:.60})")
+    for key in obj:
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), allowed, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else f" (allowed: {', '.join(allowed)})"
+            raise ctx.fail(where, f"unknown key '{key}'{extra}")
+    for key in required:
+        if key not in obj or obj[key] is None:
+            raise ctx.fail(where, f"field '{key}' is required")
+    return obj
+
+
+def _str(ctx: _Ctx, where: str, obj: dict[str, Any], key: str) -> str:
+    v = obj[key]
+    if not isinstance(v, str) or not v.strip():
+        raise ctx.fail(where, f"field '{key}' must be a non-empty string, got {v!r}")
+    return v
+
+
+def _int(ctx: _Ctx, where: str, obj: dict[str, Any], key: str, minimum: int) -> int:
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ctx.fail(where, f"field '{key}' must be an integer, got {v!r}")
+    if v < minimum:
+        raise ctx.fail(where, f"field '{key}' must be >= {minimum}, got {v}")
+    return v
+
+
+def _float(ctx: _Ctx, where: str, obj: dict[str, Any], key: str) -> float:
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ctx.fail(where, f"field '{key}' must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _choice(ctx: _Ctx, where: str, obj: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    v = obj[key]
+    if v not in choices:
+        raise ctx.fail(where, f"field '{key}' must be one of {', '.join(choices)}, got {v!r}")
+    return str(v)
+
+
+def _list(ctx: _Ctx, where: str, obj: dict[str, Any], key: str) -> list[Any]:
+    v = obj.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ctx.fail(where, f"field '{key}' must be a list, got {type(v).__name__}")
+    return v
+
+
+def _column_block(ctx: _Ctx, where: str, raw: Any) -> str:
+    if isinstance(raw, str):
+        raw = {"column": raw}
+    obj = _check_keys(ctx, where, raw, ("column",), ("column",))
+    return _str(ctx, where, obj, "column")
+
+
+def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
+    """Validate a parsed YAML document and build the frozen spec."""
+    ctx = _Ctx(source)
+    if raw is None:
+        raise ctx.fail("", "the file is empty")
+    if not isinstance(raw, dict):
+        raise ctx.fail("", f"top level must be a mapping, got {type(raw).__name__}")
+    top = _check_keys(
+        ctx,
+        "",
+        raw,
+        ("version", "name", "label", "weight", "tables", "sparse", "dense", "light"),
+        ("version", "label", "tables", "sparse"),
+    )
+    version = _int(ctx, "", top, "version", 1)
+    if version != SPEC_VERSION:
+        raise ctx.fail("", f"field 'version': this rocketrec reads version {SPEC_VERSION}, got {version}")
+    name = _str(ctx, "", top, "name") if "name" in top else Path(source).stem
+    label = _column_block(ctx, "label", top["label"])
+    weight = _column_block(ctx, "weight", top["weight"]) if top.get("weight") is not None else None
+
+    tables: list[TableSpec] = []
+    for i, t in enumerate(_list(ctx, "", top, "tables")):
+        where = f"tables[{i}]"
+        obj = _check_keys(ctx, where, t, ("name", "rows", "dim", "pooling"), ("name", "rows", "dim"))
+        tname = _str(ctx, where, obj, "name")
+        where = f"table '{tname}'"
+        if any(x.name == tname for x in tables):
+            raise ctx.fail(where, "duplicate table name")
+        pooling = _choice(ctx, where, obj, "pooling", POOLINGS) if "pooling" in obj else "sum"
+        tables.append(
+            TableSpec(tname, _int(ctx, where, obj, "rows", 1), _int(ctx, where, obj, "dim", 1), pooling)
+        )
+    if not tables:
+        raise ctx.fail("", "field 'tables' must list at least one table")
+    table_names = [t.name for t in tables]
+
+    names: set[str] = set()
+
+    def _new_name(where: str, obj: dict[str, Any]) -> str:
+        fname = _str(ctx, where, obj, "name")
+        if fname in names:
+            raise ctx.fail(f"feature '{fname}'", "duplicate feature name")
+        names.add(fname)
+        return fname
+
+    sparse: list[SparseFeature] = []
+    for i, f in enumerate(_list(ctx, "", top, "sparse")):
+        obj = _check_keys(
+            ctx,
+            f"sparse[{i}]",
+            f,
+            ("name", "column", "table", "dtype", "kind", "max_ids"),
+            ("name", "column", "table"),
+        )
+        fname = _new_name(f"sparse[{i}]", obj)
+        where = f"feature '{fname}'"
+        tname = _str(ctx, where, obj, "table")
+        if tname not in table_names:
+            hint = difflib.get_close_matches(tname, table_names, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ctx.fail(where, f"field 'table': no table named '{tname}'{extra}")
+        sparse.append(
+            SparseFeature(
+                name=fname,
+                column=_str(ctx, where, obj, "column"),
+                table=tname,
+                dtype=_choice(ctx, where, obj, "dtype", SPARSE_DTYPES) if "dtype" in obj else "int64",
+                kind=_choice(ctx, where, obj, "kind", SPARSE_KINDS) if "kind" in obj else "scalar",
+                max_ids=_int(ctx, where, obj, "max_ids", 1) if obj.get("max_ids") is not None else None,
+            )
+        )
+    if not sparse:
+        raise ctx.fail("", "field 'sparse' must list at least one feature")
+    used = {f.table for f in sparse}
+    for t in tables:
+        if t.name not in used:
+            raise ctx.fail(f"table '{t.name}'", "no sparse feature uses this table")
+
+    dense: list[DenseFeature] = []
+    for i, f in enumerate(_list(ctx, "", top, "dense")):
+        obj = _check_keys(
+            ctx,
+            f"dense[{i}]",
+            f,
+            ("name", "column", "fill", "transform", "min", "max", "mean", "std"),
+            ("name", "column"),
+        )
+        fname = _new_name(f"dense[{i}]", obj)
+        where = f"feature '{fname}'"
+        transform = _choice(ctx, where, obj, "transform", TRANSFORMS) if "transform" in obj else "none"
+        params = {k: _float(ctx, where, obj, k) for k in ("min", "max", "mean", "std") if k in obj}
+        wanted = {"clip": ("min", "max"), "standardize": ("mean", "std")}.get(transform, ())
+        for k in params:
+            if k not in wanted:
+                raise ctx.fail(where, f"field '{k}' does not apply to transform '{transform}'")
+        if transform == "standardize":
+            for k in ("mean", "std"):
+                if k not in params:
+                    raise ctx.fail(where, f"field '{k}' is required by transform 'standardize'")
+            if params["std"] <= 0:
+                raise ctx.fail(where, f"field 'std' must be > 0, got {params['std']}")
+        if transform == "clip":
+            if not params:
+                raise ctx.fail(where, "transform 'clip' needs field 'min' and/or 'max'")
+            if "min" in params and "max" in params and params["min"] > params["max"]:
+                raise ctx.fail(where, "field 'min' is greater than field 'max'")
+        dense.append(
+            DenseFeature(
+                name=fname,
+                column=_str(ctx, where, obj, "column"),
+                fill=_float(ctx, where, obj, "fill") if "fill" in obj else 0.0,
+                transform=transform,
+                **params,  # type: ignore[arg-type]
+            )
+        )
+
+    all_names = [f.name for f in sparse] + [f.name for f in dense]
+    if top.get("light") is None:
+        light = tuple(all_names)
+    else:
+        lobj = _check_keys(ctx, "light", top["light"], ("features",), ("features",))
+        lf = _list(ctx, "light", lobj, "features")
+        if not lf:
+            raise ctx.fail("light", "field 'features' must name at least one feature")
+        for x in lf:
+            if not isinstance(x, str) or x not in all_names:
+                hint = difflib.get_close_matches(str(x), all_names, n=1)
+                extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ctx.fail("light", f"field 'features': unknown feature {x!r}{extra}")
+        if len(set(lf)) != len(lf):
+            raise ctx.fail("light", "field 'features' lists a feature twice")
+        if not any(x in {f.name for f in sparse} for x in lf):
+            raise ctx.fail("light", "field 'features' must include at least one sparse feature")
+        light = tuple(n for n in all_names if n in set(lf))  # spec order
+
+    return FeatureSpec(
+        name=name,
+        version=version,
+        label_column=label,
+        weight_column=weight,
+        tables=tuple(tables),
+        sparse=tuple(sparse),
+        dense=tuple(dense),
+        light_features=light,
+        source=source,
+    )
+
+
+def load_spec(path: str | Path) -> FeatureSpec:
+    """Read and validate a spec file. Raises SpecError naming the file on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{p}: cannot read: {e}") from None
+    if not text.strip():
+        raise SpecError(f"{p}: the file is empty")
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except SpecError as e:
+        raise SpecError(f"{p}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{p}: not valid YAML{where}: {problem}") from None
+    return spec_from_dict(raw, source=str(p))

@@ -1,0 +1,409 @@
+"""The training loop: one function for 1 or N workers, no Ray imports (Ray wraps it).
+
+    train(spec, train_path, val_path, out_dir, model_cfg, loss_cfg, train_cfg)
+
+Per step: read a batch -> DMP forward (both towers, or what the mode needs)
+-> rocket loss -> backward (the tables' fused optimizer updates in backward)
+-> clip dense gradients -> dense optimizer step with linear warm-up.
+Every `eval_every` steps and at the end: AUC, logloss and calibration of each
+tower on the validation set, plus the base-rate logloss; to `metrics.jsonl`
+and a console line. A NaN/inf loss (agreed by all ranks) stops the run with
+a clear error before the bad step is applied; the last checkpoint stays good.
+
+teacher_student runs two phases over the same data and step budget: `teacher`
+(booster_only) then `student` (light tower with BCE + hint against the frozen
+booster; tables frozen). Step counts, checkpoints and metrics span both.
+Distributed steps must agree, so an epoch has as many steps as the rank with
+the fewest batches has (the rest of that epoch's rows on other ranks is
+counted in `rows_unused` and not trained on).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from rocketrec.data.reader import ParquetReader
+from rocketrec.dist.sharding import copy_unsharded_tables, init_distributed, shard_model
+from rocketrec.model.loss import LossConfig, rocket_loss, towers_needed
+from rocketrec.model.model import ModelConfig, RocketModel
+from rocketrec.spec import FeatureSpec
+from rocketrec.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rocketrec.train.metrics import base_rate_logloss, tower_metrics
+
+for _name in ("torchrec.distributed.planner", "torchrec.distributed"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 1024
+    epochs: int = 1
+    max_steps: int = 0  # per phase; 0 = the epochs decide
+    dense_optimizer: str = "adam"  # adam | adagrad
+    dense_lr: float = 1e-3
+    sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd (fused)
+    sparse_lr: float = 0.05
+    warmup_steps: int = 50
+    grad_clip: float = 10.0  # max norm of dense gradients; 0 = off
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 0  # 0 = the whole validation set
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    seed: int = 0
+    sharding: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> constraints
+
+    def __post_init__(self) -> None:
+        for k in ("batch_size", "epochs"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("max_steps", "warmup_steps", "eval_every", "eval_batches", "checkpoint_every"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.dense_optimizer not in ("adam", "adagrad"):
+            raise ValueError(f"dense_optimizer must be adam or adagrad, got {self.dense_optimizer!r}")
+        if not (self.dense_lr > 0 and self.sparse_lr > 0):
+            raise ValueError("learning rates must be > 0")
+
+
+Report = Callable[[dict[str, Any], Path | None], None]
+
+
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+class _Run:
+    """State of one training run (kept off the model: forward stores nothing)."""
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        train_path: str,
+        val_path: str | None,
+        out_dir: str,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        cfg: TrainConfig,
+        report: Report | None,
+    ) -> None:
+        self.spec, self.model_cfg, self.loss_cfg, self.cfg = spec, model_cfg, loss_cfg, cfg
+        self.out = Path(out_dir)
+        self.report = report
+        self.env = init_distributed()
+        self.rank, self.world = self.env.rank, self.env.world_size
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        model = RocketModel(spec, model_cfg)
+        full = {k: v.detach().clone() for k, v in model.ebc.state_dict().items()}
+        self.model = model
+        self.dmp = shard_model(model, self.env, cfg.sparse_optimizer, cfg.sparse_lr, cfg.sharding)
+        # same start whatever the plan: tables come from the seeded unsharded model
+        copy_unsharded_tables(self.dmp, {f"ebc.{k}": v for k, v in full.items()})
+        self.train_reader = ParquetReader(
+            train_path, spec, cfg.batch_size, self.rank, self.world, seed=cfg.seed, shuffle=True
+        )
+        self.val_reader = (
+            ParquetReader(val_path, spec, cfg.batch_size, self.rank, self.world, shuffle=False)
+            if val_path
+            else None
+        )
+        self.phases: list[str | None] = (
+            ["teacher", "student"] if loss_cfg.mode == "teacher_student" else [None]
+        )
+        self.step = 0
+        self.phase_idx = 0
+        self.phase_start = 0
+        self.epoch_step = 0
+        self.rows_seen = 0
+        self.rows_unused = 0
+        self.history: list[dict[str, Any]] = []
+        self.dense_opt = self._make_dense_opt(self.phases[0])
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    # -- optimizers --------------------------------------------------------------
+    def _trainable_dense(self, phase: str | None) -> list[torch.nn.Parameter]:
+        """Dense parameters this phase trains (DP tables included); others stay put."""
+        m = self.model
+        skip: set[int] = set()
+        mode = self.loss_cfg.mode
+        if mode == "booster_only" or phase == "teacher":
+            skip |= {id(p) for p in m.light.parameters()}
+        if mode == "light_only":
+            skip |= {id(p) for p in m.booster.parameters()}
+        if phase == "student":  # only the light tower learns against the frozen booster
+            keep = {id(p) for p in m.light.parameters()}
+            return [
+                p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters()) if id(p) in keep
+            ]
+        return [
+            p
+            for _, p in in_backward_optimizer_filter(self.dmp.named_parameters())
+            if id(p) not in skip and p.requires_grad
+        ]
+
+    def _make_dense_opt(self, phase: str | None) -> torch.optim.Optimizer:
+        params = self._trainable_dense(phase)
+        if self.cfg.dense_optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.cfg.dense_lr)
+        return torch.optim.Adagrad(params, lr=self.cfg.dense_lr)
+
+    # -- checkpoint ----------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {"model": self.dmp.state_dict(), "sparse_optim": self.dmp.fused_optimizer.state_dict()}
+
+    def save(self, metrics: dict[str, Any] | None = None) -> Path:
+        readers = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(readers, self.train_reader.state_dict())
+        else:
+            readers = [self.train_reader.state_dict()]
+        meta = {
+            "step": self.step,
+            "phase_idx": self.phase_idx,
+            "phase_start": self.phase_start,
+            "epoch_step": self.epoch_step,
+            "rows_seen": self.rows_seen,
+            "rows_unused": self.rows_unused,
+            "world_size": self.world,
+            "readers": readers,
+            "spec": self.spec.to_dict(),
+            "model_config": asdict(self.model_cfg),
+            "loss_config": asdict(self.loss_cfg),
+            "train_config": asdict(self.cfg),
+            "metrics": metrics or (self.history[-1] if self.history else {}),
+            "versions": {"torch": torch.__version__},
+        }
+        path = save_checkpoint(
+            self.out, self.step, self._state(), self.dense_opt.state_dict(), meta, self.cfg.keep_checkpoints
+        )
+        _log(f"checkpoint: {path}")
+        if self.report is not None:
+            self.report({"step": self.step, **(meta["metrics"] or {})}, path)
+        return path
+
+    def resume(self, path: Path) -> None:
+        state = self._state()
+        dense, meta = load_checkpoint(path, state)
+        self.dmp.load_state_dict(state["model"])
+        self.dmp.fused_optimizer.load_state_dict(state["sparse_optim"])
+        self.step = int(meta["step"])
+        self.phase_idx = int(meta["phase_idx"])
+        self.phase_start = int(meta["phase_start"])
+        self.epoch_step = int(meta["epoch_step"])
+        self.rows_seen = int(meta["rows_seen"])
+        self.rows_unused = int(meta.get("rows_unused", 0))
+        self.dense_opt = self._make_dense_opt(self.phases[self.phase_idx])
+        self.dense_opt.load_state_dict(dense)
+        if int(meta["world_size"]) == self.world:
+            self.train_reader.load_state_dict(meta["readers"][self.rank])
+        else:
+            # DCP resharded the model; reader positions are per rank and cannot be
+            # split again, so the interrupted epoch restarts from its beginning.
+            epoch = int(meta["readers"][0]["epoch"])
+            self.train_reader.set_epoch(epoch)
+            self.epoch_step = 0
+            _log(
+                f"resume: world size {meta['world_size']} -> {self.world}: epoch {epoch} restarts "
+                "from its beginning (its examples before the checkpoint are seen again)"
+            )
+        _log(f"resumed from {path} at step {self.step}")
+
+    # -- evaluation ----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        if self.val_reader is None:
+            return {}
+        self.dmp.eval()
+        self.val_reader.set_epoch(0)
+        n = max(self.val_reader.batches_per_epoch(0, r) for r in range(self.world))
+        if self.cfg.eval_batches:
+            n = min(n, self.cfg.eval_batches)
+        ys, ws, zb, zl = [], [], [], []
+        it = iter(self.val_reader)
+        filler = None
+        for _ in range(n):
+            b = next(it, None)
+            real = b is not None
+            if b is None:
+                # this rank ran out: run a filler batch so collectives stay in step; drop it
+                if filler is None:
+                    filler = next(iter(ParquetReader(self.val_reader.path, self.spec, 1, shuffle=False)))
+                b = filler
+            out = self.dmp(b.dense.to(self.env.device), b.sparse.to(self.env.device))
+            if real:
+                ys.append(b.labels.numpy())
+                ws.append(b.weights.numpy() if b.weights is not None else np.ones(len(b), np.float32))
+                zb.append(out.booster.float().cpu().numpy())
+                zl.append(out.light.float().cpu().numpy())
+        for _ in it:  # finish the epoch so the reader thread ends
+            pass
+        self.dmp.train()
+        local = [np.concatenate(x) if x else np.zeros(0, np.float32) for x in (ys, ws, zb, zl)]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, local)
+            local = [np.concatenate([g[k] for g in gathered]) for k in range(4)]
+        y, w, b_logits, l_logits = local
+        w_arg = w if self.spec.weight_column else None
+        res: dict[str, Any] = {"step": self.step, "eval_rows": int(len(y))}
+        for name, z in (("booster", b_logits), ("light", l_logits)):
+            for k, v in tower_metrics(y, z, w_arg).items():
+                res[f"{name}_{k}"] = v
+        res["base_logloss"] = base_rate_logloss(y, w_arg)
+        res["ctr"] = float(np.average(y, weights=w_arg))
+        return res
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if "booster_auc" in rec:
+                _log(
+                    f"eval step {rec['step']}: booster auc {rec['booster_auc']:.4f} "
+                    f"logloss {rec['booster_logloss']:.4f} cal {rec['booster_calibration']:.3f} | "
+                    f"light auc {rec['light_auc']:.4f} logloss {rec['light_logloss']:.4f} "
+                    f"cal {rec['light_calibration']:.3f} | base logloss {rec['base_logloss']:.4f}"
+                )
+
+    # -- the loop ------------------------------------------------------------------
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0])
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() == 1.0)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.time()
+        last_log_t, last_log_rows = t0, self.rows_seen
+        final: dict[str, Any] = {}
+        while self.phase_idx < len(self.phases):
+            phase = self.phases[self.phase_idx]
+            run_b, run_l = towers_needed(self.loss_cfg, phase)
+            scale = 0.0 if phase == "student" else self.loss_cfg.light_shared_grad_scale
+            if self.loss_cfg.mode == "light_only":
+                scale = 1.0  # the light tower alone trains its tables
+            while self.train_reader.epoch < cfg.epochs:
+                epoch = self.train_reader.epoch
+                n_epoch = self.train_reader.min_batches_all_ranks(epoch)
+                for batch in self.train_reader:
+                    if self.epoch_step >= n_epoch or (
+                        cfg.max_steps and self.step - self.phase_start >= cfg.max_steps
+                    ):
+                        break
+                    batch = batch.to(self.env.device)
+                    out = self.dmp(batch.dense, batch.sparse, run_b, run_l, scale)
+                    loss, terms = rocket_loss(
+                        out.booster, out.light, batch.labels, batch.weights, self.loss_cfg, phase
+                    )
+                    if not self._all_finite(loss):
+                        raise TrainingDiverged(
+                            f"loss is {terms['loss']} at step {self.step} ({terms}); stopped before "
+                            "applying it. The last checkpoint is intact: lower the learning rates "
+                            "or check the data, then --resume."
+                        )
+                    self.dense_opt.zero_grad(set_to_none=True)
+                    loss.backward()  # fused table optimizer steps here
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for g in self.dense_opt.param_groups for p in g["params"]], cfg.grad_clip
+                        )
+                    warm = min(1.0, (self.step - self.phase_start + 1) / max(1, cfg.warmup_steps))
+                    for g in self.dense_opt.param_groups:
+                        g["lr"] = cfg.dense_lr * warm
+                    self.dense_opt.step()
+                    self.step += 1
+                    self.epoch_step += 1
+                    self.rows_seen += len(batch) * self.world
+                    if cfg.log_every and self.step % cfg.log_every == 0:
+                        now = time.time()
+                        rate = (self.rows_seen - last_log_rows) / max(now - last_log_t, 1e-9)
+                        last_log_t, last_log_rows = now, self.rows_seen
+                        _log(
+                            f"step {self.step} epoch {epoch} {phase or self.loss_cfg.mode} "
+                            + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+                            + f" | {rate:,.0f} ex/s"
+                        )
+                        self._record({"step": self.step, "phase": phase, **{f"train_{k}": v for k, v in terms.items()}})
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._record(self.evaluate())
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+                if cfg.max_steps and self.step - self.phase_start >= cfg.max_steps:
+                    break
+                # epoch done: every rank stopped at the common count of batches
+                used = n_epoch * cfg.batch_size
+                self.rows_unused += sum(
+                    max(0, self.train_reader.rows_for(epoch, r) - used) for r in range(self.world)
+                )
+                self.train_reader.set_epoch(epoch + 1)
+                self.epoch_step = 0
+            self.phase_idx += 1
+            if self.phase_idx < len(self.phases):
+                _log(f"phase {phase} done at step {self.step}; starting {self.phases[self.phase_idx]}")
+                self.train_reader.set_epoch(0)
+                self.epoch_step = 0
+                self.phase_start = self.step
+                self.dense_opt = self._make_dense_opt(self.phases[self.phase_idx])
+        final = self.evaluate()
+        final["train_seconds"] = time.time() - t0
+        final["rows_seen"] = self.rows_seen
+        self._record(final)
+        self.save(final)
+        return final
+
+
+def train(
+    spec: FeatureSpec,
+    train_path: str,
+    val_path: str | None,
+    out_dir: str,
+    model_cfg: ModelConfig | None = None,
+    loss_cfg: LossConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    resume: str | None = None,
+    report: Report | None = None,
+) -> dict[str, Any]:
+    """Train; returns the final validation metrics. `resume`: a run dir or checkpoint dir."""
+    run = _Run(
+        spec,
+        train_path,
+        val_path,
+        out_dir,
+        model_cfg or ModelConfig(),
+        loss_cfg or LossConfig(),
+        train_cfg or TrainConfig(),
+        report,
+    )
+    if resume:
+        ck = latest_checkpoint(resume)
+        if ck is None:
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint found there")
+        run.resume(ck)
+    try:
+        return run.run()
+    finally:
+        sys.stdout.flush()
+        if run.env.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
