@@ -1,0 +1,157 @@
+"""Command-line flags for training, shared by `rocketrec train` and jobs/ads_train.py.
+
+Flags are parsed once into the typed configs (ModelConfig, LossConfig,
+TrainConfig); their __post_init__ checks reject bad values with a message
+naming the flag's field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rocketrec.dist.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
+from rocketrec.model.loss import HINTS, MODES, LossConfig
+from rocketrec.model.model import ModelConfig
+from rocketrec.train.loop import TrainConfig
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """'256,128,64' -> (256, 128, 64); '' or 'none' -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer sizes, got {text!r}") from None
+    if any(x < 1 for x in out):
+        raise argparse.ArgumentTypeError(f"layer sizes must be >= 1, got {text!r}")
+    return out
+
+
+def _on_off(text: str) -> bool:
+    t = text.lower()
+    if t in ("on", "true", "1", "yes"):
+        return True
+    if t in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def _sharding(text: str) -> dict[str, dict[str, str]]:
+    """'items=row_wise,users=table_wise' or a JSON object {table: {sharding_type: ...}}."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"--sharding: bad JSON: {e}") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
+            raise argparse.ArgumentTypeError("--sharding JSON must map table -> {sharding_type: ...}")
+        return obj
+    out: dict[str, dict[str, str]] = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"--sharding: expected table=type, got {part!r}")
+        table, st = (x.strip() for x in part.split("=", 1))
+        if st not in SHARDING_TYPES:
+            raise argparse.ArgumentTypeError(
+                f"--sharding: {table}: sharding type must be one of {', '.join(SHARDING_TYPES)}"
+            )
+        out[table] = {"sharding_type": st}
+    return out
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    d_t, d_l, d_m = TrainConfig(), LossConfig(), ModelConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--spec", required=True, help="feature spec YAML (see feature_specs/README.md)")
+    g.add_argument("--train", required=True, help="training Parquet: file, directory or glob")
+    g.add_argument("--val", default=None, help="validation Parquet (metrics per tower)")
+    g.add_argument("--out", required=True, help="run directory: metrics, checkpoints, export, plot")
+    g = p.add_argument_group("method (Rocket Launching)")
+    g.add_argument("--mode", choices=MODES, default=d_l.mode,
+                   help="rocket: booster and light together; booster_only / light_only: one tower; "
+                   "teacher_student: booster first, then the light tower against it")
+    g.add_argument("--hint", choices=HINTS, default=d_l.hint,
+                   help="hint loss: mimic = MSE of logits (the paper), mse_prob = MSE of "
+                   "probabilities, kd = tempered BCE x T^2")
+    g.add_argument("--hint-weight", "--lambda", dest="hint_weight", type=float, default=d_l.hint_weight,
+                   help="lambda, the hint loss weight")
+    g.add_argument("--temperature", type=float, default=d_l.temperature, help="T for --hint kd")
+    g.add_argument("--gradient-block", type=_on_off, default=d_l.gradient_block,
+                   help="on: the hint never reaches booster parameters (default on)")
+    g.add_argument("--light-shared-grad-scale", type=float, default=d_l.light_shared_grad_scale,
+                   help="scale in [0,1] on the light losses' gradient into the shared tables "
+                   "(1 = the paper, 0 = light reads detached embeddings)")
+    g = p.add_argument_group("model")
+    g.add_argument("--booster-mlp", type=_sizes, default=d_m.booster_mlp, help="e.g. 256,128,64")
+    g.add_argument("--cross-layers", type=int, default=d_m.cross_layers, help="DCN-v2 cross layers")
+    g.add_argument("--cross-rank", type=int, default=d_m.cross_rank, help="low rank of each cross layer")
+    g.add_argument("--light-mlp", type=_sizes, default=d_m.light_mlp, help="e.g. 32")
+    g.add_argument("--shared-bottom", type=_sizes, default=d_m.shared_bottom,
+                   help="optional dense MLP shared by both towers, e.g. 64,32")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d_t.epochs)
+    g.add_argument("--max-steps", type=int, default=d_t.max_steps, help="cap per phase (0 = epochs)")
+    g.add_argument("--batch-size", type=int, default=d_t.batch_size, help="per worker")
+    g.add_argument("--dense-optimizer", choices=("adam", "adagrad"), default=d_t.dense_optimizer)
+    g.add_argument("--dense-lr", type=float, default=d_t.dense_lr, help="towers' learning rate")
+    g.add_argument("--sparse-optimizer", choices=SPARSE_OPTIMIZERS, default=d_t.sparse_optimizer,
+                   help="fused optimizer of the tables")
+    g.add_argument("--sparse-lr", type=float, default=d_t.sparse_lr, help="tables' learning rate")
+    g.add_argument("--warmup-steps", type=int, default=d_t.warmup_steps)
+    g.add_argument("--grad-clip", type=float, default=d_t.grad_clip, help="0 = off")
+    g.add_argument("--eval-every", type=int, default=d_t.eval_every, help="steps; 0 = at the end")
+    g.add_argument("--eval-batches", type=int, default=d_t.eval_batches, help="0 = all")
+    g.add_argument("--checkpoint-every", type=int, default=d_t.checkpoint_every, help="steps; 0 = at the end")
+    g.add_argument("--log-every", type=int, default=d_t.log_every)
+    g.add_argument("--seed", type=int, default=d_t.seed)
+    g.add_argument("--sharding", type=_sharding, default={},
+                   help="per-table constraints: 'table=row_wise,other=table_wise' or JSON")
+    g.add_argument("--resume", default=None, help="continue from this run or checkpoint directory")
+
+
+def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, TrainConfig]:
+    model = ModelConfig(
+        cross_layers=a.cross_layers,
+        cross_rank=a.cross_rank,
+        booster_mlp=tuple(a.booster_mlp),
+        light_mlp=tuple(a.light_mlp),
+        shared_bottom=tuple(a.shared_bottom),
+    )
+    loss = LossConfig(
+        mode=a.mode,
+        hint=a.hint,
+        hint_weight=a.hint_weight,
+        temperature=a.temperature,
+        gradient_block=a.gradient_block,
+        light_shared_grad_scale=a.light_shared_grad_scale,
+    )
+    train = TrainConfig(
+        batch_size=a.batch_size,
+        epochs=a.epochs,
+        max_steps=a.max_steps,
+        dense_optimizer=a.dense_optimizer,
+        dense_lr=a.dense_lr,
+        sparse_optimizer=a.sparse_optimizer,
+        sparse_lr=a.sparse_lr,
+        warmup_steps=a.warmup_steps,
+        grad_clip=a.grad_clip,
+        eval_every=a.eval_every,
+        eval_batches=a.eval_batches,
+        checkpoint_every=a.checkpoint_every,
+        log_every=a.log_every,
+        seed=a.seed,
+        sharding=dict(a.sharding),
+    )
+    return model, loss, train
+
+
+def config_summary(model: ModelConfig, loss: LossConfig, train: TrainConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {"model": asdict(model), "loss": asdict(loss), "train": asdict(train)}

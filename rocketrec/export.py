@@ -1,0 +1,570 @@
+"""Export the light tower, its tables and its preprocessing to TorchScript for C++ serving.
+
+Serving contract (ARCHITECTURE.md "Contracts"), for B requests:
+
+    forward(values int64 [N], lengths int64 [F * B], dense float32 [B, D]) -> float32 [B]
+
+- F = the light tower's sparse features, D = its dense features, both in the
+  manifest's order. `lengths` is feature-major (all B bags of feature 0, then
+  feature 1, ...), like a KeyedJaggedTensor; `values` are the raw int64 ids
+  (string ids hashed with rocketrec.hashing's FNV-1a 64 first).
+- Inside: list truncation to `max_ids`, bucketing (`id mod rows`), one
+  `embedding_bag` call per embedding dim over a fused table with per-feature
+  row offsets (sum; mean pooling divides by the bag length itself, which also
+  makes int8 right: the quantized op always sums), raw dense preprocessing
+  (NaN = missing -> fill, then the spec transform), the light MLP, sigmoid.
+- Inputs are checked (lengths non-negative and summing to len(values), F*B
+  lengths, D dense columns) and bad ones raise a clear error.
+- Plain torch ops only (the int8 path uses torch's own quantized ops, built
+  into libtorch): no torchrec or fbgemm needed at load time.
+- `manifest.json` rides inside the file as an extra file.
+
+`export_checkpoint` gathers the light tables from a DCP checkpoint (sharded or
+not), builds the module, scripts it, reloads it from disk and refuses to write
+the file if its scores differ from the training model's light tower on a
+held-out batch by more than 1e-5 (fp32) or the int8 bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from rocketrec.data.batch import DataError, _decode_sparse, decode_table
+from rocketrec.hashing import FNV_OFFSET, FNV_PRIME, TEST_VECTORS
+from rocketrec.spec import FeatureSpec, spec_from_dict
+
+FORMAT = "rocketrec-light/1"
+FP32_TOL = 1e-5
+INT8_TOL = 2e-2
+MAX_DIM_GROUPS = 4  # max |p_int8 - p_fp32|; row-wise int8 keeps ~1/255 of each row's range
+
+
+class LightServing(nn.Module):
+    """Light tower with its tables and preprocessing; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        tables: dict[str, torch.Tensor],
+        tower: nn.Module,
+        int8: bool = False,
+    ) -> None:
+        super().__init__()
+        feats = spec.light_sparse
+        dense = spec.light_dense
+        self.num_features = len(feats)
+        self.num_dense = len(dense)
+        self.int8 = int8
+        # group features by embedding dim: one fused table and one bag call per group
+        dims = sorted({spec.table(f.table).dim for f in feats})
+        if len(dims) > MAX_DIM_GROUPS:
+            raise ValueError(f"the exported tower uses more than {MAX_DIM_GROUPS} embedding dims")
+        self.group_dims: list[int] = dims
+        feature_offset = [0] * len(feats)
+        group_of = [0] * len(feats)
+        members: list[list[int]] = [[] for _ in dims]
+        for g, d in enumerate(dims):
+            offset = 0
+            placed: dict[str, int] = {}
+            parts = []
+            for i, f in enumerate(feats):
+                t = spec.table(f.table)
+                if t.dim != d:
+                    continue
+                if t.name not in placed:  # a table shared by two features is stored once
+                    placed[t.name] = offset
+                    parts.append(tables[t.name].detach().float().cpu())
+                    offset += t.rows
+                feature_offset[i] = placed[t.name]
+                group_of[i] = g
+                members[g].append(i)
+            w = torch.cat(parts, 0).contiguous()
+            # fused tables: fp32, or row-wise int8 (prepacked with per-row scale and bias)
+            packed = torch.ops.quantized.embedding_bag_byte_prepack(w) if int8 else torch.zeros(0, 0)
+            self.register_buffer(f"table_fp32_{g}", torch.zeros(0, 0) if int8 else w)
+            self.register_buffer(f"table_int8_{g}", packed if int8 else torch.zeros(0, 0, dtype=torch.uint8))
+            self.register_buffer(f"group_index_{g}", torch.tensor(members[g], dtype=torch.int64))
+        for g in range(len(dims), MAX_DIM_GROUPS):  # TorchScript wants every name the code uses
+            self.register_buffer(f"table_fp32_{g}", torch.zeros(0, 0))
+            self.register_buffer(f"table_int8_{g}", torch.zeros(0, 0, dtype=torch.uint8))
+            self.register_buffer(f"group_index_{g}", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("feature_rows", torch.tensor([spec.table(f.table).rows for f in feats]))
+        self.register_buffer("feature_offset", torch.tensor(feature_offset, dtype=torch.int64))
+        max_ids = [f.max_ids or 0 for f in feats]
+        self.register_buffer("max_ids", torch.tensor(max_ids, dtype=torch.int64))
+        self.any_max_ids = any(m > 0 for m in max_ids)
+        self.register_buffer(
+            "is_mean", torch.tensor([spec.table(f.table).pooling == "mean" for f in feats], dtype=torch.bool)
+        )
+        self.register_buffer("group_of_feature_t", torch.tensor(group_of, dtype=torch.int64))
+
+        # dense preprocessing, vectorised over D columns
+        def col(vals: list[float]) -> torch.Tensor:
+            return torch.tensor(vals, dtype=torch.float32).reshape(1, len(vals))
+
+        self.register_buffer("fill", col([f.fill for f in dense]))
+        self.register_buffer("is_log1p", col([1.0 if f.transform == "log1p" else 0.0 for f in dense]).bool())
+        self.register_buffer(
+            "clip_lo",
+            col([f.min if f.transform == "clip" and f.min is not None else -float("inf") for f in dense]),
+        )
+        self.register_buffer(
+            "clip_hi",
+            col([f.max if f.transform == "clip" and f.max is not None else float("inf") for f in dense]),
+        )
+        self.register_buffer("mean", col([f.mean if f.transform == "standardize" else 0.0 for f in dense]))
+        self.register_buffer("std", col([f.std if f.transform == "standardize" else 1.0 for f in dense]))
+        self.tower = tower
+
+    @torch.jit.export
+    def preprocess_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        x = torch.where(torch.isnan(dense), self.fill.expand_as(dense), dense)
+        x = torch.where(self.is_log1p, torch.log1p(torch.clamp_min(x, 0.0)), x)
+        x = torch.maximum(torch.minimum(x, self.clip_hi), self.clip_lo)
+        return (x - self.mean) / self.std
+
+    def _group(self, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(feature indices, fp32 table, int8 table) of dim group g."""
+        if g == 0:
+            return self.group_index_0, self.table_fp32_0, self.table_int8_0
+        if g == 1:
+            return self.group_index_1, self.table_fp32_1, self.table_int8_1
+        if g == 2:
+            return self.group_index_2, self.table_fp32_2, self.table_int8_2
+        return self.group_index_3, self.table_fp32_3, self.table_int8_3
+
+    def forward(self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """values int64 [N], lengths int64 [F*B], dense float32 [B, D] -> probabilities [B]."""
+        if dense.dim() != 2 or dense.size(1) != self.num_dense:
+            raise ValueError(
+                "rocketrec: dense must be float32 [B, " + str(self.num_dense) + "], got shape "
+                + str(list(dense.shape))
+            )
+        b = dense.size(0)
+        f = self.num_features
+        if values.dim() != 1 or lengths.dim() != 1:
+            raise ValueError("rocketrec: values and lengths must be 1-D int64 tensors")
+        if lengths.numel() != f * b:
+            raise ValueError(
+                "rocketrec: lengths must have F*B = " + str(f) + "*" + str(b) + " = " + str(f * b)
+                + " entries (feature-major), got " + str(lengths.numel())
+            )
+        if lengths.numel() > 0 and bool((lengths < 0).any()):
+            raise ValueError("rocketrec: lengths must be non-negative")
+        if int(lengths.sum()) != values.numel():
+            raise ValueError(
+                "rocketrec: lengths sum to " + str(int(lengths.sum())) + " but values has "
+                + str(values.numel()) + " entries"
+            )
+        lens2 = lengths.view(f, b)
+        feat_of_value = torch.repeat_interleave(torch.arange(f), lens2.sum(1))
+        if self.any_max_ids:
+            # keep the first max_ids ids of each bag, as the training reader does
+            starts = torch.cumsum(lengths, 0) - lengths
+            pos = torch.arange(values.numel()) - torch.repeat_interleave(starts, lengths)
+            limit = self.max_ids[feat_of_value]
+            keep = (limit == 0) | (pos < limit)
+            values = values[keep]
+            feat_of_value = feat_of_value[keep]
+            cap = torch.where(self.max_ids == 0, torch.full_like(self.max_ids, 1 << 62), self.max_ids)
+            lens2 = torch.minimum(lens2, cap.view(f, 1))
+        rows = torch.remainder(values, self.feature_rows[feat_of_value]) + self.feature_offset[feat_of_value]
+        pooled: list[torch.Tensor] = [torch.zeros(0) for _ in range(f)]
+        for g in range(len(self.group_dims)):
+            idx, w, packed = self._group(g)
+            glens = lens2.index_select(0, idx).reshape(-1)
+            grows = rows[self.group_of_feature_t[feat_of_value] == g]
+            offsets = torch.cumsum(glens, 0) - glens
+            if self.int8:  # always sums (mode is ignored on CPU): mean is done below
+                out = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+                    packed, grows, offsets, False, 0, False, None, None, False
+                )
+            else:
+                out, _, _, _ = torch.embedding_bag(w, grows, offsets, False, 0, False, None, False)
+            out = out.view(idx.numel(), b, self.group_dims[g])
+            mean = self.is_mean.index_select(0, idx).view(-1, 1, 1)
+            denom = torch.clamp_min(lens2.index_select(0, idx), 1).to(out.dtype).unsqueeze(-1)
+            out = torch.where(mean, out / denom, out)
+            for j in range(idx.numel()):
+                pooled[int(idx[j])] = out[j]
+        parts = pooled
+        if self.num_dense > 0:
+            parts = parts + [self.preprocess_dense(dense)]
+        logits = self.tower(torch.cat(parts, 1)).view(-1)
+        return torch.sigmoid(logits)
+
+
+def build_manifest(spec: FeatureSpec, int8: bool, metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    import pyarrow
+    import torchrec
+
+    return {
+        "format": FORMAT,
+        "inputs": {
+            "values": "int64 [N]: raw ids of all bags, feature-major (strings hashed first)",
+            "lengths": "int64 [F*B]: bag sizes, feature-major in sparse_features order",
+            "dense": "float32 [B, D]: raw values in dense_features order; NaN = missing",
+        },
+        "output": "float32 [B]: click probability",
+        "sparse_features": [
+            {
+                "name": f.name,
+                "column": f.column,
+                "dtype": f.dtype,
+                "kind": f.kind,
+                "max_ids": f.max_ids,
+                "table": f.table,
+                "rows": spec.table(f.table).rows,
+                "dim": spec.table(f.table).dim,
+                "pooling": spec.table(f.table).pooling,
+            }
+            for f in spec.light_sparse
+        ],
+        "dense_features": [
+            {k: v for k, v in vars(f).items() if v is not None} for f in spec.light_dense
+        ],
+        "hash": {
+            "name": "fnv1a64",
+            "definition": "FNV-1a 64 over UTF-8 bytes, offset 0xcbf29ce484222325, prime "
+            "0x100000001b3, result as two's-complement int64",
+            "offset_basis": FNV_OFFSET,
+            "prime": FNV_PRIME,
+            "test_vectors": [[s, v] for s, v in TEST_VECTORS],
+        },
+        "bucketing": "row = id mod rows (non-negative), inside the module",
+        "int8": int8,
+        "spec": spec.to_dict(),
+        "metrics": metrics,
+        "versions": {
+            "torch": torch.__version__,
+            "torchrec": getattr(torchrec, "__version__", "unknown"),
+            "pyarrow": pyarrow.__version__,
+            "rocketrec": _version(),
+        },
+        **extra,
+    }
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("rocketrec")
+    except Exception:
+        return "unknown"
+
+
+def script_serving(
+    spec: FeatureSpec, tables: dict[str, torch.Tensor], tower: nn.Module, int8: bool
+) -> torch.jit.ScriptModule:
+    m = LightServing(spec, tables, _copy_tower(tower), int8=int8)
+    m.eval()
+    return torch.jit.script(m)
+
+
+def _copy_tower(tower: nn.Module) -> nn.Module:
+    import copy
+
+    t = copy.deepcopy(tower).cpu().float().eval()
+    for p in t.parameters():
+        p.requires_grad_(False)
+    return t
+
+
+# -- raw request tensors (the Python twin of the C++ request builder) ---------------
+
+
+def raw_inputs_from_table(table: pa.Table, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Arrow rows -> (values, lengths, dense) as a serving client sends them (no transforms)."""
+    values, lengths = [], []
+    for f in spec.light_sparse:
+        col = table.column(f.column).combine_chunks()
+        ids, offsets = _decode_sparse(col, replace(f, max_ids=None), "<request>")
+        values.append(ids)
+        lengths.append(np.diff(offsets))
+    dense_cols = []
+    for f in spec.light_dense:
+        col = table.column(f.column).combine_chunks().cast(pa.float32())
+        dense_cols.append(col.to_numpy(zero_copy_only=False).astype(np.float32))  # null -> NaN
+    n = table.num_rows
+    dense = np.stack(dense_cols, 1) if dense_cols else np.zeros((n, 0), np.float32)
+    return (
+        torch.from_numpy(np.concatenate(values).astype(np.int64)),
+        torch.from_numpy(np.concatenate(lengths).astype(np.int64)),
+        torch.from_numpy(np.ascontiguousarray(dense)),
+    )
+
+
+# -- from a checkpoint ------------------------------------------------------------
+
+
+def load_unsharded(ckpt: Path) -> tuple[Any, dict[str, Any]]:
+    """Rebuild the unsharded RocketModel from a (sharded or not) DCP checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    from rocketrec.model.model import ModelConfig, RocketModel
+    from rocketrec.train.checkpoint import read_meta
+
+    meta = read_meta(ckpt)
+    spec = spec_from_dict(meta["spec"], source=f"{ckpt}/meta.json")
+    mc = meta["model_config"]
+    model_cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()})
+    model = RocketModel(spec, model_cfg)
+    sd = model.state_dict()
+    dcp.load({"model": sd}, checkpoint_id=str(ckpt))  # DCP gathers every shard into full tensors
+    model.load_state_dict(sd)
+    model.eval()
+    return model, meta
+
+
+def _heldout_table(spec: FeatureSpec, data: str | None, rows: int) -> pa.Table:
+    from rocketrec.data.reader import list_parquet_files
+
+    if data:
+        fs, files = list_parquet_files(data)
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(fs.open_input_file(files[0]))
+        t = pf.read_row_group(0, columns=spec.columns())
+        return t.slice(0, rows)
+    from rocketrec.data.synth import Generator, SynthConfig
+
+    gen = Generator(spec, SynthConfig(rows=rows, seed=12345))
+    return gen.table(np.random.default_rng(12345), rows)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    int8: bool = False,
+    data: str | None = None,
+    rows: int = 2048,
+    booster: bool = False,
+) -> dict[str, Any]:
+    """Export; returns a report. Writes nothing unless the parity gate passes."""
+    from rocketrec.train.checkpoint import latest_checkpoint
+
+    ck = latest_checkpoint(checkpoint)
+    if ck is None:
+        raise FileNotFoundError(f"{checkpoint}: no complete checkpoint found")
+    model, meta = load_unsharded(ck)
+    spec: FeatureSpec = model.spec
+    if booster:
+        # comparison only: the booster on every feature, packaged the same way
+        spec = replace(spec, light_features=tuple(spec.sparse_names + spec.dense_names))
+        tower = _BoosterHead(model.booster)
+        if model.bottom is not None:
+            raise ValueError("--booster export does not support shared_bottom")
+    else:
+        if model.bottom is not None:
+            raise ValueError("export does not support shared_bottom yet: train without it")
+        tower = model.light
+    tables = {t.name: model.ebc.embedding_bags[t.name].weight for t in spec.tables}
+    scripted = script_serving(spec, tables, tower, int8)
+    table = _heldout_table(model.spec, data, rows)
+    # reference: the training model on the same rows through the training path
+    batch = decode_table(table, model.spec, "<held-out>").to_batch()
+    with torch.no_grad():
+        o = model(batch.dense, batch.sparse, run_booster=booster, run_light=not booster)
+        ref = torch.sigmoid(o.booster if booster else o.light)
+    manifest = build_manifest(
+        spec,
+        int8,
+        meta.get("metrics", {}),
+        {"checkpoint": str(ck), "step": meta.get("step"), "tower": "booster" if booster else "light"},
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        torch.jit.save(scripted, str(tmp), _extra_files={"manifest.json": json.dumps(manifest, indent=1)})
+        loaded = torch.jit.load(str(tmp))
+        values, lengths, dense = raw_inputs_from_table(table, spec)
+        with torch.no_grad():
+            got = loaded(values, lengths, dense)
+        diff = float((got - ref).abs().max())
+        tol = INT8_TOL if int8 else FP32_TOL
+        if not diff <= tol:
+            raise ValueError(
+                f"parity gate failed: exported module differs from the training model by {diff:.3g} "
+                f"(> {tol:g}) on {len(ref)} held-out rows; nothing written to {out}"
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {
+        "out": str(out),
+        "checkpoint": str(ck),
+        "rows_checked": int(len(ref)),
+        "max_abs_diff": diff,
+        "tolerance": tol,
+        "int8": int8,
+        "bytes": out.stat().st_size,
+        "features": len(spec.light_sparse),
+        "dense": len(spec.light_dense),
+    }
+
+
+class _BoosterHead(nn.Module):
+    def __init__(self, booster: nn.Module) -> None:
+        super().__init__()
+        self.booster = booster
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.booster(x)
+
+
+# -- JSON-lines requests (Python twin of deploy/cpp's rocketrec_predict) ---------------
+
+
+def read_manifest(model_path: str | Path) -> dict[str, Any]:
+    extra = {"manifest.json": ""}
+    torch.jit.load(str(model_path), _extra_files=extra)
+    return json.loads(extra["manifest.json"])
+
+
+def parse_requests(lines: list[str], manifest: dict[str, Any], source: str = "<requests>"):
+    """JSON lines -> (values, lengths, dense). Errors name the line and the feature."""
+    from rocketrec.hashing import fnv1a64
+
+    feats = manifest["sparse_features"]
+    dfeats = manifest["dense_features"]
+    names = {f["name"]: i for i, f in enumerate(feats)}
+    dnames = {f["name"]: i for i, f in enumerate(dfeats)}
+    reqs = []
+    for ln, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}:{ln}: bad JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{source}:{ln}: a request must be a JSON object")
+        bags: list[list[int]] = [[] for _ in feats]
+        dense = [float("nan")] * len(dfeats)
+        items = dict(obj)
+        if "sparse" in items or "dense" in items and isinstance(items.get("dense"), list):
+            sp = items.pop("sparse", {})
+            dv = items.pop("dense", None)
+            if items:
+                raise DataError(f"{source}:{ln}: unexpected key(s) {sorted(items)} beside 'sparse'/'dense'")
+            if not isinstance(sp, dict):
+                raise DataError(f"{source}:{ln}: 'sparse' must be an object")
+            if dv is not None:
+                if not isinstance(dv, list) or len(dv) != len(dfeats):
+                    raise DataError(
+                        f"{source}:{ln}: 'dense' must be a list of {len(dfeats)} numbers "
+                        f"({', '.join(dnames)}), got {len(dv) if isinstance(dv, list) else type(dv).__name__}"
+                    )
+                for i, v in enumerate(dv):
+                    dense[i] = _num(v, source, ln, dfeats[i]["name"])
+            items = sp
+        for k, v in items.items():
+            if k in names:
+                f = feats[names[k]]
+                vals = v if isinstance(v, list) else [v]
+                if v is None:
+                    vals = []
+                for x in vals:
+                    if f["dtype"] == "string":
+                        if not isinstance(x, str):
+                            raise DataError(f"{source}:{ln}: feature '{k}' expects string ids, got {x!r}")
+                        bags[names[k]].append(fnv1a64(x))
+                    else:
+                        if isinstance(x, bool) or not isinstance(x, int):
+                            raise DataError(f"{source}:{ln}: feature '{k}' expects int64 ids, got {x!r}")
+                        if not -(1 << 63) <= x < (1 << 63):
+                            raise DataError(f"{source}:{ln}: feature '{k}': id {x} does not fit int64")
+                        bags[names[k]].append(x)
+            elif k in dnames:
+                dense[dnames[k]] = float("nan") if v is None else _num(v, source, ln, k)
+            else:
+                raise DataError(
+                    f"{source}:{ln}: unknown feature '{k}' (the model reads: "
+                    f"{', '.join(list(names) + list(dnames))})"
+                )
+        reqs.append((bags, dense))
+    if not reqs:
+        raise DataError(f"{source}: no requests")
+    b = len(reqs)
+    values: list[int] = []
+    lengths: list[int] = []
+    for fi in range(len(feats)):
+        for bags, _ in reqs:
+            values.extend(bags[fi])
+            lengths.append(len(bags[fi]))
+    dense_t = torch.tensor([d for _, d in reqs], dtype=torch.float32).reshape(b, len(dfeats))
+    return (
+        torch.tensor(values, dtype=torch.int64),
+        torch.tensor(lengths, dtype=torch.int64),
+        dense_t,
+    )
+
+
+def _num(v: Any, source: str, ln: int, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise DataError(f"{source}:{ln}: dense feature '{name}' expects a number, got {v!r}")
+    return float(v)
+
+
+# -- CLI ----------------------------------------------------------------------------
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    t = time.time()
+    rep = export_checkpoint(a.checkpoint, a.out, int8=a.int8, data=a.data, rows=a.rows)
+    print(
+        f"exported {rep['out']} ({rep['bytes']:,} bytes, {'int8' if rep['int8'] else 'fp32'}): "
+        f"parity max |diff| {rep['max_abs_diff']:.3g} <= {rep['tolerance']:g} on "
+        f"{rep['rows_checked']} held-out rows; {time.time() - t:.1f}s"
+    )
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    import sys
+
+    manifest = read_manifest(a.model)
+    model = torch.jit.load(a.model)
+    src = a.requests
+    lines = sys.stdin.read().splitlines() if src == "-" else Path(src).read_text().splitlines()
+    values, lengths, dense = parse_requests(lines, manifest, "<stdin>" if src == "-" else src)
+    with torch.no_grad():
+        try:
+            p = model(values, lengths, dense)
+        except Exception as e:  # the module's own input checks
+            raise DataError(str(e).strip().splitlines()[-1]) from None
+    for x in p.tolist():
+        print(f"{x:.9g}")
+    return 0
+
+
+def add_export_commands(sub: Any) -> None:
+    e = sub.add_parser("export", help="export the light tower to TorchScript for C++ serving")
+    e.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    e.add_argument("--out", required=True, help="output file, e.g. light.pt")
+    e.add_argument("--int8", action="store_true", help="row-wise int8 tables")
+    e.add_argument("--data", default=None, help="Parquet for the parity check (default: synthetic)")
+    e.add_argument("--rows", type=int, default=2048, help="held-out rows for the parity check")
+    e.set_defaults(fn=_cmd_export)
+    p = sub.add_parser("predict", help="score JSON-lines requests with an exported model")
+    p.add_argument("--model", required=True, help="exported .pt file")
+    p.add_argument("--requests", required=True, help="JSON-lines file, or - for stdin")
+    p.set_defaults(fn=_cmd_predict)
