@@ -473,8 +473,8 @@ def parse_requests(lines: list[str], manifest: dict[str, Any], source: str = "<r
                         f"{source}:{ln}: 'dense' must be a list of {len(dfeats)} numbers "
                         f"({', '.join(dnames)}), got {len(dv) if isinstance(dv, list) else type(dv).__name__}"
                     )
-                for i, v in enumerate(dv):
-                    dense[i] = _num(v, source, ln, dfeats[i]["name"])
+                for i, v in enumerate(dv):  # null = missing -> the feature's fill
+                    dense[i] = float("nan") if v is None else _num(v, source, ln, dfeats[i]["name"])
             items = sp
         for k, v in items.items():
             if k in names:
