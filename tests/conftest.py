@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny specs and synthetic data made by the tests themselves."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ROOT / "feature_specs"
+CRITEO = ROOT.parent / "shared" / "data" / "criteo_kaggle_sample.parquet"
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+# A small spec that covers every kind of feature: int64 and string ids, scalar
+# and list, a table shared by two features, mean pooling, two embedding dims,
+# every dense transform, a weight column and a light subset.
+TINY_SPEC = """
+version: 1
+name: tiny
+label: {column: y}
+weight: {column: w}
+tables:
+  - {name: t_user, rows: 500, dim: 8}
+  - {name: t_ad, rows: 300, dim: 8, pooling: mean}
+  - {name: t_tag, rows: 100, dim: 4, pooling: mean}
+  - {name: t_ctx, rows: 50, dim: 4}
+sparse:
+  - {name: user, column: user, dtype: int64, table: t_user}
+  - {name: ad, column: ad, dtype: string, table: t_ad}
+  - {name: tags, column: tags, dtype: int64, kind: list, table: t_tag, max_ids: 3}
+  - {name: queries, column: queries, dtype: string, kind: list, table: t_tag}
+  - {name: ctx, column: ctx, dtype: int64, table: t_ctx}
+dense:
+  - {name: price, column: price, fill: 1.0, transform: log1p}
+  - {name: score, column: score, fill: 0.0, transform: clip, min: 0.0, max: 5.0}
+  - {name: pos, column: pos, fill: 2.0, transform: standardize, mean: 2.0, std: 1.5}
+  - {name: raw, column: raw, fill: 0.0}
+light:
+  features: [user, ad, tags, price, pos]
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_spec_path(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    p.write_text(TINY_SPEC)
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_spec_path):
+    from rocketrec.spec import load_spec
+
+    return load_spec(tiny_spec_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_spec) -> dict[str, str]:
+    """Train (8k rows, 4 files of 1k-row groups) and validation (4k rows) for tiny.yaml."""
+    from rocketrec.data.synth import SynthConfig, synth
+
+    root = tmp_path_factory.mktemp("tinydata")
+    synth(tiny_spec, str(root / "train"), SynthConfig(rows=8000, seed=1, files=4, row_group_size=1000, ctr=0.2))
+    synth(tiny_spec, str(root / "val"), SynthConfig(rows=4000, seed=2, files=1, row_group_size=1000, ctr=0.2))
+    return {"train": str(root / "train"), "val": str(root / "val")}
+
+
+def python_exe() -> str:
+    return sys.executable
+
+
+def venv_bin(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")

@@ -1,0 +1,255 @@
+"""Hashing, synthetic logs, Arrow -> Batch, and the Parquet reader."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rocketrec.data.batch import DataError, arrow_to_batch, decode_table
+from rocketrec.data.reader import ParquetReader
+from rocketrec.data.synth import SynthConfig, synth
+from rocketrec.hashing import TEST_VECTORS, fnv1a64, hash_strings
+from rocketrec.spec import spec_from_dict
+
+# -- hashing -----------------------------------------------------------------------
+
+
+def test_hash_test_vectors():
+    for s, v in TEST_VECTORS:
+        assert fnv1a64(s) == v
+    # published FNV-1a 64 vectors (as unsigned)
+    assert fnv1a64("a") % (1 << 64) == 0xAF63DC4C8601EC8C
+    assert fnv1a64("foobar") % (1 << 64) == 0x85944171F73967E8
+
+
+def test_vectorised_hash_matches_scalar():
+    rng = random.Random(0)
+    alphabet = "abcXYZ0129:_-éü€😀 "
+    strings = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    strings += [s for s, _ in TEST_VECTORS]
+    got = hash_strings(pa.array(strings))
+    assert got.dtype == np.int64
+    assert got.tolist() == [fnv1a64(s) for s in strings]
+    # dictionary-encoded and sliced inputs give the same ids
+    assert hash_strings(pa.array(strings).dictionary_encode()).tolist() == got.tolist()
+    assert hash_strings(pa.array(strings).slice(7, 100)).tolist() == got[7:107].tolist()
+
+
+# -- synth ---------------------------------------------------------------------------
+
+
+def _digest(d: str) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(d)):
+        h.update(name.encode())
+        h.update(open(os.path.join(d, name), "rb").read())
+    return h.hexdigest()
+
+
+def test_synth_deterministic_and_valid(tmp_path, tiny_spec):
+    cfg = SynthConfig(rows=5000, seed=3, files=2, row_group_size=1000, true_ctr_column="p_true")
+    synth(tiny_spec, str(tmp_path / "a"), cfg)
+    synth(tiny_spec, str(tmp_path / "b"), cfg)
+    assert _digest(str(tmp_path / "a")) == _digest(str(tmp_path / "b"))
+    synth(tiny_spec, str(tmp_path / "c"), SynthConfig(rows=5000, seed=4, files=2, row_group_size=1000))
+    assert _digest(str(tmp_path / "a")) != _digest(str(tmp_path / "c"))
+    t = pq.read_table(tmp_path / "a")
+    assert t.num_rows == 5000
+    ctr = t["y"].to_numpy().mean()
+    assert 0.01 <= ctr <= 0.10, ctr
+    tags = t["tags"]
+    assert pc_count(tags, 0) > 0, "some empty lists"
+    assert t["user"].null_count > 0 and t["price"].null_count > 0
+    p = t["p_true"].to_numpy()
+    assert ((p > 0) & (p < 1)).all()
+    # it reads back through the one Arrow -> Batch path
+    r = ParquetReader(str(tmp_path / "a"), tiny_spec, 1024, shuffle=False)
+    assert sum(len(b) for b in r) == 5000
+
+
+def pc_count(list_col, length: int) -> int:
+    import pyarrow.compute as pc
+
+    lens = pc.fill_null(pc.list_value_length(list_col), 0).to_numpy()
+    return int((lens == length).sum())
+
+
+def test_synth_labels_depend_on_interactions(tmp_path, tiny_spec):
+    """The true CTR must not be (nearly) a function of first-order terms alone: AUC of p_true
+    well above what a shuffled label gets, so a deep tower has something to learn."""
+    from rocketrec.train.metrics import auc
+
+    synth(tiny_spec, str(tmp_path), SynthConfig(rows=20000, seed=5, true_ctr_column="p"))
+    t = pq.read_table(tmp_path)
+    assert auc(t["y"].to_numpy(), t["p"].to_numpy()) > 0.70
+
+
+# -- Arrow -> Batch --------------------------------------------------------------------
+
+SPEC = spec_from_dict(
+    {
+        "version": 1,
+        "label": {"column": "y"},
+        "tables": [{"name": "t", "rows": 10, "dim": 4}, {"name": "s", "rows": 7, "dim": 4}],
+        "sparse": [
+            {"name": "a", "column": "a", "table": "t"},
+            {"name": "l", "column": "l", "table": "t", "kind": "list", "max_ids": 2},
+            {"name": "s", "column": "s", "table": "s", "dtype": "string", "kind": "list"},
+        ],
+        "dense": [{"name": "x", "column": "x", "fill": 3.0, "transform": "log1p"}],
+    },
+    "mem.yaml",
+)
+
+
+def _table(**over):
+    cols = {
+        "y": pa.array([0, 1, 0], pa.int8()),
+        "a": pa.array([5, None, -3], pa.int64()),
+        "l": pa.array([[1, 2, 3], None, []], pa.list_(pa.int64())),
+        "s": pa.array([["u"], [None, "v"], None], pa.list_(pa.string())),
+        "x": pa.array([0.0, None, -5.0], pa.float32()),
+    }
+    cols.update(over)
+    return pa.table(cols)
+
+
+def test_arrow_to_batch_layout():
+    b = arrow_to_batch(_table(), SPEC, "t.parquet")
+    assert b.sparse.keys() == ["a", "l", "s"]
+    # feature-major lengths: a (null -> empty), l (truncated to 2; null/empty -> 0), s (null element dropped)
+    assert b.sparse.lengths().tolist() == [1, 0, 1, 2, 0, 0, 1, 1, 0]
+    assert b.sparse.values().tolist() == [5, -3, 1, 2, fnv1a64("u"), fnv1a64("v")]
+    assert b.dense.dtype == torch.float32 and b.dense.shape == (3, 1)
+    assert torch.allclose(b.dense[:, 0], torch.tensor([0.0, float(np.log1p(3.0)), 0.0], dtype=torch.float32))
+    assert b.labels.tolist() == [0.0, 1.0, 0.0] and b.weights is None
+
+
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"a": pa.array([1.5, 2.0, 3.0])}, "column 'a'"),
+        ({"s": pa.array([[1], [2], [3]], pa.list_(pa.int64()))}, "column 's'"),
+        ({"l": pa.array([1, 2, 3], pa.int64())}, "not a list"),
+        ({"y": pa.array([0, 2, 1], pa.int8())}, "outside {0, 1}"),
+        ({"y": pa.array([0, None, 1], pa.int8())}, "null"),
+        ({"y": pa.array(["0", "1", "0"])}, "label column 'y'"),
+        ({"x": pa.array([1.0, float("nan"), 2.0])}, "NaN/inf"),
+        ({"x": pa.array(["a", "b", "c"])}, "dense feature 'x'"),
+    ],
+)
+def test_bad_data_errors_name_file_and_column(over, needle):
+    with pytest.raises(DataError) as e:
+        decode_table(_table(**over), SPEC, "logs/part-0.parquet")
+    assert "logs/part-0.parquet" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_missing_column_error():
+    with pytest.raises(DataError, match=r"f\.parquet: column 'x' \(dense feature 'x'\) not found"):
+        decode_table(_table().drop_columns(["x"]), SPEC, "f.parquet")
+
+
+# -- reader ------------------------------------------------------------------------------
+
+RID_SPEC = spec_from_dict(
+    {
+        "version": 1,
+        "label": {"column": "y"},
+        "tables": [{"name": "t", "rows": 1000, "dim": 4}],
+        "sparse": [{"name": "rid", "column": "rid", "table": "t"}],
+    }
+)
+
+
+def _write_rid_files(d, sizes=((0, 137, 40), (137, 500, 64), (500, 503, 10), (503, 900, 50))):
+    """Files of consecutive row ids with uneven row groups; rid is a unique row id."""
+    os.makedirs(d, exist_ok=True)
+    for i, (lo, hi, rg) in enumerate(sizes):
+        t = pa.table({"y": pa.array(np.arange(lo, hi) % 2, pa.int8()), "rid": pa.array(np.arange(lo, hi))})
+        pq.write_table(t, os.path.join(d, f"part-{i}.parquet"), row_group_size=rg)
+    return 900
+
+
+def _ids(batches):
+    return [int(x) for b in batches for x in b.sparse.values().tolist()]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_cover_every_row_once(tmp_path, world):
+    n = _write_rid_files(tmp_path)
+    for epoch in range(2):
+        seen = []
+        for r in range(world):
+            rd = ParquetReader(str(tmp_path), RID_SPEC, 64, rank=r, world_size=world, seed=7)
+            rd.set_epoch(epoch)
+            seen += _ids(rd)
+        assert sorted(seen) == list(range(n))
+
+
+def test_epochs_reshuffle_and_batches_fixed(tmp_path):
+    _write_rid_files(tmp_path)
+    rd = ParquetReader(str(tmp_path), RID_SPEC, 64, seed=1)
+    e0 = list(rd)
+    e1 = list(rd)
+    assert rd.epoch == 2
+    assert _ids(e0) != _ids(e1) and sorted(_ids(e0)) == sorted(_ids(e1))
+    assert all(len(b) == 64 for b in e0[:-1]) and len(e0[-1]) == 900 % 64
+    dl = ParquetReader(str(tmp_path), RID_SPEC, 64, seed=1, drop_last=True)
+    assert all(len(b) == 64 for b in dl) and dl.batches_per_epoch() == 900 // 64
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 7])
+def test_resume_yields_exactly_the_rest(tmp_path, k):
+    _write_rid_files(tmp_path)
+    full = _ids(ParquetReader(str(tmp_path), RID_SPEC, 50, rank=1, world_size=2, seed=3))
+    rd = ParquetReader(str(tmp_path), RID_SPEC, 50, rank=1, world_size=2, seed=3)
+    it = iter(rd)
+    head = [next(it) for _ in range(k)]
+    state = rd.state_dict()
+    it.close()
+    again = ParquetReader(str(tmp_path), RID_SPEC, 50, rank=1, world_size=2, seed=3)
+    again.load_state_dict(state)
+    assert _ids(head) + _ids(again) == full
+
+
+def test_petastorm_style_dataset_metadata_ignored(tmp_path):
+    """petastorm/Spark write plain Parquet plus _SUCCESS, _metadata, _common_metadata, .crc."""
+    d = tmp_path / "ds"
+    n = _write_rid_files(d)
+    (d / "_SUCCESS").write_text("")
+    (d / ".part-0.parquet.crc").write_bytes(b"\x00crc")
+    schema = pq.read_schema(d / "part-0.parquet")
+    pq.write_metadata(schema, d / "_common_metadata")
+    pq.write_metadata(schema, d / "_metadata")
+    (d / "empty.parquet").write_bytes(b"")  # empty file: skipped
+    pq.write_table(pa.table({"y": pa.array([], pa.int8()), "rid": pa.array([], pa.int64())}), d / "zero.parquet")
+    rd = ParquetReader(str(d), RID_SPEC, 100, shuffle=False)
+    assert sorted(_ids(rd)) == list(range(n))
+    glob_rd = ParquetReader(str(d / "part-*.parquet"), RID_SPEC, 100, shuffle=False)
+    assert sorted(_ids(glob_rd)) == list(range(n))
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        ParquetReader(str(tmp_path / "nope"), RID_SPEC, 10)
+    (tmp_path / "junk.parquet").write_text("not parquet at all")
+    with pytest.raises(DataError, match="junk.parquet"):
+        ParquetReader(str(tmp_path), RID_SPEC, 10)
+    os.remove(tmp_path / "junk.parquet")
+    pq.write_table(pa.table({"y": pa.array([0], pa.int8()), "rid": pa.array([0.5])}), tmp_path / "f.parquet")
+    with pytest.raises(DataError, match=r"f\.parquet.*column 'rid'"):
+        ParquetReader(str(tmp_path), RID_SPEC, 10)
+
+
+def test_bad_values_surface_from_background_thread(tmp_path):
+    pq.write_table(pa.table({"y": pa.array([0, 5], pa.int8()), "rid": pa.array([1, 2])}), tmp_path / "f.parquet")
+    rd = ParquetReader(str(tmp_path), RID_SPEC, 10)
+    with pytest.raises(DataError, match="outside"):
+        list(rd)

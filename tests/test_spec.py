@@ -1,0 +1,122 @@
+"""Feature spec parsing: good specs load; every ad-engineer mistake is one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import CRITEO, SPECS, TINY_SPEC, venv_bin
+from rocketrec.spec import SpecError, load_spec, spec_from_dict
+
+
+def test_shipped_specs_load():
+    ads = load_spec(SPECS / "ads_ctr.yaml")
+    assert len(ads.light_features) < len(ads.sparse) + len(ads.dense)
+    shared = {}
+    for f in ads.sparse:
+        shared.setdefault(f.table, []).append(f.name)
+    assert any(len(v) > 1 for v in shared.values()), "a table shared by two features"
+    assert {f.kind for f in ads.sparse} == {"scalar", "list"}
+    assert {f.dtype for f in ads.sparse} == {"int64", "string"}
+    criteo = load_spec(SPECS / "criteo.yaml")
+    assert [f.column for f in criteo.dense] == [f"I{i}" for i in range(1, 14)]
+    assert [f.column for f in criteo.sparse] == [f"C{i}" for i in range(1, 27)]
+
+
+def test_round_trip(tiny_spec):
+    again = spec_from_dict(tiny_spec.to_dict(), source="x")
+    assert again == tiny_spec
+
+
+def _mutate(old: str, new: str) -> str:
+    assert old in TINY_SPEC, old
+    return TINY_SPEC.replace(old, new, 1)
+
+
+BROKEN = {
+    "unknown top key": (_mutate("name: tiny", "name: tiny\ncolour: red"), ["unknown key 'colour'"]),
+    "typo in key": (_mutate("{name: user, column: user,", "{name: user, colum: user,"), ["colum", "did you mean 'column'"]),
+    "missing table": (_mutate("table: t_user}", "table: t_users}"), ["feature 'user'", "'table'", "t_users"]),
+    "duplicate feature": (_mutate("{name: ctx, column: ctx", "{name: user, column: ctx"), ["feature 'user'", "duplicate"]),
+    "duplicate table": (_mutate("{name: t_ctx, rows: 50", "{name: t_tag, rows: 50"), ["table 't_tag'", "duplicate"]),
+    "zero rows": (_mutate("rows: 500", "rows: 0"), ["table 't_user'", "'rows'", ">= 1"]),
+    "negative dim": (_mutate("rows: 500, dim: 8", "rows: 500, dim: -8"), ["table 't_user'", "'dim'"]),
+    "bad pooling": (_mutate("pooling: mean}\n  - {name: t_tag", "pooling: max}\n  - {name: t_tag"), ["table 't_ad'", "'pooling'", "max"]),
+    "light unknown": (_mutate("features: [user,", "features: [usr,"), ["light", "usr", "did you mean 'user'"]),
+    "wrong yaml type": (_mutate("rows: 500", "rows: lots"), ["table 't_user'", "'rows'", "integer"]),
+    "bad dtype": (_mutate("dtype: int64, table: t_user", "dtype: float, table: t_user"), ["feature 'user'", "'dtype'"]),
+    "bad kind": (_mutate("kind: list, table: t_tag, max", "kind: bag, table: t_tag, max"), ["feature 'tags'", "'kind'"]),
+    "std zero": (_mutate("std: 1.5", "std: 0"), ["feature 'pos'", "'std'"]),
+    "clip no bounds": (_mutate("transform: clip, min: 0.0, max: 5.0", "transform: clip"), ["feature 'score'", "clip"]),
+    "mean on log1p": (_mutate("transform: log1p}", "transform: log1p, mean: 3}"), ["feature 'price'", "'mean'"]),
+    "missing label": (_mutate("label: {column: y}\n", ""), ["'label'", "required"]),
+    "duplicate yaml key": (_mutate("rows: 500, dim: 8", "rows: 500, rows: 600, dim: 8"), ["duplicate key 'rows'"]),
+    "bad version": (_mutate("version: 1", "version: 7"), ["'version'"]),
+    "features not list": (_mutate("features: [user, ad, tags, price, pos]", "features: user"), ["light", "'features'", "list"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_spec_names_the_problem(tmp_path, case):
+    text, needles = BROKEN[case]
+    p = tmp_path / "broken.yaml"
+    p.write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    msg = str(e.value)
+    assert msg.startswith(str(p)), msg
+    for n in needles:
+        assert n in msg, (n, msg)
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [("", "empty"), ("   \n", "empty"), ("key: [unclosed", "not valid YAML"), ("- a\n- b\n", "mapping"), ("\x00\x01", "x.yaml")],
+)
+def test_not_a_spec(tmp_path, text, needle):
+    p = tmp_path / "x.yaml"
+    p.write_text(text)
+    with pytest.raises(SpecError, match=needle):
+        load_spec(p)
+
+
+def test_validate_cli_one_line_no_traceback(tmp_path, tiny_spec_path):
+    exe = venv_bin("rocketrec")
+    ok = subprocess.run([exe, "validate", str(tiny_spec_path)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok:" in ok.stdout
+    p = tmp_path / "bad.yaml"
+    p.write_text(_mutate("table: t_user}", "table: nope}"))
+    bad = subprocess.run([exe, "validate", str(p)], capture_output=True, text=True)
+    assert bad.returncode == 2
+    lines = [x for x in bad.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert str(p) in lines[0] and "feature 'user'" in lines[0] and "'table'" in lines[0]
+    missing = subprocess.run([exe, "validate", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_validate_data_missing_column(tmp_path, tiny_spec_path, tiny_data):
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tiny_data["val"]).drop_columns(["price"])
+    pq.write_table(t, tmp_path / "d.parquet")
+    r = subprocess.run(
+        [venv_bin("rocketrec"), "validate", str(tiny_spec_path), "--data", str(tmp_path / "d.parquet")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert "column 'price'" in r.stderr and "d.parquet" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not CRITEO.exists(), reason="shared Criteo sample not present")
+def test_criteo_spec_validates_against_sample():
+    r = subprocess.run(
+        [venv_bin("rocketrec"), "validate", str(SPECS / "criteo.yaml"), "--data", str(CRITEO)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "10,181 rows" in r.stdout
