@@ -24,7 +24,10 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import ShardingType
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -135,8 +138,16 @@ def shard_model(
     pg = dist.GroupMember.WORLD
     assert pg is not None
     plan = planner.collective_plan(model, [sharder], pg)  # type: ignore[arg-type]
+    # The towers' dense parameters are replicated with DDP. Modes use different parts of the
+    # graph (booster_only skips the light tower, teacher_student switches phase), so the
+    # graph is not static and some parameters go unused in some steps.
+    wrapper = DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True)
     return DistributedModelParallel(
-        module=model, device=env.device, plan=plan, sharders=[sharder]  # type: ignore[list-item]
+        module=model,
+        device=env.device,
+        plan=plan,
+        sharders=[sharder],  # type: ignore[list-item]
+        data_parallel_wrapper=wrapper,
     )
 
 

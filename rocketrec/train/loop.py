@@ -138,6 +138,14 @@ class _Run:
         self.rows_unused = 0
         self.history: list[dict[str, Any]] = []
         self.dense_opt = self._make_dense_opt(self.phases[0])
+        booster_ids = {id(p) for p in model.booster.parameters()}
+        light_ids = {id(p) for p in model.light.parameters()}
+        dense_params = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters())]
+        self.clip_groups = [
+            [p for p in dense_params if id(p) in booster_ids],
+            [p for p in dense_params if id(p) in light_ids],
+            [p for p in dense_params if id(p) not in booster_ids | light_ids],
+        ]
         self.metrics_path = self.out / "metrics.jsonl"
 
     # -- optimizers --------------------------------------------------------------
@@ -326,9 +334,9 @@ class _Run:
                     self.dense_opt.zero_grad(set_to_none=True)
                     loss.backward()  # fused table optimizer steps here
                     if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(
-                            [p for g in self.dense_opt.param_groups for p in g["params"]], cfg.grad_clip
-                        )
+                        # per tower: the light tower's gradients never rescale the booster's
+                        for group in self.clip_groups:
+                            torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
                     warm = min(1.0, (self.step - self.phase_start + 1) / max(1, cfg.warmup_steps))
                     for g in self.dense_opt.param_groups:
                         g["lr"] = cfg.dense_lr * warm

@@ -1,0 +1,225 @@
+"""Model, rocket loss and switches (by autograd), the training loop and its checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from rocketrec.data.reader import ParquetReader
+from rocketrec.export import load_unsharded
+from rocketrec.model.loss import LossConfig, bce, hint_loss, rocket_loss
+from rocketrec.model.model import ModelConfig, RocketModel
+from rocketrec.train.checkpoint import latest_checkpoint
+from rocketrec.train.loop import TrainConfig, TrainingDiverged, train
+
+SMALL = ModelConfig(cross_layers=2, cross_rank=4, booster_mlp=(32, 16), light_mlp=(8,))
+
+
+@pytest.fixture()
+def model_and_batch(tiny_spec, tiny_data):
+    torch.manual_seed(0)
+    m = RocketModel(tiny_spec, SMALL)
+    b = next(iter(ParquetReader(tiny_data["train"], tiny_spec, 256, shuffle=False)))
+    return m, b
+
+
+def _grads(loss, params):
+    gs = torch.autograd.grad(loss, [p for _, p in params], retain_graph=True, allow_unused=True)
+    return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params, gs)}
+
+
+def _booster_only(m):
+    return [(n, p) for n, p in m.named_parameters() if n.startswith("booster.")]
+
+
+def _light(m):
+    return [(n, p) for n, p in m.named_parameters() if n.startswith("light.")]
+
+
+def _tables(m):
+    return [(n, p) for n, p in m.named_parameters() if n.startswith("ebc.")]
+
+
+@pytest.mark.parametrize("hint", ["mimic", "mse_prob", "kd"])
+def test_gradient_block_on(model_and_batch, hint):
+    m, b = model_and_batch
+    out = m(b.dense, b.sparse)
+    h = hint_loss(out.light, out.booster.detach(), hint, 2.0, b.weights)
+    g_booster = _grads(h, _booster_only(m))
+    assert all(torch.count_nonzero(g) == 0 for g in g_booster.values())
+    assert all(torch.count_nonzero(g) > 0 for n, g in _grads(h, _light(m)).items() if "weight" in n)
+    # the hint reaches the rows that the light features looked up, and only their tables
+    g_tab = _grads(h, _tables(m))
+    assert torch.count_nonzero(g_tab["ebc.embedding_bags.t_user.weight"]) > 0
+    assert torch.count_nonzero(g_tab["ebc.embedding_bags.t_ad.weight"]) > 0
+    assert torch.count_nonzero(g_tab["ebc.embedding_bags.t_ctx.weight"]) == 0  # ctx: booster-only feature
+    user_rows = torch.remainder(b.sparse["user"].values(), 500).unique()
+    touched = g_tab["ebc.embedding_bags.t_user.weight"].abs().sum(1).nonzero().flatten()
+    assert set(touched.tolist()) <= set(user_rows.tolist())
+    # and the full loss gives the booster exactly the gradient of its own BCE
+    cfg = LossConfig(hint=hint, hint_weight=0.7, gradient_block=True)
+    total, terms = rocket_loss(out.booster, out.light, b.labels, b.weights, cfg)
+    assert set(terms) == {"bce_booster", "bce_light", "hint", "loss"}
+    own = _grads(bce(out.booster, b.labels, b.weights), _booster_only(m))
+    for n, g in _grads(total, _booster_only(m)).items():
+        assert torch.equal(g, own[n]), n
+
+
+def test_gradient_block_off(model_and_batch):
+    m, b = model_and_batch
+    out = m(b.dense, b.sparse)
+    cfg = LossConfig(hint="mimic", hint_weight=1.0, gradient_block=False)
+    total, _ = rocket_loss(out.booster, out.light, b.labels, b.weights, cfg)
+    own = _grads(bce(out.booster, b.labels, b.weights), _booster_only(m))
+    diff = [torch.count_nonzero(g - own[n]) for n, g in _grads(total, _booster_only(m)).items()]
+    assert sum(int(d) for d in diff) > 0, "without the block the hint must reach the booster"
+    h = hint_loss(out.light, out.booster, "mimic", 1.0, None)
+    assert any(torch.count_nonzero(g) > 0 for g in _grads(h, _booster_only(m)).values())
+
+
+def test_light_shared_grad_scale(model_and_batch):
+    m, b = model_and_batch
+    cfg = LossConfig(hint="kd", hint_weight=1.0)
+
+    def light_terms(scale):
+        out = m(b.dense, b.sparse, light_shared_grad_scale=scale)
+        _, _ = rocket_loss(out.booster, out.light, b.labels, b.weights, cfg)
+        return bce(out.light, b.labels, b.weights) + hint_loss(out.light, out.booster.detach(), "kd", 2.0, b.weights)
+
+    off = _grads(light_terms(0.0), _tables(m))
+    assert all(torch.count_nonzero(g) == 0 for g in off.values()), "scale 0: no light loss reaches a table"
+    full = _grads(light_terms(1.0), _tables(m))
+    half = _grads(light_terms(0.5), _tables(m))
+    assert any(torch.count_nonzero(g) > 0 for g in full.values())
+    for n in full:
+        torch.testing.assert_close(half[n], 0.5 * full[n])
+    # the forward value does not depend on the scale
+    assert torch.equal(m(b.dense, b.sparse, light_shared_grad_scale=0.3).light, m(b.dense, b.sparse).light)
+
+
+def test_bucketing_is_nonnegative_modulo(tiny_spec):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    m = RocketModel(tiny_spec, SMALL)
+    ids = torch.tensor([-1, -501, 499, 500, 2**62, -(2**63)] + [0] * 4)
+    kjt = KeyedJaggedTensor(keys=tiny_spec.sparse_names, values=ids, lengths=torch.tensor([6, 0, 1, 1, 1, 1, 0, 0, 0, 0]))
+    rows = m.bucketize(kjt).values()
+    assert rows[:6].tolist() == [499, 499, 499, 0, 2**62 % 500, (-(2**63)) % 500]
+    assert (rows >= 0).all()
+
+
+def test_loss_config_rejects_bad_values():
+    for bad in [dict(mode="x"), dict(hint="y"), dict(hint_weight=-1), dict(temperature=0), dict(light_shared_grad_scale=2)]:
+        with pytest.raises(ValueError):
+            LossConfig(**bad)
+
+
+# -- training loop ---------------------------------------------------------------------
+
+TC = TrainConfig(batch_size=256, epochs=1, log_every=0, warmup_steps=5, dense_lr=3e-3, sparse_lr=0.05, seed=11)
+
+
+def _run(tmp_path, tiny_spec, tiny_data, name, loss=LossConfig(), tc=TC, **kw):
+    out = tmp_path / name
+    res = train(tiny_spec, tiny_data["train"], tiny_data["val"], str(out), SMALL, loss, tc, **kw)
+    return out, res
+
+
+def _final_model(out):
+    m, meta = load_unsharded(latest_checkpoint(out))
+    return m, meta
+
+
+def _initial_model(tiny_spec, seed):
+    torch.manual_seed(seed)
+    return RocketModel(tiny_spec, SMALL)
+
+
+def _same(a, b, prefix):
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith(prefix))
+
+
+def test_learning_both_towers_beat_base_rate(tmp_path, tiny_spec, tiny_data):
+    out, res = _run(tmp_path, tiny_spec, tiny_data, "learn", tc=dataclasses.replace(TC, epochs=3, eval_every=20))
+    assert res["booster_logloss"] < res["base_logloss"]
+    assert res["light_logloss"] < res["base_logloss"]
+    assert res["booster_auc"] > 0.55 and res["light_auc"] > 0.55
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("booster_auc" in r for r in lines) >= 2
+
+
+def test_modes_train_what_they_should(tmp_path, tiny_spec, tiny_data):
+    tc = dataclasses.replace(TC, max_steps=12)
+    init = _initial_model(tiny_spec, TC.seed)
+    lo, _ = _run(tmp_path, tiny_spec, tiny_data, "light_only", LossConfig(mode="light_only"), tc)
+    m_lo, _ = _final_model(lo)
+    assert _same(m_lo, init, "booster.") and not _same(m_lo, init, "light.") and not _same(m_lo, init, "ebc.")
+    bo, _ = _run(tmp_path, tiny_spec, tiny_data, "booster_only", LossConfig(mode="booster_only"), tc)
+    m_bo, _ = _final_model(bo)
+    assert _same(m_bo, init, "light.") and not _same(m_bo, init, "booster.")
+    # light_shared_grad_scale 0 + gradient block: the booster is bit-identical to booster_only
+    r0, _ = _run(tmp_path, tiny_spec, tiny_data, "rocket_s0", LossConfig(light_shared_grad_scale=0.0), tc)
+    m_r0, _ = _final_model(r0)
+    assert _same(m_r0, m_bo, "booster.") and _same(m_r0, m_bo, "ebc.") and not _same(m_r0, init, "light.")
+    # paper setting: the light losses also train the tables, so the booster differs
+    r1, _ = _run(tmp_path, tiny_spec, tiny_data, "rocket", LossConfig(), tc)
+    assert not _same(_final_model(r1)[0], m_bo, "ebc.")
+    # teacher_student: phase 1 is booster_only; phase 2 trains only the light tower
+    ts, res = _run(tmp_path, tiny_spec, tiny_data, "ts", LossConfig(mode="teacher_student"), tc)
+    m_ts, meta = _final_model(ts)
+    assert meta["step"] == 24
+    assert _same(m_ts, m_bo, "booster.") and _same(m_ts, m_bo, "ebc.") and not _same(m_ts, init, "light.")
+
+
+def test_resume_matches_uninterrupted(tmp_path, tiny_spec, tiny_data):
+    tc = dataclasses.replace(TC, epochs=2, checkpoint_every=7, eval_every=0)
+    ref, ref_res = _run(tmp_path, tiny_spec, tiny_data, "ref", LossConfig(), tc)
+
+    class Crash(Exception):
+        pass
+
+    calls = []
+
+    def crash_after_second_checkpoint(metrics, path):
+        calls.append(path)
+        if len(calls) == 2:  # step 14: mid-way through epoch 1 (32 steps per epoch)
+            raise Crash()
+
+    with pytest.raises(Crash):
+        _run(tmp_path, tiny_spec, tiny_data, "crashed", LossConfig(), tc, report=crash_after_second_checkpoint)
+    out, res = _run(tmp_path, tiny_spec, tiny_data, "crashed", LossConfig(), tc, resume=str(tmp_path / "crashed"))
+    a, meta_a = _final_model(ref)
+    b, meta_b = _final_model(out)
+    assert meta_a["step"] == meta_b["step"] and meta_a["rows_seen"] == meta_b["rows_seen"]
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert res["light_auc"] == ref_res["light_auc"]
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_spec, tiny_data, monkeypatch):
+    import rocketrec.train.loop as loop
+
+    real = loop.rocket_loss
+    n = {"calls": 0}
+
+    def poisoned(*a, **k):
+        total, terms = real(*a, **k)
+        n["calls"] += 1
+        if n["calls"] == 5:
+            total = total * float("nan")
+            terms["loss"] = float("nan")
+        return total, terms
+
+    monkeypatch.setattr(loop, "rocket_loss", poisoned)
+    tc = dataclasses.replace(TC, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match="step 4"):
+        _run(tmp_path, tiny_spec, tiny_data, "nan", LossConfig(), tc)
+    ck = latest_checkpoint(tmp_path / "nan")
+    assert ck is not None and ck.name == "step_000000004"
+    m, meta = load_unsharded(ck)
+    assert all(torch.isfinite(v).all() for v in m.state_dict().values() if v.is_floating_point())
