@@ -1,0 +1,135 @@
+"""Export: parity gate, int8, manifest, input checks, and the Python request parser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+import rocketrec.export as export
+from conftest import venv_bin
+from rocketrec.data.batch import DataError
+from rocketrec.export import export_checkpoint, parse_requests, raw_inputs_from_table, read_manifest
+from rocketrec.hashing import TEST_VECTORS
+from rocketrec.model.model import ModelConfig
+from rocketrec.train.loop import TrainConfig, train
+
+SMALL = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_spec, tiny_data):
+    out = tmp_path_factory.mktemp("exp") / "run"
+    train(tiny_spec, tiny_data["train"], tiny_data["val"], str(out), SMALL, None,
+          TrainConfig(batch_size=512, epochs=1, log_every=0, max_steps=10))
+    return out
+
+
+def test_export_fp32_parity_and_manifest(tmp_path, trained, tiny_spec, tiny_data):
+    rep = export_checkpoint(trained, tmp_path / "light.pt", data=tiny_data["val"])
+    assert rep["max_abs_diff"] <= 1e-5
+    m = read_manifest(tmp_path / "light.pt")
+    assert m["format"] == "rocketrec-light/1"
+    assert [f["name"] for f in m["sparse_features"]] == ["user", "ad", "tags"]
+    assert [f["name"] for f in m["dense_features"]] == ["price", "pos"]
+    assert m["hash"]["test_vectors"] == [[s, v] for s, v in TEST_VECTORS]
+    assert "light_auc" in m["metrics"] and m["versions"]["torch"] == torch.__version__
+    # the file loads with plain torch (no torchrec import needed by the module)
+    mod = torch.jit.load(str(tmp_path / "light.pt"))
+    code = mod.code
+    assert "torchrec" not in code and "fbgemm" not in code
+
+
+def test_export_int8_bound_and_smaller(tmp_path, trained, tiny_data):
+    a = export_checkpoint(trained, tmp_path / "fp32.pt", data=tiny_data["val"])
+    b = export_checkpoint(trained, tmp_path / "int8.pt", int8=True, data=tiny_data["val"])
+    assert b["max_abs_diff"] <= export.INT8_TOL
+    assert b["bytes"] < a["bytes"]
+    # int8 mean pooling is done by the module (the quantized op always sums): compare to fp32
+    fp, q = torch.jit.load(str(tmp_path / "fp32.pt")), torch.jit.load(str(tmp_path / "int8.pt"))
+    import pyarrow.parquet as pq
+
+    from rocketrec.spec import spec_from_dict
+
+    spec = spec_from_dict(read_manifest(tmp_path / "fp32.pt")["spec"])
+    t = pq.read_table(tiny_data["val"]).slice(0, 300)
+    x = raw_inputs_from_table(t, spec)
+    assert (fp(*x) - q(*x)).abs().max() < export.INT8_TOL
+
+
+def test_parity_gate_refuses_to_write(tmp_path, trained, monkeypatch):
+    monkeypatch.setattr(export, "FP32_TOL", -1.0)  # nothing can pass
+    target = tmp_path / "light.pt"
+    with pytest.raises(ValueError, match="parity gate failed"):
+        export_checkpoint(trained, target)
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind either
+
+
+def test_export_refuses_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        export_checkpoint(tmp_path, tmp_path / "x.pt")
+
+
+def test_module_checks_inputs(tmp_path, trained):
+    export_checkpoint(trained, tmp_path / "light.pt")
+    m = torch.jit.load(str(tmp_path / "light.pt"))
+    v = torch.tensor([1, 2, 3], dtype=torch.int64)
+    good_l = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.int64)  # F=3, B=2
+    d = torch.zeros(2, 2)
+    assert m(v, good_l, d).shape == (2,)
+    with pytest.raises(Exception, match="dense must be float32"):
+        m(v, good_l, torch.zeros(2, 3))
+    with pytest.raises(Exception, match="F\\*B"):
+        m(v, torch.tensor([3], dtype=torch.int64), d)
+    with pytest.raises(Exception, match="non-negative"):
+        m(v, torch.tensor([2, 2, -1, 0, 0, 0], dtype=torch.int64), d)
+    with pytest.raises(Exception, match="lengths sum"):
+        m(v, torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.int64), d)
+    # NaN dense = missing -> the feature's fill value
+    nan = m(v, good_l, torch.full((2, 2), float("nan")))
+    filled = m(v, good_l, torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+    torch.testing.assert_close(nan, filled)
+
+
+def test_python_request_parser(tmp_path, trained):
+    export_checkpoint(trained, tmp_path / "light.pt")
+    man = read_manifest(tmp_path / "light.pt")
+    lines = [
+        json.dumps({"user": 5, "ad": "a1", "tags": [1, 2], "price": 3.0}),
+        json.dumps({"sparse": {"user": -1}, "dense": [None, 2.0]}),
+    ]
+    v, l, d = parse_requests(lines, man)
+    assert l.tolist() == [1, 1, 1, 0, 2, 0]
+    assert v.tolist()[:2] == [5, -1] and d.shape == (2, 2)
+    for bad, needle in [
+        ('{"nope": 1}', "unknown feature 'nope'"),
+        ('{"sparse": {}, "dense": [1]}', "'dense' must be a list of 2"),
+        ('{"user": ', "bad JSON"),
+        ('{"user": "x"}', "expects int64"),
+        ('{"ad": 3}', "expects string"),
+        ('[1, 2]', "JSON object"),
+        ('{"user": 99999999999999999999}', "int64"),
+    ]:
+        with pytest.raises(DataError, match=needle):
+            parse_requests([bad], man, "req.jsonl")
+
+
+def test_cli_export_and_predict(tmp_path, trained):
+    exe = venv_bin("rocketrec")
+    r = subprocess.run([exe, "export", "--checkpoint", str(trained), "--out", str(tmp_path / "m.pt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "parity max |diff|" in r.stdout
+    req = tmp_path / "r.jsonl"
+    req.write_text('{"user": 1}\n{"ad": "x", "price": 2.5}\n')
+    p = subprocess.run([exe, "predict", "--model", str(tmp_path / "m.pt"), "--requests", str(req)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    probs = [float(x) for x in p.stdout.split()]
+    assert len(probs) == 2 and all(0 < x < 1 for x in probs)
+    bad = subprocess.run([exe, "predict", "--model", str(tmp_path / "m.pt"), "--requests", "-"],
+                         input='{"zzz": 1}\n', capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown feature 'zzz'" in bad.stderr and "Traceback" not in bad.stderr
