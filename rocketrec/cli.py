@@ -121,6 +121,9 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    for name in ("fbgemm_gpu", "torchrec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

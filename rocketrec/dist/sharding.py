@@ -155,9 +155,12 @@ def copy_unsharded_tables(dmp: DistributedModelParallel, full: Mapping[str, torc
     """Copy full (unsharded) table weights into this rank's shards: same start as a reference."""
     with torch.no_grad():
         for key, value in dmp.state_dict().items():
-            if key not in full or not hasattr(value, "local_shards"):
+            if key not in full:
                 continue
             src = full[key]
+            if not hasattr(value, "local_shards"):  # data-parallel: a full replica
+                value.copy_(src)
+                continue
             for shard in value.local_shards():
                 off = shard.metadata.shard_offsets
                 size = shard.metadata.shard_sizes

@@ -1,0 +1,211 @@
+"""Ray driver: run rocketrec.train.loop on N Ray Train workers, then export and plot.
+
+    python jobs/ads_train.py --spec S --train T --val V --out RUN --workers 2
+
+Under `ray job submit` the script joins that cluster (RAY_ADDRESS is set by the
+job supervisor). Run directly with no cluster, it starts an embedded local Ray
+bound to 127.0.0.1 only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray
+port on loopback; Ray's token authentication stays on).
+
+Workers run `train_loop_per_worker`, which calls the plain training loop (no
+Ray inside it) with a `report` hook: every checkpoint the loop writes (DCP,
+all ranks) is registered with `ray.train.report`, so `FailureConfig`
+restarts a failed worker group from the last *registered* checkpoint, with
+every rank's reader position. `--out` must be storage that every worker sees
+(one machine, or a shared file system).
+
+The run directory ends up with metrics.jsonl, checkpoints/, light.pt (the
+exported light tower, unless --no-export), curves.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rocketrec.config import add_train_args, configs_from_args
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (the process group is already initialised)."""
+    import ray.train
+
+    from rocketrec.cli import quiet_library_noise
+    from rocketrec.spec import spec_from_dict
+    from rocketrec.train.loop import train
+
+    quiet_library_noise()
+    import torch.distributed as dist
+
+    args = argparse.Namespace(**config["args"])
+    model_cfg, loss_cfg, train_cfg = configs_from_args(args)
+    spec = spec_from_dict(config["spec"], source=config["spec_source"])
+    resume = args.resume
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        # A restarted worker group: continue from the last checkpoint Ray registered.
+        resume = registered.path
+        print(f"[rocketrec] restarting from registered checkpoint {resume}", flush=True)
+
+    def report(metrics: dict[str, Any], path: Path | None) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        ckpt = ray.train.Checkpoint.from_directory(str(path)) if (path and rank == 0) else None
+        ray.train.report(clean, checkpoint=ckpt)
+
+    train(spec, args.train, args.val, args.out, model_cfg, loss_cfg, train_cfg, resume=resume, report=report)
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to a cluster, or start a loopback-only local Ray. Returns True if local."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    # Embedded local Ray: never expose it beyond this machine.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=num_cpus,
+        log_to_driver=True,
+    )
+    return True
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> bool:
+    """Validation AUC and logloss of both towers over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    ev = [r for r in rows if "booster_auc" in r]
+    if not ev:
+        return False
+    ev.sort(key=lambda r: r["step"])
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for tower, color in (("booster", "tab:red"), ("light", "tab:blue")):
+        steps = [r["step"] for r in ev]
+        ax[0].plot(steps, [r[f"{tower}_auc"] for r in ev], "o-", color=color, label=tower)
+        ax[1].plot(steps, [r[f"{tower}_logloss"] for r in ev], "o-", color=color, label=tower)
+    ax[1].plot([r["step"] for r in ev], [r["base_logloss"] for r in ev], "--", color="gray", label="base rate")
+    ax[0].set_title("validation AUC")
+    ax[1].set_title("validation logloss")
+    for a in ax:
+        a.set_xlabel("step")
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ads_train.py",
+        description="Train a rocketrec booster + light model on Ray (a cluster under `ray job "
+        "submit`, or an embedded loopback-only local Ray), then export the light tower.",
+    )
+    add_train_args(p)
+    g = p.add_argument_group("Ray")
+    g.add_argument("--workers", type=int, default=2, help="Ray Train workers (ranks)")
+    g.add_argument("--cpus-per-worker", type=float, default=0.5,
+                   help="fractional CPUs leave room for Ray's own tasks on small machines")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="1 on GPU nodes (nccl)")
+    g.add_argument("--max-failures", type=int, default=2,
+                   help="restarts of the worker group from the last registered checkpoint")
+    g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else local)")
+    g.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    g.add_argument("--no-export", action="store_true", help="skip exporting light.pt at the end")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rocketrec.cli import quiet_library_noise
+
+    quiet_library_noise()
+    p = build_parser()
+    a = p.parse_args(argv)
+    from rocketrec.data.batch import DataError
+    from rocketrec.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(a.spec)
+        configs_from_args(a)  # reject bad values before any worker starts
+        if a.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {a.workers}")
+        from rocketrec.data.reader import ParquetReader
+
+        probe = ParquetReader(a.train, spec, a.batch_size, shuffle=False)
+        if len(probe.units) < a.workers:
+            raise ValueError(
+                f"{a.train}: {len(probe.units)} row group(s) for {a.workers} workers: every worker "
+                "needs at least one (write smaller row groups or more files)"
+            )
+        if a.val:
+            ParquetReader(a.val, spec, a.batch_size, shuffle=False)
+    except (SpecError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"ads_train.py: error: {e}", file=sys.stderr)
+        return 2
+
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for k in ("train", "val", "out", "resume"):
+        v = getattr(a, k)
+        if v and "://" not in v:
+            setattr(a, k, str(Path(v).resolve()))
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    local = _init_ray(a.address, a.local_cpus)
+    print(f"[rocketrec] Ray {'local (127.0.0.1 only)' if local else 'cluster'}: "
+          f"{ray.cluster_resources()}", flush=True)
+    use_gpu = a.gpus_per_worker > 0
+    resources = {"CPU": a.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = a.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"args": vars(a), "spec": spec.to_dict(), "spec_source": str(a.spec)},
+        scaling_config=ScalingConfig(num_workers=a.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="rocketrec",
+            storage_path=str(out / "ray_results"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=a.max_failures),
+        ),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    if result.error is not None:
+        print(f"ads_train.py: training failed: {result.error}", file=sys.stderr)
+        return 1
+    train_s = time.time() - t0
+    summary: dict[str, Any] = {"train_wall_seconds": train_s, "workers": a.workers, "metrics": result.metrics}
+    if plot_curves(out / "metrics.jsonl", out / "curves.png"):
+        summary["plot"] = str(out / "curves.png")
+    if not a.no_export:
+        from rocketrec.export import export_checkpoint
+
+        rep = export_checkpoint(out, out / "light.pt", data=a.val)
+        summary["export"] = rep
+        print(f"[rocketrec] exported {rep['out']}: parity max |diff| {rep['max_abs_diff']:.3g}", flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"[rocketrec] done in {train_s:.1f}s: {out}", flush=True)
+    if local:
+        ray.shutdown()
+    return 0
