@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from rocketrec.cli import quiet_library_noise
     from rocketrec.spec import spec_from_dict
+    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
     from rocketrec.train.loop import train
 
     quiet_library_noise()
@@ -46,11 +48,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model_cfg, loss_cfg, train_cfg = configs_from_args(args)
     spec = spec_from_dict(config["spec"], source=config["spec_source"])
     resume = args.resume
+    # A restarted worker group continues from the newest complete checkpoint of this run:
+    # the last one Ray registered, or a newer one this run finished writing before the
+    # failure (checkpoints are atomic, and run_id tells this run's from another's).
+    candidates = []
     registered = ray.train.get_checkpoint()
     if registered is not None:
-        # A restarted worker group: continue from the last checkpoint Ray registered.
-        resume = registered.path
-        print(f"[rocketrec] restarting from registered checkpoint {resume}", flush=True)
+        candidates.append(Path(registered.path))
+    own = latest_checkpoint(args.out)
+    if own is not None and read_meta(own).get("run_id") == config["run_id"]:
+        candidates.append(own)
+    if candidates:
+        best = max(candidates, key=lambda c: int(read_meta(c)["step"]))
+        resume = str(best)
+        print(f"[rocketrec] restarting from checkpoint {resume} (step {read_meta(best)['step']})", flush=True)
 
     def report(metrics: dict[str, Any], path: Path | None) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
@@ -58,7 +69,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(path)) if (path and rank == 0) else None
         ray.train.report(clean, checkpoint=ckpt)
 
-    train(spec, args.train, args.val, args.out, model_cfg, loss_cfg, train_cfg, resume=resume, report=report)
+    train(
+        spec, args.train, args.val, args.out, model_cfg, loss_cfg, train_cfg,
+        resume=resume, report=report, run_id=config["run_id"],
+    )
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:
@@ -70,8 +84,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    # Embedded local Ray: never expose it beyond this machine.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Embedded local Ray: never expose it beyond this machine (see main()).
     ray.init(
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
@@ -160,12 +173,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out = Path(a.out).resolve()
+    from rocketrec.train.checkpoint import latest_checkpoint
+
+    if latest_checkpoint(out) is not None and not a.resume:
+        print(
+            f"ads_train.py: error: {out} already holds a run's checkpoints: pass --resume {a.out} "
+            "to continue it, or choose a new --out",
+            file=sys.stderr,
+        )
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     for k in ("train", "val", "out", "resume"):
         v = getattr(a, k)
         if v and "://" not in v:
             setattr(a, k, str(Path(v).resolve()))
 
+    if not (a.address or os.environ.get("RAY_ADDRESS")):
+        # Must be set before `import ray`: Ray reads it at import time. With it, an
+        # embedded local Ray binds every port to 127.0.0.1 only.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -179,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         resources["GPU"] = a.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"args": vars(a), "spec": spec.to_dict(), "spec_source": str(a.spec)},
+        train_loop_config={
+            "args": vars(a),
+            "spec": spec.to_dict(),
+            "spec_source": str(a.spec),
+            "run_id": uuid.uuid4().hex,
+        },
         scaling_config=ScalingConfig(num_workers=a.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

@@ -104,10 +104,12 @@ class _Run:
         loss_cfg: LossConfig,
         cfg: TrainConfig,
         report: Report | None,
+        run_id: str | None = None,
     ) -> None:
         self.spec, self.model_cfg, self.loss_cfg, self.cfg = spec, model_cfg, loss_cfg, cfg
         self.out = Path(out_dir)
         self.report = report
+        self.run_id = run_id
         self.env = init_distributed()
         self.rank, self.world = self.env.rank, self.env.world_size
         if self.rank == 0:
@@ -187,6 +189,7 @@ class _Run:
             readers = [self.train_reader.state_dict()]
         meta = {
             "step": self.step,
+            "run_id": self.run_id,
             "phase_idx": self.phase_idx,
             "phase_start": self.phase_start,
             "epoch_step": self.epoch_step,
@@ -392,6 +395,7 @@ def train(
     train_cfg: TrainConfig | None = None,
     resume: str | None = None,
     report: Report | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Train; returns the final validation metrics. `resume`: a run dir or checkpoint dir."""
     run = _Run(
@@ -403,6 +407,7 @@ def train(
         loss_cfg or LossConfig(),
         train_cfg or TrainConfig(),
         report,
+        run_id,
     )
     if resume:
         ck = latest_checkpoint(resume)

@@ -1,0 +1,152 @@
+"""End to end through Ray: a real two-node cluster on loopback with `ray job submit`, a
+worker killed mid-run, and the embedded local Ray's ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+BIN = str(Path(sys.executable).parent)
+
+
+def _netns_ok() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-n", "true"], capture_output=True
+    ).returncode == 0
+
+
+def _listening(text: str) -> list[str]:
+    """Local addresses of LISTEN sockets in `ss -ltn` output."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "LISTEN":
+            out.append(parts[3].rsplit(":", 1)[0])
+    return out
+
+
+def _is_loopback(addr: str, wildcard_ok: bool = False) -> bool:
+    import ipaddress
+
+    a = addr.strip("[]").split("%")[0]
+    if a in ("*", "0.0.0.0", "::"):
+        return wildcard_ok
+    ip = ipaddress.ip_address(a)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def test_two_node_cluster_job_submit(tmp_path, tiny_spec_path, tiny_data):
+    out = tmp_path / "cluster"
+    cmd = [str(ROOT / "tests" / "ray_two_node.sh"), BIN, str(ROOT), str(tiny_spec_path),
+           tiny_data["train"], tiny_data["val"], str(out)]
+    netns = _netns_ok()
+    if netns:
+        cmd = ["unshare", "-n", "bash", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    job_log = (out / "job.log").read_text() if (out / "job.log").exists() else ""
+    assert r.returncode == 0, r.stdout + r.stderr + job_log[-4000:]
+    assert re.search(r"Job '\S+' succeeded", job_log), job_log[-3000:]
+    status = (out / "status.txt").read_text()
+    assert len(re.findall(r"^ 1 node_", status, re.M)) == 2, status
+    noauth = (out / "noauth.log").read_text()
+    assert "noauth_rc=0" not in noauth and "http_status=401" in noauth, noauth
+    run = out / "run"
+    for name in ("metrics.jsonl", "light.pt", "curves.png", "summary.json", "checkpoints/latest"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["export"]["max_abs_diff"] <= 1e-5
+    assert "light_auc" in summary["metrics"]
+    assert "step 5" in job_log  # progress streamed to the job log
+    addrs = _listening((out / "ports.txt").read_text())
+    assert addrs
+    if netns:  # the namespace has only lo: wildcard binds are loopback-only there
+        assert all(_is_loopback(a, wildcard_ok=True) for a in addrs), addrs
+
+
+def _ray_listeners(pids: set[int]) -> list[str]:
+    out = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            out.append(c.laddr.ip)
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    try:
+        p = psutil.Process(pid)
+        return {pid} | {c.pid for c in p.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _ray_pids() -> set[int]:
+    pids = set()
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            text = " ".join([p.info["name"] or ""] + (p.info["cmdline"] or []))
+        except Exception:
+            continue
+        if "ray" in text.lower() and p.info["pid"] != os.getpid():
+            pids.add(p.info["pid"])
+    return pids
+
+
+def test_local_ray_worker_killed_resumes_and_binds_loopback(tmp_path, tiny_spec, tiny_spec_path):
+    from rocketrec.data.synth import SynthConfig, synth
+
+    # 8 row groups of 4096 rows: each of 2 ranks reads 16384 rows = 128 batches per epoch
+    data = tmp_path / "train"
+    synth(tiny_spec, str(data), SynthConfig(rows=32768, seed=9, files=2, row_group_size=4096, ctr=0.2))
+    before = _ray_pids()
+    run = tmp_path / "run"
+    log = open(tmp_path / "job.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "ads_train.py"), "--spec", str(tiny_spec_path),
+         "--train", str(data), "--out", str(run), "--workers", "2", "--batch-size", "128",
+         "--epochs", "3", "--checkpoint-every", "32", "--log-every", "64", "--max-failures", "2",
+         "--no-export", "--local-cpus", "2"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    killed = None
+    listeners: list[str] = []
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            latest = run / "checkpoints" / "latest"
+            workers = [p for p in psutil.process_iter(["pid", "cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if not listeners and workers:
+                listeners = _ray_listeners(_ray_pids() - before)
+            if killed is None and latest.exists() and workers:
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        rc = proc.wait(timeout=max(1, deadline - time.time()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "job.log").read_text()
+    assert rc == 0, text[-5000:]
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert "restarting from checkpoint" in text, text[-3000:]
+    meta = json.loads((run / "summary.json").read_text())["metrics"]
+    # every example of every epoch counted once, despite the restart
+    assert meta["rows_seen"] == 3 * 32768, meta
+    # the embedded local Ray listened on loopback only
+    assert listeners, "no Ray listener seen"
+    assert all(_is_loopback(a) for a in listeners), listeners
