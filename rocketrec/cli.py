@@ -88,14 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, required=True, help="number of rows")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--seed", type=int, default=0, help="which rows are drawn")
-    s.add_argument("--world-seed", type=int, default=0,
-                   help="the hidden ground truth (keep equal for train and validation)")
+    s.add_argument(
+        "--world-seed",
+        type=int,
+        default=0,
+        help="the hidden ground truth (keep equal for train and validation)",
+    )
     s.add_argument("--files", type=int, default=1, help="number of Parquet files")
     s.add_argument("--row-group-size", type=int, default=65536, help="rows per row group")
     s.add_argument("--ctr", type=float, default=0.05, help="target click rate")
     s.add_argument("--label-noise", type=float, default=0.0, help="fraction of labels flipped")
-    s.add_argument("--true-ctr-column", default=None,
-                   help="also write the true click probability in this column (never a feature)")
+    s.add_argument(
+        "--true-ctr-column",
+        default=None,
+        help="also write the true click probability in this column (never a feature)",
+    )
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_synth)
 

@@ -24,7 +24,9 @@ def _sizes(text: str) -> tuple[int, ...]:
     try:
         out = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer sizes, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer sizes, got {text!r}"
+        ) from None
     if any(x < 1 for x in out):
         raise argparse.ArgumentTypeError(f"layer sizes must be >= 1, got {text!r}")
     return out
@@ -50,7 +52,9 @@ def _sharding(text: str) -> dict[str, dict[str, str]]:
         except json.JSONDecodeError as e:
             raise argparse.ArgumentTypeError(f"--sharding: bad JSON: {e}") from None
         if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
-            raise argparse.ArgumentTypeError("--sharding JSON must map table -> {sharding_type: ...}")
+            raise argparse.ArgumentTypeError(
+                "--sharding JSON must map table -> {sharding_type: ...}"
+            )
         return obj
     out: dict[str, dict[str, str]] = {}
     for part in text.split(","):
@@ -73,45 +77,85 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val", default=None, help="validation Parquet (metrics per tower)")
     g.add_argument("--out", required=True, help="run directory: metrics, checkpoints, export, plot")
     g = p.add_argument_group("method (Rocket Launching)")
-    g.add_argument("--mode", choices=MODES, default=d_l.mode,
-                   help="rocket: booster and light together; booster_only / light_only: one tower; "
-                   "teacher_student: booster first, then the light tower against it")
-    g.add_argument("--hint", choices=HINTS, default=d_l.hint,
-                   help="hint loss: mimic = MSE of logits (the paper), mse_prob = MSE of "
-                   "probabilities, kd = tempered BCE x T^2")
-    g.add_argument("--hint-weight", "--lambda", dest="hint_weight", type=float, default=d_l.hint_weight,
-                   help="lambda, the hint loss weight")
+    g.add_argument(
+        "--mode",
+        choices=MODES,
+        default=d_l.mode,
+        help="rocket: booster and light together; booster_only / light_only: one tower; "
+        "teacher_student: booster first, then the light tower against it",
+    )
+    g.add_argument(
+        "--hint",
+        choices=HINTS,
+        default=d_l.hint,
+        help="hint loss: mimic = MSE of logits (the paper), mse_prob = MSE of "
+        "probabilities, kd = tempered BCE x T^2",
+    )
+    g.add_argument(
+        "--hint-weight",
+        "--lambda",
+        dest="hint_weight",
+        type=float,
+        default=d_l.hint_weight,
+        help="lambda, the hint loss weight",
+    )
     g.add_argument("--temperature", type=float, default=d_l.temperature, help="T for --hint kd")
-    g.add_argument("--gradient-block", type=_on_off, default=d_l.gradient_block,
-                   help="on: the hint never reaches booster parameters (default on)")
-    g.add_argument("--light-shared-grad-scale", type=float, default=d_l.light_shared_grad_scale,
-                   help="scale in [0,1] on the light losses' gradient into the shared tables "
-                   "(1 = the paper, 0 = light reads detached embeddings)")
+    g.add_argument(
+        "--gradient-block",
+        type=_on_off,
+        default=d_l.gradient_block,
+        help="on: the hint never reaches booster parameters (default on)",
+    )
+    g.add_argument(
+        "--light-shared-grad-scale",
+        type=float,
+        default=d_l.light_shared_grad_scale,
+        help="scale in [0,1] on the light losses' gradient into the shared tables "
+        "(1 = the paper, 0 = light reads detached embeddings)",
+    )
     g = p.add_argument_group("model")
     g.add_argument("--booster-mlp", type=_sizes, default=d_m.booster_mlp, help="e.g. 256,128,64")
     g.add_argument("--cross-layers", type=int, default=d_m.cross_layers, help="DCN-v2 cross layers")
-    g.add_argument("--cross-rank", type=int, default=d_m.cross_rank, help="low rank of each cross layer")
+    g.add_argument(
+        "--cross-rank", type=int, default=d_m.cross_rank, help="low rank of each cross layer"
+    )
     g.add_argument("--light-mlp", type=_sizes, default=d_m.light_mlp, help="e.g. 32")
-    g.add_argument("--shared-bottom", type=_sizes, default=d_m.shared_bottom,
-                   help="optional dense MLP shared by both towers, e.g. 64,32")
+    g.add_argument(
+        "--shared-bottom",
+        type=_sizes,
+        default=d_m.shared_bottom,
+        help="optional dense MLP shared by both towers, e.g. 64,32",
+    )
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d_t.epochs)
-    g.add_argument("--max-steps", type=int, default=d_t.max_steps, help="cap per phase (0 = epochs)")
+    g.add_argument(
+        "--max-steps", type=int, default=d_t.max_steps, help="cap per phase (0 = epochs)"
+    )
     g.add_argument("--batch-size", type=int, default=d_t.batch_size, help="per worker")
     g.add_argument("--dense-optimizer", choices=("adam", "adagrad"), default=d_t.dense_optimizer)
     g.add_argument("--dense-lr", type=float, default=d_t.dense_lr, help="towers' learning rate")
-    g.add_argument("--sparse-optimizer", choices=SPARSE_OPTIMIZERS, default=d_t.sparse_optimizer,
-                   help="fused optimizer of the tables")
+    g.add_argument(
+        "--sparse-optimizer",
+        choices=SPARSE_OPTIMIZERS,
+        default=d_t.sparse_optimizer,
+        help="fused optimizer of the tables",
+    )
     g.add_argument("--sparse-lr", type=float, default=d_t.sparse_lr, help="tables' learning rate")
     g.add_argument("--warmup-steps", type=int, default=d_t.warmup_steps)
     g.add_argument("--grad-clip", type=float, default=d_t.grad_clip, help="0 = off")
     g.add_argument("--eval-every", type=int, default=d_t.eval_every, help="steps; 0 = at the end")
     g.add_argument("--eval-batches", type=int, default=d_t.eval_batches, help="0 = all")
-    g.add_argument("--checkpoint-every", type=int, default=d_t.checkpoint_every, help="steps; 0 = at the end")
+    g.add_argument(
+        "--checkpoint-every", type=int, default=d_t.checkpoint_every, help="steps; 0 = at the end"
+    )
     g.add_argument("--log-every", type=int, default=d_t.log_every)
     g.add_argument("--seed", type=int, default=d_t.seed)
-    g.add_argument("--sharding", type=_sharding, default={},
-                   help="per-table constraints: 'table=row_wise,other=table_wise' or JSON")
+    g.add_argument(
+        "--sharding",
+        type=_sharding,
+        default={},
+        help="per-table constraints: 'table=row_wise,other=table_wise' or JSON",
+    )
     g.add_argument("--resume", default=None, help="continue from this run or checkpoint directory")
 
 

@@ -25,7 +25,6 @@ the file if its scores differ from the training model's light tower on a
 held-out batch by more than 1e-5 (fp32) or the int8 bound.
 """
 
-from __future__ import annotations
 
 import argparse
 import json
@@ -53,6 +52,31 @@ MAX_DIM_GROUPS = 4  # max |p_int8 - p_fp32|; row-wise int8 keeps ~1/255 of each 
 
 class LightServing(nn.Module):
     """Light tower with its tables and preprocessing; see the module docstring."""
+
+    # buffers (declared for TorchScript and type checkers)
+    feature_rows: torch.Tensor
+    feature_offset: torch.Tensor
+    max_ids: torch.Tensor
+    is_mean: torch.Tensor
+    group_of_feature_t: torch.Tensor
+    fill: torch.Tensor
+    is_log1p: torch.Tensor
+    clip_lo: torch.Tensor
+    clip_hi: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    group_index_0: torch.Tensor
+    group_index_1: torch.Tensor
+    group_index_2: torch.Tensor
+    group_index_3: torch.Tensor
+    table_fp32_0: torch.Tensor
+    table_fp32_1: torch.Tensor
+    table_fp32_2: torch.Tensor
+    table_fp32_3: torch.Tensor
+    table_int8_0: torch.Tensor
+    table_int8_1: torch.Tensor
+    table_int8_2: torch.Tensor
+    table_int8_3: torch.Tensor
 
     def __init__(
         self,
@@ -92,40 +116,63 @@ class LightServing(nn.Module):
                 members[g].append(i)
             w = torch.cat(parts, 0).contiguous()
             # fused tables: fp32, or row-wise int8 (prepacked with per-row scale and bias)
-            packed = torch.ops.quantized.embedding_bag_byte_prepack(w) if int8 else torch.zeros(0, 0)
+            packed = (
+                torch.ops.quantized.embedding_bag_byte_prepack(w) if int8 else torch.zeros(0, 0)
+            )
             self.register_buffer(f"table_fp32_{g}", torch.zeros(0, 0) if int8 else w)
-            self.register_buffer(f"table_int8_{g}", packed if int8 else torch.zeros(0, 0, dtype=torch.uint8))
+            self.register_buffer(
+                f"table_int8_{g}", packed if int8 else torch.zeros(0, 0, dtype=torch.uint8)
+            )
             self.register_buffer(f"group_index_{g}", torch.tensor(members[g], dtype=torch.int64))
         for g in range(len(dims), MAX_DIM_GROUPS):  # TorchScript wants every name the code uses
             self.register_buffer(f"table_fp32_{g}", torch.zeros(0, 0))
             self.register_buffer(f"table_int8_{g}", torch.zeros(0, 0, dtype=torch.uint8))
             self.register_buffer(f"group_index_{g}", torch.zeros(0, dtype=torch.int64))
-        self.register_buffer("feature_rows", torch.tensor([spec.table(f.table).rows for f in feats]))
+        self.register_buffer(
+            "feature_rows", torch.tensor([spec.table(f.table).rows for f in feats])
+        )
         self.register_buffer("feature_offset", torch.tensor(feature_offset, dtype=torch.int64))
         max_ids = [f.max_ids or 0 for f in feats]
         self.register_buffer("max_ids", torch.tensor(max_ids, dtype=torch.int64))
         self.any_max_ids = any(m > 0 for m in max_ids)
         self.register_buffer(
-            "is_mean", torch.tensor([spec.table(f.table).pooling == "mean" for f in feats], dtype=torch.bool)
+            "is_mean",
+            torch.tensor([spec.table(f.table).pooling == "mean" for f in feats], dtype=torch.bool),
         )
         self.register_buffer("group_of_feature_t", torch.tensor(group_of, dtype=torch.int64))
 
         # dense preprocessing, vectorised over D columns
-        def col(vals: list[float]) -> torch.Tensor:
+        def col(vals: list[float | None]) -> torch.Tensor:
             return torch.tensor(vals, dtype=torch.float32).reshape(1, len(vals))
 
         self.register_buffer("fill", col([f.fill for f in dense]))
-        self.register_buffer("is_log1p", col([1.0 if f.transform == "log1p" else 0.0 for f in dense]).bool())
+        self.register_buffer(
+            "is_log1p", col([1.0 if f.transform == "log1p" else 0.0 for f in dense]).bool()
+        )
         self.register_buffer(
             "clip_lo",
-            col([f.min if f.transform == "clip" and f.min is not None else -float("inf") for f in dense]),
+            col(
+                [
+                    f.min if f.transform == "clip" and f.min is not None else -float("inf")
+                    for f in dense
+                ]
+            ),
         )
         self.register_buffer(
             "clip_hi",
-            col([f.max if f.transform == "clip" and f.max is not None else float("inf") for f in dense]),
+            col(
+                [
+                    f.max if f.transform == "clip" and f.max is not None else float("inf")
+                    for f in dense
+                ]
+            ),
         )
-        self.register_buffer("mean", col([f.mean if f.transform == "standardize" else 0.0 for f in dense]))
-        self.register_buffer("std", col([f.std if f.transform == "standardize" else 1.0 for f in dense]))
+        self.register_buffer(
+            "mean", col([f.mean if f.transform == "standardize" else 0.0 for f in dense])
+        )
+        self.register_buffer(
+            "std", col([f.std if f.transform == "standardize" else 1.0 for f in dense])
+        )
         self.tower = tower
 
     @torch.jit.export
@@ -145,11 +192,15 @@ class LightServing(nn.Module):
             return self.group_index_2, self.table_fp32_2, self.table_int8_2
         return self.group_index_3, self.table_fp32_3, self.table_int8_3
 
-    def forward(self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
         """values int64 [N], lengths int64 [F*B], dense float32 [B, D] -> probabilities [B]."""
         if dense.dim() != 2 or dense.size(1) != self.num_dense:
             raise ValueError(
-                "rocketrec: dense must be float32 [B, " + str(self.num_dense) + "], got shape "
+                "rocketrec: dense must be float32 [B, "
+                + str(self.num_dense)
+                + "], got shape "
                 + str(list(dense.shape))
             )
         b = dense.size(0)
@@ -158,15 +209,24 @@ class LightServing(nn.Module):
             raise ValueError("rocketrec: values and lengths must be 1-D int64 tensors")
         if lengths.numel() != f * b:
             raise ValueError(
-                "rocketrec: lengths must have F*B = " + str(f) + "*" + str(b) + " = " + str(f * b)
-                + " entries (feature-major), got " + str(lengths.numel())
+                "rocketrec: lengths must have F*B = "
+                + str(f)
+                + "*"
+                + str(b)
+                + " = "
+                + str(f * b)
+                + " entries (feature-major), got "
+                + str(lengths.numel())
             )
         if lengths.numel() > 0 and bool((lengths < 0).any()):
             raise ValueError("rocketrec: lengths must be non-negative")
         if int(lengths.sum()) != values.numel():
             raise ValueError(
-                "rocketrec: lengths sum to " + str(int(lengths.sum())) + " but values has "
-                + str(values.numel()) + " entries"
+                "rocketrec: lengths sum to "
+                + str(int(lengths.sum()))
+                + " but values has "
+                + str(values.numel())
+                + " entries"
             )
         lens2 = lengths.view(f, b)
         feat_of_value = torch.repeat_interleave(torch.arange(f), lens2.sum(1))
@@ -178,9 +238,14 @@ class LightServing(nn.Module):
             keep = (limit == 0) | (pos < limit)
             values = values[keep]
             feat_of_value = feat_of_value[keep]
-            cap = torch.where(self.max_ids == 0, torch.full_like(self.max_ids, 1 << 62), self.max_ids)
+            cap = torch.where(
+                self.max_ids == 0, torch.full_like(self.max_ids, 1 << 62), self.max_ids
+            )
             lens2 = torch.minimum(lens2, cap.view(f, 1))
-        rows = torch.remainder(values, self.feature_rows[feat_of_value]) + self.feature_offset[feat_of_value]
+        rows = (
+            torch.remainder(values, self.feature_rows[feat_of_value])
+            + self.feature_offset[feat_of_value]
+        )
         pooled: list[torch.Tensor] = [torch.zeros(0) for _ in range(f)]
         for g in range(len(self.group_dims)):
             idx, w, packed = self._group(g)
@@ -206,7 +271,9 @@ class LightServing(nn.Module):
         return torch.sigmoid(logits)
 
 
-def build_manifest(spec: FeatureSpec, int8: bool, metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    spec: FeatureSpec, int8: bool, metrics: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
     import pyarrow
     import torchrec
 
@@ -286,12 +353,14 @@ def _copy_tower(tower: nn.Module) -> nn.Module:
 # -- raw request tensors (the Python twin of the C++ request builder) ---------------
 
 
-def raw_inputs_from_table(table: pa.Table, spec: FeatureSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def raw_inputs_from_table(
+    table: pa.Table, spec: FeatureSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Arrow rows -> (values, lengths, dense) as a serving client sends them (no transforms)."""
     values, lengths = [], []
-    for f in spec.light_sparse:
-        col = table.column(f.column).combine_chunks()
-        ids, offsets = _decode_sparse(col, replace(f, max_ids=None), "<request>")
+    for sf in spec.light_sparse:
+        col = table.column(sf.column).combine_chunks()
+        ids, offsets = _decode_sparse(col, replace(sf, max_ids=None), "<request>")
         values.append(ids)
         lengths.append(np.diff(offsets))
     dense_cols = []
@@ -320,7 +389,7 @@ def load_unsharded(ckpt: Path) -> tuple[Any, dict[str, Any]]:
     meta = read_meta(ckpt)
     spec = spec_from_dict(meta["spec"], source=f"{ckpt}/meta.json")
     mc = meta["model_config"]
-    model_cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()})
+    model_cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()})  # type: ignore[arg-type]
     model = RocketModel(spec, model_cfg)
     sd = model.state_dict()
     dcp.load({"model": sd}, checkpoint_id=str(ckpt))  # DCP gathers every shard into full tensors
@@ -383,7 +452,11 @@ def export_checkpoint(
         spec,
         int8,
         meta.get("metrics", {}),
-        {"checkpoint": str(ck), "step": meta.get("step"), "tower": "booster" if booster else "light"},
+        {
+            "checkpoint": str(ck),
+            "step": meta.get("step"),
+            "tower": "booster" if booster else "light",
+        },
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -391,7 +464,9 @@ def export_checkpoint(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        torch.jit.save(scripted, str(tmp), _extra_files={"manifest.json": json.dumps(manifest, indent=1)})
+        torch.jit.save(
+            scripted, str(tmp), _extra_files={"manifest.json": json.dumps(manifest, indent=1)}
+        )
         loaded = torch.jit.load(str(tmp))
         values, lengths, dense = raw_inputs_from_table(table, spec)
         with torch.no_grad():
@@ -464,7 +539,9 @@ def parse_requests(lines: list[str], manifest: dict[str, Any], source: str = "<r
             sp = items.pop("sparse", {})
             dv = items.pop("dense", None)
             if items:
-                raise DataError(f"{source}:{ln}: unexpected key(s) {sorted(items)} beside 'sparse'/'dense'")
+                raise DataError(
+                    f"{source}:{ln}: unexpected key(s) {sorted(items)} beside 'sparse'/'dense'"
+                )
             if not isinstance(sp, dict):
                 raise DataError(f"{source}:{ln}: 'sparse' must be an object")
             if dv is not None:
@@ -485,13 +562,19 @@ def parse_requests(lines: list[str], manifest: dict[str, Any], source: str = "<r
                 for x in vals:
                     if f["dtype"] == "string":
                         if not isinstance(x, str):
-                            raise DataError(f"{source}:{ln}: feature '{k}' expects string ids, got {x!r}")
+                            raise DataError(
+                                f"{source}:{ln}: feature '{k}' expects string ids, got {x!r}"
+                            )
                         bags[names[k]].append(fnv1a64(x))
                     else:
                         if isinstance(x, bool) or not isinstance(x, int):
-                            raise DataError(f"{source}:{ln}: feature '{k}' expects int64 ids, got {x!r}")
+                            raise DataError(
+                                f"{source}:{ln}: feature '{k}' expects int64 ids, got {x!r}"
+                            )
                         if not -(1 << 63) <= x < (1 << 63):
-                            raise DataError(f"{source}:{ln}: feature '{k}': id {x} does not fit int64")
+                            raise DataError(
+                                f"{source}:{ln}: feature '{k}': id {x} does not fit int64"
+                            )
                         bags[names[k]].append(x)
             elif k in dnames:
                 dense[dnames[k]] = float("nan") if v is None else _num(v, source, ln, k)

@@ -47,9 +47,7 @@ def _hash_plain_strings(arr: pa.Array) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
-    data = (
-        np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.empty(0, np.uint8)
-    )
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.empty(0, np.uint8)
     starts = offsets[:-1]
     lens = offsets[1:] - starts
     # Longest strings first, so the strings still "active" at byte j are a prefix.

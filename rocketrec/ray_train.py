@@ -61,7 +61,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if candidates:
         best = max(candidates, key=lambda c: int(read_meta(c)["step"]))
         resume = str(best)
-        print(f"[rocketrec] restarting from checkpoint {resume} (step {read_meta(best)['step']})", flush=True)
+        print(
+            f"[rocketrec] restarting from checkpoint {resume} (step {read_meta(best)['step']})",
+            flush=True,
+        )
 
     def report(metrics: dict[str, Any], path: Path | None) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
@@ -70,8 +73,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(clean, checkpoint=ckpt)
 
     train(
-        spec, args.train, args.val, args.out, model_cfg, loss_cfg, train_cfg,
-        resume=resume, report=report, run_id=config["run_id"],
+        spec,
+        args.train,
+        args.val,
+        args.out,
+        model_cfg,
+        loss_cfg,
+        train_cfg,
+        resume=resume,
+        report=report,
+        run_id=config["run_id"],
     )
 
 
@@ -111,7 +122,13 @@ def plot_curves(metrics_path: Path, out_png: Path) -> bool:
         steps = [r["step"] for r in ev]
         ax[0].plot(steps, [r[f"{tower}_auc"] for r in ev], "o-", color=color, label=tower)
         ax[1].plot(steps, [r[f"{tower}_logloss"] for r in ev], "o-", color=color, label=tower)
-    ax[1].plot([r["step"] for r in ev], [r["base_logloss"] for r in ev], "--", color="gray", label="base rate")
+    ax[1].plot(
+        [r["step"] for r in ev],
+        [r["base_logloss"] for r in ev],
+        "--",
+        color="gray",
+        label="base rate",
+    )
     ax[0].set_title("validation AUC")
     ax[1].set_title("validation logloss")
     for a in ax:
@@ -133,11 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     g = p.add_argument_group("Ray")
     g.add_argument("--workers", type=int, default=2, help="Ray Train workers (ranks)")
-    g.add_argument("--cpus-per-worker", type=float, default=0.5,
-                   help="fractional CPUs leave room for Ray's own tasks on small machines")
+    g.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=0.5,
+        help="fractional CPUs leave room for Ray's own tasks on small machines",
+    )
     g.add_argument("--gpus-per-worker", type=float, default=0.0, help="1 on GPU nodes (nccl)")
-    g.add_argument("--max-failures", type=int, default=2,
-                   help="restarts of the worker group from the last registered checkpoint")
+    g.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="restarts of the worker group from the last registered checkpoint",
+    )
     g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else local)")
     g.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     g.add_argument("--no-export", action="store_true", help="skip exporting light.pt at the end")
@@ -197,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     local = _init_ray(a.address, a.local_cpus)
-    print(f"[rocketrec] Ray {'local (127.0.0.1 only)' if local else 'cluster'}: "
-          f"{ray.cluster_resources()}", flush=True)
+    print(
+        f"[rocketrec] Ray {'local (127.0.0.1 only)' if local else 'cluster'}: "
+        f"{ray.cluster_resources()}",
+        flush=True,
+    )
     use_gpu = a.gpus_per_worker > 0
     resources = {"CPU": a.cpus_per_worker}
     if use_gpu:
@@ -211,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             "spec_source": str(a.spec),
             "run_id": uuid.uuid4().hex,
         },
-        scaling_config=ScalingConfig(num_workers=a.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=a.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name="rocketrec",
@@ -226,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ads_train.py: training failed: {result.error}", file=sys.stderr)
         return 1
     train_s = time.time() - t0
-    summary: dict[str, Any] = {"train_wall_seconds": train_s, "workers": a.workers, "metrics": result.metrics}
+    summary: dict[str, Any] = {
+        "train_wall_seconds": train_s,
+        "workers": a.workers,
+        "metrics": result.metrics,
+    }
     if plot_curves(out / "metrics.jsonl", out / "curves.png"):
         summary["plot"] = str(out / "curves.png")
     if not a.no_export:
@@ -234,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
 
         rep = export_checkpoint(out, out / "light.pt", data=a.val)
         summary["export"] = rep
-        print(f"[rocketrec] exported {rep['out']}: parity max |diff| {rep['max_abs_diff']:.3g}", flush=True)
+        print(
+            f"[rocketrec] exported {rep['out']}: parity max |diff| {rep['max_abs_diff']:.3g}",
+            flush=True,
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"[rocketrec] done in {train_s:.1f}s: {out}", flush=True)
     if local:

@@ -120,9 +120,9 @@ class FeatureSpec:
         cols = [self.label_column]
         if self.weight_column:
             cols.append(self.weight_column)
-        for f in (*self.sparse, *self.dense):
-            if f.column not in cols:
-                cols.append(f.column)
+        for column in [f.column for f in self.sparse] + [f.column for f in self.dense]:
+            if column not in cols:
+                cols.append(column)
         return cols
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,7 +255,9 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
     )
     version = _int(ctx, "", top, "version", 1)
     if version != SPEC_VERSION:
-        raise ctx.fail("", f"field 'version': this rocketrec reads version {SPEC_VERSION}, got {version}")
+        raise ctx.fail(
+            "", f"field 'version': this rocketrec reads version {SPEC_VERSION}, got {version}"
+        )
     name = _str(ctx, "", top, "name") if "name" in top else Path(source).stem
     label = _column_block(ctx, "label", top["label"])
     weight = _column_block(ctx, "weight", top["weight"]) if top.get("weight") is not None else None
@@ -263,14 +265,18 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
     tables: list[TableSpec] = []
     for i, t in enumerate(_list(ctx, "", top, "tables")):
         where = f"tables[{i}]"
-        obj = _check_keys(ctx, where, t, ("name", "rows", "dim", "pooling"), ("name", "rows", "dim"))
+        obj = _check_keys(
+            ctx, where, t, ("name", "rows", "dim", "pooling"), ("name", "rows", "dim")
+        )
         tname = _str(ctx, where, obj, "name")
         where = f"table '{tname}'"
         if any(x.name == tname for x in tables):
             raise ctx.fail(where, "duplicate table name")
         pooling = _choice(ctx, where, obj, "pooling", POOLINGS) if "pooling" in obj else "sum"
         tables.append(
-            TableSpec(tname, _int(ctx, where, obj, "rows", 1), _int(ctx, where, obj, "dim", 1), pooling)
+            TableSpec(
+                tname, _int(ctx, where, obj, "rows", 1), _int(ctx, where, obj, "dim", 1), pooling
+            )
         )
     if not tables:
         raise ctx.fail("", "field 'tables' must list at least one table")
@@ -306,9 +312,13 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
                 name=fname,
                 column=_str(ctx, where, obj, "column"),
                 table=tname,
-                dtype=_choice(ctx, where, obj, "dtype", SPARSE_DTYPES) if "dtype" in obj else "int64",
+                dtype=_choice(ctx, where, obj, "dtype", SPARSE_DTYPES)
+                if "dtype" in obj
+                else "int64",
                 kind=_choice(ctx, where, obj, "kind", SPARSE_KINDS) if "kind" in obj else "scalar",
-                max_ids=_int(ctx, where, obj, "max_ids", 1) if obj.get("max_ids") is not None else None,
+                max_ids=_int(ctx, where, obj, "max_ids", 1)
+                if obj.get("max_ids") is not None
+                else None,
             )
         )
     if not sparse:
@@ -329,7 +339,9 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
         )
         fname = _new_name(f"dense[{i}]", obj)
         where = f"feature '{fname}'"
-        transform = _choice(ctx, where, obj, "transform", TRANSFORMS) if "transform" in obj else "none"
+        transform = (
+            _choice(ctx, where, obj, "transform", TRANSFORMS) if "transform" in obj else "none"
+        )
         params = {k: _float(ctx, where, obj, k) for k in ("min", "max", "mean", "std") if k in obj}
         wanted = {"clip": ("min", "max"), "standardize": ("mean", "std")}.get(transform, ())
         for k in params:

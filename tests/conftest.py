@@ -67,8 +67,16 @@ def tiny_data(tmp_path_factory, tiny_spec) -> dict[str, str]:
     from rocketrec.data.synth import SynthConfig, synth
 
     root = tmp_path_factory.mktemp("tinydata")
-    synth(tiny_spec, str(root / "train"), SynthConfig(rows=8000, seed=1, files=4, row_group_size=1000, ctr=0.2))
-    synth(tiny_spec, str(root / "val"), SynthConfig(rows=4000, seed=2, files=1, row_group_size=1000, ctr=0.2))
+    synth(
+        tiny_spec,
+        str(root / "train"),
+        SynthConfig(rows=8000, seed=1, files=4, row_group_size=1000, ctr=0.2),
+    )
+    synth(
+        tiny_spec,
+        str(root / "val"),
+        SynthConfig(rows=4000, seed=2, files=1, row_group_size=1000, ctr=0.2),
+    )
     return {"train": str(root / "train"), "val": str(root / "val")}
 
 

@@ -58,7 +58,10 @@ def main() -> None:
         ref_opt = torch.optim.Adam(ref_dense, lr=lr_dense)
         ref_sparse = RowWiseAdagrad(ref_tables, lr=lr_sparse, eps=1e-8)
 
-    readers = [ParquetReader(data, spec, 128, rank=r, world_size=world, shuffle=False) for r in range(world)]
+    readers = [
+        ParquetReader(data, spec, 128, rank=r, world_size=world, shuffle=False)
+        for r in range(world)
+    ]
     its = [iter(r) for r in readers]
     losses, ref_losses = [], []
     for _ in range(steps):
@@ -92,7 +95,12 @@ def main() -> None:
 
     # gather every table to rank 0 and compare
     sd = dmp.state_dict()
-    result = {"losses": losses, "ref_losses": ref_losses, "max_table_diff": 0.0, "max_dense_diff": 0.0}
+    result = {
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "max_table_diff": 0.0,
+        "max_dense_diff": 0.0,
+    }
     ref_sd = ref.state_dict()
     for key, val in sd.items():
         if hasattr(val, "local_shards"):

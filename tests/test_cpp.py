@@ -25,9 +25,17 @@ pytestmark = pytest.mark.e2e
 def build_predictor(build_dir: Path) -> Path:
     prefix = torch.utils.cmake_prefix_path
     cfg = subprocess.run(
-        ["cmake", "-S", str(ROOT / "deploy" / "cpp"), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={prefix}",
-         f"-DPython_EXECUTABLE={sys.executable}"],
-        capture_output=True, text=True,
+        [
+            "cmake",
+            "-S",
+            str(ROOT / "deploy" / "cpp"),
+            "-B",
+            str(build_dir),
+            f"-DCMAKE_PREFIX_PATH={prefix}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
     b = subprocess.run(["cmake", "--build", str(build_dir), "-j2"], capture_output=True, text=True)
@@ -45,9 +53,15 @@ def predictor(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_spec, tiny_data) -> Path:
     d = tmp_path_factory.mktemp("cppexp")
-    train(tiny_spec, tiny_data["train"], tiny_data["val"], str(d / "run"),
-          ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,)), None,
-          TrainConfig(batch_size=512, max_steps=8, log_every=0))
+    train(
+        tiny_spec,
+        tiny_data["train"],
+        tiny_data["val"],
+        str(d / "run"),
+        ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,)),
+        None,
+        TrainConfig(batch_size=512, max_steps=8, log_every=0),
+    )
     export_checkpoint(d / "run", d / "light.pt", data=tiny_data["val"])
     export_checkpoint(d / "run", d / "light_int8.pt", int8=True)
     return d
@@ -77,7 +91,9 @@ def test_cpp_matches_python(predictor, exported, tiny_data, name, tmp_path):
     lines = _requests_from_rows(tiny_data["val"], man, 600)
     req = tmp_path / "req.jsonl"
     req.write_text("\n".join(lines) + "\n")
-    out = subprocess.run([str(predictor), str(model), str(req), "--batch", "64"], capture_output=True, text=True)
+    out = subprocess.run(
+        [str(predictor), str(model), str(req), "--batch", "64"], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     cpp = torch.tensor([float(x) for x in out.stdout.split()])
     v, l, d = parse_requests(lines, man)
@@ -89,7 +105,9 @@ def test_cpp_matches_python(predictor, exported, tiny_data, name, tmp_path):
 
 def test_hash_vectors_agree(predictor):
     rng = random.Random(1)
-    extra = ["".join(rng.choice("ab09:_é€😀 ") for _ in range(rng.randint(1, 30))) for _ in range(50)]
+    extra = [
+        "".join(rng.choice("ab09:_é€😀 ") for _ in range(rng.randint(1, 30))) for _ in range(50)
+    ]
     strings = [s for s, _ in TEST_VECTORS if s] + extra
     out = subprocess.run([str(predictor), "--hash", *strings], capture_output=True, text=True)
     assert out.returncode == 0
@@ -113,28 +131,43 @@ def test_hash_vectors_agree(predictor):
     ],
 )
 def test_malformed_requests_fail_cleanly(predictor, exported, line, needle):
-    out = subprocess.run([str(predictor), str(exported / "light.pt"), "-"], input='{"user": 1}\n' + line + "\n",
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(predictor), str(exported / "light.pt"), "-"],
+        input='{"user": 1}\n' + line + "\n",
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, (out.returncode, out.stderr)
     err = out.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("rocketrec_predict: error: <stdin>:2:") and needle in err[0], err
+    assert (
+        len(err) == 1
+        and err[0].startswith("rocketrec_predict: error: <stdin>:2:")
+        and needle in err[0]
+    ), err
 
 
 def test_bad_model_files_fail_cleanly(predictor, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"garbage")
     for path in (junk, tmp_path / "missing.pt"):
-        out = subprocess.run([str(predictor), str(path), "-"], input="{}\n", capture_output=True, text=True)
+        out = subprocess.run(
+            [str(predictor), str(path), "-"], input="{}\n", capture_output=True, text=True
+        )
         assert out.returncode == 2 and "cannot load TorchScript model" in out.stderr
     plain = tmp_path / "plain.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 1)), str(plain))
-    out = subprocess.run([str(predictor), str(plain), "-"], input="{}\n", capture_output=True, text=True)
+    out = subprocess.run(
+        [str(predictor), str(plain), "-"], input="{}\n", capture_output=True, text=True
+    )
     assert out.returncode == 2 and "manifest" in out.stderr
 
 
 def test_bench_prints_latencies(predictor, exported):
-    out = subprocess.run([str(predictor), str(exported / "light.pt"), "--bench", "--seconds", "0.1"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(predictor), str(exported / "light.pt"), "--bench", "--seconds", "0.1"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(x) for x in out.stdout.splitlines()]
     assert [r["batch"] for r in rows] == [1, 16, 256]

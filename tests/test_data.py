@@ -32,7 +32,9 @@ def test_hash_test_vectors():
 def test_vectorised_hash_matches_scalar():
     rng = random.Random(0)
     alphabet = "abcXYZ0129:_-éü€😀 "
-    strings = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    strings = [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)
+    ]
     strings += [s for s, _ in TEST_VECTORS]
     got = hash_strings(pa.array(strings))
     assert got.dtype == np.int64
@@ -58,7 +60,9 @@ def test_synth_deterministic_and_valid(tmp_path, tiny_spec):
     synth(tiny_spec, str(tmp_path / "a"), cfg)
     synth(tiny_spec, str(tmp_path / "b"), cfg)
     assert _digest(str(tmp_path / "a")) == _digest(str(tmp_path / "b"))
-    synth(tiny_spec, str(tmp_path / "c"), SynthConfig(rows=5000, seed=4, files=2, row_group_size=1000))
+    synth(
+        tiny_spec, str(tmp_path / "c"), SynthConfig(rows=5000, seed=4, files=2, row_group_size=1000)
+    )
     assert _digest(str(tmp_path / "a")) != _digest(str(tmp_path / "c"))
     t = pq.read_table(tmp_path / "a")
     assert t.num_rows == 5000
@@ -128,7 +132,9 @@ def test_arrow_to_batch_layout():
     assert b.sparse.lengths().tolist() == [1, 0, 1, 2, 0, 0, 1, 1, 0]
     assert b.sparse.values().tolist() == [5, -3, 1, 2, fnv1a64("u"), fnv1a64("v")]
     assert b.dense.dtype == torch.float32 and b.dense.shape == (3, 1)
-    assert torch.allclose(b.dense[:, 0], torch.tensor([0.0, float(np.log1p(3.0)), 0.0], dtype=torch.float32))
+    assert torch.allclose(
+        b.dense[:, 0], torch.tensor([0.0, float(np.log1p(3.0)), 0.0], dtype=torch.float32)
+    )
     assert b.labels.tolist() == [0.0, 1.0, 0.0] and b.weights is None
 
 
@@ -172,7 +178,9 @@ def _write_rid_files(d, sizes=((0, 137, 40), (137, 500, 64), (500, 503, 10), (50
     """Files of consecutive row ids with uneven row groups; rid is a unique row id."""
     os.makedirs(d, exist_ok=True)
     for i, (lo, hi, rg) in enumerate(sizes):
-        t = pa.table({"y": pa.array(np.arange(lo, hi) % 2, pa.int8()), "rid": pa.array(np.arange(lo, hi))})
+        t = pa.table(
+            {"y": pa.array(np.arange(lo, hi) % 2, pa.int8()), "rid": pa.array(np.arange(lo, hi))}
+        )
         pq.write_table(t, os.path.join(d, f"part-{i}.parquet"), row_group_size=rg)
     return 900
 
@@ -229,7 +237,10 @@ def test_petastorm_style_dataset_metadata_ignored(tmp_path):
     pq.write_metadata(schema, d / "_common_metadata")
     pq.write_metadata(schema, d / "_metadata")
     (d / "empty.parquet").write_bytes(b"")  # empty file: skipped
-    pq.write_table(pa.table({"y": pa.array([], pa.int8()), "rid": pa.array([], pa.int64())}), d / "zero.parquet")
+    pq.write_table(
+        pa.table({"y": pa.array([], pa.int8()), "rid": pa.array([], pa.int64())}),
+        d / "zero.parquet",
+    )
     rd = ParquetReader(str(d), RID_SPEC, 100, shuffle=False)
     assert sorted(_ids(rd)) == list(range(n))
     glob_rd = ParquetReader(str(d / "part-*.parquet"), RID_SPEC, 100, shuffle=False)
@@ -243,13 +254,18 @@ def test_reader_errors(tmp_path):
     with pytest.raises(DataError, match="junk.parquet"):
         ParquetReader(str(tmp_path), RID_SPEC, 10)
     os.remove(tmp_path / "junk.parquet")
-    pq.write_table(pa.table({"y": pa.array([0], pa.int8()), "rid": pa.array([0.5])}), tmp_path / "f.parquet")
+    pq.write_table(
+        pa.table({"y": pa.array([0], pa.int8()), "rid": pa.array([0.5])}), tmp_path / "f.parquet"
+    )
     with pytest.raises(DataError, match=r"f\.parquet.*column 'rid'"):
         ParquetReader(str(tmp_path), RID_SPEC, 10)
 
 
 def test_bad_values_surface_from_background_thread(tmp_path):
-    pq.write_table(pa.table({"y": pa.array([0, 5], pa.int8()), "rid": pa.array([1, 2])}), tmp_path / "f.parquet")
+    pq.write_table(
+        pa.table({"y": pa.array([0, 5], pa.int8()), "rid": pa.array([1, 2])}),
+        tmp_path / "f.parquet",
+    )
     rd = ParquetReader(str(tmp_path), RID_SPEC, 10)
     with pytest.raises(DataError, match="outside"):
         list(rd)

@@ -30,15 +30,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel"])
+@pytest.mark.parametrize(
+    "sharding", ["table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel"]
+)
 def test_sharded_matches_unsharded(tmp_path, tiny_spec_path, tiny_data, sharding):
     out = tmp_path / "result.json"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1"
+    )
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "dist_check.py"), str(r), "2", sharding, str(tiny_spec_path),
-             tiny_data["train"], str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                str(HERE / "dist_check.py"),
+                str(r),
+                "2",
+                sharding,
+                str(tiny_spec_path),
+                tiny_data["train"],
+                str(out),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for r in range(2)
     ]

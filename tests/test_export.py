@@ -22,8 +22,15 @@ SMALL = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_spec, tiny_data):
     out = tmp_path_factory.mktemp("exp") / "run"
-    train(tiny_spec, tiny_data["train"], tiny_data["val"], str(out), SMALL, None,
-          TrainConfig(batch_size=512, epochs=1, log_every=0, max_steps=10))
+    train(
+        tiny_spec,
+        tiny_data["train"],
+        tiny_data["val"],
+        str(out),
+        SMALL,
+        None,
+        TrainConfig(batch_size=512, epochs=1, log_every=0, max_steps=10),
+    )
     return out
 
 
@@ -110,7 +117,7 @@ def test_python_request_parser(tmp_path, trained):
         ('{"user": ', "bad JSON"),
         ('{"user": "x"}', "expects int64"),
         ('{"ad": 3}', "expects string"),
-        ('[1, 2]', "JSON object"),
+        ("[1, 2]", "JSON object"),
         ('{"user": 99999999999999999999}', "int64"),
     ]:
         with pytest.raises(DataError, match=needle):
@@ -119,17 +126,31 @@ def test_python_request_parser(tmp_path, trained):
 
 def test_cli_export_and_predict(tmp_path, trained):
     exe = venv_bin("rocketrec")
-    r = subprocess.run([exe, "export", "--checkpoint", str(trained), "--out", str(tmp_path / "m.pt")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [exe, "export", "--checkpoint", str(trained), "--out", str(tmp_path / "m.pt")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "parity max |diff|" in r.stdout
     req = tmp_path / "r.jsonl"
     req.write_text('{"user": 1}\n{"ad": "x", "price": 2.5}\n')
-    p = subprocess.run([exe, "predict", "--model", str(tmp_path / "m.pt"), "--requests", str(req)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [exe, "predict", "--model", str(tmp_path / "m.pt"), "--requests", str(req)],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     probs = [float(x) for x in p.stdout.split()]
     assert len(probs) == 2 and all(0 < x < 1 for x in probs)
-    bad = subprocess.run([exe, "predict", "--model", str(tmp_path / "m.pt"), "--requests", "-"],
-                         input='{"zzz": 1}\n', capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown feature 'zzz'" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(
+        [exe, "predict", "--model", str(tmp_path / "m.pt"), "--requests", "-"],
+        input='{"zzz": 1}\n',
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        bad.returncode == 2
+        and "unknown feature 'zzz'" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )

@@ -55,7 +55,9 @@ def test_gradient_block_on(model_and_batch, hint):
     g_tab = _grads(h, _tables(m))
     assert torch.count_nonzero(g_tab["ebc.embedding_bags.t_user.weight"]) > 0
     assert torch.count_nonzero(g_tab["ebc.embedding_bags.t_ad.weight"]) > 0
-    assert torch.count_nonzero(g_tab["ebc.embedding_bags.t_ctx.weight"]) == 0  # ctx: booster-only feature
+    assert (
+        torch.count_nonzero(g_tab["ebc.embedding_bags.t_ctx.weight"]) == 0
+    )  # ctx: booster-only feature
     user_rows = torch.remainder(b.sparse["user"].values(), 500).unique()
     touched = g_tab["ebc.embedding_bags.t_user.weight"].abs().sum(1).nonzero().flatten()
     assert set(touched.tolist()) <= set(user_rows.tolist())
@@ -87,17 +89,23 @@ def test_light_shared_grad_scale(model_and_batch):
     def light_terms(scale):
         out = m(b.dense, b.sparse, light_shared_grad_scale=scale)
         _, _ = rocket_loss(out.booster, out.light, b.labels, b.weights, cfg)
-        return bce(out.light, b.labels, b.weights) + hint_loss(out.light, out.booster.detach(), "kd", 2.0, b.weights)
+        return bce(out.light, b.labels, b.weights) + hint_loss(
+            out.light, out.booster.detach(), "kd", 2.0, b.weights
+        )
 
     off = _grads(light_terms(0.0), _tables(m))
-    assert all(torch.count_nonzero(g) == 0 for g in off.values()), "scale 0: no light loss reaches a table"
+    assert all(torch.count_nonzero(g) == 0 for g in off.values()), (
+        "scale 0: no light loss reaches a table"
+    )
     full = _grads(light_terms(1.0), _tables(m))
     half = _grads(light_terms(0.5), _tables(m))
     assert any(torch.count_nonzero(g) > 0 for g in full.values())
     for n in full:
         torch.testing.assert_close(half[n], 0.5 * full[n])
     # the forward value does not depend on the scale
-    assert torch.equal(m(b.dense, b.sparse, light_shared_grad_scale=0.3).light, m(b.dense, b.sparse).light)
+    assert torch.equal(
+        m(b.dense, b.sparse, light_shared_grad_scale=0.3).light, m(b.dense, b.sparse).light
+    )
 
 
 def test_bucketing_is_nonnegative_modulo(tiny_spec):
@@ -105,26 +113,47 @@ def test_bucketing_is_nonnegative_modulo(tiny_spec):
 
     m = RocketModel(tiny_spec, SMALL)
     ids = torch.tensor([-1, -501, 499, 500, 2**62, -(2**63)] + [0] * 4)
-    kjt = KeyedJaggedTensor(keys=tiny_spec.sparse_names, values=ids, lengths=torch.tensor([6, 0, 1, 1, 1, 1, 0, 0, 0, 0]))
+    kjt = KeyedJaggedTensor(
+        keys=tiny_spec.sparse_names,
+        values=ids,
+        lengths=torch.tensor([6, 0, 1, 1, 1, 1, 0, 0, 0, 0]),
+    )
     rows = m.bucketize(kjt).values()
     assert rows[:6].tolist() == [499, 499, 499, 0, 2**62 % 500, (-(2**63)) % 500]
     assert (rows >= 0).all()
 
 
 def test_loss_config_rejects_bad_values():
-    for bad in [dict(mode="x"), dict(hint="y"), dict(hint_weight=-1), dict(temperature=0), dict(light_shared_grad_scale=2)]:
+    for bad in [
+        dict(mode="x"),
+        dict(hint="y"),
+        dict(hint_weight=-1),
+        dict(temperature=0),
+        dict(light_shared_grad_scale=2),
+    ]:
         with pytest.raises(ValueError):
             LossConfig(**bad)
 
 
 # -- training loop ---------------------------------------------------------------------
 
-TC = TrainConfig(batch_size=256, epochs=1, log_every=0, warmup_steps=5, dense_lr=3e-3, sparse_lr=0.05, seed=11)
+TC = TrainConfig(
+    batch_size=256, epochs=1, log_every=0, warmup_steps=5, dense_lr=3e-3, sparse_lr=0.05, seed=11
+)
 
 
-def _run(tmp_path, tiny_spec, tiny_data, name, loss=LossConfig(), tc=TC, **kw):
+def _run(tmp_path, tiny_spec, tiny_data, name, loss=None, tc=TC, **kw):
     out = tmp_path / name
-    res = train(tiny_spec, tiny_data["train"], tiny_data["val"], str(out), SMALL, loss, tc, **kw)
+    res = train(
+        tiny_spec,
+        tiny_data["train"],
+        tiny_data["val"],
+        str(out),
+        SMALL,
+        loss or LossConfig(),
+        tc,
+        **kw,
+    )
     return out, res
 
 
@@ -144,7 +173,9 @@ def _same(a, b, prefix):
 
 
 def test_learning_both_towers_beat_base_rate(tmp_path, tiny_spec, tiny_data):
-    out, res = _run(tmp_path, tiny_spec, tiny_data, "learn", tc=dataclasses.replace(TC, epochs=3, eval_every=20))
+    out, res = _run(
+        tmp_path, tiny_spec, tiny_data, "learn", tc=dataclasses.replace(TC, epochs=3, eval_every=20)
+    )
     assert res["booster_logloss"] < res["base_logloss"]
     assert res["light_logloss"] < res["base_logloss"]
     assert res["booster_auc"] > 0.55 and res["light_auc"] > 0.55
@@ -157,14 +188,26 @@ def test_modes_train_what_they_should(tmp_path, tiny_spec, tiny_data):
     init = _initial_model(tiny_spec, TC.seed)
     lo, _ = _run(tmp_path, tiny_spec, tiny_data, "light_only", LossConfig(mode="light_only"), tc)
     m_lo, _ = _final_model(lo)
-    assert _same(m_lo, init, "booster.") and not _same(m_lo, init, "light.") and not _same(m_lo, init, "ebc.")
-    bo, _ = _run(tmp_path, tiny_spec, tiny_data, "booster_only", LossConfig(mode="booster_only"), tc)
+    assert (
+        _same(m_lo, init, "booster.")
+        and not _same(m_lo, init, "light.")
+        and not _same(m_lo, init, "ebc.")
+    )
+    bo, _ = _run(
+        tmp_path, tiny_spec, tiny_data, "booster_only", LossConfig(mode="booster_only"), tc
+    )
     m_bo, _ = _final_model(bo)
     assert _same(m_bo, init, "light.") and not _same(m_bo, init, "booster.")
     # light_shared_grad_scale 0 + gradient block: the booster is bit-identical to booster_only
-    r0, _ = _run(tmp_path, tiny_spec, tiny_data, "rocket_s0", LossConfig(light_shared_grad_scale=0.0), tc)
+    r0, _ = _run(
+        tmp_path, tiny_spec, tiny_data, "rocket_s0", LossConfig(light_shared_grad_scale=0.0), tc
+    )
     m_r0, _ = _final_model(r0)
-    assert _same(m_r0, m_bo, "booster.") and _same(m_r0, m_bo, "ebc.") and not _same(m_r0, init, "light.")
+    assert (
+        _same(m_r0, m_bo, "booster.")
+        and _same(m_r0, m_bo, "ebc.")
+        and not _same(m_r0, init, "light.")
+    )
     # paper setting: the light losses also train the tables, so the booster differs
     r1, _ = _run(tmp_path, tiny_spec, tiny_data, "rocket", LossConfig(), tc)
     assert not _same(_final_model(r1)[0], m_bo, "ebc.")
@@ -172,7 +215,11 @@ def test_modes_train_what_they_should(tmp_path, tiny_spec, tiny_data):
     ts, res = _run(tmp_path, tiny_spec, tiny_data, "ts", LossConfig(mode="teacher_student"), tc)
     m_ts, meta = _final_model(ts)
     assert meta["step"] == 24
-    assert _same(m_ts, m_bo, "booster.") and _same(m_ts, m_bo, "ebc.") and not _same(m_ts, init, "light.")
+    assert (
+        _same(m_ts, m_bo, "booster.")
+        and _same(m_ts, m_bo, "ebc.")
+        and not _same(m_ts, init, "light.")
+    )
 
 
 def test_resume_matches_uninterrupted(tmp_path, tiny_spec, tiny_data):
@@ -190,8 +237,24 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_spec, tiny_data):
             raise Crash()
 
     with pytest.raises(Crash):
-        _run(tmp_path, tiny_spec, tiny_data, "crashed", LossConfig(), tc, report=crash_after_second_checkpoint)
-    out, res = _run(tmp_path, tiny_spec, tiny_data, "crashed", LossConfig(), tc, resume=str(tmp_path / "crashed"))
+        _run(
+            tmp_path,
+            tiny_spec,
+            tiny_data,
+            "crashed",
+            LossConfig(),
+            tc,
+            report=crash_after_second_checkpoint,
+        )
+    out, res = _run(
+        tmp_path,
+        tiny_spec,
+        tiny_data,
+        "crashed",
+        LossConfig(),
+        tc,
+        resume=str(tmp_path / "crashed"),
+    )
     a, meta_a = _final_model(ref)
     b, meta_b = _final_model(out)
     assert meta_a["step"] == meta_b["step"] and meta_a["rows_seen"] == meta_b["rows_seen"]

@@ -23,9 +23,10 @@ BIN = str(Path(sys.executable).parent)
 
 
 def _netns_ok() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-n", "true"], capture_output=True
-    ).returncode == 0
+    return (
+        shutil.which("unshare") is not None
+        and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    )
 
 
 def _listening(text: str) -> list[str]:
@@ -51,8 +52,15 @@ def _is_loopback(addr: str, wildcard_ok: bool = False) -> bool:
 
 def test_two_node_cluster_job_submit(tmp_path, tiny_spec_path, tiny_data):
     out = tmp_path / "cluster"
-    cmd = [str(ROOT / "tests" / "ray_two_node.sh"), BIN, str(ROOT), str(tiny_spec_path),
-           tiny_data["train"], tiny_data["val"], str(out)]
+    cmd = [
+        str(ROOT / "tests" / "ray_two_node.sh"),
+        BIN,
+        str(ROOT),
+        str(tiny_spec_path),
+        tiny_data["train"],
+        tiny_data["val"],
+        str(out),
+    ]
     netns = _netns_ok()
     if netns:
         cmd = ["unshare", "-n", "bash", *cmd]
@@ -110,16 +118,40 @@ def test_local_ray_worker_killed_resumes_and_binds_loopback(tmp_path, tiny_spec,
 
     # 8 row groups of 4096 rows: each of 2 ranks reads 16384 rows = 128 batches per epoch
     data = tmp_path / "train"
-    synth(tiny_spec, str(data), SynthConfig(rows=32768, seed=9, files=2, row_group_size=4096, ctr=0.2))
+    synth(
+        tiny_spec, str(data), SynthConfig(rows=32768, seed=9, files=2, row_group_size=4096, ctr=0.2)
+    )
     before = _ray_pids()
     run = tmp_path / "run"
     log = open(tmp_path / "job.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / "ads_train.py"), "--spec", str(tiny_spec_path),
-         "--train", str(data), "--out", str(run), "--workers", "2", "--batch-size", "128",
-         "--epochs", "3", "--checkpoint-every", "32", "--log-every", "64", "--max-failures", "2",
-         "--no-export", "--local-cpus", "2"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "ads_train.py"),
+            "--spec",
+            str(tiny_spec_path),
+            "--train",
+            str(data),
+            "--out",
+            str(run),
+            "--workers",
+            "2",
+            "--batch-size",
+            "128",
+            "--epochs",
+            "3",
+            "--checkpoint-every",
+            "32",
+            "--log-every",
+            "64",
+            "--max-failures",
+            "2",
+            "--no-export",
+            "--local-cpus",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     killed = None
     listeners: list[str] = []
@@ -127,8 +159,11 @@ def test_local_ray_worker_killed_resumes_and_binds_loopback(tmp_path, tiny_spec,
     try:
         while time.time() < deadline and proc.poll() is None:
             latest = run / "checkpoints" / "latest"
-            workers = [p for p in psutil.process_iter(["pid", "cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            workers = [
+                p
+                for p in psutil.process_iter(["pid", "cmdline"])
+                if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+            ]
             if not listeners and workers:
                 listeners = _ray_listeners(_ray_pids() - before)
             if killed is None and latest.exists() and workers:

@@ -36,24 +36,66 @@ def _mutate(old: str, new: str) -> str:
 
 BROKEN = {
     "unknown top key": (_mutate("name: tiny", "name: tiny\ncolour: red"), ["unknown key 'colour'"]),
-    "typo in key": (_mutate("{name: user, column: user,", "{name: user, colum: user,"), ["colum", "did you mean 'column'"]),
-    "missing table": (_mutate("table: t_user}", "table: t_users}"), ["feature 'user'", "'table'", "t_users"]),
-    "duplicate feature": (_mutate("{name: ctx, column: ctx", "{name: user, column: ctx"), ["feature 'user'", "duplicate"]),
-    "duplicate table": (_mutate("{name: t_ctx, rows: 50", "{name: t_tag, rows: 50"), ["table 't_tag'", "duplicate"]),
+    "typo in key": (
+        _mutate("{name: user, column: user,", "{name: user, colum: user,"),
+        ["colum", "did you mean 'column'"],
+    ),
+    "missing table": (
+        _mutate("table: t_user}", "table: t_users}"),
+        ["feature 'user'", "'table'", "t_users"],
+    ),
+    "duplicate feature": (
+        _mutate("{name: ctx, column: ctx", "{name: user, column: ctx"),
+        ["feature 'user'", "duplicate"],
+    ),
+    "duplicate table": (
+        _mutate("{name: t_ctx, rows: 50", "{name: t_tag, rows: 50"),
+        ["table 't_tag'", "duplicate"],
+    ),
     "zero rows": (_mutate("rows: 500", "rows: 0"), ["table 't_user'", "'rows'", ">= 1"]),
-    "negative dim": (_mutate("rows: 500, dim: 8", "rows: 500, dim: -8"), ["table 't_user'", "'dim'"]),
-    "bad pooling": (_mutate("pooling: mean}\n  - {name: t_tag", "pooling: max}\n  - {name: t_tag"), ["table 't_ad'", "'pooling'", "max"]),
-    "light unknown": (_mutate("features: [user,", "features: [usr,"), ["light", "usr", "did you mean 'user'"]),
-    "wrong yaml type": (_mutate("rows: 500", "rows: lots"), ["table 't_user'", "'rows'", "integer"]),
-    "bad dtype": (_mutate("dtype: int64, table: t_user", "dtype: float, table: t_user"), ["feature 'user'", "'dtype'"]),
-    "bad kind": (_mutate("kind: list, table: t_tag, max", "kind: bag, table: t_tag, max"), ["feature 'tags'", "'kind'"]),
+    "negative dim": (
+        _mutate("rows: 500, dim: 8", "rows: 500, dim: -8"),
+        ["table 't_user'", "'dim'"],
+    ),
+    "bad pooling": (
+        _mutate("pooling: mean}\n  - {name: t_tag", "pooling: max}\n  - {name: t_tag"),
+        ["table 't_ad'", "'pooling'", "max"],
+    ),
+    "light unknown": (
+        _mutate("features: [user,", "features: [usr,"),
+        ["light", "usr", "did you mean 'user'"],
+    ),
+    "wrong yaml type": (
+        _mutate("rows: 500", "rows: lots"),
+        ["table 't_user'", "'rows'", "integer"],
+    ),
+    "bad dtype": (
+        _mutate("dtype: int64, table: t_user", "dtype: float, table: t_user"),
+        ["feature 'user'", "'dtype'"],
+    ),
+    "bad kind": (
+        _mutate("kind: list, table: t_tag, max", "kind: bag, table: t_tag, max"),
+        ["feature 'tags'", "'kind'"],
+    ),
     "std zero": (_mutate("std: 1.5", "std: 0"), ["feature 'pos'", "'std'"]),
-    "clip no bounds": (_mutate("transform: clip, min: 0.0, max: 5.0", "transform: clip"), ["feature 'score'", "clip"]),
-    "mean on log1p": (_mutate("transform: log1p}", "transform: log1p, mean: 3}"), ["feature 'price'", "'mean'"]),
+    "clip no bounds": (
+        _mutate("transform: clip, min: 0.0, max: 5.0", "transform: clip"),
+        ["feature 'score'", "clip"],
+    ),
+    "mean on log1p": (
+        _mutate("transform: log1p}", "transform: log1p, mean: 3}"),
+        ["feature 'price'", "'mean'"],
+    ),
     "missing label": (_mutate("label: {column: y}\n", ""), ["'label'", "required"]),
-    "duplicate yaml key": (_mutate("rows: 500, dim: 8", "rows: 500, rows: 600, dim: 8"), ["duplicate key 'rows'"]),
+    "duplicate yaml key": (
+        _mutate("rows: 500, dim: 8", "rows: 500, rows: 600, dim: 8"),
+        ["duplicate key 'rows'"],
+    ),
     "bad version": (_mutate("version: 1", "version: 7"), ["'version'"]),
-    "features not list": (_mutate("features: [user, ad, tags, price, pos]", "features: user"), ["light", "'features'", "list"]),
+    "features not list": (
+        _mutate("features: [user, ad, tags, price, pos]", "features: user"),
+        ["light", "'features'", "list"],
+    ),
 }
 
 
@@ -72,7 +114,13 @@ def test_broken_spec_names_the_problem(tmp_path, case):
 
 @pytest.mark.parametrize(
     "text,needle",
-    [("", "empty"), ("   \n", "empty"), ("key: [unclosed", "not valid YAML"), ("- a\n- b\n", "mapping"), ("\x00\x01", "x.yaml")],
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        ("key: [unclosed", "not valid YAML"),
+        ("- a\n- b\n", "mapping"),
+        ("\x00\x01", "x.yaml"),
+    ],
 )
 def test_not_a_spec(tmp_path, text, needle):
     p = tmp_path / "x.yaml"
@@ -93,7 +141,9 @@ def test_validate_cli_one_line_no_traceback(tmp_path, tiny_spec_path):
     lines = [x for x in bad.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
     assert str(p) in lines[0] and "feature 'user'" in lines[0] and "'table'" in lines[0]
-    missing = subprocess.run([exe, "validate", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    missing = subprocess.run(
+        [exe, "validate", str(tmp_path / "nope.yaml")], capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
@@ -103,7 +153,13 @@ def test_validate_data_missing_column(tmp_path, tiny_spec_path, tiny_data):
     t = pq.read_table(tiny_data["val"]).drop_columns(["price"])
     pq.write_table(t, tmp_path / "d.parquet")
     r = subprocess.run(
-        [venv_bin("rocketrec"), "validate", str(tiny_spec_path), "--data", str(tmp_path / "d.parquet")],
+        [
+            venv_bin("rocketrec"),
+            "validate",
+            str(tiny_spec_path),
+            "--data",
+            str(tmp_path / "d.parquet"),
+        ],
         capture_output=True,
         text=True,
     )

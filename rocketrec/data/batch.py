@@ -151,9 +151,7 @@ def _decode_dense(col: pa.Array, f: DenseFeature, source: str) -> np.ndarray:
     if f.transform == "log1p":
         x = np.log1p(np.maximum(x, 0.0))
     elif f.transform == "clip":
-        x = np.clip(
-            x, -np.inf if f.min is None else f.min, np.inf if f.max is None else f.max
-        )
+        x = np.clip(x, -np.inf if f.min is None else f.min, np.inf if f.max is None else f.max)
     elif f.transform == "standardize":
         x = (x - f.mean) / f.std  # type: ignore[operator]
     x32 = x.astype(np.float32)
@@ -227,7 +225,9 @@ def _decode_sparse(col: pa.Array, f: SparseFeature, source: str) -> tuple[np.nda
 
 def _decode_labels(col: pa.Array, name: str, source: str) -> np.ndarray:
     if not _is_numeric(col.type):
-        raise DataError(f"{source}: label column '{name}' has type {col.type}; expected 0/1 numbers")
+        raise DataError(
+            f"{source}: label column '{name}' has type {col.type}; expected 0/1 numbers"
+        )
     if col.null_count:
         raise DataError(f"{source}: label column '{name}' has {col.null_count} null value(s)")
     y = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
@@ -262,7 +262,9 @@ def decode_table(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, source: st
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     n = table.num_rows
-    labels = _decode_labels(_column(table, spec.label_column, "label", source), spec.label_column, source)
+    labels = _decode_labels(
+        _column(table, spec.label_column, "label", source), spec.label_column, source
+    )
     weights = None
     if spec.weight_column:
         weights = _decode_weights(
@@ -271,7 +273,9 @@ def decode_table(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, source: st
     if spec.dense:
         dense = np.stack(
             [
-                _decode_dense(_column(table, f.column, f"dense feature '{f.name}'", source), f, source)
+                _decode_dense(
+                    _column(table, f.column, f"dense feature '{f.name}'", source), f, source
+                )
                 for f in spec.dense
             ],
             axis=1,
@@ -285,5 +289,7 @@ def decode_table(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, source: st
     return Decoded(dense, ids, labels, weights, tuple(spec.sparse_names))
 
 
-def arrow_to_batch(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, source: str = "<arrow>") -> Batch:
+def arrow_to_batch(
+    table: pa.Table | pa.RecordBatch, spec: FeatureSpec, source: str = "<arrow>"
+) -> Batch:
     return decode_table(table, spec, source).to_batch()

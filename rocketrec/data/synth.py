@@ -129,7 +129,7 @@ class Generator:
         rng = np.random.default_rng([cfg.world_seed, 7])
         nf = len(self.features)
         pairs = [(i, j) for i in range(nf) for j in range(i + 1, nf)]
-        pick = rng.permutation(len(pairs))[: cfg.n_pairs] if pairs else []
+        pick: list[int] = rng.permutation(len(pairs))[: cfg.n_pairs].tolist() if pairs else []
         self.pairs = [pairs[k] for k in pick]
         self.cross = rng.standard_normal((N_SEG, N_CAT)).astype(np.float32)
         self.dense_mu = rng.normal(0, 0.7, size=(len(spec.dense), N_SEG)).astype(np.float32)
@@ -236,7 +236,9 @@ def synth(spec: FeatureSpec, out_dir: str, cfg: SynthConfig, progress: bool = Fa
     os.makedirs(out_dir, exist_ok=True)
     gen = Generator(spec, cfg)
     paths = []
-    per_file = [cfg.rows // cfg.files + (1 if i < cfg.rows % cfg.files else 0) for i in range(cfg.files)]
+    per_file = [
+        cfg.rows // cfg.files + (1 if i < cfg.rows % cfg.files else 0) for i in range(cfg.files)
+    ]
     chunk = max(cfg.row_group_size, 1)
     done = 0
     for i, nrows in enumerate(per_file):

@@ -91,7 +91,9 @@ class BoosterTower(nn.Module):
     def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
-        self.cross = nn.ModuleList(LowRankCross(in_dim, cfg.cross_rank) for _ in range(cfg.cross_layers))
+        self.cross = nn.ModuleList(
+            LowRankCross(in_dim, cfg.cross_rank) for _ in range(cfg.cross_layers)
+        )
         self.mlp, out = mlp(in_dim, cfg.booster_mlp)
         self.head = nn.Linear(out, 1)
 
@@ -122,7 +124,12 @@ class RocketOutput(NamedTuple):
 
 
 class RocketModel(nn.Module):
-    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None) -> None:
+    bucket_rows: torch.Tensor  # [F] rows of each sparse feature's table
+    light_dense_index: torch.Tensor  # [D_light] columns of dense the light tower reads
+
+    def __init__(
+        self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None
+    ) -> None:
         super().__init__()
         self.spec, self.cfg = spec, cfg
         device = device or torch.device("cpu")
@@ -151,7 +158,9 @@ class RocketModel(nn.Module):
         n_dense = len(spec.dense)
         self.light_dense_idx: list[int] = [spec.dense_names.index(f.name) for f in spec.light_dense]
         self.register_buffer(
-            "light_dense_index", torch.tensor(self.light_dense_idx, dtype=torch.int64), persistent=False
+            "light_dense_index",
+            torch.tensor(self.light_dense_idx, dtype=torch.int64),
+            persistent=False,
         )
         self.light_sparse = [f.name for f in spec.light_sparse]
         dense_out = n_dense
@@ -199,7 +208,9 @@ class RocketModel(nn.Module):
         dense_repr = self.bottom(dense) if self.bottom is not None else dense
         z_b = z_l = None
         if run_booster:
-            z_b = self.booster(torch.cat([pooled[n] for n in self.spec.sparse_names] + [dense_repr], 1))
+            z_b = self.booster(
+                torch.cat([pooled[n] for n in self.spec.sparse_names] + [dense_repr], 1)
+            )
         if run_light:
             parts = [pooled[n] for n in self.light_sparse]
             if self.light_uses_bottom:

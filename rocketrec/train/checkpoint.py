@@ -89,7 +89,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, state: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fill `state` in place from a checkpoint dir; return (dense optimizer state, meta)."""
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -78,7 +77,9 @@ class TrainConfig:
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         if self.dense_optimizer not in ("adam", "adagrad"):
-            raise ValueError(f"dense_optimizer must be adam or adagrad, got {self.dense_optimizer!r}")
+            raise ValueError(
+                f"dense_optimizer must be adam or adagrad, got {self.dense_optimizer!r}"
+            )
         if not (self.dense_lr > 0 and self.sparse_lr > 0):
             raise ValueError("learning rates must be > 0")
 
@@ -163,7 +164,9 @@ class _Run:
         if phase == "student":  # only the light tower learns against the frozen booster
             keep = {id(p) for p in m.light.parameters()}
             return [
-                p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters()) if id(p) in keep
+                p
+                for _, p in in_backward_optimizer_filter(self.dmp.named_parameters())
+                if id(p) in keep
             ]
         return [
             p
@@ -179,15 +182,18 @@ class _Run:
 
     # -- checkpoint ----------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        return {"model": self.dmp.state_dict(), "sparse_optim": self.dmp.fused_optimizer.state_dict()}
+        return {
+            "model": self.dmp.state_dict(),
+            "sparse_optim": self.dmp.fused_optimizer.state_dict(),
+        }
 
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
-        readers = [None] * self.world
+        readers: list[Any] = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(readers, self.train_reader.state_dict())
         else:
             readers = [self.train_reader.state_dict()]
-        meta = {
+        meta: dict[str, Any] = {
             "step": self.step,
             "run_id": self.run_id,
             "phase_idx": self.phase_idx,
@@ -205,7 +211,12 @@ class _Run:
             "versions": {"torch": torch.__version__},
         }
         path = save_checkpoint(
-            self.out, self.step, self._state(), self.dense_opt.state_dict(), meta, self.cfg.keep_checkpoints
+            self.out,
+            self.step,
+            self._state(),
+            self.dense_opt.state_dict(),
+            meta,
+            self.cfg.keep_checkpoints,
         )
         _log(f"checkpoint: {path}")
         if self.report is not None:
@@ -258,12 +269,16 @@ class _Run:
             if b is None:
                 # this rank ran out: run a filler batch so collectives stay in step; drop it
                 if filler is None:
-                    filler = next(iter(ParquetReader(self.val_reader.path, self.spec, 1, shuffle=False)))
+                    filler = next(
+                        iter(ParquetReader(self.val_reader.path, self.spec, 1, shuffle=False))
+                    )
                 b = filler
             out = self.dmp(b.dense.to(self.env.device), b.sparse.to(self.env.device))
             if real:
                 ys.append(b.labels.numpy())
-                ws.append(b.weights.numpy() if b.weights is not None else np.ones(len(b), np.float32))
+                ws.append(
+                    b.weights.numpy() if b.weights is not None else np.ones(len(b), np.float32)
+                )
                 zb.append(out.booster.float().cpu().numpy())
                 zl.append(out.light.float().cpu().numpy())
         for _ in it:  # finish the epoch so the reader thread ends
@@ -356,7 +371,13 @@ class _Run:
                             + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                             + f" | {rate:,.0f} ex/s"
                         )
-                        self._record({"step": self.step, "phase": phase, **{f"train_{k}": v for k, v in terms.items()}})
+                        self._record(
+                            {
+                                "step": self.step,
+                                "phase": phase,
+                                **{f"train_{k}": v for k, v in terms.items()},
+                            }
+                        )
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         self._record(self.evaluate())
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -372,7 +393,9 @@ class _Run:
                 self.epoch_step = 0
             self.phase_idx += 1
             if self.phase_idx < len(self.phases):
-                _log(f"phase {phase} done at step {self.step}; starting {self.phases[self.phase_idx]}")
+                _log(
+                    f"phase {phase} done at step {self.step}; starting {self.phases[self.phase_idx]}"
+                )
                 self.train_reader.set_epoch(0)
                 self.epoch_step = 0
                 self.phase_start = self.step
