@@ -25,7 +25,6 @@ the file if its scores differ from the training model's light tower on a
 held-out batch by more than 1e-5 (fp32) or the int8 bound.
 """
 
-
 import argparse
 import json
 import os
@@ -639,6 +638,35 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def requests_from_table(table: pa.Table, manifest: dict[str, Any]) -> list[str]:
+    """Parquet rows -> JSON-lines requests in the named form (what a serving client sends)."""
+    lines = []
+    for row in table.to_pylist():
+        req = {f["name"]: row.get(f["column"]) for f in manifest["sparse_features"]}
+        req.update({f["name"]: row.get(f["column"]) for f in manifest["dense_features"]})
+        lines.append(json.dumps(req))
+    return lines
+
+
+def _cmd_requests(a: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from rocketrec.data.reader import list_parquet_files
+
+    manifest = read_manifest(a.model)
+    fs, files = list_parquet_files(a.data)
+    cols = sorted({f["column"] for f in manifest["sparse_features"] + manifest["dense_features"]})
+    table = pq.ParquetFile(fs.open_input_file(files[0])).read_row_group(0, columns=cols)
+    lines = requests_from_table(table.slice(0, a.rows), manifest)
+    text = "\n".join(lines) + "\n"
+    if a.out == "-":
+        print(text, end="")
+    else:
+        Path(a.out).write_text(text)
+        print(f"wrote {len(lines)} requests to {a.out}")
+    return 0
+
+
 def add_export_commands(sub: Any) -> None:
     e = sub.add_parser("export", help="export the light tower to TorchScript for C++ serving")
     e.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
@@ -651,3 +679,11 @@ def add_export_commands(sub: Any) -> None:
     p.add_argument("--model", required=True, help="exported .pt file")
     p.add_argument("--requests", required=True, help="JSON-lines file, or - for stdin")
     p.set_defaults(fn=_cmd_predict)
+    r = sub.add_parser("requests", help="write JSON-lines requests for a model from Parquet rows")
+    r.add_argument(
+        "--model", required=True, help="exported .pt file (its manifest names the features)"
+    )
+    r.add_argument("--data", required=True, help="Parquet file, directory or glob")
+    r.add_argument("--rows", type=int, default=16, help="how many rows")
+    r.add_argument("--out", default="-", help="output file, or - for stdout")
+    r.set_defaults(fn=_cmd_requests)

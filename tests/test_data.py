@@ -269,3 +269,13 @@ def test_bad_values_surface_from_background_thread(tmp_path):
     rd = ParquetReader(str(tmp_path), RID_SPEC, 10)
     with pytest.raises(DataError, match="outside"):
         list(rd)
+
+
+def test_pad_last_repeats_rows_and_counts_real(tmp_path):
+    _write_rid_files(tmp_path)
+    rd = ParquetReader(str(tmp_path), RID_SPEC, 64, shuffle=False, pad_last=True)
+    batches = list(rd)
+    assert all(len(b) == 64 for b in batches)
+    assert batches[-1].n_real == 900 % 64 and all(b.n_real is None for b in batches[:-1])
+    real = _ids(batches[:-1]) + batches[-1].sparse.values().tolist()[: batches[-1].n_real]
+    assert sorted(real) == list(range(900))

@@ -48,6 +48,7 @@ class Batch:
     sparse: KeyedJaggedTensor
     labels: torch.Tensor
     weights: torch.Tensor | None = None
+    n_real: int | None = None  # rows before padding (pad_last readers); None = all real
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -58,6 +59,7 @@ class Batch:
             self.sparse.to(device),
             self.labels.to(device),
             None if self.weights is None else self.weights.to(device),
+            self.n_real,
         )
 
 
@@ -101,6 +103,24 @@ class Decoded:
             np.concatenate([p.labels for p in parts]),
             None if w is None else np.concatenate([p.weights for p in parts]),  # type: ignore[misc]
             parts[0].keys,
+        )
+
+    def pad_to(self, n: int) -> Decoded:
+        """Repeat rows cyclically up to n rows (equal batch sizes across ranks)."""
+        if len(self) >= n or len(self) == 0:
+            return self
+        idx = np.arange(n) % len(self)
+        ids = []
+        for values, offsets in self.ids:
+            lens = np.diff(offsets)[idx]
+            parts = [values[offsets[i] : offsets[i + 1]] for i in idx]
+            ids.append((np.concatenate(parts) if parts else values[:0], _offsets(lens)))
+        return Decoded(
+            self.dense[idx],
+            ids,
+            self.labels[idx],
+            None if self.weights is None else self.weights[idx],
+            self.keys,
         )
 
     def to_batch(self) -> Batch:

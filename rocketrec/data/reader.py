@@ -88,6 +88,7 @@ class ParquetReader:
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = False,
+        pad_last: bool = False,
         prefetch: int = 4,
     ) -> None:
         if batch_size < 1:
@@ -102,6 +103,7 @@ class ParquetReader:
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.pad_last = pad_last  # pad the short last batch (Batch.n_real says how many are real)
         self.prefetch = max(1, prefetch)
         self.fs, self.files = list_parquet_files(path)
         self.units: list[Unit] = []
@@ -210,7 +212,13 @@ class ParquetReader:
                             return
                 pos, row = pos + 1, 0
             if pending and not self.drop_last and not stop.is_set():
-                out.put((Decoded.concat(pending).to_batch(), start, (len(units), 0)))
+                last = Decoded.concat(pending)
+                if self.pad_last:
+                    batch = last.pad_to(self.batch_size).to_batch()
+                    batch.n_real = len(last)
+                else:
+                    batch = last.to_batch()
+                out.put((batch, start, (len(units), 0)))
             out.put(None)
         except BaseException as e:  # surface reader errors in the consumer thread
             out.put(e)

@@ -122,11 +122,22 @@ class _Run:
         self.dmp = shard_model(model, self.env, cfg.sparse_optimizer, cfg.sparse_lr, cfg.sharding)
         # same start whatever the plan: tables come from the seeded unsharded model
         copy_unsharded_tables(self.dmp, {f"ebc.{k}": v for k, v in full.items()})
+        # Sharded embeddings need the same batch size on every rank: training drops each
+        # rank's short last batch (counted in rows_unused); evaluation pads it instead.
         self.train_reader = ParquetReader(
-            train_path, spec, cfg.batch_size, self.rank, self.world, seed=cfg.seed, shuffle=True
+            train_path,
+            spec,
+            cfg.batch_size,
+            self.rank,
+            self.world,
+            seed=cfg.seed,
+            shuffle=True,
+            drop_last=True,
         )
         self.val_reader = (
-            ParquetReader(val_path, spec, cfg.batch_size, self.rank, self.world, shuffle=False)
+            ParquetReader(
+                val_path, spec, cfg.batch_size, self.rank, self.world, shuffle=False, pad_last=True
+            )
             if val_path
             else None
         )
@@ -265,22 +276,30 @@ class _Run:
         filler = None
         for _ in range(n):
             b = next(it, None)
-            real = b is not None
             if b is None:
                 # this rank ran out: run a filler batch so collectives stay in step; drop it
                 if filler is None:
                     filler = next(
-                        iter(ParquetReader(self.val_reader.path, self.spec, 1, shuffle=False))
+                        iter(
+                            ParquetReader(
+                                self.val_reader.path,
+                                self.spec,
+                                self.cfg.batch_size,
+                                shuffle=False,
+                                pad_last=True,
+                            )
+                        )
                     )
+                    filler.n_real = 0
                 b = filler
             out = self.dmp(b.dense.to(self.env.device), b.sparse.to(self.env.device))
-            if real:
-                ys.append(b.labels.numpy())
-                ws.append(
-                    b.weights.numpy() if b.weights is not None else np.ones(len(b), np.float32)
-                )
-                zb.append(out.booster.float().cpu().numpy())
-                zl.append(out.light.float().cpu().numpy())
+            k = len(b) if b.n_real is None else b.n_real  # padded rows are dropped
+            if k:
+                ys.append(b.labels[:k].numpy())
+                w = b.weights[:k].numpy() if b.weights is not None else np.ones(k, np.float32)
+                ws.append(w)
+                zb.append(out.booster[:k].float().cpu().numpy())
+                zl.append(out.light[:k].float().cpu().numpy())
         for _ in it:  # finish the epoch so the reader thread ends
             pass
         self.dmp.train()
