@@ -58,6 +58,9 @@ class LightServing(nn.Module):
     max_ids: torch.Tensor
     is_mean: torch.Tensor
     group_of_feature_t: torch.Tensor
+    feature_index: torch.Tensor
+    id_cap: torch.Tensor
+    col_perm: torch.Tensor
     fill: torch.Tensor
     is_log1p: torch.Tensor
     clip_lo: torch.Tensor
@@ -139,6 +142,24 @@ class LightServing(nn.Module):
             torch.tensor([spec.table(f.table).pooling == "mean" for f in feats], dtype=torch.bool),
         )
         self.register_buffer("group_of_feature_t", torch.tensor(group_of, dtype=torch.int64))
+        self.register_buffer("feature_index", torch.arange(len(feats), dtype=torch.int64))
+        self.register_buffer(
+            "id_cap", torch.tensor([m if m > 0 else 1 << 62 for m in max_ids], dtype=torch.int64)
+        )
+        pooling_mean = [spec.table(f.table).pooling == "mean" for f in feats]
+        self.group_has_mean: list[bool] = [any(pooling_mean[i] for i in m) for m in members]
+        # column layout after concatenating groups -> manifest (spec) order
+        fdims = [spec.table(f.table).dim for f in feats]
+        start = [sum(fdims[:i]) for i in range(len(feats))]
+        perm: list[int] = []
+        for m in members:
+            for i in m:
+                perm.extend(range(start[i], start[i] + fdims[i]))
+        inverse = [0] * len(perm)
+        for pos, col in enumerate(perm):
+            inverse[col] = pos
+        self.reorder = inverse != list(range(len(perm)))
+        self.register_buffer("col_perm", torch.tensor(inverse, dtype=torch.int64))
 
         # dense preprocessing, vectorised over D columns
         def col(vals: list[float | None]) -> torch.Tensor:
@@ -228,28 +249,29 @@ class LightServing(nn.Module):
                 + " entries"
             )
         lens2 = lengths.view(f, b)
-        feat_of_value = torch.repeat_interleave(torch.arange(f), lens2.sum(1))
-        if self.any_max_ids:
+        feat_of_value = torch.repeat_interleave(self.feature_index, lens2.sum(1))
+        if self.any_max_ids and bool((lens2 > self.id_cap.view(f, 1)).any()):
             # keep the first max_ids ids of each bag, as the training reader does
             starts = torch.cumsum(lengths, 0) - lengths
             pos = torch.arange(values.numel()) - torch.repeat_interleave(starts, lengths)
-            limit = self.max_ids[feat_of_value]
-            keep = (limit == 0) | (pos < limit)
+            keep = pos < self.id_cap[feat_of_value]
             values = values[keep]
             feat_of_value = feat_of_value[keep]
-            cap = torch.where(
-                self.max_ids == 0, torch.full_like(self.max_ids, 1 << 62), self.max_ids
-            )
-            lens2 = torch.minimum(lens2, cap.view(f, 1))
+            lens2 = torch.minimum(lens2, self.id_cap.view(f, 1))
         rows = (
             torch.remainder(values, self.feature_rows[feat_of_value])
             + self.feature_offset[feat_of_value]
         )
-        pooled: list[torch.Tensor] = [torch.zeros(0) for _ in range(f)]
+        blocks: list[torch.Tensor] = []
         for g in range(len(self.group_dims)):
             idx, w, packed = self._group(g)
-            glens = lens2.index_select(0, idx).reshape(-1)
-            grows = rows[self.group_of_feature_t[feat_of_value] == g]
+            if len(self.group_dims) == 1:  # one embedding dim: every bag in one call
+                glens2 = lens2
+                grows = rows
+            else:
+                glens2 = lens2.index_select(0, idx)
+                grows = rows[self.group_of_feature_t[feat_of_value] == g]
+            glens = glens2.reshape(-1)
             offsets = torch.cumsum(glens, 0) - glens
             if self.int8:  # always sums (mode is ignored on CPU): mean is done below
                 out = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
@@ -258,12 +280,15 @@ class LightServing(nn.Module):
             else:
                 out, _, _, _ = torch.embedding_bag(w, grows, offsets, False, 0, False, None, False)
             out = out.view(idx.numel(), b, self.group_dims[g])
-            mean = self.is_mean.index_select(0, idx).view(-1, 1, 1)
-            denom = torch.clamp_min(lens2.index_select(0, idx), 1).to(out.dtype).unsqueeze(-1)
-            out = torch.where(mean, out / denom, out)
-            for j in range(idx.numel()):
-                pooled[int(idx[j])] = out[j]
-        parts = pooled
+            if self.group_has_mean[g]:
+                mean = self.is_mean.index_select(0, idx).view(-1, 1, 1)
+                denom = torch.clamp_min(glens2, 1).to(out.dtype).unsqueeze(-1)
+                out = torch.where(mean, out / denom, out)
+            blocks.append(out.transpose(0, 1).reshape(b, -1))  # [B, n_g * d_g]
+        emb = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+        if self.reorder:
+            emb = emb.index_select(1, self.col_perm)  # back to the manifest's feature order
+        parts = [emb]
         if self.num_dense > 0:
             parts = parts + [self.preprocess_dense(dense)]
         logits = self.tower(torch.cat(parts, 1)).view(-1)
