@@ -156,8 +156,8 @@ class LightServing(nn.Module):
             for i in m:
                 perm.extend(range(start[i], start[i] + fdims[i]))
         inverse = [0] * len(perm)
-        for pos, col in enumerate(perm):
-            inverse[col] = pos
+        for pos, column in enumerate(perm):
+            inverse[column] = pos
         self.reorder = inverse != list(range(len(perm)))
         self.register_buffer("col_perm", torch.tensor(inverse, dtype=torch.int64))
 

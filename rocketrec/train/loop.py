@@ -293,13 +293,16 @@ class _Run:
                     filler.n_real = 0
                 b = filler
             out = self.dmp(b.dense.to(self.env.device), b.sparse.to(self.env.device))
-            k = len(b) if b.n_real is None else b.n_real  # padded rows are dropped
-            if k:
-                ys.append(b.labels[:k].numpy())
-                w = b.weights[:k].numpy() if b.weights is not None else np.ones(k, np.float32)
-                ws.append(w)
-                zb.append(out.booster[:k].float().cpu().numpy())
-                zl.append(out.light[:k].float().cpu().numpy())
+            n_keep = len(b) if b.n_real is None else b.n_real  # padded rows are dropped
+            if n_keep:
+                ys.append(b.labels[:n_keep].numpy())
+                ws.append(
+                    b.weights[:n_keep].numpy()
+                    if b.weights is not None
+                    else np.ones(n_keep, np.float32)
+                )
+                zb.append(out.booster[:n_keep].float().cpu().numpy())
+                zl.append(out.light[:n_keep].float().cpu().numpy())
         for _ in it:  # finish the epoch so the reader thread ends
             pass
         self.dmp.train()
