@@ -150,6 +150,7 @@ class _Run:
         self.epoch_step = 0
         self.rows_seen = 0
         self.rows_unused = 0
+        self.loop_seconds = 0.0
         self.history: list[dict[str, Any]] = []
         self.dense_opt = self._make_dense_opt(self.phases[0])
         booster_ids = {id(p) for p in model.booster.parameters()}
@@ -360,6 +361,7 @@ class _Run:
                         cfg.max_steps and self.step - self.phase_start >= cfg.max_steps
                     ):
                         break
+                    t_step = time.perf_counter()
                     batch = batch.to(self.env.device)
                     out = self.dmp(batch.dense, batch.sparse, run_b, run_l, scale)
                     loss, terms = rocket_loss(
@@ -381,6 +383,7 @@ class _Run:
                     for g in self.dense_opt.param_groups:
                         g["lr"] = cfg.dense_lr * warm
                     self.dense_opt.step()
+                    self.loop_seconds += time.perf_counter() - t_step
                     self.step += 1
                     self.epoch_step += 1
                     self.rows_seen += len(batch) * self.world
@@ -424,6 +427,8 @@ class _Run:
                 self.dense_opt = self._make_dense_opt(self.phases[self.phase_idx])
         final = self.evaluate()
         final["train_seconds"] = time.time() - t0
+        final["step_seconds"] = self.loop_seconds  # forward/backward/update only (no I/O, eval)
+        final["steps"] = self.step
         final["rows_seen"] = self.rows_seen
         self._record(final)
         self.save(final)

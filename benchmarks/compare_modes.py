@@ -1,0 +1,316 @@
+"""The paper's comparison on ads data: every mode and hint, same data, budget and seeds.
+
+    # real data, k-fold (the Criteo sample is small):
+    python benchmarks/compare_modes.py --spec feature_specs/criteo.yaml \
+        --data ../shared/data/criteo_kaggle_sample.parquet --folds 5 --seeds 0 1 --out docs/results/criteo
+    # synthetic data from `rocketrec synth` (train and test drawn from one hidden model):
+    python benchmarks/compare_modes.py --spec feature_specs/ads_ctr.yaml \
+        --synth-rows 400000 --seeds 0 1 2 --out docs/results/synthetic
+
+Variants: light_only, booster_only, rocket with each hint (mimic, mse_prob,
+kd), rocket kd without gradient block, rocket kd with light_shared_grad_scale
+0 (light_trains_shared off), and teacher_student (kd). Each (fold, seed)
+trains every variant with the same data order and step budget and reports
+test AUC/logloss of both towers. Differences are paired per (fold, seed)
+against light_only (light tower) and booster_only (booster), with their
+standard deviation; a difference within 2 standard errors is labelled noise.
+Writes OUT/results.json (every run), OUT/table.md and OUT/chart.png, plus the
+C++ serving latency of the light tower and the booster (batch 1 and 256).
+Nothing is tuned on the test folds: every variant runs with fixed settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "light_only": {"mode": "light_only"},
+    "booster_only": {"mode": "booster_only"},
+    "rocket_mimic": {"hint": "mimic", "hint_weight": 0.1},
+    "rocket_mse_prob": {"hint": "mse_prob", "hint_weight": 1.0},
+    "rocket_kd": {"hint": "kd", "hint_weight": 1.0, "temperature": 2.0},
+    "rocket_kd_no_block": {"hint": "kd", "hint_weight": 1.0, "gradient_block": False},
+    "rocket_kd_scale0": {"hint": "kd", "hint_weight": 1.0, "light_shared_grad_scale": 0.0},
+    "teacher_student_kd": {"mode": "teacher_student", "hint": "kd", "hint_weight": 1.0},
+}
+
+
+def kfold_splits(data: str, spec, k: int, root: Path, row_group: int) -> list[tuple[str, str]]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rocketrec.data.reader import list_parquet_files
+
+    fs, files = list_parquet_files(data)
+    table = pa.concat_tables([pq.read_table(fs.open_input_file(f)) for f in files])
+    rng = np.random.default_rng(12345)  # the split is fixed; training seeds vary
+    order = rng.permutation(table.num_rows)
+    folds = np.array_split(order, k)
+    out = []
+    for i in range(k):
+        d = root / f"fold{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        train_idx = np.sort(np.concatenate([folds[j] for j in range(k) if j != i]))
+        pq.write_table(
+            table.take(pa.array(train_idx)), d / "train.parquet", row_group_size=row_group
+        )
+        pq.write_table(
+            table.take(pa.array(np.sort(folds[i]))), d / "test.parquet", row_group_size=row_group
+        )
+        out.append((str(d / "train.parquet"), str(d / "test.parquet")))
+    return out
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    import numpy as np
+
+    by: dict[str, dict[tuple, dict]] = {}
+    for r in runs:
+        by.setdefault(r["variant"], {})[(r["fold"], r["seed"])] = r
+    out = {}
+    for v, rs in by.items():
+        keys = sorted(rs)
+        s: dict[str, Any] = {"n": len(keys)}
+        for m in ("light_auc", "light_logloss", "booster_auc", "booster_logloss", "train_seconds"):
+            x = np.array([rs[k][m] for k in keys], dtype=float)
+            s[m] = (float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0)
+        for ref, metric in (("light_only", "light_auc"), ("booster_only", "booster_auc")):
+            if ref in by and v != ref:
+                d = np.array([rs[k][metric] - by[ref][k][metric] for k in keys if k in by[ref]])
+                sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+                se = sd / math.sqrt(len(d)) if len(d) else 0.0
+                s[f"d_{metric}"] = (float(d.mean()), sd, abs(float(d.mean())) <= 2 * se)
+        out[v] = s
+    return out
+
+
+def fmt(mean_sd: tuple) -> str:
+    return f"{mean_sd[0]:.4f} ± {mean_sd[1]:.4f}"
+
+
+def fmt_diff(t: tuple | None) -> str:
+    if t is None:
+        return "—"
+    return f"{t[0]:+.4f} ± {t[1]:.4f}" + (" (noise)" if t[2] else "")
+
+
+def table_md(summary: dict, latency: dict, ceiling: float | None, meta: dict) -> str:
+    lines = [
+        f"Data: {meta['data']}; {meta['splits']}; seeds {meta['seeds']}; {meta['budget']}.",
+        "Mean ± standard deviation over runs; differences are paired per (fold, seed) against "
+        "light_only (light tower) and booster_only (booster); '(noise)' = within 2 standard errors.",
+        "",
+        "| variant | light AUC | Δ light AUC vs light_only | light logloss | booster AUC | "
+        "Δ booster AUC vs booster_only | booster logloss | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in VARIANTS:
+        if v not in summary:
+            continue
+        s = summary[v]
+        la = fmt(s["light_auc"]) if v != "booster_only" else "(not trained)"
+        ll = fmt(s["light_logloss"]) if v != "booster_only" else "—"
+        ba = fmt(s["booster_auc"]) if v != "light_only" else "(not trained)"
+        bl = fmt(s["booster_logloss"]) if v != "light_only" else "—"
+        dl = fmt_diff(s.get("d_light_auc")) if v not in ("booster_only", "light_only") else "—"
+        db = fmt_diff(s.get("d_booster_auc")) if v not in ("booster_only", "light_only") else "—"
+        lines.append(
+            f"| {v} | {la} | {dl} | {ll} | {ba} | {db} | {bl} | {s['train_seconds'][0]:.1f} |"
+        )
+    if ceiling is not None:
+        lines += [
+            "",
+            f"Bayes ceiling (true click probability as the score) on the test set: AUC {ceiling:.4f}.",
+        ]
+    if latency:
+        lines += [
+            "",
+            "C++ serving latency (rocketrec_predict --bench, 1 thread, p50 / p99 microseconds):",
+            "",
+            "| model | batch 1 | batch 256 |",
+            "|---|---|---|",
+        ]
+        for name, lat in latency.items():
+            lines.append(
+                f"| {name} | {lat[1]['p50_us']:.0f} / {lat[1]['p99_us']:.0f} | "
+                f"{lat[256]['p50_us']:.0f} / {lat[256]['p99_us']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary: dict, out_png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vs = [v for v in VARIANTS if v in summary and v not in ("light_only", "booster_only")]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for a, key, label in (
+        (ax[0], "d_light_auc", "light AUC − light_only"),
+        (ax[1], "d_booster_auc", "booster AUC − booster_only"),
+    ):
+        m = [summary[v][key][0] for v in vs]
+        e = [summary[v][key][1] for v in vs]
+        a.barh(vs, m, xerr=e, color=["tab:gray" if summary[v][key][2] else "tab:blue" for v in vs])
+        a.axvline(0, color="black", lw=0.8)
+        a.set_title(label + " (grey: noise)")
+        a.grid(alpha=0.3, axis="x")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--data", help="Parquet data for k-fold runs")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument(
+        "--synth-rows", type=int, default=0, help="use synthetic train/test data instead"
+    )
+    ap.add_argument("--synth-test-rows", type=int, default=100_000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--no-latency", action="store_true")
+    a = ap.parse_args()
+
+    from rocketrec.cli import quiet_library_noise
+
+    quiet_library_noise()
+    import pyarrow.parquet as pq
+
+    from rocketrec.model.loss import LossConfig
+    from rocketrec.model.model import ModelConfig
+    from rocketrec.spec import load_spec
+    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.metrics import auc
+
+    spec = load_spec(a.spec)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="compare_"))
+    ceiling = None
+    if a.synth_rows:
+        from rocketrec.data.synth import SynthConfig, synth
+
+        synth(
+            spec, str(tmp / "train"), SynthConfig(rows=a.synth_rows, seed=1, row_group_size=16384)
+        )
+        synth(
+            spec,
+            str(tmp / "test"),
+            SynthConfig(rows=a.synth_test_rows, seed=3, true_ctr_column="_p_true"),
+        )
+        splits = [(str(tmp / "train"), str(tmp / "test"))]
+        t = pq.read_table(tmp / "test")
+        ceiling = auc(t[spec.label_column].to_numpy(), t["_p_true"].to_numpy())
+        split_desc = (
+            f"synthetic {a.synth_rows:,} train / {a.synth_test_rows:,} test rows (one hidden model)"
+        )
+    else:
+        splits = kfold_splits(a.data, spec, a.folds, tmp, row_group=2048)
+        split_desc = f"{a.folds}-fold cross-validation"
+    model_cfg = ModelConfig()
+    runs: list[dict[str, Any]] = []
+    total = len(splits) * len(a.seeds) * len(a.variants)
+    t0 = time.time()
+    first_ckpt: dict[str, str] = {}
+    for fold, (tr, te) in enumerate(splits):
+        for seed in a.seeds:
+            for v in a.variants:
+                loss = LossConfig(**VARIANTS[v])
+                tc = TrainConfig(
+                    batch_size=a.batch_size,
+                    epochs=a.epochs,
+                    seed=seed,
+                    log_every=0,
+                    keep_checkpoints=1,
+                )
+                run_dir = tmp / f"run_{fold}_{seed}_{v}"
+                r = train(spec, tr, te, str(run_dir), model_cfg, loss, tc)
+                rec = {
+                    "variant": v,
+                    "fold": fold,
+                    "seed": seed,
+                    **{
+                        k: r[k]
+                        for k in (
+                            "light_auc",
+                            "light_logloss",
+                            "booster_auc",
+                            "booster_logloss",
+                            "train_seconds",
+                            "step_seconds",
+                            "steps",
+                        )
+                    },
+                }
+                runs.append(rec)
+                first_ckpt.setdefault(v, str(run_dir))
+                print(
+                    f"[{len(runs)}/{total}] fold {fold} seed {seed} {v}: light auc {r['light_auc']:.4f} "
+                    f"booster auc {r['booster_auc']:.4f} ({r['train_seconds']:.1f}s; "
+                    f"{time.time() - t0:.0f}s elapsed)",
+                    flush=True,
+                )
+    summary = summarize(runs)
+    latency: dict[str, Any] = {}
+    if not a.no_latency and "rocket_kd" in first_ckpt:
+        from bench_serving import bench, build_cpp
+
+        from rocketrec.export import export_checkpoint
+
+        exe = build_cpp()
+        export_checkpoint(first_ckpt["rocket_kd"], tmp / "light.pt", data=splits[0][1])
+        export_checkpoint(
+            first_ckpt["rocket_kd"], tmp / "booster.pt", booster=True, data=splits[0][1]
+        )
+        latency["light tower (light_only and rocket: same architecture)"] = bench(
+            exe, tmp / "light.pt", 1.0
+        )
+        latency["booster (all features, for comparison)"] = bench(exe, tmp / "booster.pt", 1.0)
+    meta = {
+        "data": a.data or f"rocketrec synth for {a.spec}",
+        "splits": split_desc,
+        "seeds": a.seeds,
+        "budget": f"{a.epochs} epoch(s), batch {a.batch_size}, default model and optimizer settings",
+    }
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "runs": runs,
+                "summary": summary,
+                "latency": latency,
+                "bayes_auc": ceiling,
+            },
+            indent=1,
+        )
+    )
+    md = table_md(summary, latency, ceiling, meta)
+    (out / "table.md").write_text(md)
+    chart(summary, out / "chart.png", f"{Path(a.spec).stem}: {split_desc}")
+    print(md)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
