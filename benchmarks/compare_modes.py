@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rocket_mse_prob": {"hint": "mse_prob", "hint_weight": 1.0},
     "rocket_kd": {"hint": "kd", "hint_weight": 1.0, "temperature": 2.0},
     "rocket_kd_no_block": {"hint": "kd", "hint_weight": 1.0, "gradient_block": False},
+    "rocket_kd_scale0.25": {"hint": "kd", "hint_weight": 1.0, "light_shared_grad_scale": 0.25},
     "rocket_kd_scale0": {"hint": "kd", "hint_weight": 1.0, "light_shared_grad_scale": 0.0},
     "teacher_student_kd": {"mode": "teacher_student", "hint": "kd", "hint_weight": 1.0},
 }

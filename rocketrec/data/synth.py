@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from rocketrec.spec import FeatureSpec
 
 N_SEG, N_CAT, HDIM = 64, 32, 8
-MAX_VOCAB = 200_000
+MAX_VOCAB = 20_000
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,9 @@ class _Feature:
         self.vocab = int(max(3, min(MAX_VOCAB, spec_rows * 3 // 2)))
         self.n_latent = N_SEG if side == 0 else N_CAT
         self.chunk = max(1, self.vocab // self.n_latent)
-        p = 1.0 / np.arange(1, self.vocab + 1) ** 1.05
+        p = 1.0 / np.arange(1, self.vocab + 1) ** 1.2
         self.cdf = np.cumsum(p / p.sum())
-        pc = 1.0 / np.arange(1, self.chunk + 1) ** 1.05
+        pc = 1.0 / np.arange(1, self.chunk + 1) ** 1.2
         self.cdf_chunk = np.cumsum(pc / pc.sum())
         self.w = rng.standard_normal(self.vocab).astype(np.float32)
         self.h = rng.standard_normal((self.vocab, HDIM)).astype(np.float32)

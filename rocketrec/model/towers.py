@@ -1,0 +1,100 @@
+"""Towers and the gradient-scale op: plain torch, no TorchRec (also used on GPU checks).
+
+BoosterTower: LayerNorm -> low-rank DCN-v2 cross layers -> MLP -> Linear -> logit
+LightTower:   LayerNorm -> MLP -> Linear -> logit
+scale_grad:   identity forward, gradient x scale backward
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cross_layers: int = 3
+    cross_rank: int = 32
+    booster_mlp: tuple[int, ...] = (256, 128, 64)
+    light_mlp: tuple[int, ...] = (32,)
+    shared_bottom: tuple[int, ...] = field(default_factory=tuple)  # dense MLP shared by both towers
+
+    def __post_init__(self) -> None:
+        if self.cross_layers < 0 or self.cross_rank < 1:
+            raise ValueError("cross_layers must be >= 0 and cross_rank >= 1")
+        for name in ("booster_mlp", "light_mlp", "shared_bottom"):
+            if any(int(x) < 1 for x in getattr(self, name)):
+                raise ValueError(f"{name}: every layer size must be >= 1")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        return g * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward; gradient times `scale` backward (0 detaches, 1 is a no-op)."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()  # blocks the light losses from the shared layers entirely
+    return _ScaleGrad.apply(x, scale)
+
+
+def mlp(in_dim: int, sizes: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    for s in sizes:
+        layers += [nn.Linear(in_dim, s), nn.ReLU()]
+        in_dim = s
+    return nn.Sequential(*layers), in_dim
+
+
+class LowRankCross(nn.Module):
+    """DCN-v2 low-rank cross layer: x_{l+1} = x0 * (U (V x_l) + b) + x_l. x: [B, K]."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.v = nn.Linear(dim, rank, bias=False)
+        self.u = nn.Linear(rank, dim)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * self.u(self.v(x)) + x
+
+
+class BoosterTower(nn.Module):
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.cross = nn.ModuleList(
+            LowRankCross(in_dim, cfg.cross_rank) for _ in range(cfg.cross_layers)
+        )
+        self.mlp, out = mlp(in_dim, cfg.booster_mlp)
+        self.head = nn.Linear(out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, K] -> logits [B]."""
+        x0 = self.norm(x)
+        h = x0
+        for layer in self.cross:
+            h = layer(x0, h)
+        return self.head(self.mlp(h)).squeeze(-1)
+
+
+class LightTower(nn.Module):
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.mlp, out = mlp(in_dim, cfg.light_mlp)
+        self.head = nn.Linear(out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, K_light] -> logits [B]."""
+        return self.head(self.mlp(self.norm(x))).squeeze(-1)
