@@ -157,6 +157,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="per-table constraints: 'table=row_wise,other=table_wise' or JSON",
     )
     g.add_argument("--resume", default=None, help="continue from this run or checkpoint directory")
+    g.add_argument(
+        "--teacher-column",
+        default=None,
+        help="experiments: probability column used as soft label by --mode perfect_teacher",
+    )
 
 
 def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, TrainConfig]:
@@ -191,7 +196,10 @@ def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, T
         log_every=a.log_every,
         seed=a.seed,
         sharding=dict(a.sharding),
+        teacher_column=a.teacher_column,
     )
+    if loss.mode == "perfect_teacher" and not train.teacher_column:
+        raise ValueError("--mode perfect_teacher needs --teacher-column (a probability column)")
     return model, loss, train
 
 

@@ -49,6 +49,7 @@ class Batch:
     labels: torch.Tensor
     weights: torch.Tensor | None = None
     n_real: int | None = None  # rows before padding (pad_last readers); None = all real
+    teacher: torch.Tensor | None = None  # float32 [B] soft-label probabilities (experiments)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -60,6 +61,7 @@ class Batch:
             self.labels.to(device),
             None if self.weights is None else self.weights.to(device),
             self.n_real,
+            None if self.teacher is None else self.teacher.to(device),
         )
 
 
@@ -70,6 +72,7 @@ class Decoded:
     labels: np.ndarray
     weights: np.ndarray | None
     keys: tuple[str, ...]
+    teacher: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -85,6 +88,7 @@ class Decoded:
             self.labels[a:b],
             None if self.weights is None else self.weights[a:b],
             self.keys,
+            None if self.teacher is None else self.teacher[a:b],
         )
 
     @staticmethod
@@ -97,12 +101,14 @@ class Decoded:
             lens = np.concatenate([np.diff(p.ids[f][1]) for p in parts])
             ids.append((vals, _offsets(lens)))
         w = parts[0].weights
+        t = parts[0].teacher
         return Decoded(
             np.concatenate([p.dense for p in parts]),
             ids,
             np.concatenate([p.labels for p in parts]),
             None if w is None else np.concatenate([p.weights for p in parts]),  # type: ignore[misc]
             parts[0].keys,
+            None if t is None else np.concatenate([p.teacher for p in parts]),  # type: ignore[misc]
         )
 
     def pad_to(self, n: int) -> Decoded:
@@ -121,6 +127,7 @@ class Decoded:
             self.labels[idx],
             None if self.weights is None else self.weights[idx],
             self.keys,
+            None if self.teacher is None else self.teacher[idx],
         )
 
     def to_batch(self) -> Batch:
@@ -136,6 +143,7 @@ class Decoded:
             sparse=kjt,
             labels=torch.from_numpy(np.ascontiguousarray(self.labels)),
             weights=None if self.weights is None else torch.from_numpy(self.weights),
+            teacher=None if self.teacher is None else torch.from_numpy(self.teacher),
         )
 
 
@@ -277,8 +285,17 @@ def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> None:
     decode_table(empty, spec, source)
 
 
-def decode_table(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, source: str) -> Decoded:
-    """Arrow table -> Decoded numpy block. Raises DataError naming file and column."""
+def decode_table(
+    table: pa.Table | pa.RecordBatch,
+    spec: FeatureSpec,
+    source: str,
+    teacher_column: str | None = None,
+) -> Decoded:
+    """Arrow table -> Decoded numpy block. Raises DataError naming file and column.
+
+    teacher_column: optional probability column (e.g. synth's true CTR) used as a soft
+    label by the `perfect_teacher` experiment mode; never a feature.
+    """
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     n = table.num_rows
@@ -306,7 +323,15 @@ def decode_table(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, source: st
         _decode_sparse(_column(table, f.column, f"sparse feature '{f.name}'", source), f, source)
         for f in spec.sparse
     ]
-    return Decoded(dense, ids, labels, weights, tuple(spec.sparse_names))
+    teacher = None
+    if teacher_column:
+        col = _column(table, teacher_column, "teacher probability", source)
+        if not pa.types.is_floating(col.type) or col.null_count:
+            raise DataError(f"{source}: teacher column '{teacher_column}' must be non-null floats")
+        teacher = col.cast(pa.float32()).to_numpy(zero_copy_only=False)
+        if not ((teacher > 0) & (teacher < 1)).all():
+            raise DataError(f"{source}: teacher column '{teacher_column}' must lie in (0, 1)")
+    return Decoded(dense, ids, labels, weights, tuple(spec.sparse_names), teacher)
 
 
 def arrow_to_batch(

@@ -90,6 +90,7 @@ class ParquetReader:
         drop_last: bool = False,
         pad_last: bool = False,
         prefetch: int = 4,
+        teacher_column: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -124,7 +125,8 @@ class ParquetReader:
                     self.units.append(Unit(fi, rg, rows))
         if not self.units:
             raise DataError(f"{path}: no rows in any Parquet file")
-        self.columns = spec.columns()
+        self.teacher_column = teacher_column
+        self.columns = spec.columns() + ([teacher_column] if teacher_column else [])
         self.epoch = 0
         self._unit_pos = 0  # index into this rank's unit list for self.epoch
         self._row = 0  # row offset inside that unit
@@ -182,7 +184,7 @@ class ParquetReader:
     # -- reading ---------------------------------------------------------------
     def _read_unit(self, u: Unit) -> Decoded:
         table = self._pf[u.file].read_row_group(u.row_group, columns=self.columns)
-        return decode_table(table, self.spec, self.files[u.file])
+        return decode_table(table, self.spec, self.files[u.file], self.teacher_column)
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         """Yield (Batch, position after it) for the rest of the current epoch."""

@@ -14,6 +14,9 @@ Modes: rocket (all three terms), booster_only, light_only, and
 teacher_student, whose second phase (`student`) trains the light tower on
 BCE + hint against a frozen booster (booster logits computed without grad,
 shared tables not trained). Means are weighted by the sample weights if given.
+perfect_teacher (experiments only): the light tower alone, with BCE + hint against
+a known click probability (synth's true CTR column) instead of a booster: the
+ceiling of what any teacher's soft labels can add.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MODES = ("rocket", "booster_only", "light_only", "teacher_student")
+MODES = ("rocket", "booster_only", "light_only", "teacher_student", "perfect_teacher")
 HINTS = ("mimic", "mse_prob", "kd")
 
 
@@ -83,9 +86,17 @@ def rocket_loss(
     weights: torch.Tensor | None,
     cfg: LossConfig,
     phase: str | None = None,
+    teacher: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Return (total loss, every term as a float). phase: None or 'teacher'/'student'."""
+    """Return (total loss, every term as a float). phase: None or 'teacher'/'student'.
+
+    teacher: probabilities [B] for mode perfect_teacher."""
     mode = cfg.mode
+    if mode == "perfect_teacher":
+        if teacher is None:
+            raise ValueError("mode perfect_teacher needs a teacher probability column")
+        z_b = torch.logit(teacher.clamp(1e-6, 1 - 1e-6))  # a constant target
+        mode = "student"
     if mode == "teacher_student":
         mode = "booster_only" if phase in (None, "teacher") else "student"
     terms: dict[str, torch.Tensor] = {}
@@ -114,6 +125,6 @@ def towers_needed(cfg: LossConfig, phase: str | None = None) -> tuple[bool, bool
     """(run_booster, run_light) for a training step."""
     if cfg.mode == "booster_only" or (cfg.mode == "teacher_student" and phase != "student"):
         return True, False
-    if cfg.mode == "light_only":
+    if cfg.mode in ("light_only", "perfect_teacher"):
         return False, True
     return True, True

@@ -68,6 +68,7 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     sharding: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> constraints
+    teacher_column: str | None = None  # probability column for mode perfect_teacher
 
     def __post_init__(self) -> None:
         for k in ("batch_size", "epochs"):
@@ -133,6 +134,7 @@ class _Run:
             seed=cfg.seed,
             shuffle=True,
             drop_last=True,
+            teacher_column=cfg.teacher_column,
         )
         self.val_reader = (
             ParquetReader(
@@ -171,7 +173,7 @@ class _Run:
         mode = self.loss_cfg.mode
         if mode == "booster_only" or phase == "teacher":
             skip |= {id(p) for p in m.light.parameters()}
-        if mode == "light_only":
+        if mode in ("light_only", "perfect_teacher"):
             skip |= {id(p) for p in m.booster.parameters()}
         if phase == "student":  # only the light tower learns against the frozen booster
             keep = {id(p) for p in m.light.parameters()}
@@ -351,7 +353,7 @@ class _Run:
             phase = self.phases[self.phase_idx]
             run_b, run_l = towers_needed(self.loss_cfg, phase)
             scale = 0.0 if phase == "student" else self.loss_cfg.light_shared_grad_scale
-            if self.loss_cfg.mode == "light_only":
+            if self.loss_cfg.mode in ("light_only", "perfect_teacher"):
                 scale = 1.0  # the light tower alone trains its tables
             while self.train_reader.epoch < cfg.epochs:
                 epoch = self.train_reader.epoch
@@ -365,7 +367,13 @@ class _Run:
                     batch = batch.to(self.env.device)
                     out = self.dmp(batch.dense, batch.sparse, run_b, run_l, scale)
                     loss, terms = rocket_loss(
-                        out.booster, out.light, batch.labels, batch.weights, self.loss_cfg, phase
+                        out.booster,
+                        out.light,
+                        batch.labels,
+                        batch.weights,
+                        self.loss_cfg,
+                        phase,
+                        batch.teacher,
                     )
                     if not self._all_finite(loss):
                         raise TrainingDiverged(
