@@ -264,7 +264,10 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
 
     tables: list[TableSpec] = []
     for i, t in enumerate(_list(ctx, "", top, "tables")):
-        where = f"tables[{i}]"
+        tname0 = t.get("name") if isinstance(t, dict) else None
+        where = (
+            f"table '{tname0}'" if isinstance(tname0, str) and tname0.strip() else f"tables[{i}]"
+        )
         obj = _check_keys(
             ctx, where, t, ("name", "rows", "dim", "pooling"), ("name", "rows", "dim")
         )
@@ -291,11 +294,16 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
         names.add(fname)
         return fname
 
+    def _where(kind: str, i: int, f: Any) -> str:
+        """'feature NAME' when the entry names itself, else 'sparse[i]'."""
+        name = f.get("name") if isinstance(f, dict) else None
+        return f"feature '{name}'" if isinstance(name, str) and name.strip() else f"{kind}[{i}]"
+
     sparse: list[SparseFeature] = []
     for i, f in enumerate(_list(ctx, "", top, "sparse")):
         obj = _check_keys(
             ctx,
-            f"sparse[{i}]",
+            _where("sparse", i, f),
             f,
             ("name", "column", "table", "dtype", "kind", "max_ids"),
             ("name", "column", "table"),
@@ -332,7 +340,7 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
     for i, f in enumerate(_list(ctx, "", top, "dense")):
         obj = _check_keys(
             ctx,
-            f"dense[{i}]",
+            _where("dense", i, f),
             f,
             ("name", "column", "fill", "transform", "min", "max", "mean", "std"),
             ("name", "column"),

@@ -65,3 +65,61 @@ def test_sharded_matches_unsharded(tmp_path, tiny_spec_path, tiny_data, sharding
     assert res["max_table_diff"] <= TABLE_TOL, res
     assert res["max_dense_diff"] <= TOL, res
     assert res["losses"][0] != res["losses"][-1]  # it trained
+
+
+def test_resume_two_worker_checkpoint_with_one_worker(
+    tmp_path, tiny_spec, tiny_spec_path, tiny_data
+):
+    """DCP reshards: a checkpoint written by 2 ranks continues in 1 process."""
+    import torch
+
+    from rocketrec.export import load_unsharded
+    from rocketrec.model.model import ModelConfig
+    from rocketrec.train.checkpoint import latest_checkpoint
+    from rocketrec.train.loop import TrainConfig, train
+
+    out = tmp_path / "run"
+    env = dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1"
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "dist_resume.py"),
+                str(r),
+                str(tiny_spec_path),
+                tiny_data["train"],
+                str(out),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    two, meta2 = load_unsharded(latest_checkpoint(out))
+    assert meta2["world_size"] == 2 and meta2["step"] == 6
+    cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+    res = train(
+        tiny_spec,
+        tiny_data["train"],
+        None,
+        str(out),
+        cfg,
+        None,
+        TrainConfig(batch_size=256, max_steps=9, log_every=0, seed=5),
+        resume=str(out),
+    )
+    assert res["steps"] == 9
+    one, meta1 = load_unsharded(latest_checkpoint(out))
+    assert meta1["world_size"] == 1
+    # training went on from the 2-rank weights (same shapes, changed values)
+    for k, v in two.state_dict().items():
+        assert v.shape == one.state_dict()[k].shape
+    assert not torch.equal(
+        two.state_dict()["light.head.weight"], one.state_dict()["light.head.weight"]
+    )

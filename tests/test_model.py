@@ -286,3 +286,78 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_spec, tiny_data
     assert ck is not None and ck.name == "step_000000004"
     m, meta = load_unsharded(ck)
     assert all(torch.isfinite(v).all() for v in m.state_dict().values() if v.is_floating_point())
+
+
+def test_perfect_teacher_trains_light_only_against_the_column(tmp_path, tiny_spec):
+    from rocketrec.data.synth import SynthConfig, synth
+
+    synth(
+        tiny_spec,
+        str(tmp_path / "d"),
+        SynthConfig(rows=3000, seed=4, row_group_size=1000, true_ctr_column="p"),
+    )
+    tc = dataclasses.replace(TC, max_steps=6, teacher_column="p")
+    out = tmp_path / "pt"
+    train(
+        tiny_spec,
+        str(tmp_path / "d"),
+        None,
+        str(out),
+        SMALL,
+        LossConfig(mode="perfect_teacher"),
+        tc,
+    )
+    m, _ = _final_model(out)
+    init = _initial_model(tiny_spec, TC.seed)
+    assert _same(m, init, "booster.") and not _same(m, init, "light.")
+    with pytest.raises(ValueError, match="teacher"):
+        train(
+            tiny_spec,
+            str(tmp_path / "d"),
+            None,
+            str(tmp_path / "x"),
+            SMALL,
+            LossConfig(mode="perfect_teacher"),
+            dataclasses.replace(TC, max_steps=2),
+        )
+
+
+def test_crash_while_writing_a_checkpoint_keeps_latest_good(
+    tmp_path, tiny_spec, tiny_data, monkeypatch
+):
+    import torch.distributed.checkpoint as dcp
+
+    import rocketrec.train.checkpoint as ck
+
+    real = dcp.save
+    calls = {"n": 0}
+
+    def dying_save(state, checkpoint_id):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-written
+            real(
+                {"model": {k: v for k, v in list(state["model"].items())[:3]}},
+                checkpoint_id=checkpoint_id,
+            )
+            raise OSError("disk vanished")
+        return real(state, checkpoint_id=checkpoint_id)
+
+    monkeypatch.setattr(ck.dcp, "save", dying_save)
+    with pytest.raises(OSError, match="disk vanished"):
+        _run(
+            tmp_path,
+            tiny_spec,
+            tiny_data,
+            "crashy",
+            None,
+            dataclasses.replace(TC, checkpoint_every=3),
+        )
+    latest = latest_checkpoint(tmp_path / "crashy")
+    assert latest is not None and latest.name == "step_000000003"
+    m, meta = load_unsharded(latest)  # complete and loadable
+    assert meta["step"] == 3
+    monkeypatch.setattr(ck.dcp, "save", real)
+    out, res = _run(
+        tmp_path, tiny_spec, tiny_data, "crashy", None, TC, resume=str(tmp_path / "crashy")
+    )
+    assert res["steps"] == 31  # 8000 rows / 256 per step, short last batch dropped

@@ -248,6 +248,10 @@ class _Run:
         self.epoch_step = int(meta["epoch_step"])
         self.rows_seen = int(meta["rows_seen"])
         self.rows_unused = int(meta.get("rows_unused", 0))
+        if self.phase_idx >= len(self.phases):
+            # a finished run: continue its last phase if the new budget allows more steps
+            self.phase_idx = len(self.phases) - 1
+            _log(f"resume: {path} is a finished run; continuing it under the new step/epoch budget")
         self.dense_opt = self._make_dense_opt(self.phases[self.phase_idx])
         self.dense_opt.load_state_dict(dense)
         if int(meta["world_size"]) == self.world:
