@@ -22,6 +22,7 @@ Nothing is tuned on the test folds: every variant runs with fixed settings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +46,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rocket_kd_scale0.25": {"hint": "kd", "hint_weight": 1.0, "light_shared_grad_scale": 0.25},
     "rocket_kd_scale0": {"hint": "kd", "hint_weight": 1.0, "light_shared_grad_scale": 0.0},
     "teacher_student_kd": {"mode": "teacher_student", "hint": "kd", "hint_weight": 1.0},
+    # light-only embedding part (8-d private tables) beside the shared ones
+    "rocket_kd_private8": {"hint": "kd", "light_private_dim": 8},
+    "rocket_kd_private8_scale0": {
+        "hint": "kd",
+        "light_private_dim": 8,
+        "light_shared_grad_scale": 0.0,
+    },
+    "light_only_private8": {"mode": "light_only", "light_private_dim": 8},
 }
+DEFAULT_VARIANTS = [
+    "light_only",
+    "booster_only",
+    "rocket_mimic",
+    "rocket_mse_prob",
+    "rocket_kd",
+    "rocket_kd_no_block",
+    "rocket_kd_scale0.25",
+    "rocket_kd_scale0",
+    "teacher_student_kd",
+]
+MODEL_KEYS = ("light_private_dim",)
 
 
 def kfold_splits(data: str, spec, k: int, root: Path, row_group: int) -> list[tuple[str, str]]:
@@ -122,12 +143,14 @@ def table_md(summary: dict, latency: dict, ceiling: float | None, meta: dict) ->
         if v not in summary:
             continue
         s = summary[v]
-        la = fmt(s["light_auc"]) if v != "booster_only" else "(not trained)"
-        ll = fmt(s["light_logloss"]) if v != "booster_only" else "—"
-        ba = fmt(s["booster_auc"]) if v != "light_only" else "(not trained)"
-        bl = fmt(s["booster_logloss"]) if v != "light_only" else "—"
-        dl = fmt_diff(s.get("d_light_auc")) if v not in ("booster_only", "light_only") else "—"
-        db = fmt_diff(s.get("d_booster_auc")) if v not in ("booster_only", "light_only") else "—"
+        mode = VARIANTS[v].get("mode", "rocket")
+        light_trained, booster_trained = mode != "booster_only", mode != "light_only"
+        la = fmt(s["light_auc"]) if light_trained else "(not trained)"
+        ll = fmt(s["light_logloss"]) if light_trained else "—"
+        ba = fmt(s["booster_auc"]) if booster_trained else "(not trained)"
+        bl = fmt(s["booster_logloss"]) if booster_trained else "—"
+        dl = fmt_diff(s.get("d_light_auc")) if light_trained and v != "light_only" else "—"
+        db = fmt_diff(s.get("d_booster_auc")) if booster_trained and v != "booster_only" else "—"
         lines.append(
             f"| {v} | {la} | {dl} | {ll} | {ba} | {db} | {bl} | {s['train_seconds'][0]:.1f} |"
         )
@@ -164,9 +187,15 @@ def chart(summary: dict, out_png: Path, title: str) -> None:
         (ax[0], "d_light_auc", "light AUC − light_only"),
         (ax[1], "d_booster_auc", "booster AUC − booster_only"),
     ):
-        m = [summary[v][key][0] for v in vs]
-        e = [summary[v][key][1] for v in vs]
-        a.barh(vs, m, xerr=e, color=["tab:gray" if summary[v][key][2] else "tab:blue" for v in vs])
+        ok = [
+            v
+            for v in vs
+            if key in summary[v]
+            and not (key == "d_booster_auc" and VARIANTS[v].get("mode") == "light_only")
+        ]
+        m = [summary[v][key][0] for v in ok]
+        e = [summary[v][key][1] for v in ok]
+        a.barh(ok, m, xerr=e, color=["tab:gray" if summary[v][key][2] else "tab:blue" for v in ok])
         a.axvline(0, color="black", lw=0.8)
         a.set_title(label + " (grey: noise)")
         a.grid(alpha=0.3, axis="x")
@@ -186,7 +215,7 @@ def main() -> None:
     )
     ap.add_argument("--synth-test-rows", type=int, default=100_000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--out", required=True)
@@ -229,7 +258,7 @@ def main() -> None:
     else:
         splits = kfold_splits(a.data, spec, a.folds, tmp, row_group=2048)
         split_desc = f"{a.folds}-fold cross-validation"
-    model_cfg = ModelConfig()
+    base_model = ModelConfig()
     runs: list[dict[str, Any]] = []
     total = len(splits) * len(a.seeds) * len(a.variants)
     t0 = time.time()
@@ -237,7 +266,10 @@ def main() -> None:
     for fold, (tr, te) in enumerate(splits):
         for seed in a.seeds:
             for v in a.variants:
-                loss = LossConfig(**VARIANTS[v])
+                kw = dict(VARIANTS[v])
+                mkw = {k: kw.pop(k) for k in MODEL_KEYS if k in kw}
+                loss = LossConfig(**kw)
+                model_cfg = dataclasses.replace(base_model, **mkw)
                 tc = TrainConfig(
                     batch_size=a.batch_size,
                     epochs=a.epochs,

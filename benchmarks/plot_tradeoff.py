@@ -37,7 +37,9 @@ def main() -> None:
             "|---|---|---|---|",
         ]
         for name, a, l in rows:
-            md.append(f"| {name} | {a[0]:.4f} ± {a[1]:.4f} | {l['1']['p50_us']:.0f} | {l['256']['p50_us']:.0f} |")
+            md.append(
+                f"| {name} | {a[0]:.4f} ± {a[1]:.4f} | {l['1']['p50_us']:.0f} | {l['256']['p50_us']:.0f} |"
+            )
         (d / "tradeoff.md").write_text("\n".join(md) + "\n")
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))
         for k, b in enumerate(("1", "256")):

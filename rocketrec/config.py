@@ -121,6 +121,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--light-mlp", type=_sizes, default=d_m.light_mlp, help="e.g. 32")
     g.add_argument(
+        "--light-private-dim",
+        type=int,
+        default=d_m.light_private_dim,
+        help="dim of a light-only embedding part beside the shared tables (0 = none)",
+    )
+    g.add_argument(
         "--shared-bottom",
         type=_sizes,
         default=d_m.shared_bottom,
@@ -171,6 +177,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, T
         booster_mlp=tuple(a.booster_mlp),
         light_mlp=tuple(a.light_mlp),
         shared_bottom=tuple(a.shared_bottom),
+        light_private_dim=a.light_private_dim,
     )
     loss = LossConfig(
         mode=a.mode,

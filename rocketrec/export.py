@@ -86,11 +86,15 @@ class LightServing(nn.Module):
         tables: dict[str, torch.Tensor],
         tower: nn.Module,
         int8: bool = False,
+        num_inputs: int | None = None,
     ) -> None:
         super().__init__()
         feats = spec.light_sparse
         dense = spec.light_dense
         self.num_features = len(feats)
+        # features beyond num_inputs re-read the inputs of the first ones (private tables)
+        self.num_inputs = len(feats) if num_inputs is None else num_inputs
+        assert self.num_features % self.num_inputs == 0
         self.num_dense = len(dense)
         self.int8 = int8
         # group features by embedding dim: one fused table and one bag call per group
@@ -224,7 +228,7 @@ class LightServing(nn.Module):
                 + str(list(dense.shape))
             )
         b = dense.size(0)
-        f = self.num_features
+        f = self.num_inputs
         if values.dim() != 1 or lengths.dim() != 1:
             raise ValueError("rocketrec: values and lengths must be 1-D int64 tensors")
         if lengths.numel() != f * b:
@@ -248,6 +252,12 @@ class LightServing(nn.Module):
                 + str(values.numel())
                 + " entries"
             )
+        if self.num_features != f:
+            # light-only private tables: every input bag is looked up once more
+            reps = self.num_features // f
+            values = values.repeat(reps)
+            lengths = lengths.repeat(reps)
+            f = self.num_features
         lens2 = lengths.view(f, b)
         feat_of_value = torch.repeat_interleave(self.feature_index, lens2.sum(1))
         if self.any_max_ids and bool((lens2 > self.id_cap.view(f, 1)).any()):
@@ -357,10 +367,41 @@ def _version() -> str:
         return "unknown"
 
 
+def with_private_tables(spec: FeatureSpec, private_dim: int) -> FeatureSpec:
+    """Serving view of a spec whose light tower also reads private tables: each light
+    sparse feature gets a twin `NAME__light` on table `TABLE__light` (same column)."""
+    from rocketrec.model.model import private_table_name
+    from rocketrec.spec import SparseFeature, TableSpec
+
+    light = spec.light_sparse
+    used = list(dict.fromkeys(f.table for f in light))
+    tables = tuple(
+        TableSpec(private_table_name(t), spec.table(t).rows, private_dim, spec.table(t).pooling)
+        for t in used
+    )
+    twins = tuple(
+        SparseFeature(
+            f"{f.name}__light", f.column, private_table_name(f.table), f.dtype, f.kind, f.max_ids
+        )
+        for f in light
+    )
+    names = [f.name for f in light] + [t.name for t in twins] + [f.name for f in spec.light_dense]
+    return replace(
+        spec,
+        tables=spec.tables + tables,
+        sparse=spec.sparse + twins,
+        light_features=tuple(names),
+    )
+
+
 def script_serving(
-    spec: FeatureSpec, tables: dict[str, torch.Tensor], tower: nn.Module, int8: bool
+    spec: FeatureSpec,
+    tables: dict[str, torch.Tensor],
+    tower: nn.Module,
+    int8: bool,
+    num_inputs: int | None = None,
 ) -> torch.jit.ScriptModule:
-    m = LightServing(spec, tables, _copy_tower(tower), int8=int8)
+    m = LightServing(spec, tables, _copy_tower(tower), int8=int8, num_inputs=num_inputs)
     m.eval()
     return torch.jit.script(m)
 
@@ -465,7 +506,13 @@ def export_checkpoint(
             raise ValueError("export does not support shared_bottom yet: train without it")
         tower = model.light
     tables = {t.name: model.ebc.embedding_bags[t.name].weight for t in spec.tables}
-    scripted = script_serving(spec, tables, tower, int8)
+    serve_spec, num_inputs = spec, None
+    if not booster and model.light_ebc is not None:
+        serve_spec = with_private_tables(spec, model.cfg.light_private_dim)
+        num_inputs = len(spec.light_sparse)
+        for t in serve_spec.tables[len(spec.tables) :]:
+            tables[t.name] = model.light_ebc.embedding_bags[t.name].weight
+    scripted = script_serving(serve_spec, tables, tower, int8, num_inputs)
     table = _heldout_table(model.spec, data, rows)
     # reference: the training model on the same rows through the training path
     batch = decode_table(table, model.spec, "<held-out>").to_batch()
@@ -480,6 +527,7 @@ def export_checkpoint(
             "checkpoint": str(ck),
             "step": meta.get("step"),
             "tower": "booster" if booster else "light",
+            "light_private_dim": 0 if booster else model.cfg.light_private_dim,
         },
     )
     out = Path(out)

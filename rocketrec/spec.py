@@ -276,11 +276,13 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
         if any(x.name == tname for x in tables):
             raise ctx.fail(where, "duplicate table name")
         pooling = _choice(ctx, where, obj, "pooling", POOLINGS) if "pooling" in obj else "sum"
-        tables.append(
-            TableSpec(
-                tname, _int(ctx, where, obj, "rows", 1), _int(ctx, where, obj, "dim", 1), pooling
+        dim = _int(ctx, where, obj, "dim", 1)
+        if dim % 4:
+            raise ctx.fail(
+                where,
+                f"field 'dim' must be a multiple of 4 (fbgemm's embedding kernels), got {dim}",
             )
-        )
+        tables.append(TableSpec(tname, _int(ctx, where, obj, "rows", 1), dim, pooling))
     if not tables:
         raise ctx.fail("", "field 'tables' must list at least one table")
     table_names = [t.name for t in tables]

@@ -154,3 +154,25 @@ def test_cli_export_and_predict(tmp_path, trained):
         and "unknown feature 'zzz'" in bad.stderr
         and "Traceback" not in bad.stderr
     )
+
+
+def test_export_with_light_private_tables(tmp_path, tiny_spec, tiny_data):
+    cfg = ModelConfig(
+        cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,), light_private_dim=4
+    )
+    train(
+        tiny_spec,
+        tiny_data["train"],
+        None,
+        str(tmp_path / "run"),
+        cfg,
+        None,
+        TrainConfig(batch_size=512, max_steps=5, log_every=0),
+    )
+    rep = export_checkpoint(tmp_path / "run", tmp_path / "p.pt", data=tiny_data["val"])
+    assert rep["max_abs_diff"] <= 1e-5
+    m = read_manifest(tmp_path / "p.pt")
+    assert [f["name"] for f in m["sparse_features"]] == ["user", "ad", "tags"]  # inputs unchanged
+    assert m["light_private_dim"] == 4
+    q = export_checkpoint(tmp_path / "run", tmp_path / "q.pt", int8=True, data=tiny_data["val"])
+    assert q["max_abs_diff"] <= export.INT8_TOL

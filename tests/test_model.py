@@ -361,3 +361,37 @@ def test_crash_while_writing_a_checkpoint_keeps_latest_good(
         tmp_path, tiny_spec, tiny_data, "crashy", None, TC, resume=str(tmp_path / "crashy")
     )
     assert res["steps"] == 31  # 8000 rows / 256 per step, short last batch dropped
+
+
+def test_light_private_tables_keep_the_booster_identical(tmp_path, tiny_spec, tiny_data):
+    """Light-only embedding part + shared-grad scale 0: the light tower still learns its own
+    embeddings while the booster and shared tables train exactly as booster_only."""
+    priv = dataclasses.replace(SMALL, light_private_dim=4)
+    tc = dataclasses.replace(TC, max_steps=10)
+    bo = tmp_path / "bo"
+    train(tiny_spec, tiny_data["train"], None, str(bo), priv, LossConfig(mode="booster_only"), tc)
+    rp = tmp_path / "rp"
+    train(
+        tiny_spec,
+        tiny_data["train"],
+        None,
+        str(rp),
+        priv,
+        LossConfig(light_shared_grad_scale=0.0),
+        tc,
+    )
+    m_bo, _ = _final_model(bo)
+    m_rp, _ = _final_model(rp)
+    assert _same(m_rp, m_bo, "booster.") and _same(m_rp, m_bo, "ebc.")
+    assert not _same(m_rp, m_bo, "light_ebc.") and not _same(m_rp, m_bo, "light.")
+    # by autograd: light losses reach the private tables, not the shared ones
+    torch.manual_seed(0)
+    m = RocketModel(tiny_spec, priv)
+    b = next(iter(ParquetReader(tiny_data["train"], tiny_spec, 128, shuffle=False)))
+    out = m(b.dense, b.sparse, light_shared_grad_scale=0.0)
+    all_tables = [(n, p) for n, p in m.named_parameters() if "ebc." in n]
+    g_shared = _grads(bce(out.light, b.labels, None), all_tables)
+    assert all(torch.count_nonzero(g) == 0 for n, g in g_shared.items() if n.startswith("ebc."))
+    assert any(
+        torch.count_nonzero(g) > 0 for n, g in g_shared.items() if n.startswith("light_ebc.")
+    )

@@ -91,6 +91,10 @@ BROKEN = {
         _mutate("rows: 500, dim: 8", "rows: 500, rows: 600, dim: 8"),
         ["duplicate key 'rows'"],
     ),
+    "dim not multiple of 4": (
+        _mutate("rows: 500, dim: 8", "rows: 500, dim: 6"),
+        ["table 't_user'", "'dim'", "multiple of 4"],
+    ),
     "bad version": (_mutate("version: 1", "version: 7"), ["'version'"]),
     "features not list": (
         _mutate("features: [user, ad, tags, price, pos]", "features: user"),

@@ -110,9 +110,12 @@ def shard_model(
     kwargs: dict[str, float] = {"lr": sparse_lr}
     if sparse_optimizer in ("rowwise_adagrad", "adagrad"):
         kwargs["eps"] = 1e-8
-    apply_optimizer_in_backward(opt_cls, model.ebc.parameters(), kwargs)  # type: ignore[union-attr,operator]
+    ebcs = [m for m in (model.ebc, getattr(model, "light_ebc", None)) if m is not None]
+    table_names: set[str] = set()
+    for ebc in ebcs:  # shared tables and the light tower's private tables, if any
+        apply_optimizer_in_backward(opt_cls, ebc.parameters(), kwargs)  # type: ignore[union-attr,operator,arg-type]
+        table_names |= {c.name for c in ebc.embedding_bag_configs()}  # type: ignore[union-attr,operator]
     pc: dict[str, ParameterConstraints] = {}
-    table_names = {c.name for c in model.ebc.embedding_bag_configs()}  # type: ignore[union-attr,operator]
     for table, c in (constraints or {}).items():
         if table not in table_names:
             raise ValueError(f"sharding constraint names unknown table '{table}'")

@@ -38,6 +38,11 @@ from rocketrec.model.towers import (  # noqa: F401 - re-exported
 from rocketrec.spec import FeatureSpec
 
 
+def private_table_name(table: str) -> str:
+    """Name of the light tower's private table beside shared table `table`."""
+    return f"{table}__light"
+
+
 class RocketOutput(NamedTuple):
     booster: torch.Tensor | None  # logits [B], None when not computed
     light: torch.Tensor | None  # logits [B], None when not computed
@@ -99,6 +104,28 @@ class RocketModel(nn.Module):
         light_in = sum(dims[n] for n in self.light_sparse) + (
             dense_out if self.light_uses_bottom else len(self.light_dense_idx)
         )
+        # optional light-only embedding part: one private table per table the light tower uses
+        self.light_ebc: EmbeddingBagCollection | None = None
+        if cfg.light_private_dim > 0:
+            by_light_table: dict[str, list[str]] = {}
+            for f in spec.light_sparse:
+                by_light_table.setdefault(f.table, []).append(f.name)
+            self.light_ebc = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(
+                        name=private_table_name(t),
+                        embedding_dim=cfg.light_private_dim,
+                        num_embeddings=spec.table(t).rows,
+                        feature_names=names,
+                        pooling=PoolingType.SUM
+                        if spec.table(t).pooling == "sum"
+                        else PoolingType.MEAN,
+                    )
+                    for t, names in by_light_table.items()
+                ],
+                device=device,
+            )
+            light_in += cfg.light_private_dim * len(self.light_sparse)
         self.booster = BoosterTower(booster_in, cfg).to(device)
         self.light = LightTower(light_in, cfg).to(device)
         if self.bottom is not None:
@@ -124,7 +151,8 @@ class RocketModel(nn.Module):
         light_shared_grad_scale: float = 1.0,
     ) -> RocketOutput:
         """dense [B, D] float32, sparse KJT of raw ids -> RocketOutput(logits [B] or None)."""
-        pooled = self.ebc(self.bucketize(sparse)).to_dict()  # by key, never by position
+        bucketed = self.bucketize(sparse)
+        pooled = self.ebc(bucketed).to_dict()  # by key, never by position
         dense_repr = self.bottom(dense) if self.bottom is not None else dense
         z_b = z_l = None
         if run_booster:
@@ -132,14 +160,23 @@ class RocketModel(nn.Module):
                 torch.cat([pooled[n] for n in self.spec.sparse_names] + [dense_repr], 1)
             )
         if run_light:
-            parts = [pooled[n] for n in self.light_sparse]
+            # the scale sets how much of the light losses' gradient reaches the shared layers
+            parts = [
+                scale_grad(
+                    torch.cat([pooled[n] for n in self.light_sparse], 1), light_shared_grad_scale
+                )
+            ]
+            if self.light_ebc is not None:
+                # private tables: trained by the light losses only, never scaled
+                keys = sparse.keys()
+                light_kjt = bucketed.permute([keys.index(n) for n in self.light_sparse])
+                private = self.light_ebc(light_kjt).to_dict()
+                parts += [private[n] for n in self.light_sparse]
             if self.light_uses_bottom:
-                parts.append(dense_repr)
+                parts.append(scale_grad(dense_repr, light_shared_grad_scale))
             elif self.light_dense_idx:
                 parts.append(dense.index_select(1, self.light_dense_index))
-            # the scale sets how much of the light losses' gradient reaches the shared layers
-            x = scale_grad(torch.cat(parts, 1), light_shared_grad_scale)
-            z_l = self.light(x)
+            z_l = self.light(torch.cat(parts, 1))
         return RocketOutput(z_b, z_l)
 
     def booster_only_params(self) -> list[tuple[str, nn.Parameter]]:

@@ -20,8 +20,16 @@ class ModelConfig:
     booster_mlp: tuple[int, ...] = (256, 128, 64)
     light_mlp: tuple[int, ...] = (32,)
     shared_bottom: tuple[int, ...] = field(default_factory=tuple)  # dense MLP shared by both towers
+    # >0: each light feature also reads a private table of this dim, trained by the light
+    # losses only (a light-only embedding part beside the shared tables)
+    light_private_dim: int = 0
 
     def __post_init__(self) -> None:
+        if self.light_private_dim < 0 or self.light_private_dim % 4:
+            raise ValueError(
+                f"light_private_dim must be 0 or a positive multiple of 4 (fbgemm's embedding "
+                f"kernels need it), got {self.light_private_dim}"
+            )
         if self.cross_layers < 0 or self.cross_rank < 1:
             raise ValueError("cross_layers must be >= 0 and cross_rank >= 1")
         for name in ("booster_mlp", "light_mlp", "shared_bottom"):

@@ -118,11 +118,15 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         model = RocketModel(spec, model_cfg)
-        full = {k: v.detach().clone() for k, v in model.ebc.state_dict().items()}
+        full = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if k.startswith(("ebc.", "light_ebc."))
+        }
         self.model = model
         self.dmp = shard_model(model, self.env, cfg.sparse_optimizer, cfg.sparse_lr, cfg.sharding)
         # same start whatever the plan: tables come from the seeded unsharded model
-        copy_unsharded_tables(self.dmp, {f"ebc.{k}": v for k, v in full.items()})
+        copy_unsharded_tables(self.dmp, full)
         # Sharded embeddings need the same batch size on every rank: training drops each
         # rank's short last batch (counted in rows_unused); evaluation pads it instead.
         self.train_reader = ParquetReader(
