@@ -214,6 +214,12 @@ def main() -> None:
         "--synth-rows", type=int, default=0, help="use synthetic train/test data instead"
     )
     ap.add_argument("--synth-test-rows", type=int, default=100_000)
+    ap.add_argument(
+        "--synth-test-seed",
+        type=int,
+        default=3,
+        help="seed of the held-out set (3 = test; 2 = the validation set used to choose defaults)",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--epochs", type=int, default=1)
@@ -247,13 +253,14 @@ def main() -> None:
         synth(
             spec,
             str(tmp / "test"),
-            SynthConfig(rows=a.synth_test_rows, seed=3, true_ctr_column="_p_true"),
+            SynthConfig(rows=a.synth_test_rows, seed=a.synth_test_seed, true_ctr_column="_p_true"),
         )
         splits = [(str(tmp / "train"), str(tmp / "test"))]
         t = pq.read_table(tmp / "test")
         ceiling = auc(t[spec.label_column].to_numpy(), t["_p_true"].to_numpy())
         split_desc = (
-            f"synthetic {a.synth_rows:,} train / {a.synth_test_rows:,} test rows (one hidden model)"
+            f"synthetic {a.synth_rows:,} train / {a.synth_test_rows:,} held-out rows "
+            f"(seed {a.synth_test_seed}; one hidden model)"
         )
     else:
         splits = kfold_splits(a.data, spec, a.folds, tmp, row_group=2048)

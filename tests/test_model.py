@@ -395,3 +395,11 @@ def test_light_private_tables_keep_the_booster_identical(tmp_path, tiny_spec, ti
     assert any(
         torch.count_nonzero(g) > 0 for n, g in g_shared.items() if n.startswith("light_ebc.")
     )
+
+
+def test_private_tables_do_not_change_the_booster_init(tiny_spec):
+    torch.manual_seed(3)
+    a = RocketModel(tiny_spec, SMALL)
+    torch.manual_seed(3)
+    b = RocketModel(tiny_spec, dataclasses.replace(SMALL, light_private_dim=4))
+    assert _same(a, b, "booster.") and _same(a, b, "ebc.")

@@ -104,6 +104,8 @@ class RocketModel(nn.Module):
         light_in = sum(dims[n] for n in self.light_sparse) + (
             dense_out if self.light_uses_bottom else len(self.light_dense_idx)
         )
+        # built before the light-only parts, so its initial weights do not depend on them
+        self.booster = BoosterTower(booster_in, cfg).to(device)
         # optional light-only embedding part: one private table per table the light tower uses
         self.light_ebc: EmbeddingBagCollection | None = None
         if cfg.light_private_dim > 0:
@@ -126,7 +128,6 @@ class RocketModel(nn.Module):
                 device=device,
             )
             light_in += cfg.light_private_dim * len(self.light_sparse)
-        self.booster = BoosterTower(booster_in, cfg).to(device)
         self.light = LightTower(light_in, cfg).to(device)
         if self.bottom is not None:
             self.bottom.to(device)
