@@ -157,7 +157,7 @@ def table_md(summary: dict, latency: dict, ceiling: float | None, meta: dict) ->
     if ceiling is not None:
         lines += [
             "",
-            f"Bayes ceiling (true click probability as the score) on the test set: AUC {ceiling:.4f}.",
+            f"Bayes ceiling (true click probability as the score) on the held-out set: AUC {ceiling:.4f}.",
         ]
     if latency:
         lines += [
