@@ -30,26 +30,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize(
-    "sharding", ["table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel"]
-)
-def test_sharded_matches_unsharded(tmp_path, tiny_spec_path, tiny_data, sharding):
-    out = tmp_path / "result.json"
-    env = dict(
-        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1"
-    )
+def _run_two_ranks(script: str, args_of_rank) -> None:
+    """Start 2 gloo ranks of tests/SCRIPT on loopback and require both to succeed."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env["OMP_NUM_THREADS"] = "1"
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "dist_check.py"),
-                str(r),
-                "2",
-                sharding,
-                str(tiny_spec_path),
-                tiny_data["train"],
-                str(out),
-            ],
+            [sys.executable, str(HERE / script), *args_of_rank(r)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -59,6 +46,17 @@ def test_sharded_matches_unsharded(tmp_path, tiny_spec_path, tiny_data, sharding
     ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+
+
+@pytest.mark.parametrize(
+    "sharding", ["table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel"]
+)
+def test_sharded_matches_unsharded(tmp_path, tiny_spec_path, tiny_data, sharding):
+    out = tmp_path / "result.json"
+    _run_two_ranks(
+        "dist_check.py",
+        lambda r: [str(r), "2", sharding, str(tiny_spec_path), tiny_data["train"], str(out)],
+    )
     res = json.loads(out.read_text())
     for a, b in zip(res["losses"], res["ref_losses"]):
         assert abs(a - b) <= TOL, res
@@ -79,28 +77,9 @@ def test_resume_two_worker_checkpoint_with_one_worker(
     from rocketrec.train.loop import TrainConfig, train
 
     out = tmp_path / "run"
-    env = dict(
-        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1"
+    _run_two_ranks(
+        "dist_resume.py", lambda r: [str(r), str(tiny_spec_path), tiny_data["train"], str(out)]
     )
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "dist_resume.py"),
-                str(r),
-                str(tiny_spec_path),
-                tiny_data["train"],
-                str(out),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
     two, meta2 = load_unsharded(latest_checkpoint(out))
     assert meta2["world_size"] == 2 and meta2["step"] == 6
     cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
