@@ -75,7 +75,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rocketrec import __version__
+
     p = argparse.ArgumentParser(prog="rocketrec", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"rocketrec {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="check a feature spec (and data against it)")

@@ -52,7 +52,9 @@ MAX_DIM_GROUPS = 4  # max |p_int8 - p_fp32|; row-wise int8 keeps ~1/255 of each 
 class LightServing(nn.Module):
     """Light tower with its tables and preprocessing; see the module docstring."""
 
-    # buffers (declared for TorchScript and type checkers)
+    # attributes (declared for TorchScript and type checkers)
+    group_dims: list[int]
+    group_has_mean: list[bool]
     feature_rows: torch.Tensor
     feature_offset: torch.Tensor
     max_ids: torch.Tensor
@@ -101,7 +103,7 @@ class LightServing(nn.Module):
         dims = sorted({spec.table(f.table).dim for f in feats})
         if len(dims) > MAX_DIM_GROUPS:
             raise ValueError(f"the exported tower uses more than {MAX_DIM_GROUPS} embedding dims")
-        self.group_dims: list[int] = dims
+        self.group_dims = dims
         feature_offset = [0] * len(feats)
         group_of = [0] * len(feats)
         members: list[list[int]] = [[] for _ in dims]
@@ -151,7 +153,7 @@ class LightServing(nn.Module):
             "id_cap", torch.tensor([m if m > 0 else 1 << 62 for m in max_ids], dtype=torch.int64)
         )
         pooling_mean = [spec.table(f.table).pooling == "mean" for f in feats]
-        self.group_has_mean: list[bool] = [any(pooling_mean[i] for i in m) for m in members]
+        self.group_has_mean = [any(pooling_mean[i] for i in m) for m in members]
         # column layout after concatenating groups -> manifest (spec) order
         fdims = [spec.table(f.table).dim for f in feats]
         start = [sum(fdims[:i]) for i in range(len(feats))]
