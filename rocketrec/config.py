@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from rocketrec.dist.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from rocketrec.model.loss import HINTS, MODES, LossConfig
@@ -208,9 +207,3 @@ def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, T
     if loss.mode == "perfect_teacher" and not train.teacher_column:
         raise ValueError("--mode perfect_teacher needs --teacher-column (a probability column)")
     return model, loss, train
-
-
-def config_summary(model: ModelConfig, loss: LossConfig, train: TrainConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return {"model": asdict(model), "loss": asdict(loss), "train": asdict(train)}

@@ -57,7 +57,6 @@ class LightServing(nn.Module):
     group_has_mean: list[bool]
     feature_rows: torch.Tensor
     feature_offset: torch.Tensor
-    max_ids: torch.Tensor
     is_mean: torch.Tensor
     group_of_feature_t: torch.Tensor
     feature_index: torch.Tensor
@@ -141,7 +140,6 @@ class LightServing(nn.Module):
         )
         self.register_buffer("feature_offset", torch.tensor(feature_offset, dtype=torch.int64))
         max_ids = [f.max_ids or 0 for f in feats]
-        self.register_buffer("max_ids", torch.tensor(max_ids, dtype=torch.int64))
         self.any_max_ids = any(m > 0 for m in max_ids)
         self.register_buffer(
             "is_mean",

@@ -119,8 +119,10 @@ class Decoded:
         ids = []
         for values, offsets in self.ids:
             lens = np.diff(offsets)[idx]
-            parts = [values[offsets[i] : offsets[i + 1]] for i in idx]
-            ids.append((np.concatenate(parts) if parts else values[:0], _offsets(lens)))
+            new_offsets = _offsets(lens)
+            # gather each repeated row's ids: its old start + position inside the bag
+            pos = np.arange(new_offsets[-1]) - np.repeat(new_offsets[:-1], lens)
+            ids.append((values[np.repeat(offsets[idx], lens) + pos], new_offsets))
         return Decoded(
             self.dense[idx],
             ids,

@@ -187,13 +187,12 @@ class ParquetReader:
         return decode_table(table, self.spec, self.files[u.file], self.teacher_column)
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
-        """Yield (Batch, position after it) for the rest of the current epoch."""
+        """Put (Batch, position after it) for the rest of the current epoch on `out`."""
         try:
             units = self.units_for(self.epoch)
             pos, row = self._unit_pos, self._row
             pending: list[Decoded] = []
             have = 0
-            start = (pos, row)  # position of the first pending row
             while pos < len(units) and not stop.is_set():
                 block = self._read_unit(units[pos])
                 if row:
@@ -208,8 +207,8 @@ class ParquetReader:
                     if have == self.batch_size:
                         nxt_row = row + off
                         nxt = (pos, nxt_row) if nxt_row < units[pos].rows else (pos + 1, 0)
-                        out.put((Decoded.concat(pending).to_batch(), start, nxt))
-                        pending, have, start = [], 0, nxt
+                        out.put((Decoded.concat(pending).to_batch(), nxt))
+                        pending, have = [], 0
                         if stop.is_set():
                             return
                 pos, row = pos + 1, 0
@@ -220,7 +219,7 @@ class ParquetReader:
                     batch.n_real = len(last)
                 else:
                     batch = last.to_batch()
-                out.put((batch, start, (len(units), 0)))
+                out.put((batch, (len(units), 0)))
             out.put(None)
         except BaseException as e:  # surface reader errors in the consumer thread
             out.put(e)
@@ -238,7 +237,7 @@ class ParquetReader:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                batch, _start, (pos, row) = item
+                batch, (pos, row) = item  # the position right after this batch
                 self._unit_pos, self._row = pos, row
                 yield batch
             self.set_epoch(self.epoch + 1)

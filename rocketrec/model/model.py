@@ -179,9 +179,3 @@ class RocketModel(nn.Module):
                 parts.append(dense.index_select(1, self.light_dense_index))
             z_l = self.light(torch.cat(parts, 1))
         return RocketOutput(z_b, z_l)
-
-    def booster_only_params(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if n.startswith("booster.")]
-
-    def light_params(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if n.startswith("light.")]
