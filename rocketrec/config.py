@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from rocketrec.dist.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
+from rocketrec.parallel.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from rocketrec.model.loss import HINTS, MODES, LossConfig
 from rocketrec.model.model import ModelConfig
 from rocketrec.train.loop import TrainConfig

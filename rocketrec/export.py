@@ -26,10 +26,13 @@ held-out batch by more than 1e-5 (fp32) or the int8 bound.
 """
 
 import argparse
+import gc
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,18 @@ FORMAT = "rocketrec-light/1"
 FP32_TOL = 1e-5
 INT8_TOL = 2e-2
 MAX_DIM_GROUPS = 4  # max |p_int8 - p_fp32|; row-wise int8 keeps ~1/255 of each row's range
+
+
+TableSource = torch.Tensor | Callable[[], Iterable[tuple[int, torch.Tensor]]]
+BlockHook = Callable[[str, int, torch.Tensor], None]
+
+
+def _row_blocks(src: TableSource, rows: int = 1 << 20) -> Iterator[tuple[int, torch.Tensor]]:
+    if isinstance(src, torch.Tensor):
+        for r0 in range(0, src.shape[0], rows):
+            yield r0, src[r0 : r0 + rows]
+    else:
+        yield from src()
 
 
 class LightServing(nn.Module):
@@ -84,11 +99,14 @@ class LightServing(nn.Module):
     def __init__(
         self,
         spec: FeatureSpec,
-        tables: dict[str, torch.Tensor],
+        tables: Mapping[str, TableSource],
         tower: nn.Module,
         int8: bool = False,
         num_inputs: int | None = None,
+        on_block: BlockHook | None = None,
     ) -> None:
+        """tables: name -> full weight [R, D], or a callable yielding (first row, rows)
+        blocks in order (streamed from a checkpoint); on_block sees every block."""
         super().__init__()
         feats = spec.light_sparse
         dense = spec.light_dense
@@ -109,26 +127,31 @@ class LightServing(nn.Module):
         for g, d in enumerate(dims):
             offset = 0
             placed: dict[str, int] = {}
-            parts = []
             for i, f in enumerate(feats):
                 t = spec.table(f.table)
                 if t.dim != d:
                     continue
                 if t.name not in placed:  # a table shared by two features is stored once
                     placed[t.name] = offset
-                    parts.append(tables[t.name].detach().float().cpu())
                     offset += t.rows
                 feature_offset[i] = placed[t.name]
                 group_of[i] = g
                 members[g].append(i)
-            w = torch.cat(parts, 0).contiguous()
-            # fused tables: fp32, or row-wise int8 (prepacked with per-row scale and bias)
-            packed = (
-                torch.ops.quantized.embedding_bag_byte_prepack(w) if int8 else torch.zeros(0, 0)
-            )
+            # fused tables, filled block by block (never a second copy of a table):
+            # fp32, or row-wise int8 (prepacked with per-row scale and bias)
+            width = int(torch.ops.quantized.embedding_bag_byte_prepack(torch.zeros(1, d)).shape[1])
+            w = torch.empty(offset, width, dtype=torch.uint8) if int8 else torch.empty(offset, d)
+            for name, start in placed.items():
+                for r0, blk in _row_blocks(tables[name]):
+                    blk = blk.detach().float().cpu().contiguous()
+                    if on_block is not None:
+                        on_block(name, r0, blk)
+                    dst = w[start + r0 : start + r0 + blk.shape[0]]
+                    dst.copy_(torch.ops.quantized.embedding_bag_byte_prepack(blk) if int8 else blk)
+                    del blk
             self.register_buffer(f"table_fp32_{g}", torch.zeros(0, 0) if int8 else w)
             self.register_buffer(
-                f"table_int8_{g}", packed if int8 else torch.zeros(0, 0, dtype=torch.uint8)
+                f"table_int8_{g}", w if int8 else torch.zeros(0, 0, dtype=torch.uint8)
             )
             self.register_buffer(f"group_index_{g}", torch.tensor(members[g], dtype=torch.int64))
         for g in range(len(dims), MAX_DIM_GROUPS):  # TorchScript wants every name the code uses
@@ -396,12 +419,13 @@ def with_private_tables(spec: FeatureSpec, private_dim: int) -> FeatureSpec:
 
 def script_serving(
     spec: FeatureSpec,
-    tables: dict[str, torch.Tensor],
+    tables: Mapping[str, TableSource],
     tower: nn.Module,
     int8: bool,
     num_inputs: int | None = None,
+    on_block: BlockHook | None = None,
 ) -> torch.jit.ScriptModule:
-    m = LightServing(spec, tables, _copy_tower(tower), int8=int8, num_inputs=num_inputs)
+    m = LightServing(spec, tables, _copy_tower(tower), int8, num_inputs, on_block)
     m.eval()
     return torch.jit.script(m)
 
@@ -444,23 +468,133 @@ def raw_inputs_from_table(
 # -- from a checkpoint ------------------------------------------------------------
 
 
-def load_unsharded(ckpt: Path) -> tuple[Any, dict[str, Any]]:
-    """Rebuild the unsharded RocketModel from a (sharded or not) DCP checkpoint."""
+def load_towers(ckpt: Path) -> tuple[Any, dict[str, Any]]:
+    """The RocketModel of a checkpoint with its dense parts loaded and its tables on `meta`.
+
+    Tables stay out of memory: read them block by block with `CheckpointTables`.
+    """
     import torch.distributed.checkpoint as dcp
 
     from rocketrec.model.model import ModelConfig, RocketModel
+    from rocketrec.parallel.tables import table_of_key
     from rocketrec.train.checkpoint import read_meta
 
     meta = read_meta(ckpt)
     spec = spec_from_dict(meta["spec"], source=f"{ckpt}/meta.json")
     mc = meta["model_config"]
     model_cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()})  # type: ignore[arg-type]
-    model = RocketModel(spec, model_cfg)
-    sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=str(ckpt))  # DCP gathers every shard into full tensors
-    model.load_state_dict(sd)
+    model = RocketModel(spec, model_cfg, table_device=torch.device("meta"))
+    dense = {k: v for k, v in model.state_dict().items() if table_of_key(k) is None}
+    dcp.load({"model": dense}, checkpoint_id=str(ckpt))
+    model.load_state_dict(dense, strict=False)
     model.eval()
     return model, meta
+
+
+def load_unsharded(ckpt: Path) -> tuple[Any, dict[str, Any]]:
+    """The whole unsharded RocketModel of a checkpoint (small tables: tests, tools)."""
+    from rocketrec.model.model import RocketModel
+    from rocketrec.parallel.tables import table_of_key
+    from rocketrec.train.checkpoint import CheckpointTables
+
+    towers, meta = load_towers(ckpt)
+    model = RocketModel(towers.spec, towers.cfg)
+    sd = model.state_dict()
+    ct = CheckpointTables(ckpt)
+    with torch.no_grad():
+        for k, v in sd.items():
+            if table_of_key(k) is None:
+                v.copy_(towers.state_dict()[k])
+            else:
+                v.copy_(ct.full(f"model.{k}"))
+    model.eval()
+    return model, meta
+
+
+class _RowCollector:
+    """Keeps the table rows a held-out batch looks up, as the tables stream past."""
+
+    def __init__(self, needed: dict[str, np.ndarray], dims: dict[str, int]) -> None:
+        self.needed = needed  # table -> sorted unique rows
+        self.rows = {t: torch.zeros(len(r), dims[t]) for t, r in needed.items()}
+
+    def __call__(self, table: str, r0: int, blk: torch.Tensor) -> None:
+        need = self.needed.get(table)
+        if need is None:
+            return
+        lo, hi = np.searchsorted(need, [r0, r0 + blk.shape[0]])
+        if hi > lo:
+            self.rows[table][lo:hi] = blk[torch.from_numpy(need[lo:hi] - r0)]
+
+
+def _lookups(model: Any, batch: Any, gathered: list[str]) -> tuple[dict, dict, _RowCollector]:
+    """Rows of each table that `batch` looks up, and a collector for the gathered tables."""
+    from rocketrec.model.model import private_table_name
+
+    spec: FeatureSpec = model.spec
+    raw = batch.sparse.to_dict()
+    bucketed = {
+        f.name: torch.remainder(raw[f.name].values(), spec.table(f.table).rows).numpy()
+        for f in spec.sparse
+    }
+    needed: dict[str, np.ndarray] = {t.name: np.zeros(0, np.int64) for t in spec.tables}
+    for f in spec.sparse:
+        needed[f.table] = np.union1d(needed[f.table], bucketed[f.name])
+    dims = {t.name: t.dim for t in spec.tables}
+    want: dict[str, np.ndarray] = {}
+    for name in gathered:
+        base = name[: -len("__light")] if name.endswith("__light") else name
+        want[name] = needed[base]
+        dims[name] = dims[base] if name == base else model.cfg.light_private_dim
+    assert all(private_table_name(t) != t for t in needed)
+    return needed, bucketed, _RowCollector(want, dims)
+
+
+def _reference_scores(
+    model: Any, batch: Any, booster: bool, needed: dict, bucketed: dict, rows: _RowCollector
+) -> torch.Tensor:
+    """Scores of the training model's code path on `batch`, from the looked-up rows only.
+
+    The reference model has compact tables (one row per row the batch looks up)
+    and receives compact ids, so `id mod rows` is the identity there; everything
+    else (torchrec pooling, dense preprocessing, towers) is the training code.
+    Tables that were not gathered (booster-only ones in a light export) stay
+    zero: the tower scored does not read them.
+    """
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from rocketrec.model.model import RocketModel
+    from rocketrec.spec import TableSpec
+
+    spec: FeatureSpec = model.spec
+    compact_spec = replace(
+        spec,
+        tables=tuple(
+            TableSpec(t.name, max(1, len(needed[t.name])), t.dim, t.pooling) for t in spec.tables
+        ),
+    )
+    ref = RocketModel(compact_spec, model.cfg)
+    ref.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith(("ebc.", "light_ebc."))},
+        strict=False,
+    )
+    with torch.no_grad():
+        for ebc in (ref.ebc, ref.light_ebc):
+            for name, bag in (ebc.embedding_bags.items() if ebc is not None else []):
+                bag.weight.zero_()
+                if name in rows.rows:
+                    bag.weight[: rows.rows[name].shape[0]] = rows.rows[name]
+    values = [
+        torch.from_numpy(np.searchsorted(needed[f.table], bucketed[f.name]).astype(np.int64))
+        for f in spec.sparse
+    ]
+    compact = KeyedJaggedTensor(
+        keys=batch.sparse.keys(), values=torch.cat(values), lengths=batch.sparse.lengths()
+    )
+    ref.eval()
+    with torch.no_grad():
+        o = ref(batch.dense, compact, run_booster=booster, run_light=not booster)
+    return torch.sigmoid(o.booster if booster else o.light)
 
 
 def _heldout_table(spec: FeatureSpec, data: str | None, rows: int) -> pa.Table:
@@ -493,7 +627,9 @@ def export_checkpoint(
     ck = latest_checkpoint(checkpoint)
     if ck is None:
         raise FileNotFoundError(f"{checkpoint}: no complete checkpoint found")
-    model, meta = load_unsharded(ck)
+    from rocketrec.train.checkpoint import CheckpointTables
+
+    model, meta = load_towers(ck)  # tables stay on disk until streamed below
     spec: FeatureSpec = model.spec
     if booster:
         # comparison only: the booster on every feature, packaged the same way
@@ -505,20 +641,24 @@ def export_checkpoint(
         if model.bottom is not None:
             raise ValueError("export does not support shared_bottom yet: train without it")
         tower = model.light
-    tables = {t.name: model.ebc.embedding_bags[t.name].weight for t in spec.tables}
+    ct = CheckpointTables(ck)
+    # only the tables the exported tower reads are gathered, one at a time, block by block
+    sources: dict[str, TableSource] = {
+        t: partial(ct.row_blocks, f"model.ebc.embedding_bags.{t}.weight")
+        for t in dict.fromkeys(f.table for f in spec.light_sparse)
+    }
     serve_spec, num_inputs = spec, None
     if not booster and model.light_ebc is not None:
         serve_spec = with_private_tables(spec, model.cfg.light_private_dim)
         num_inputs = len(spec.light_sparse)
         for t in serve_spec.tables[len(spec.tables) :]:
-            tables[t.name] = model.light_ebc.embedding_bags[t.name].weight
-    scripted = script_serving(serve_spec, tables, tower, int8, num_inputs)
+            sources[t.name] = partial(ct.row_blocks, f"model.light_ebc.embedding_bags.{t.name}.weight")
     table = _heldout_table(model.spec, data, rows)
-    # reference: the training model on the same rows through the training path
     batch = decode_table(table, model.spec, "<held-out>").to_batch()
-    with torch.no_grad():
-        o = model(batch.dense, batch.sparse, run_booster=booster, run_light=not booster)
-        ref = torch.sigmoid(o.booster if booster else o.light)
+    needed, bucketed, collector = _lookups(model, batch, list(sources))
+    scripted = script_serving(serve_spec, sources, tower, int8, num_inputs, on_block=collector)
+    # reference: the training model's code path on the same rows
+    ref = _reference_scores(model, batch, booster, needed, bucketed, collector)
     manifest = build_manifest(
         spec,
         int8,
@@ -539,6 +679,8 @@ def export_checkpoint(
         torch.jit.save(
             scripted, str(tmp), _extra_files={"manifest.json": json.dumps(manifest, indent=1)}
         )
+        del scripted  # free the in-memory tables before loading the file back
+        gc.collect()
         loaded = torch.jit.load(str(tmp))
         values, lengths, dense = raw_inputs_from_table(table, spec)
         with torch.no_grad():

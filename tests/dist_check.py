@@ -26,7 +26,8 @@ def main() -> None:
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     from rocketrec.data.reader import ParquetReader
-    from rocketrec.dist.sharding import copy_unsharded_tables, init_distributed, shard_model
+    from rocketrec.parallel.sharding import init_distributed, shard_model
+    from rocketrec.parallel.tables import init_tables
     from rocketrec.model.loss import LossConfig, rocket_loss
     from rocketrec.model.model import ModelConfig, RocketModel
     from rocketrec.spec import load_spec
@@ -37,14 +38,14 @@ def main() -> None:
     steps, lr_dense, lr_sparse = 4, 1e-2, 0.1
 
     torch.manual_seed(0)
-    ref = RocketModel(spec, cfg)
+    ref = RocketModel(spec, cfg, table_seed=7)  # unsharded: full tables, per-row init
     torch.manual_seed(0)
-    model = RocketModel(spec, cfg)
-    full = {f"ebc.{k}": v.detach().clone() for k, v in model.ebc.state_dict().items()}
+    model = RocketModel(spec, cfg, table_device=torch.device("meta"))  # born sharded
     env = init_distributed()
     constraints = {t.name: {"sharding_type": sharding} for t in spec.tables}
     dmp = shard_model(model, env, "rowwise_adagrad", lr_sparse, constraints)
-    copy_unsharded_tables(dmp, full)
+    init_tables(dmp.state_dict(), 7)
+    init_diff = _max_table_diff(dmp, ref, rank)
     dense_params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
     opt = torch.optim.Adam(dense_params, lr=lr_dense)
 
@@ -93,31 +94,35 @@ def main() -> None:
             ref_sparse.step()
         ref_losses.append(float(total) / world)
 
-    # gather every table to rank 0 and compare
-    sd = dmp.state_dict()
-    result = {
-        "losses": losses,
-        "ref_losses": ref_losses,
-        "max_table_diff": 0.0,
-        "max_dense_diff": 0.0,
-    }
-    ref_sd = ref.state_dict()
-    for key, val in sd.items():
-        if hasattr(val, "local_shards"):
-            full_t = torch.zeros(val.size()) if rank == 0 else None
-            val.gather(dst=0, out=full_t)
-            if rank == 0:
-                d = float((full_t - ref_sd[key]).abs().max())
-                result["max_table_diff"] = max(result["max_table_diff"], d)
-        elif rank == 0 and key in ref_sd:
-            d = float((val.detach().float() - ref_sd[key].float()).abs().max())
-            key_kind = "max_table_diff" if key.startswith("ebc.") else "max_dense_diff"
-            result[key_kind] = max(result[key_kind], d)
+    result = {"losses": losses, "ref_losses": ref_losses, "init_table_diff": init_diff}
+    result.update(_compare(dmp, ref, rank))
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _compare(dmp, ref, rank: int) -> dict[str, float]:
+    """Gather every table to rank 0 (test-sized tables only) and compare with `ref`."""
+    res = {"max_table_diff": 0.0, "max_dense_diff": 0.0}
+    ref_sd = ref.state_dict()
+    for key, val in dmp.state_dict().items():
+        if hasattr(val, "local_shards"):
+            full_t = torch.zeros(val.size()) if rank == 0 else None
+            val.gather(dst=0, out=full_t)
+            if rank == 0:
+                d = float((full_t - ref_sd[key]).abs().max())
+                res["max_table_diff"] = max(res["max_table_diff"], d)
+        elif rank == 0 and key in ref_sd:
+            d = float((val.detach().float() - ref_sd[key].float()).abs().max())
+            key_kind = "max_table_diff" if key.startswith("ebc.") else "max_dense_diff"
+            res[key_kind] = max(res[key_kind], d)
+    return res
+
+
+def _max_table_diff(dmp, ref, rank: int) -> float:
+    return _compare(dmp, ref, rank)["max_table_diff"]
 
 
 if __name__ == "__main__":

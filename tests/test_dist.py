@@ -58,6 +58,8 @@ def test_sharded_matches_unsharded(tmp_path, tiny_spec_path, tiny_data, sharding
         lambda r: [str(r), "2", sharding, str(tiny_spec_path), tiny_data["train"], str(out)],
     )
     res = json.loads(out.read_text())
+    # born sharded, initialised per row: bit-identical to the unsharded model's tables
+    assert res["init_table_diff"] == 0.0, res
     for a, b in zip(res["losses"], res["ref_losses"]):
         assert abs(a - b) <= TOL, res
     assert res["max_table_diff"] <= TABLE_TOL, res

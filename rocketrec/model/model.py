@@ -35,12 +35,19 @@ from rocketrec.model.towers import (  # noqa: F401 - re-exported
     mlp,
     scale_grad,
 )
+from rocketrec.parallel.tables import init_tables
 from rocketrec.spec import FeatureSpec
 
 
 def private_table_name(table: str) -> str:
     """Name of the light tower's private table beside shared table `table`."""
     return f"{table}__light"
+
+
+def _ebc(tables: list[EmbeddingBagConfig], device: torch.device) -> EmbeddingBagCollection:
+    """An EBC that draws nothing from the global RNG (its values are set per row later)."""
+    with torch.random.fork_rng(devices=[]):
+        return EmbeddingBagCollection(tables=tables, device=device)
 
 
 class RocketOutput(NamedTuple):
@@ -53,16 +60,28 @@ class RocketModel(nn.Module):
     light_dense_index: torch.Tensor  # [D_light] columns of dense the light tower reads
 
     def __init__(
-        self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None
+        self,
+        spec: FeatureSpec,
+        cfg: ModelConfig,
+        device: torch.device | None = None,
+        table_device: torch.device | None = None,
+        table_seed: int = 0,
     ) -> None:
+        """Tables on `table_device` (default: `device`); `meta` for DMP to materialize shards.
+
+        Off `meta`, tables get the plan-independent per-row init of `table_seed`
+        (rocketrec.parallel.tables). Tables never consume the global RNG, so the
+        towers' initial weights are the same whatever device the tables are on.
+        """
         super().__init__()
         self.spec, self.cfg = spec, cfg
         device = device or torch.device("cpu")
+        table_device = table_device or device
         by_table: dict[str, list[str]] = {}
         for f in spec.sparse:
             by_table.setdefault(f.table, []).append(f.name)
-        self.ebc = EmbeddingBagCollection(
-            tables=[
+        self.ebc = _ebc(
+            [
                 EmbeddingBagConfig(
                     name=t.name,
                     embedding_dim=t.dim,
@@ -72,7 +91,7 @@ class RocketModel(nn.Module):
                 )
                 for t in spec.tables
             ],
-            device=device,
+            table_device,
         )
         self.register_buffer(
             "bucket_rows",
@@ -104,16 +123,14 @@ class RocketModel(nn.Module):
         light_in = sum(dims[n] for n in self.light_sparse) + (
             dense_out if self.light_uses_bottom else len(self.light_dense_idx)
         )
-        # built before the light-only parts, so its initial weights do not depend on them
-        self.booster = BoosterTower(booster_in, cfg).to(device)
         # optional light-only embedding part: one private table per table the light tower uses
         self.light_ebc: EmbeddingBagCollection | None = None
         if cfg.light_private_dim > 0:
             by_light_table: dict[str, list[str]] = {}
             for f in spec.light_sparse:
                 by_light_table.setdefault(f.table, []).append(f.name)
-            self.light_ebc = EmbeddingBagCollection(
-                tables=[
+            self.light_ebc = _ebc(
+                [
                     EmbeddingBagConfig(
                         name=private_table_name(t),
                         embedding_dim=cfg.light_private_dim,
@@ -125,12 +142,15 @@ class RocketModel(nn.Module):
                     )
                     for t, names in by_light_table.items()
                 ],
-                device=device,
+                table_device,
             )
             light_in += cfg.light_private_dim * len(self.light_sparse)
+        self.booster = BoosterTower(booster_in, cfg).to(device)
         self.light = LightTower(light_in, cfg).to(device)
         if self.bottom is not None:
             self.bottom.to(device)
+        if table_device.type != "meta":
+            init_tables(self.state_dict(), table_seed)
 
     def bucketize(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Raw int64 ids -> rows: non-negative `id mod rows` of each feature's table."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,81 @@ def load_checkpoint(
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "meta.json").read_text())
+
+
+# -- reading tables back without holding them whole ----------------------------------
+
+
+class CheckpointTables:
+    """Row blocks of the tables in a DCP checkpoint, read one saved chunk at a time.
+
+    DCP's own load reads each saved chunk whole; checkpoints written by the
+    training loop hold tables as chunks of at most `CKPT_BLOCK_ROWS` rows
+    (rocketrec.parallel.tables.block_views), so reading a table block by block
+    keeps at most a couple of chunks in memory, never a whole table. Column-wise
+    shards are put back side by side, so every block has full rows.
+    """
+
+    def __init__(self, ckpt: str | Path) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.path = Path(ckpt)
+        self.md = FileSystemReader(str(self.path)).read_metadata()
+        self._storage: dict[tuple[str, tuple[int, ...]], Any] = {
+            (k.fqn, tuple(k.offset)): v for k, v in self.md.storage_data.items()
+        }
+
+    def shape(self, fqn: str) -> tuple[int, ...]:
+        if fqn not in self.md.state_dict_metadata:
+            raise KeyError(f"{self.path}: checkpoint has no tensor {fqn!r}")
+        return tuple(self.md.state_dict_metadata[fqn].size)  # type: ignore[union-attr]
+
+    def _read_chunk(self, fqn: str, offsets: tuple[int, ...]) -> torch.Tensor:
+        import io
+
+        info = self._storage[(fqn, offsets)]
+        if getattr(info, "transform_descriptors", None):
+            raise ValueError(f"{self.path}: {fqn}: transformed (e.g. compressed) chunks unsupported")
+        with open(self.path / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    def row_blocks(self, fqn: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (first row, rows [n, D] float32) covering table `fqn` in row order."""
+        rows, dim = self.shape(fqn)
+        chunks = sorted(
+            (
+                c
+                for c in self.md.state_dict_metadata[fqn].chunks  # type: ignore[union-attr]
+                if c.sizes[0] > 0 and c.sizes[1] > 0
+            ),
+            key=lambda c: (c.offsets[0], c.offsets[1]),
+        )
+        bounds = sorted({c.offsets[0] for c in chunks} | {c.offsets[0] + c.sizes[0] for c in chunks})
+        cache: dict[int, torch.Tensor] = {}
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            out = torch.empty(hi - lo, dim)
+            covered = 0
+            for i, c in enumerate(chunks):
+                r0, c0 = c.offsets[0], c.offsets[1]
+                if r0 >= hi or r0 + c.sizes[0] <= lo:
+                    continue
+                if i not in cache:
+                    cache[i] = self._read_chunk(fqn, (r0, c0))
+                out[:, c0 : c0 + c.sizes[1]] = cache[i][lo - r0 : hi - r0].float()
+                covered += (hi - lo) * c.sizes[1]
+            for i in [i for i in cache if chunks[i].offsets[0] + chunks[i].sizes[0] <= hi]:
+                del cache[i]  # done with this chunk
+            if covered != (hi - lo) * dim:
+                raise ValueError(f"{self.path}: {fqn}: rows {lo}..{hi} not fully covered by chunks")
+            yield lo, out
+        if bounds and (bounds[0] != 0 or bounds[-1] != rows):
+            raise ValueError(f"{self.path}: {fqn}: chunks cover rows {bounds[0]}..{bounds[-1]} of {rows}")
+
+    def full(self, fqn: str) -> torch.Tensor:
+        """The whole table (small tables and tests only)."""
+        out = torch.empty(self.shape(fqn))
+        for r0, blk in self.row_blocks(fqn):
+            out[r0 : r0 + blk.shape[0]] = blk
+        return out

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from rocketrec.data.reader import ParquetReader
-from rocketrec.dist.sharding import copy_unsharded_tables, init_distributed, shard_model
+from rocketrec.parallel.sharding import init_distributed, shard_model
+from rocketrec.parallel.tables import block_views, init_tables
 from rocketrec.model.loss import LossConfig, rocket_loss, towers_needed
 from rocketrec.model.model import ModelConfig, RocketModel
 from rocketrec.spec import FeatureSpec
@@ -117,16 +118,12 @@ class _Run:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
-        model = RocketModel(spec, model_cfg)
-        full = {
-            k: v.detach().clone()
-            for k, v in model.state_dict().items()
-            if k.startswith(("ebc.", "light_ebc."))
-        }
+        # Tables are born sharded: built on `meta`, DMP materializes only this rank's
+        # shards, then each row gets its plan-independent initial values.
+        model = RocketModel(spec, model_cfg, self.env.device, table_device=torch.device("meta"))
         self.model = model
         self.dmp = shard_model(model, self.env, cfg.sparse_optimizer, cfg.sparse_lr, cfg.sharding)
-        # same start whatever the plan: tables come from the seeded unsharded model
-        copy_unsharded_tables(self.dmp, full)
+        init_tables(self.dmp.state_dict(), cfg.seed)
         # Sharded embeddings need the same batch size on every rank: training drops each
         # rank's short last batch (counted in rows_unused); evaluation pads it instead.
         self.train_reader = ParquetReader(
@@ -200,6 +197,7 @@ class _Run:
 
     # -- checkpoint ----------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
+        """Live state for DCP: sharded tensors as block views (bounded chunks on disk)."""
         return {
             "model": self.dmp.state_dict(),
             "sparse_optim": self.dmp.fused_optimizer.state_dict(),
@@ -231,7 +229,7 @@ class _Run:
         path = save_checkpoint(
             self.out,
             self.step,
-            self._state(),
+            block_views(self._state()),
             self.dense_opt.state_dict(),
             meta,
             self.cfg.keep_checkpoints,
@@ -243,7 +241,9 @@ class _Run:
 
     def resume(self, path: Path) -> None:
         state = self._state()
-        dense, meta = load_checkpoint(path, state)
+        # DCP fills the block views in place, i.e. the live shards: it reads one saved
+        # block at a time, never a whole table, whatever world size wrote it.
+        dense, meta = load_checkpoint(path, block_views(state))
         self.dmp.load_state_dict(state["model"])
         self.dmp.fused_optimizer.load_state_dict(state["sparse_optim"])
         self.step = int(meta["step"])

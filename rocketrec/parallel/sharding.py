@@ -152,19 +152,3 @@ def shard_model(
         sharders=[sharder],  # type: ignore[list-item]
         data_parallel_wrapper=wrapper,
     )
-
-
-def copy_unsharded_tables(dmp: DistributedModelParallel, full: Mapping[str, torch.Tensor]) -> None:
-    """Copy full (unsharded) table weights into this rank's shards: same start as a reference."""
-    with torch.no_grad():
-        for key, value in dmp.state_dict().items():
-            if key not in full:
-                continue
-            src = full[key]
-            if not hasattr(value, "local_shards"):  # data-parallel: a full replica
-                value.copy_(src)
-                continue
-            for shard in value.local_shards():
-                off = shard.metadata.shard_offsets
-                size = shard.metadata.shard_sizes
-                shard.tensor.copy_(src[off[0] : off[0] + size[0], off[1] : off[1] + size[1]])

@@ -1,0 +1,1 @@
+"""rocketrec.parallel"""
