@@ -74,6 +74,91 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _shards_text(shards: tuple) -> str:
+    sizes = sorted({sz for _, _, sz in shards})
+    ranks = sorted({r for r, _, _ in shards})
+    rtxt = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {','.join(map(str, ranks))}"
+    if len(ranks) > 6:
+        rtxt = f"{len(ranks)} ranks ({ranks[0]}..{ranks[-1]})"
+    each = ", ".join(f"{r:,} x {c}" for r, c in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
+    return f"{len(shards)} shard(s) on {rtxt}: {each}"
+
+
+def _cmd_plan(a: argparse.Namespace) -> int:
+    import torch
+
+    from rocketrec.model.model import ModelConfig, RocketModel
+    from rocketrec.parallel.sharding import (
+        describe_plan,
+        memory_per_rank,
+        plan_tables,
+        worker_memory_bytes,
+    )
+
+    spec = load_spec(a.spec)
+    if a.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {a.workers}")
+    if a.memory_per_worker is not None:
+        mem = int(a.memory_per_worker * 1e9)
+    elif a.device == "cpu":
+        import os
+
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(a.workers))
+        mem = worker_memory_bytes(torch.device("cpu"))
+    else:
+        raise UserError("--device cuda needs --memory-per-worker GB (e.g. 80 for an H100)")
+    model = RocketModel(
+        spec, ModelConfig(light_private_dim=a.light_private_dim), table_device=torch.device("meta")
+    )
+    plan = plan_tables(model, a.workers, a.device, mem, a.sparse_optimizer, 0.1, a.sharding or None)
+    shards = describe_plan(plan, model)
+    per = memory_per_rank(shards, a.workers, a.sparse_optimizer)
+    if a.json:
+        print(
+            json.dumps(
+                {
+                    "workers": a.workers,
+                    "device": a.device,
+                    "memory_per_worker": mem,
+                    "tables": [vars(t) for t in shards],
+                    "per_rank": per,
+                },
+                default=list,
+            )
+        )
+        return 0
+    print(
+        f"plan: spec '{spec.name}' on {a.workers} {a.device} worker(s) with "
+        f"{mem / 1e9:.2f} GB each (the planner keeps 15% for everything but tables)"
+    )
+    print(f"{'table':<22} {'rows x dim':>22} {'sharding':<18} {'kernel':<8} shards")
+    for t in sorted(shards, key=lambda t: -t.rows * t.dim):
+        dims = f"{t.rows:,} x {t.dim}"
+        print(
+            f"{t.table:<22} {dims:>22} {t.sharding_type:<18} {t.compute_kernel:<8} "
+            f"{_shards_text(t.shards)}"
+        )
+    print(f"{'rank':>5} {'weights GB':>11} {'optimizer GB':>13} {'total GB':>9}")
+    rows = [
+        (round(m["weights"] / 1e9, 3), round(m["optimizer"] / 1e9, 3)) for m in per
+    ]  # consecutive ranks with the same figures share a line
+    r = 0
+    while r < len(rows):
+        e = r
+        while e + 1 < len(rows) and rows[e + 1] == rows[r]:
+            e += 1
+        w, o = rows[r]
+        label = str(r) if e == r else f"{r}-{e}"
+        print(f"{label:>5} {w:>11.3f} {o:>13.3f} {w + o:>9.3f}")
+        r = e + 1
+    worst = max(m["weights"] + m["optimizer"] for m in per)
+    print(
+        f"fits: yes: the fullest worker needs {worst / 1e9:.3f} GB for tables of "
+        f"{mem / 1e9:.2f} GB ({100 * worst / mem:.1f}%)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rocketrec import __version__
 
@@ -108,6 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_synth)
+
+    pl = sub.add_parser(
+        "plan",
+        help="dry-run the table sharding planner for N workers (no devices needed)",
+        description="Prints each table's sharding type and shards, the memory per worker "
+        "(weights and optimizer state) and whether the plan fits. Training uses the same "
+        "planner settings, capped at the workers' real memory.",
+    )
+    pl.add_argument("spec", help="feature spec YAML")
+    pl.add_argument("--workers", type=int, required=True, help="number of workers (ranks)")
+    pl.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    pl.add_argument(
+        "--memory-per-worker",
+        type=float,
+        default=None,
+        help="GB per worker (default on cpu: this machine's RAM / workers; needed for cuda)",
+    )
+    from rocketrec.config import _sharding
+    from rocketrec.parallel.sharding import SPARSE_OPTIMIZERS
+
+    pl.add_argument("--sharding", type=_sharding, default={}, help="as for training")
+    pl.add_argument("--sparse-optimizer", choices=SPARSE_OPTIMIZERS, default="rowwise_adagrad")
+    pl.add_argument("--light-private-dim", type=int, default=0, help="as for training")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(fn=_cmd_plan)
 
     t = sub.add_parser("train", help="train in this process (no Ray; see jobs/ads_train.py)")
     from rocketrec.config import add_train_args
@@ -145,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, DataError, UserError, FileNotFoundError) as e:
         print(f"rocketrec: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # config checks (__post_init__) and other bad values
+    except (
+        ValueError
+    ) as e:  # config checks, plans that do not fit (__post_init__) and other bad values
         print(f"rocketrec: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from rocketrec.parallel.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from rocketrec.model.loss import HINTS, MODES, LossConfig
 from rocketrec.model.model import ModelConfig
+from rocketrec.parallel.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from rocketrec.train.loop import TrainConfig
 
 

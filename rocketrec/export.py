@@ -32,8 +32,8 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from functools import partial
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +141,12 @@ class LightServing(nn.Module):
             # fp32, or row-wise int8 (prepacked with per-row scale and bias)
             width = int(torch.ops.quantized.embedding_bag_byte_prepack(torch.zeros(1, d)).shape[1])
             w = torch.empty(offset, width, dtype=torch.uint8) if int8 else torch.empty(offset, d)
-            for name, start in placed.items():
+            for name, base in placed.items():
                 for r0, blk in _row_blocks(tables[name]):
                     blk = blk.detach().float().cpu().contiguous()
                     if on_block is not None:
                         on_block(name, r0, blk)
-                    dst = w[start + r0 : start + r0 + blk.shape[0]]
+                    dst = w[base + r0 : base + r0 + blk.shape[0]]
                     dst.copy_(torch.ops.quantized.embedding_bag_byte_prepack(blk) if int8 else blk)
                     del blk
             self.register_buffer(f"table_fp32_{g}", torch.zeros(0, 0) if int8 else w)
@@ -580,7 +580,7 @@ def _reference_scores(
     )
     with torch.no_grad():
         for ebc in (ref.ebc, ref.light_ebc):
-            for name, bag in (ebc.embedding_bags.items() if ebc is not None else []):
+            for name, bag in ebc.embedding_bags.items() if ebc is not None else []:
                 bag.weight.zero_()
                 if name in rows.rows:
                     bag.weight[: rows.rows[name].shape[0]] = rows.rows[name]
@@ -652,7 +652,9 @@ def export_checkpoint(
         serve_spec = with_private_tables(spec, model.cfg.light_private_dim)
         num_inputs = len(spec.light_sparse)
         for t in serve_spec.tables[len(spec.tables) :]:
-            sources[t.name] = partial(ct.row_blocks, f"model.light_ebc.embedding_bags.{t.name}.weight")
+            sources[t.name] = partial(
+                ct.row_blocks, f"model.light_ebc.embedding_bags.{t.name}.weight"
+            )
     table = _heldout_table(model.spec, data, rows)
     batch = decode_table(table, model.spec, "<held-out>").to_batch()
     needed, bucketed, collector = _lookups(model, batch, list(sources))

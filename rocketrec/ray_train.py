@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -54,7 +55,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     candidates = []
     registered = ray.train.get_checkpoint()
     if registered is not None:
-        candidates.append(Path(registered.path))
+        ref = _checkpoint_of_reference(Path(registered.path))
+        if ref is not None:
+            candidates.append(ref)
     own = latest_checkpoint(args.out)
     if own is not None and read_meta(own).get("run_id") == config["run_id"]:
         candidates.append(own)
@@ -69,8 +72,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], path: Path | None) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
         rank = dist.get_rank() if dist.is_initialized() else 0
-        ckpt = ray.train.Checkpoint.from_directory(str(path)) if (path and rank == 0) else None
-        ray.train.report(clean, checkpoint=ckpt)
+        if not (path and rank == 0):
+            ray.train.report(clean, checkpoint=None)
+            return
+        # Ray copies what it is given into its storage: give it a reference to the
+        # checkpoint (a few bytes), not the DCP shards, so the run holds them once.
+        with tempfile.TemporaryDirectory(prefix="rocketrec-ref-") as tmp:
+            (Path(tmp) / REF_FILE).write_text(json.dumps({"checkpoint": str(path)}))
+            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     train(
         spec,
@@ -84,6 +93,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report=report,
         run_id=config["run_id"],
     )
+
+
+REF_FILE = "rocketrec_checkpoint.json"
+
+
+def _checkpoint_of_reference(registered: Path) -> Path | None:
+    """The rocketrec checkpoint a Ray-registered reference names, if it is still there."""
+    from rocketrec.train.checkpoint import latest_checkpoint
+
+    ref = registered / REF_FILE
+    if not ref.is_file():
+        return latest_checkpoint(registered)  # a full checkpoint (older runs)
+    target = Path(json.loads(ref.read_text())["checkpoint"])
+    return target if (target / "meta.json").is_file() else None
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:

@@ -26,10 +26,10 @@ def main() -> None:
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     from rocketrec.data.reader import ParquetReader
-    from rocketrec.parallel.sharding import init_distributed, shard_model
-    from rocketrec.parallel.tables import init_tables
     from rocketrec.model.loss import LossConfig, rocket_loss
     from rocketrec.model.model import ModelConfig, RocketModel
+    from rocketrec.parallel.sharding import init_distributed, shard_model
+    from rocketrec.parallel.tables import init_tables
     from rocketrec.spec import load_spec
 
     spec = load_spec(spec_path)

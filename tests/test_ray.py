@@ -182,6 +182,14 @@ def test_local_ray_worker_killed_resumes_and_binds_loopback(tmp_path, tiny_spec,
     meta = json.loads((run / "summary.json").read_text())["metrics"]
     # every example of every epoch counted once, despite the restart
     assert meta["rows_seen"] == 3 * 32768, meta
+
+    # Ray registered references, not a second copy of the checkpoints
+    def size(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+    ckpt_bytes = size(run / "checkpoints")
+    assert size(run / "ray_results") < 0.05 * ckpt_bytes, (size(run / "ray_results"), ckpt_bytes)
+    assert size(run) <= 1.1 * ckpt_bytes + size(run / "metrics.jsonl") + 100_000
     # the embedded local Ray listened on loopback only
     assert listeners, "no Ray listener seen"
     assert all(_is_loopback(a) for a in listeners), listeners

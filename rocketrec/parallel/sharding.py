@@ -30,6 +30,7 @@ from torchrec.distributed.model_parallel import (
 )
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
@@ -92,29 +93,14 @@ def _sparse_optimizer(name: str) -> type[torch.optim.Optimizer]:
         return torch.optim.Adagrad
     if name == "sgd":
         return torch.optim.SGD
-    raise ValueError(f"sparse optimizer must be one of {', '.join(SPARSE_OPTIMIZERS)}, got {name!r}")
+    raise ValueError(
+        f"sparse optimizer must be one of {', '.join(SPARSE_OPTIMIZERS)}, got {name!r}"
+    )
 
 
-def shard_model(
-    model: nn.Module,
-    env: DistEnv,
-    sparse_optimizer: str = "rowwise_adagrad",
-    sparse_lr: float = 0.05,
-    constraints: Mapping[str, Mapping[str, str]] | None = None,
-) -> DistributedModelParallel:
-    """Plan and shard `model.ebc`; tables get a fused in-backward optimizer.
-
-    constraints: {table: {"sharding_type": ..., "compute_kernel": ...}} from the job config.
-    """
-    opt_cls = _sparse_optimizer(sparse_optimizer)
-    kwargs: dict[str, float] = {"lr": sparse_lr}
-    if sparse_optimizer in ("rowwise_adagrad", "adagrad"):
-        kwargs["eps"] = 1e-8
-    ebcs = [m for m in (model.ebc, getattr(model, "light_ebc", None)) if m is not None]
-    table_names: set[str] = set()
-    for ebc in ebcs:  # shared tables and the light tower's private tables, if any
-        apply_optimizer_in_backward(opt_cls, ebc.parameters(), kwargs)  # type: ignore[union-attr,operator,arg-type]
-        table_names |= {c.name for c in ebc.embedding_bag_configs()}  # type: ignore[union-attr,operator]
+def _constraints(
+    constraints: Mapping[str, Mapping[str, str]] | None, table_names: set[str]
+) -> dict[str, ParameterConstraints]:
     pc: dict[str, ParameterConstraints] = {}
     for table, c in (constraints or {}).items():
         if table not in table_names:
@@ -135,12 +121,194 @@ def shard_model(
             sharding_types=[st] if st else None,
             compute_kernels=[kernel] if kernel else None,
         )
-    topology = Topology(world_size=env.world_size, compute_device=env.device.type)
-    sharder = CPUShardingSharder() if env.device.type == "cpu" else EmbeddingBagCollectionSharder()
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=pc or None)
+    return pc
+
+
+def _ebcs(model: nn.Module) -> list[nn.Module]:
+    return [m for m in (model.ebc, getattr(model, "light_ebc", None)) if m is not None]  # type: ignore[misc]
+
+
+def prepare_tables(model: nn.Module, sparse_optimizer: str, sparse_lr: float) -> set[str]:
+    """Give every table the fused in-backward optimizer; returns the table names."""
+    opt_cls = _sparse_optimizer(sparse_optimizer)
+    kwargs: dict[str, float] = {"lr": sparse_lr}
+    if sparse_optimizer in ("rowwise_adagrad", "adagrad"):
+        kwargs["eps"] = 1e-8
+    names: set[str] = set()
+    for ebc in _ebcs(model):  # shared tables and the light tower's private tables, if any
+        apply_optimizer_in_backward(opt_cls, ebc.parameters(), kwargs)  # type: ignore[operator,arg-type]
+        names |= {c.name for c in ebc.embedding_bag_configs()}  # type: ignore[operator]
+    return names
+
+
+def worker_memory_bytes(device: torch.device) -> int:
+    """Memory one worker may use for tables: its GPU's, or this machine's RAM shared by
+    the workers on it (LOCAL_WORLD_SIZE, as Ray Train and torchrun set it)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return int(psutil.virtual_memory().total // local)
+
+
+def make_planner(
+    world_size: int,
+    device_type: str,
+    memory_per_worker: int,
+    constraints: Mapping[str, ParameterConstraints] | None = None,
+    batch_size: int = 1024,
+) -> EmbeddingShardingPlanner:
+    """The planner used by training and by `rocketrec plan`: same settings in both."""
+    import logging
+    import warnings
+
+    logging.getLogger("torchrec.distributed.planner").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="torchrec.distributed.planner")
+    cap = (
+        {"hbm_cap": memory_per_worker} if device_type == "cuda" else {"ddr_cap": memory_per_worker}
+    )
+    from torchrec.distributed.planner.storage_reservations import (
+        FixedPercentageStorageReservation,
+    )
+
+    topology = Topology(world_size=world_size, compute_device=device_type, **cap)  # type: ignore[arg-type]
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        constraints=dict(constraints or {}) or None,
+        # 15% of each worker's memory kept for the towers, batches and the process itself
+        storage_reservation=FixedPercentageStorageReservation(0.15),
+        debug=False,
+    )
+
+
+def sharder_for(device_type: str) -> EmbeddingBagCollectionSharder:
+    return CPUShardingSharder() if device_type == "cpu" else EmbeddingBagCollectionSharder()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    table: str
+    sharding_type: str
+    compute_kernel: str
+    shards: tuple[tuple[int, tuple[int, int], tuple[int, int]], ...]  # (rank, offsets, sizes)
+    rows: int
+    dim: int
+
+
+def describe_plan(plan: ShardingPlan, model: nn.Module) -> list[ShardInfo]:
+    """Per table: sharding type, kernel and the (rank, offsets, sizes) of every shard."""
+    out = []
+    dims = {
+        c.name: (c.num_embeddings, c.embedding_dim)
+        for ebc in _ebcs(model)
+        for c in ebc.embedding_bag_configs()  # type: ignore[operator]
+    }
+    for _path, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():  # type: ignore[attr-defined]
+            rows, dim = dims[table]
+            if ps.sharding_spec is None:  # data-parallel: a full replica on every rank
+                shards = tuple((r, (0, 0), (rows, dim)) for r in (ps.ranks or []))
+            else:
+                shards = tuple(
+                    (
+                        int(str(m.placement).split("rank:")[1].split("/")[0]),
+                        (m.shard_offsets[0], m.shard_offsets[1]),
+                        (m.shard_sizes[0], m.shard_sizes[1]),
+                    )
+                    for m in ps.sharding_spec.shards  # type: ignore[attr-defined]
+                )
+            out.append(ShardInfo(table, ps.sharding_type, ps.compute_kernel, shards, rows, dim))
+    return out
+
+
+def memory_per_rank(
+    shards: list[ShardInfo], world_size: int, sparse_optimizer: str
+) -> list[dict[str, int]]:
+    """Bytes of table weights and optimizer state on each rank (fp32)."""
+    per = [{"weights": 0, "optimizer": 0} for _ in range(world_size)]
+    for t in shards:
+        for rank, _off, (r, c) in t.shards:
+            per[rank]["weights"] += r * c * 4
+            if t.sharding_type == "data_parallel":
+                per[rank]["optimizer"] += 2 * r * c * 4  # Adam moments (dense optimizer)
+            elif sparse_optimizer == "rowwise_adagrad":
+                per[rank]["optimizer"] += r * 4
+            elif sparse_optimizer == "adagrad":
+                per[rank]["optimizer"] += r * c * 4
+    return per
+
+
+class PlanDoesNotFit(ValueError):
+    pass
+
+
+def plan_tables(
+    model: nn.Module,
+    world_size: int,
+    device_type: str,
+    memory_per_worker: int,
+    sparse_optimizer: str = "rowwise_adagrad",
+    sparse_lr: float = 0.05,
+    constraints: Mapping[str, Mapping[str, str]] | None = None,
+    pg: dist.ProcessGroup | None = None,
+) -> ShardingPlan:
+    """Plan the tables' sharding (collectively when `pg` is given); a plan that does not
+    fit `memory_per_worker` raises PlanDoesNotFit naming the need and the memory."""
+    from torchrec.distributed.planner.types import PlannerError
+
+    names = prepare_tables(model, sparse_optimizer, sparse_lr)
+    pc = _constraints(constraints, names)
+    planner = make_planner(world_size, device_type, memory_per_worker, pc)
+    sharder = sharder_for(device_type)
+    try:
+        if pg is not None:
+            plan = planner.collective_plan(model, [sharder], pg)  # type: ignore[arg-type]
+        else:
+            plan = planner.plan(model, [sharder])  # type: ignore[arg-type]
+    except PlannerError as e:
+        need = sum(
+            c.num_embeddings * c.embedding_dim * 4
+            for ebc in _ebcs(model)
+            for c in ebc.embedding_bag_configs()  # type: ignore[operator]
+        )
+        raise PlanDoesNotFit(
+            f"the tables ({need / 1e9:.2f} GB of fp32 weights, plus optimizer state) do not fit "
+            f"{world_size} worker(s) with {memory_per_worker / 1e9:.2f} GB each on {device_type}: "
+            f"use more workers, smaller tables, or check `rocketrec plan` "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+    return plan
+
+
+def shard_model(
+    model: nn.Module,
+    env: DistEnv,
+    sparse_optimizer: str = "rowwise_adagrad",
+    sparse_lr: float = 0.05,
+    constraints: Mapping[str, Mapping[str, str]] | None = None,
+) -> DistributedModelParallel:
+    """Plan and shard the tables (built on `meta`: DMP materializes only local shards);
+    tables get a fused in-backward optimizer.
+
+    constraints: {table: {"sharding_type": ..., "compute_kernel": ...}} from the job config.
+    The planner is capped at the worker's real memory, so a spec that cannot fit fails here,
+    with a clear error, before any shard is allocated.
+    """
     pg = dist.GroupMember.WORLD
     assert pg is not None
-    plan = planner.collective_plan(model, [sharder], pg)  # type: ignore[arg-type]
+    plan = plan_tables(
+        model,
+        env.world_size,
+        env.device.type,
+        worker_memory_bytes(env.device),
+        sparse_optimizer,
+        sparse_lr,
+        constraints,
+        pg,
+    )
+    sharder = sharder_for(env.device.type)
     # The towers' dense parameters are replicated with DDP. Modes use different parts of the
     # graph (booster_only skips the light tower, teacher_student switches phase), so the
     # graph is not static and some parameters go unused in some steps.

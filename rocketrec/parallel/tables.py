@@ -47,6 +47,7 @@ def ckpt_block_rows() -> int:
     """Rows per checkpoint chunk; ROCKETREC_CKPT_BLOCK_ROWS overrides (tests use small blocks)."""
     return int(os.environ.get("ROCKETREC_CKPT_BLOCK_ROWS", CKPT_BLOCK_ROWS))
 
+
 _TABLE_PREFIXES = ("ebc.embedding_bags.", "light_ebc.embedding_bags.")
 
 

@@ -137,7 +137,9 @@ class CheckpointTables:
 
         info = self._storage[(fqn, offsets)]
         if getattr(info, "transform_descriptors", None):
-            raise ValueError(f"{self.path}: {fqn}: transformed (e.g. compressed) chunks unsupported")
+            raise ValueError(
+                f"{self.path}: {fqn}: transformed (e.g. compressed) chunks unsupported"
+            )
         with open(self.path / info.relative_path, "rb") as f:
             f.seek(info.offset)
             data = f.read(info.length)
@@ -154,7 +156,9 @@ class CheckpointTables:
             ),
             key=lambda c: (c.offsets[0], c.offsets[1]),
         )
-        bounds = sorted({c.offsets[0] for c in chunks} | {c.offsets[0] + c.sizes[0] for c in chunks})
+        bounds = sorted(
+            {c.offsets[0] for c in chunks} | {c.offsets[0] + c.sizes[0] for c in chunks}
+        )
         cache: dict[int, torch.Tensor] = {}
         for lo, hi in zip(bounds, bounds[1:], strict=False):
             out = torch.empty(hi - lo, dim)
@@ -173,7 +177,9 @@ class CheckpointTables:
                 raise ValueError(f"{self.path}: {fqn}: rows {lo}..{hi} not fully covered by chunks")
             yield lo, out
         if bounds and (bounds[0] != 0 or bounds[-1] != rows):
-            raise ValueError(f"{self.path}: {fqn}: chunks cover rows {bounds[0]}..{bounds[-1]} of {rows}")
+            raise ValueError(
+                f"{self.path}: {fqn}: chunks cover rows {bounds[0]}..{bounds[-1]} of {rows}"
+            )
 
     def full(self, fqn: str) -> torch.Tensor:
         """The whole table (small tables and tests only)."""

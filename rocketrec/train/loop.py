@@ -35,10 +35,10 @@ import torch.distributed as dist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from rocketrec.data.reader import ParquetReader
-from rocketrec.parallel.sharding import init_distributed, shard_model
-from rocketrec.parallel.tables import block_views, init_tables
 from rocketrec.model.loss import LossConfig, rocket_loss, towers_needed
 from rocketrec.model.model import ModelConfig, RocketModel
+from rocketrec.parallel.sharding import init_distributed, shard_model
+from rocketrec.parallel.tables import block_views, init_tables
 from rocketrec.spec import FeatureSpec
 from rocketrec.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rocketrec.train.metrics import base_rate_logloss, tower_metrics
