@@ -35,7 +35,7 @@ def _cmd_validate(a: argparse.Namespace) -> int:
         # decode the first batch too: catches bad values (labels, NaN), not only types
         first = next(iter(reader), None)
         print(
-            f"ok: {a.data}: {len(reader.files)} file(s), {len(reader.units)} row group(s), "
+            f"ok: {' '.join(a.data)}: {len(reader.files)} file(s), {len(reader.units)} row group(s), "
             f"{reader.total_rows:,} rows; every column present with a usable type"
             + (f"; first batch of {len(first):,} rows decodes" if first is not None else "")
         )
@@ -168,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a feature spec (and data against it)")
     v.add_argument("spec", help="feature spec YAML")
-    v.add_argument("--data", help="Parquet file, directory or glob to check against the spec")
+    v.add_argument(
+        "--data",
+        nargs="+",
+        help="Parquet files, directories (Hive partitions too) or globs to check against the spec",
+    )
     v.set_defaults(fn=_cmd_validate)
 
     s = sub.add_parser("synth", help="write synthetic ad logs for a spec")

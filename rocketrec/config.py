@@ -72,8 +72,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d_t, d_l, d_m = TrainConfig(), LossConfig(), ModelConfig()
     g = p.add_argument_group("data")
     g.add_argument("--spec", required=True, help="feature spec YAML (see feature_specs/README.md)")
-    g.add_argument("--train", required=True, help="training Parquet: file, directory or glob")
-    g.add_argument("--val", default=None, help="validation Parquet (metrics per tower)")
+    g.add_argument(
+        "--train",
+        required=True,
+        nargs="+",
+        help="training Parquet: one or more files, directories (Hive partitions such as "
+        "logs/date=2026-11-26/ too) or globs",
+    )
+    g.add_argument(
+        "--val", default=None, nargs="+", help="validation Parquet, as --train (metrics per tower)"
+    )
     g.add_argument("--out", required=True, help="run directory: metrics, checkpoints, export, plot")
     g = p.add_argument_group("method (Rocket Launching)")
     g.add_argument(
@@ -153,6 +161,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--checkpoint-every", type=int, default=d_t.checkpoint_every, help="steps; 0 = at the end"
     )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=d_t.keep_checkpoints,
+        help="finished checkpoints kept in RUN/checkpoints (the newest ones)",
+    )
+    g.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=d_t.shuffle_buffer,
+        help="rows shuffled together across row groups before batching (0 = off)",
+    )
     g.add_argument("--log-every", type=int, default=d_t.log_every)
     g.add_argument("--seed", type=int, default=d_t.seed)
     g.add_argument(
@@ -199,6 +219,8 @@ def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, T
         eval_every=a.eval_every,
         eval_batches=a.eval_batches,
         checkpoint_every=a.checkpoint_every,
+        keep_checkpoints=a.keep_checkpoints,
+        shuffle_buffer=a.shuffle_buffer,
         log_every=a.log_every,
         seed=a.seed,
         sharding=dict(a.sharding),

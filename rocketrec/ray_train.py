@@ -209,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         from rocketrec.data.reader import ParquetReader
 
         probe = ParquetReader(a.train, spec, a.batch_size, shuffle=False)
-        if len(probe.units) < a.workers:
+        if probe.total_rows // a.workers < a.batch_size:
             raise ValueError(
-                f"{a.train}: {len(probe.units)} row group(s) for {a.workers} workers: every worker "
-                "needs at least one (write smaller row groups or more files)"
+                f"{' '.join(a.train)}: {probe.total_rows:,} rows for {a.workers} workers: every "
+                f"worker needs at least one batch of --batch-size {a.batch_size} rows"
             )
+        probe.close()
         if a.val:
             ParquetReader(a.val, spec, a.batch_size, shuffle=False)
     except (SpecError, DataError, ValueError, FileNotFoundError) as e:
@@ -231,10 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    for k in ("train", "val", "out", "resume"):
+
+    def _abs(v: str) -> str:
+        return v if "://" in v else str(Path(v).resolve())
+
+    a.train = [_abs(v) for v in a.train]
+    a.val = [_abs(v) for v in a.val] if a.val else None
+    for k in ("out", "resume"):
         v = getattr(a, k)
-        if v and "://" not in v:
-            setattr(a, k, str(Path(v).resolve()))
+        if v:
+            setattr(a, k, _abs(v))
 
     if not (a.address or os.environ.get("RAY_ADDRESS")):
         # Must be set before `import ray`: Ray reads it at import time. With it, an

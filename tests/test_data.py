@@ -279,3 +279,121 @@ def test_pad_last_repeats_rows_and_counts_real(tmp_path):
     assert batches[-1].n_real == 900 % 64 and all(b.n_real is None for b in batches[:-1])
     real = _ids(batches[:-1]) + batches[-1].sparse.values().tolist()[: batches[-1].n_real]
     assert sorted(real) == list(range(900))
+
+
+# -- balanced ranks, shuffle buffer, many files, several paths ---------------------
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_balanced_by_rows(tmp_path, world):
+    n = _write_rid_files(tmp_path)
+    b = 32
+    for epoch in range(3):
+        rows = []
+        seen = []
+        for r in range(world):
+            rd = ParquetReader(str(tmp_path), RID_SPEC, b, rank=r, world_size=world, seed=epoch)
+            rd.set_epoch(epoch)
+            rows.append(rd.rows_for(epoch))
+            seen += _ids(rd)
+        assert sum(rows) == n and max(rows) - min(rows) <= 1
+        assert sorted(seen) == list(range(n))
+        common = min(r // b for r in rows)
+        assert sum(r - common * b for r in rows) <= world * b  # rows_unused bound
+
+
+def test_shuffle_buffer_mixes_rows_across_row_groups(tmp_path):
+    # one time-sorted file: without the buffer a batch is a contiguous run of rows
+    pq.write_table(
+        pa.table({"y": pa.array(np.arange(2000) % 2, pa.int8()), "rid": pa.array(np.arange(2000))}),
+        tmp_path / "sorted.parquet",
+        row_group_size=100,
+    )
+    plain = list(ParquetReader(str(tmp_path), RID_SPEC, 50, seed=1, shuffle_buffer=0))
+    assert all(max(_ids([b])) - min(_ids([b])) < 100 for b in plain)  # inside one row group
+    mixed = list(ParquetReader(str(tmp_path), RID_SPEC, 50, seed=1, shuffle_buffer=1000))
+    spans = [max(_ids([b])) - min(_ids([b])) for b in mixed]
+    assert min(spans) > 300  # rows of several row groups in every batch
+    assert sorted(_ids(mixed)) == list(range(2000))
+    # bounded: the rows of a batch come from the 10 row groups of one 1000-row window
+    assert all(len({i // 100 for i in _ids([b])}) <= 10 for b in mixed)
+    # deterministic for a seed, different for another
+    again = list(ParquetReader(str(tmp_path), RID_SPEC, 50, seed=1, shuffle_buffer=1000))
+    other = list(ParquetReader(str(tmp_path), RID_SPEC, 50, seed=2, shuffle_buffer=1000))
+    assert _ids(again) == _ids(mixed) and _ids(other) != _ids(mixed)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 6, 11])
+def test_resume_inside_the_shuffle_buffer(tmp_path, k):
+    _write_rid_files(tmp_path)
+    kw = dict(rank=1, world_size=2, seed=3, shuffle_buffer=128, drop_last=True)
+    full = _ids(ParquetReader(str(tmp_path), RID_SPEC, 30, **kw))
+    rd = ParquetReader(str(tmp_path), RID_SPEC, 30, **kw)
+    it = iter(rd)
+    head = [next(it) for _ in range(k)]
+    state = rd.state_dict()
+    it.close()
+    assert state["pos"] == 30 * k and state["pos"] % 128 != 0 or k == 0
+    again = ParquetReader(str(tmp_path), RID_SPEC, 30, **kw)
+    again.load_state_dict(state)
+    assert _ids(head) + _ids(again) == full
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_thousands_of_files_open_lazily(tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    n_files, per = 2100, 7
+    for i in range(n_files):
+        lo = i * per
+        pq.write_table(
+            pa.table(
+                {
+                    "y": pa.array(np.arange(lo, lo + per) % 2, pa.int8()),
+                    "rid": pa.array(np.arange(lo, lo + per)),
+                }
+            ),
+            d / f"part-{i:05d}.parquet",
+        )
+    base = _open_fds()
+    seen: list[int] = []
+    peak = 0
+    for r in range(2):
+        rd = ParquetReader(str(d), RID_SPEC, 64, rank=r, world_size=2, seed=5, shuffle_buffer=500)
+        assert _open_fds() <= base + 2  # footers read, files closed again
+        for b in rd:
+            peak = max(peak, _open_fds() - base)
+            seen += _ids([b])
+        assert rd.max_files_open_seen <= rd.max_open_files
+        assert rd.open_files() == 0
+    assert peak <= 8, peak  # a handful, never thousands
+    assert sorted(seen) == list(range(n_files * per))
+
+
+def test_several_paths_and_hive_partitions(tmp_path):
+    from rocketrec.cli import main
+
+    for day, (lo, hi) in (("2026-11-25", (0, 300)), ("2026-11-26", (300, 700))):
+        part = tmp_path / "logs" / f"date={day}"
+        part.mkdir(parents=True)
+        t = pa.table(
+            {"y": pa.array(np.arange(lo, hi) % 2, pa.int8()), "rid": pa.array(np.arange(lo, hi))}
+        )
+        pq.write_table(t, part / "part-0.parquet", row_group_size=64)
+    extra = tmp_path / "extra.parquet"
+    pq.write_table(pa.table({"y": pa.array([0, 1], pa.int8()), "rid": pa.array([700, 701])}), extra)
+    paths = [str(tmp_path / "logs" / "date=2026-11-2*"), str(extra)]
+    rd = ParquetReader(paths, RID_SPEC, 50, shuffle=False)
+    assert sorted(_ids(rd)) == list(range(702))
+    # one partition folder only
+    rd = ParquetReader([str(tmp_path / "logs" / "date=2026-11-26")], RID_SPEC, 50, shuffle=False)
+    assert sorted(_ids(rd)) == list(range(300, 700))
+    spec = tmp_path / "rid.yaml"
+    import yaml
+
+    spec.write_text(yaml.safe_dump(RID_SPEC.to_dict()))
+    assert main(["validate", str(spec), "--data", *paths]) == 0
+    assert main(["validate", str(spec), "--data", str(tmp_path / "nope"), str(extra)]) == 2

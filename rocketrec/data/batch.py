@@ -115,14 +115,24 @@ class Decoded:
         """Repeat rows cyclically up to n rows (equal batch sizes across ranks)."""
         if len(self) >= n or len(self) == 0:
             return self
-        idx = np.arange(n) % len(self)
+        return self.take(np.arange(n) % len(self))
+
+    def take(self, idx: np.ndarray) -> Decoded:
+        """Rows idx (int64 [m], any order, repeats allowed), bags included."""
         ids = []
+        m = len(idx)
+        one_each = np.arange(len(self) + 1, dtype=np.int64)
         for values, offsets in self.ids:
+            if len(values) == len(self) and np.array_equal(offsets, one_each):
+                # exactly one id per row (a scalar feature without nulls): a plain gather
+                ids.append((values[idx], np.arange(m + 1, dtype=np.int64)))
+                continue
             lens = np.diff(offsets)[idx]
             new_offsets = _offsets(lens)
-            # gather each repeated row's ids: its old start + position inside the bag
-            pos = np.arange(new_offsets[-1]) - np.repeat(new_offsets[:-1], lens)
-            ids.append((values[np.repeat(offsets[idx], lens) + pos], new_offsets))
+            # each new position's source: its bag's old start + position inside the bag
+            src = np.repeat(offsets[:-1][idx] - new_offsets[:-1], lens)
+            src += np.arange(new_offsets[-1], dtype=np.int64)
+            ids.append((values[src], new_offsets))
         return Decoded(
             self.dense[idx],
             ids,

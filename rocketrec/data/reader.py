@@ -1,19 +1,34 @@
-"""Parquet ad-log reader: row groups strided by rank, reshuffled per epoch, resumable.
+"""Parquet ad-log reader: rows balanced over ranks, shuffled, resumable, lazy on files.
 
-Work unit = one (file, row group). For epoch e, the list of all units is
-permuted with `Random(seed + e)` and rank r takes units[r::world_size]: every
-row goes to exactly one rank per epoch. Rows of consecutive units are cut into
-batches of `batch_size` (the last, short one is kept or dropped by option).
+Work unit = one (file, row group). For epoch e the list of all units is
+permuted with a seeded RNG (seed, e) and laid end to end as one stream of T
+rows; rank r takes the contiguous row range [r T / W, (r + 1) T / W) of that
+stream, as pieces (file, row group, first row, row count). Every row goes to
+exactly one rank per epoch and ranks differ by at most one row, so with
+`drop_last` at most W x batch_size rows per epoch go unused.
+
+Shuffle within files: a rank's stream is cut into windows of `shuffle_buffer`
+rows (mixing rows of every unit the window spans); each window's rows are
+permuted with a seeded RNG (seed, epoch, rank, window) before batching. The
+order is a pure function of (seed, epoch, rank, world size, buffer size), so
+the reader's position is one number, the rows consumed this epoch, and
+`load_state_dict` continues at exactly the next batch, also in the middle of
+a window. Memory: one window of decoded rows.
 
 Decoding (Arrow -> numpy -> Batch) runs in a background thread feeding a
-bounded queue. The reader's position is that of the *consumer*: `state_dict()`
-after k batches says where batch k+1 starts (epoch, unit index, row offset), and
-`load_state_dict()` continues from exactly there.
+bounded queue; the position is that of the *consumer*.
 
-Paths: a file, a directory (recursive) or a glob; `scheme://` URIs go through
-pyarrow's filesystem layer. Files whose name starts with `_` or `.`
-(`_SUCCESS`, `_metadata`, `_common_metadata`, hidden files, as petastorm and
-Spark write them) are ignored; so are empty files and files with no row group.
+Many files: each file's footer is read once (at construction, then closed);
+files are opened when first needed, at most `max_open_files` at a time
+(least recently used closed first), and a rank only opens the files of its
+own row range.
+
+Paths: one or several files, directories (recursive, so Hive-style partition
+folders such as `logs/date=2026-11-26/part-0.parquet` work) or globs;
+`scheme://` URIs go through pyarrow's filesystem layer. Files whose name
+starts with `_` or `.` (`_SUCCESS`, `_metadata`, `_common_metadata`, hidden
+files, as petastorm and Spark write them) are ignored; so are empty files and
+files with no row group.
 """
 
 from __future__ import annotations
@@ -23,10 +38,13 @@ import os
 import queue
 import random
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -39,15 +57,41 @@ def _ignored(name: str) -> bool:
     return base.startswith("_") or base.startswith(".")
 
 
-def list_parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+def list_parquet_files(paths: str | Sequence[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """Resolve files, directories or globs (one or several) to a list of data files:
+    each path's files sorted, paths in the order given, duplicates dropped."""
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise DataError("no data path given")
+    fs: pafs.FileSystem | None = None
+    out: list[str] = []
+    for p in paths:
+        pfs, files = _list_one(p)
+        if fs is not None and type(pfs) is not type(fs):
+            raise DataError(f"{p}: all data paths must be on the same file system")
+        fs = pfs
+        out.extend(files)
+    assert fs is not None
+    return fs, list(dict.fromkeys(out))
+
+
+def _list_one(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """Resolve a file, directory or glob to a sorted list of data files."""
     if "://" in path:
         fs, root = pafs.FileSystem.from_uri(path)
     else:
         fs, root = pafs.LocalFileSystem(), os.path.abspath(path)
         if any(c in path for c in "*?["):
-            files = sorted(p for p in globlib.glob(root, recursive=True) if os.path.isfile(p))
-            files = [p for p in files if not _ignored(p)]
+            # a glob may match files or folders (e.g. Hive partitions `date=2026-11-2*`)
+            files: list[str] = []
+            for m in sorted(globlib.glob(root, recursive=True)):
+                if _ignored(m):
+                    continue
+                if os.path.isfile(m):
+                    files.append(m)
+                elif os.path.isdir(m):
+                    files.extend(_list_dir(fs, m))
             if not files:
                 raise DataError(f"{path}: no Parquet files match this pattern")
             return fs, files
@@ -56,16 +100,24 @@ def list_parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         raise DataError(f"{path}: no such file or directory")
     if info.type == pafs.FileType.File:
         return fs, [root]
+    files = _list_dir(fs, root)
+    if not files:
+        raise DataError(f"{path}: directory holds no data files")
+    return fs, files
+
+
+def _list_dir(fs: pafs.FileSystem, root: str) -> list[str]:
     sel = pafs.FileSelector(root, recursive=True)
-    files = sorted(
+    return sorted(
         i.path
         for i in fs.get_file_info(sel)
         if i.type == pafs.FileType.File
         and not any(_ignored(part) for part in os.path.relpath(i.path, root).split(os.sep))
     )
-    if not files:
-        raise DataError(f"{path}: directory holds no data files")
-    return fs, files
+
+
+DEFAULT_SHUFFLE_BUFFER = 65536  # rows; about 20 MB of decoded ads_ctr rows
+_READ_WINDOW = 65536  # rows decoded at a time when not shuffling
 
 
 @dataclass(frozen=True)
@@ -75,12 +127,21 @@ class Unit:
     rows: int
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows [first, first + count) of one unit."""
+
+    unit: Unit
+    first: int
+    count: int
+
+
 class ParquetReader:
     """Iterate `Batch`es for one rank. See the module docstring for the contract."""
 
     def __init__(
         self,
-        path: str,
+        path: str | Sequence[str],
         spec: FeatureSpec,
         batch_size: int,
         rank: int = 0,
@@ -91,11 +152,15 @@ class ParquetReader:
         pad_last: bool = False,
         prefetch: int = 4,
         teacher_column: str | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        max_open_files: int = 4,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0 rows, got {shuffle_buffer}")
         self.path = path
         self.spec = spec
         self.batch_size = batch_size
@@ -103,44 +168,76 @@ class ParquetReader:
         self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
+        # rows permuted together; 0 = units are still permuted, rows inside them are not
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.drop_last = drop_last
         self.pad_last = pad_last  # pad the short last batch (Batch.n_real says how many are real)
         self.prefetch = max(1, prefetch)
+        self.max_open_files = max(1, max_open_files)
         self.fs, self.files = list_parquet_files(path)
         self.units: list[Unit] = []
-        self._pf: dict[int, pq.ParquetFile] = {}
+        self._md: dict[int, pq.FileMetaData] = {}
+        self._open: OrderedDict[int, tuple[pq.ParquetFile, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        checked: set[str] = set()
         for fi, f in enumerate(self.files):
             try:
                 if self.fs.get_file_info(f).size == 0:
                     continue  # empty file: skipped, not fatal
-                pf = pq.ParquetFile(self.fs.open_input_file(f))
+                with self.fs.open_input_file(f) as fh:
+                    md = pq.read_metadata(fh)  # the footer, read once; the file is closed again
             except (OSError, ValueError) as e:
                 raise DataError(f"{f}: cannot read as Parquet: {e}") from None
-            check_schema(pf.schema_arrow, spec, f)
-            self._pf[fi] = pf
-            md = pf.metadata
+            schema = md.schema.to_arrow_schema()
+            key = schema.to_string()
+            if key not in checked:  # thousands of files usually share a few schemas
+                check_schema(schema, spec, f)
+                checked.add(key)
+            self._md[fi] = md
             for rg in range(md.num_row_groups):
                 rows = md.row_group(rg).num_rows
                 if rows:
                     self.units.append(Unit(fi, rg, rows))
         if not self.units:
-            raise DataError(f"{path}: no rows in any Parquet file")
+            raise DataError(f"{_show(path)}: no rows in any Parquet file")
         self.teacher_column = teacher_column
         self.columns = spec.columns() + ([teacher_column] if teacher_column else [])
         self.epoch = 0
-        self._unit_pos = 0  # index into this rank's unit list for self.epoch
-        self._row = 0  # row offset inside that unit
+        self._pos = 0  # rows of this rank's epoch stream already consumed
+        self.max_files_open_seen = 0
 
     # -- plan ------------------------------------------------------------------
-    def units_for(self, epoch: int, rank: int | None = None) -> list[Unit]:
+    def _order(self, epoch: int) -> list[Unit]:
         order = list(self.units)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        r = self.rank if rank is None else rank
-        return order[r :: self.world_size]
+        return order
+
+    def _bounds(self, rank: int) -> tuple[int, int]:
+        total, w = self.total_rows, self.world_size
+        return rank * total // w, (rank + 1) * total // w
+
+    def pieces_for(self, epoch: int, rank: int | None = None) -> list[Piece]:
+        """This rank's row range of the epoch's unit stream, as pieces of units."""
+        lo, hi = self._bounds(self.rank if rank is None else rank)
+        out, start = [], 0
+        for u in self._order(epoch):
+            end = start + u.rows
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                out.append(Piece(u, a - start, b - a))
+            start = end
+            if start >= hi:
+                break
+        return out
+
+    def units_for(self, epoch: int, rank: int | None = None) -> list[Unit]:
+        """Units this rank reads from (whole or in part) in `epoch`."""
+        return [p.unit for p in self.pieces_for(epoch, rank)]
 
     def rows_for(self, epoch: int, rank: int | None = None) -> int:
-        return sum(u.rows for u in self.units_for(epoch, rank))
+        lo, hi = self._bounds(self.rank if rank is None else rank)
+        return hi - lo
 
     def batches_per_epoch(self, epoch: int = 0, rank: int | None = None) -> int:
         rows = self.rows_for(epoch, rank)
@@ -158,60 +255,126 @@ class ParquetReader:
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
-            "unit_pos": self._unit_pos,
-            "row": self._row,
+            "pos": self._pos,
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "total_rows": self.total_rows,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in ("seed", "world_size", "batch_size"):
-            if state.get(k) != getattr(self, k):
+        for k in ("seed", "world_size", "batch_size", "shuffle_buffer", "total_rows"):
+            if k in state and state.get(k) != getattr(self, k):
                 raise ValueError(
                     f"reader state was saved with {k}={state.get(k)}, this reader has "
                     f"{k}={getattr(self, k)}"
                 )
+        if "pos" not in state:
+            raise ValueError("reader state from an older rocketrec (no 'pos'): cannot resume it")
         self.epoch = int(state["epoch"])
-        self._unit_pos = int(state["unit_pos"])
-        self._row = int(state["row"])
+        self._pos = int(state["pos"])
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning."""
-        self.epoch, self._unit_pos, self._row = epoch, 0, 0
+        self.epoch, self._pos = epoch, 0
 
     # -- reading ---------------------------------------------------------------
-    def _read_unit(self, u: Unit) -> Decoded:
-        table = self._pf[u.file].read_row_group(u.row_group, columns=self.columns)
-        return decode_table(table, self.spec, self.files[u.file], self.teacher_column)
+    def _file(self, fi: int) -> pq.ParquetFile:
+        with self._lock:
+            if fi in self._open:
+                self._open.move_to_end(fi)
+                return self._open[fi][0]
+            while len(self._open) >= self.max_open_files:
+                _, (old_pf, old_fh) = self._open.popitem(last=False)
+                old_fh.close()
+            fh = self.fs.open_input_file(self.files[fi])
+            pf = pq.ParquetFile(fh, metadata=self._md[fi])  # no second footer read
+            self._open[fi] = (pf, fh)
+            self.max_files_open_seen = max(self.max_files_open_seen, len(self._open))
+            return pf
+
+    def close(self) -> None:
+        """Close every open file (reading again reopens them)."""
+        with self._lock:
+            for _, fh in self._open.values():
+                fh.close()
+            self._open.clear()
+
+    def open_files(self) -> int:
+        return len(self._open)
+
+    def _read_piece(self, p: Piece, cache: dict[Unit, pa.Table]) -> pa.Table:
+        u = p.unit
+        if u not in cache:
+            cache.clear()  # keep one unit: a unit split over two windows is read once
+            cache[u] = self._file(u.file).read_row_group(u.row_group, columns=self.columns)
+        return cache[u].slice(p.first, p.count)  # zero-copy
+
+    def _window_size(self) -> int:
+        return self.shuffle_buffer or max(_READ_WINDOW, self.batch_size)
+
+    def _window(self, pieces: list[Piece], w: int, cache: dict[Unit, pa.Table]) -> Decoded:
+        """Rows [w S, (w + 1) S) of this rank's stream, permuted when shuffling.
+
+        The Arrow rows are permuted (one C++ take) and decoded once per window; if
+        decoding fails, the window's pieces are decoded one by one so that the error
+        names the file that holds the bad value.
+        """
+        size = self._window_size()
+        lo, hi = w * size, min((w + 1) * size, sum(p.count for p in pieces))
+        parts: list[tuple[Piece, pa.Table]] = []
+        start = 0
+        for p in pieces:
+            end = start + p.count
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                sub = Piece(p.unit, p.first + a - start, b - a)
+                parts.append((sub, self._read_piece(sub, cache)))
+            start = end
+            if start >= hi:
+                break
+        table = parts[0][1] if len(parts) == 1 else pa.concat_tables([t for _, t in parts])
+        files = list(dict.fromkeys(self.files[p.unit.file] for p, _ in parts))
+        try:
+            block = decode_table(table, self.spec, files[0], self.teacher_column)
+            if self.shuffle_buffer:  # permute decoded ids (ints), cheaper than Arrow strings
+                rng = np.random.default_rng([self.seed, self.epoch, self.rank, w, 0x5EED])
+                block = block.take(rng.permutation(len(block)))
+            return block
+        except DataError:
+            if len(files) == 1:
+                raise
+            for p, t in parts:  # find the file with the bad value
+                decode_table(t, self.spec, self.files[p.unit.file], self.teacher_column)
+            raise
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         """Put (Batch, position after it) for the rest of the current epoch on `out`."""
         try:
-            units = self.units_for(self.epoch)
-            pos, row = self._unit_pos, self._row
+            pieces = self.pieces_for(self.epoch)
+            n = sum(p.count for p in pieces)
+            size = self._window_size()
+            pos = self._pos
+            cache: dict[Unit, pa.Table] = {}
             pending: list[Decoded] = []
             have = 0
-            while pos < len(units) and not stop.is_set():
-                block = self._read_unit(units[pos])
-                if row:
-                    block = block.slice(row, len(block))
-                # walk this block in batch-size pieces
-                off = 0
+            w = pos // size
+            while w * size < n and not stop.is_set():
+                block = self._window(pieces, w, cache)
+                off = max(0, pos - w * size)  # > 0 only in the window a resume starts in
                 while off < len(block):
                     take = min(self.batch_size - have, len(block) - off)
                     pending.append(block.slice(off, off + take))
                     have += take
                     off += take
                     if have == self.batch_size:
-                        nxt_row = row + off
-                        nxt = (pos, nxt_row) if nxt_row < units[pos].rows else (pos + 1, 0)
-                        out.put((Decoded.concat(pending).to_batch(), nxt))
+                        out.put((Decoded.concat(pending).to_batch(), w * size + off))
                         pending, have = [], 0
                         if stop.is_set():
                             return
-                pos, row = pos + 1, 0
+                w += 1
             if pending and not self.drop_last and not stop.is_set():
                 last = Decoded.concat(pending)
                 if self.pad_last:
@@ -219,7 +382,7 @@ class ParquetReader:
                     batch.n_real = len(last)
                 else:
                     batch = last.to_batch()
-                out.put((batch, (len(units), 0)))
+                out.put((batch, n))
             out.put(None)
         except BaseException as e:  # surface reader errors in the consumer thread
             out.put(e)
@@ -237,8 +400,8 @@ class ParquetReader:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                batch, (pos, row) = item  # the position right after this batch
-                self._unit_pos, self._row = pos, row
+                batch, pos = item  # the position right after this batch
+                self._pos = pos
                 yield batch
             self.set_epoch(self.epoch + 1)
         finally:
@@ -249,3 +412,8 @@ class ParquetReader:
                 except queue.Empty:
                     pass
             t.join()
+            self.close()  # files are reopened lazily by the next epoch
+
+
+def _show(path: str | Sequence[str]) -> str:
+    return path if isinstance(path, str) else ", ".join(path)

@@ -24,7 +24,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from rocketrec.data.reader import ParquetReader
+from rocketrec.data.reader import DEFAULT_SHUFFLE_BUFFER, ParquetReader
 from rocketrec.model.loss import LossConfig, rocket_loss, towers_needed
 from rocketrec.model.model import ModelConfig, RocketModel
 from rocketrec.parallel.sharding import init_distributed, shard_model
@@ -70,12 +70,22 @@ class TrainConfig:
     seed: int = 0
     sharding: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> constraints
     teacher_column: str | None = None  # probability column for mode perfect_teacher
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows permuted together; 0 = off
 
     def __post_init__(self) -> None:
         for k in ("batch_size", "epochs"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("max_steps", "warmup_steps", "eval_every", "eval_batches", "checkpoint_every"):
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        for k in (
+            "max_steps",
+            "warmup_steps",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "shuffle_buffer",
+        ):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         if self.dense_optimizer not in ("adam", "adagrad"):
@@ -100,8 +110,8 @@ class _Run:
     def __init__(
         self,
         spec: FeatureSpec,
-        train_path: str,
-        val_path: str | None,
+        train_path: str | Sequence[str],
+        val_path: str | Sequence[str] | None,
         out_dir: str,
         model_cfg: ModelConfig,
         loss_cfg: LossConfig,
@@ -136,6 +146,7 @@ class _Run:
             shuffle=True,
             drop_last=True,
             teacher_column=cfg.teacher_column,
+            shuffle_buffer=cfg.shuffle_buffer,
         )
         self.val_reader = (
             ParquetReader(
@@ -314,8 +325,8 @@ class _Run:
                 )
                 zb.append(out.booster[:n_keep].float().cpu().numpy())
                 zl.append(out.light[:n_keep].float().cpu().numpy())
-        for _ in it:  # finish the epoch so the reader thread ends
-            pass
+        if hasattr(it, "close"):
+            it.close()  # stop reading: the reader thread ends, the rest is never decoded
         self.dmp.train()
         local = [np.concatenate(x) if x else np.zeros(0, np.float32) for x in (ys, ws, zb, zl)]
         if self.world > 1:
@@ -427,8 +438,14 @@ class _Run:
                     break
                 # epoch done: every rank stopped at the common count of batches
                 used = n_epoch * cfg.batch_size
-                self.rows_unused += sum(
+                unused = sum(
                     max(0, self.train_reader.rows_for(epoch, r) - used) for r in range(self.world)
+                )
+                self.rows_unused += unused
+                total = self.train_reader.total_rows
+                _log(
+                    f"epoch {epoch} done at step {self.step}: {total - unused:,} of {total:,} rows "
+                    f"trained on, rows_unused {unused:,} (each rank's short last batch)"
                 )
                 self.train_reader.set_epoch(epoch + 1)
                 self.epoch_step = 0
@@ -446,6 +463,7 @@ class _Run:
         final["step_seconds"] = self.loop_seconds  # forward/backward/update only (no I/O, eval)
         final["steps"] = self.step
         final["rows_seen"] = self.rows_seen
+        final["rows_unused"] = self.rows_unused
         self._record(final)
         self.save(final)
         return final
@@ -453,8 +471,8 @@ class _Run:
 
 def train(
     spec: FeatureSpec,
-    train_path: str,
-    val_path: str | None,
+    train_path: str | Sequence[str],
+    val_path: str | Sequence[str] | None,
     out_dir: str,
     model_cfg: ModelConfig | None = None,
     loss_cfg: LossConfig | None = None,
