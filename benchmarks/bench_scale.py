@@ -13,7 +13,10 @@ sampled by psutil (driver, Ray's own processes and the training workers):
      one checkpoint at the end (embedded loopback-only local Ray);
   3. the same with `--resume` for --resume-steps more steps (reads the checkpoint
      back, writes another) with --resume-workers workers (default W);
-  4. `rocketrec export --int8` of the run (streams the light tower's tables).
+  4. `rocketrec export --int8` of the run (streams the light tower's tables);
+  5. with --cpp: the C++ predictor (deploy/cpp, built with CMake) scores 64
+     requests from the data with the exported file, compared with
+     `rocketrec predict` (Python) on the same requests.
 
 Prints: table bytes, peak RSS per worker, the ratio peak-per-worker / (table
 bytes / W) (target <= 1.5 at N = 50M, W = 2), peak of the export process, the
@@ -64,8 +67,10 @@ class TreeSampler:
             for p in procs:
                 try:
                     rss = p.memory_info().rss
-                    if p.pid not in self.name_by_pid:
-                        self.name_by_pid[p.pid] = " ".join(p.cmdline())[:120]
+                    # Ray renames its workers (ray::IDLE -> ray::RayTrainWorker...): keep all
+                    name = " ".join(p.cmdline())[:120]
+                    if name not in self.name_by_pid.get(p.pid, ""):
+                        self.name_by_pid[p.pid] = self.name_by_pid.get(p.pid, "") + " | " + name
                 except psutil.Error:
                     continue
                 total += rss
@@ -95,6 +100,41 @@ def run_sampled(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[TreeSam
     return sampler, time.time() - t0
 
 
+def score_in_cpp(model: Path, data: Path, work: Path) -> float:
+    """Build deploy/cpp, score requests from `data` in C++ and in Python; max |diff|."""
+    import torch
+
+    build = ROOT / "deploy" / "cpp" / "build"
+    if not (build / "rocketrec_predict").exists():
+        subprocess.run(
+            ["cmake", "-S", str(ROOT / "deploy" / "cpp"), "-B", str(build)]
+            + [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    req = work / "requests.jsonl"
+    subprocess.run(
+        [str(BIN / "rocketrec"), "requests", "--model", str(model), "--data", str(data)]
+        + ["--rows", "64", "--out", str(req)],
+        check=True,
+    )
+    cpp = subprocess.run(
+        [str(build / "rocketrec_predict"), str(model), str(req)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    py = subprocess.run(
+        [str(BIN / "rocketrec"), "predict", "--model", str(model), "--requests", str(req)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert len(cpp) == len(py) > 0, (len(cpp), len(py))
+    return max(abs(float(x) - float(y)) for x, y in zip(cpp, py, strict=True))
+
+
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -115,6 +155,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--cpp", action="store_true", help="score the export with the C++ predictor")
     a = ap.parse_args()
     rw = a.resume_workers or a.workers
 
@@ -189,6 +230,9 @@ def main() -> None:
         env,
     )
     export_bytes = out.stat().st_size
+    cpp_diff = None
+    if a.cpp:
+        cpp_diff = score_in_cpp(out, data, work)
     workers = s_train.peaks_matching("RayTrainWorker")
     workers_res = s_res.peaks_matching("RayTrainWorker")
     peak_w = max(workers)
@@ -233,6 +277,9 @@ def main() -> None:
         f"({fig['run_dir_over_checkpoints']:.3f}x)"
     )
     print(f"training: {steps_per_s:.1f} steps/s (step time only), wall {t_train:.0f}s")
+    if cpp_diff is not None:
+        fig["cpp_max_abs_diff_vs_python"] = cpp_diff
+        print(f"C++ predictor on the exported file: max |C++ - Python| = {cpp_diff:.3g}")
     if a.json:
         Path(a.json).write_text(json.dumps(fig, indent=1))
     if not a.keep:

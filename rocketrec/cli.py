@@ -138,23 +138,29 @@ def _cmd_plan(a: argparse.Namespace) -> int:
             f"{t.table:<22} {dims:>22} {t.sharding_type:<18} {t.compute_kernel:<8} "
             f"{_shards_text(t.shards)}"
         )
-    print(f"{'rank':>5} {'weights GB':>11} {'optimizer GB':>13} {'total GB':>9}")
+    where = "GPU" if a.device == "cuda" else "RAM"
+    print(
+        f"{'rank':>5} {'weights GB':>11} {'optimizer GB':>13} {where + ' GB':>9} "
+        f"{'host (UVM) GB':>14}"
+    )
     rows = [
-        (round(m["weights"] / 1e9, 3), round(m["optimizer"] / 1e9, 3)) for m in per
+        tuple(round(m[k] / 1e9, 3) for k in ("weights", "optimizer", "device", "host")) for m in per
     ]  # consecutive ranks with the same figures share a line
     r = 0
     while r < len(rows):
         e = r
         while e + 1 < len(rows) and rows[e + 1] == rows[r]:
             e += 1
-        w, o = rows[r]
+        w, o, d, h = rows[r]
         label = str(r) if e == r else f"{r}-{e}"
-        print(f"{label:>5} {w:>11.3f} {o:>13.3f} {w + o:>9.3f}")
+        print(f"{label:>5} {w:>11.3f} {o:>13.3f} {d:>9.3f} {h:>14.3f}")
         r = e + 1
-    worst = max(m["weights"] + m["optimizer"] for m in per)
+    worst = max(m["device"] for m in per)
+    host = max(m["host"] for m in per)
+    uvm = f"; UVM tables keep {host / 1e9:.3f} GB per worker in host memory" if host else ""
     print(
-        f"fits: yes: the fullest worker needs {worst / 1e9:.3f} GB for tables of "
-        f"{mem / 1e9:.2f} GB ({100 * worst / mem:.1f}%)"
+        f"fits: the fullest worker needs {worst / 1e9:.3f} GB of {where} for tables of "
+        f"{mem / 1e9:.2f} GB ({100 * worst / mem:.1f}%){uvm}"
     )
     return 0
 

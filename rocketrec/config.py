@@ -173,6 +173,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d_t.shuffle_buffer,
         help="rows shuffled together across row groups before batching (0 = off)",
     )
+    g.add_argument(
+        "--negative-sample-rate",
+        type=float,
+        default=d_t.negative_sample_rate,
+        help="train on every click and this share of non-clicks (0 < r <= 1); evaluation "
+        "and the exported model correct the probabilities for it",
+    )
     g.add_argument("--log-every", type=int, default=d_t.log_every)
     g.add_argument("--seed", type=int, default=d_t.seed)
     g.add_argument(
@@ -221,6 +228,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, T
         checkpoint_every=a.checkpoint_every,
         keep_checkpoints=a.keep_checkpoints,
         shuffle_buffer=a.shuffle_buffer,
+        negative_sample_rate=a.negative_sample_rate,
         log_every=a.log_every,
         seed=a.seed,
         sharding=dict(a.sharding),

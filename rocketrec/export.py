@@ -69,6 +69,7 @@ class LightServing(nn.Module):
 
     # attributes (declared for TorchScript and type checkers)
     group_dims: list[int]
+    logit_offset: float
     group_has_mean: list[bool]
     feature_rows: torch.Tensor
     feature_offset: torch.Tensor
@@ -104,10 +105,14 @@ class LightServing(nn.Module):
         int8: bool = False,
         num_inputs: int | None = None,
         on_block: BlockHook | None = None,
+        negative_sample_rate: float = 1.0,
     ) -> None:
         """tables: name -> full weight [R, D], or a callable yielding (first row, rows)
-        blocks in order (streamed from a checkpoint); on_block sees every block."""
+        blocks in order (streamed from a checkpoint); on_block sees every block.
+        negative_sample_rate: the training data's rate; served probabilities are
+        corrected to q = p / (p + (1 - p) / r), i.e. sigmoid(logit + log r)."""
         super().__init__()
+        self.logit_offset = float(np.log(negative_sample_rate))
         feats = spec.light_sparse
         dense = spec.light_dense
         self.num_features = len(feats)
@@ -325,7 +330,8 @@ class LightServing(nn.Module):
         if self.num_dense > 0:
             parts = parts + [self.preprocess_dense(dense)]
         logits = self.tower(torch.cat(parts, 1)).view(-1)
-        return torch.sigmoid(logits)
+        # calibration for negative downsampling in training: + log(rate) (0 without)
+        return torch.sigmoid(logits + self.logit_offset)
 
 
 def build_manifest(
@@ -424,8 +430,11 @@ def script_serving(
     int8: bool,
     num_inputs: int | None = None,
     on_block: BlockHook | None = None,
+    negative_sample_rate: float = 1.0,
 ) -> torch.jit.ScriptModule:
-    m = LightServing(spec, tables, _copy_tower(tower), int8, num_inputs, on_block)
+    m = LightServing(
+        spec, tables, _copy_tower(tower), int8, num_inputs, on_block, negative_sample_rate
+    )
     m.eval()
     return torch.jit.script(m)
 
@@ -551,7 +560,13 @@ def _lookups(model: Any, batch: Any, gathered: list[str]) -> tuple[dict, dict, _
 
 
 def _reference_scores(
-    model: Any, batch: Any, booster: bool, needed: dict, bucketed: dict, rows: _RowCollector
+    model: Any,
+    batch: Any,
+    booster: bool,
+    needed: dict,
+    bucketed: dict,
+    rows: _RowCollector,
+    logit_offset: float = 0.0,
 ) -> torch.Tensor:
     """Scores of the training model's code path on `batch`, from the looked-up rows only.
 
@@ -594,7 +609,7 @@ def _reference_scores(
     ref.eval()
     with torch.no_grad():
         o = ref(batch.dense, compact, run_booster=booster, run_light=not booster)
-    return torch.sigmoid(o.booster if booster else o.light)
+    return torch.sigmoid((o.booster if booster else o.light) + logit_offset)
 
 
 def _heldout_table(spec: FeatureSpec, data: str | None, rows: int) -> pa.Table:
@@ -658,9 +673,12 @@ def export_checkpoint(
     table = _heldout_table(model.spec, data, rows)
     batch = decode_table(table, model.spec, "<held-out>").to_batch()
     needed, bucketed, collector = _lookups(model, batch, list(sources))
-    scripted = script_serving(serve_spec, sources, tower, int8, num_inputs, on_block=collector)
-    # reference: the training model's code path on the same rows
-    ref = _reference_scores(model, batch, booster, needed, bucketed, collector)
+    rate = float(meta.get("train_config", {}).get("negative_sample_rate", 1.0))
+    scripted = script_serving(
+        serve_spec, sources, tower, int8, num_inputs, on_block=collector, negative_sample_rate=rate
+    )
+    # reference: the training model's code path on the same rows, corrected the same way
+    ref = _reference_scores(model, batch, booster, needed, bucketed, collector, np.log(rate))
     manifest = build_manifest(
         spec,
         int8,
@@ -670,6 +688,8 @@ def export_checkpoint(
             "step": meta.get("step"),
             "tower": "booster" if booster else "light",
             "light_private_dim": 0 if booster else model.cfg.light_private_dim,
+            "negative_sample_rate": rate,
+            "calibration": "served probability = sigmoid(logit + log(negative_sample_rate))",
         },
     )
     out = Path(out)

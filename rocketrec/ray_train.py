@@ -129,7 +129,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> bool:
-    """Validation AUC and logloss of both towers over steps."""
+    """Validation AUC (and grouped AUC), logloss and normalized entropy of both towers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,20 +140,23 @@ def plot_curves(metrics_path: Path, out_png: Path) -> bool:
     if not ev:
         return False
     ev.sort(key=lambda r: r["step"])
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    steps = [r["step"] for r in ev]
     for tower, color in (("booster", "tab:red"), ("light", "tab:blue")):
-        steps = [r["step"] for r in ev]
-        ax[0].plot(steps, [r[f"{tower}_auc"] for r in ev], "o-", color=color, label=tower)
+        ax[0].plot(steps, [r[f"{tower}_auc"] for r in ev], "o-", color=color, label=f"{tower} auc")
+        if f"{tower}_gauc" in ev[0]:
+            ax[0].plot(
+                steps, [r[f"{tower}_gauc"] for r in ev], "s--", color=color, label=f"{tower} gauc"
+            )
         ax[1].plot(steps, [r[f"{tower}_logloss"] for r in ev], "o-", color=color, label=tower)
-    ax[1].plot(
-        [r["step"] for r in ev],
-        [r["base_logloss"] for r in ev],
-        "--",
-        color="gray",
-        label="base rate",
-    )
-    ax[0].set_title("validation AUC")
+        ax[2].plot(
+            steps, [r.get(f"{tower}_ne", float("nan")) for r in ev], "o-", color=color, label=tower
+        )
+    ax[1].plot(steps, [r["base_logloss"] for r in ev], "--", color="gray", label="base rate")
+    ax[2].axhline(1.0, ls="--", color="gray", label="base rate")
+    ax[0].set_title("validation AUC" + (" / GAUC" if "light_gauc" in ev[0] else ""))
     ax[1].set_title("validation logloss")
+    ax[2].set_title("normalized entropy (logloss / base)")
     for a in ax:
         a.set_xlabel("step")
         a.legend()

@@ -90,6 +90,7 @@ class FeatureSpec:
     dense: tuple[DenseFeature, ...]
     light_features: tuple[str, ...]
     source: str = field(default="<memory>", compare=False)
+    group_column: str | None = None  # e.g. the user id: evaluation reports grouped AUC
 
     # -- derived views ---------------------------------------------------------
     @property
@@ -120,6 +121,8 @@ class FeatureSpec:
         cols = [self.label_column]
         if self.weight_column:
             cols.append(self.weight_column)
+        if self.group_column and self.group_column not in cols:
+            cols.append(self.group_column)
         for column in [f.column for f in self.sparse] + [f.column for f in self.dense]:
             if column not in cols:
                 cols.append(column)
@@ -138,6 +141,8 @@ class FeatureSpec:
         }
         if self.weight_column:
             d["weight"] = {"column": self.weight_column}
+        if self.group_column:
+            d["group"] = {"column": self.group_column}
         return d
 
 
@@ -250,7 +255,7 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
         ctx,
         "",
         raw,
-        ("version", "name", "label", "weight", "tables", "sparse", "dense", "light"),
+        ("version", "name", "label", "weight", "group", "tables", "sparse", "dense", "light"),
         ("version", "label", "tables", "sparse"),
     )
     version = _int(ctx, "", top, "version", 1)
@@ -261,6 +266,9 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
     name = _str(ctx, "", top, "name") if "name" in top else Path(source).stem
     label = _column_block(ctx, "label", top["label"])
     weight = _column_block(ctx, "weight", top["weight"]) if top.get("weight") is not None else None
+    group = _column_block(ctx, "group", top["group"]) if "group" in top else None
+    if group is not None and group in (label, weight):
+        raise ctx.fail("group", f"field 'column': '{group}' is the label or weight column")
 
     tables: list[TableSpec] = []
     for i, t in enumerate(_list(ctx, "", top, "tables")):
@@ -407,6 +415,7 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
         dense=tuple(dense),
         light_features=light,
         source=source,
+        group_column=group,
     )
 
 

@@ -397,3 +397,45 @@ def test_several_paths_and_hive_partitions(tmp_path):
     spec.write_text(yaml.safe_dump(RID_SPEC.to_dict()))
     assert main(["validate", str(spec), "--data", *paths]) == 0
     assert main(["validate", str(spec), "--data", str(tmp_path / "nope"), str(extra)]) == 2
+
+
+def test_negative_downsampling_deterministic_across_world_sizes(tmp_path):
+    n = _write_rid_files(tmp_path)  # label = rid % 2: 450 positives
+    kept = {}
+    for world in (1, 2, 3):
+        seen = []
+        for r in range(world):
+            rd = ParquetReader(
+                str(tmp_path),
+                RID_SPEC,
+                16,
+                rank=r,
+                world_size=world,
+                seed=4,
+                negative_sample_rate=0.25,
+            )
+            seen += _ids(rd)
+        assert len(seen) == len(set(seen))  # every kept row once
+        kept[world] = sorted(seen)
+    assert kept[1] == kept[2] == kept[3]
+    pos = [i for i in kept[1] if i % 2 == 1]
+    neg = [i for i in kept[1] if i % 2 == 0]
+    assert len(pos) == n // 2  # every click kept
+    assert 0.15 < len(neg) / (n // 2) < 0.35  # about a quarter of the non-clicks
+    # another seed keeps other negatives; rate 1 keeps everything
+    other = ParquetReader(str(tmp_path), RID_SPEC, 16, seed=5, negative_sample_rate=0.25)
+    assert sorted(_ids(other)) != kept[1]
+    assert sorted(_ids(ParquetReader(str(tmp_path), RID_SPEC, 16, seed=4))) == list(range(n))
+    # exact resume with sampling on
+    kw = dict(rank=0, world_size=2, seed=4, negative_sample_rate=0.25, shuffle_buffer=64)
+    full = _ids(ParquetReader(str(tmp_path), RID_SPEC, 16, **kw))
+    rd = ParquetReader(str(tmp_path), RID_SPEC, 16, **kw)
+    it = iter(rd)
+    head = [next(it) for _ in range(5)]
+    state = rd.state_dict()
+    it.close()
+    again = ParquetReader(str(tmp_path), RID_SPEC, 16, **kw)
+    again.load_state_dict(state)
+    assert _ids(head) + _ids(again) == full
+    with pytest.raises(ValueError, match="negative_sample_rate"):
+        ParquetReader(str(tmp_path), RID_SPEC, 16, negative_sample_rate=0.0)

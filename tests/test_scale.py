@@ -158,3 +158,40 @@ def test_export_streams_only_light_tables(tmp_path, scale_setup, monkeypatch):
             "model.ebc.embedding_bags.big.weight",
             "model.ebc.embedding_bags.small.weight",
         ]
+
+
+def test_plan_dry_run_and_refusal_before_training(tmp_path, tiny_spec_path, tiny_data, capsys):
+    from rocketrec.cli import main
+
+    assert main(["plan", str(tiny_spec_path), "--workers", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    covered = {}
+    for t in plan["tables"]:
+        covered[t["table"]] = sum(sz[0] * sz[1] for _, _, sz in t["shards"])
+        assert covered[t["table"]] == t["rows"] * t["dim"]  # every row and column placed once
+    assert set(covered) == {"t_user", "t_ad", "t_tag", "t_ctx"}
+    assert len(plan["per_rank"]) == 2
+    assert (
+        main(["plan", str(tiny_spec_path), "--workers", "4", "--sharding", "t_user=row_wise"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "t_user" in out and "row_wise" in out and "fits" in out
+    # a spec far bigger than the workers' memory: refused by the planner, in one line
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(
+        tiny_spec_path.read_text().replace(
+            "{name: t_user, rows: 500, dim: 8}", "{name: t_user, rows: 4000000000, dim: 64}"
+        )
+    )
+    assert main(["plan", str(huge), "--workers", "2", "--memory-per-worker", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit 2 worker(s)" in err and len(err.strip().splitlines()) == 1
+    assert main(["plan", str(huge), "--workers", "2", "--device", "cuda"]) == 2
+    # training uses the same planner, capped at this machine's memory: it stops before
+    # allocating anything, with the same one-line error
+    rc = main(
+        ["train", "--spec", str(huge), "--train", tiny_data["train"], "--out", str(tmp_path / "r")]
+        + ["--max-steps", "2", "--log-every", "0"]
+    )
+    assert rc == 2
+    assert "do not fit 1 worker(s)" in capsys.readouterr().err

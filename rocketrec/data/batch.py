@@ -50,6 +50,7 @@ class Batch:
     weights: torch.Tensor | None = None
     n_real: int | None = None  # rows before padding (pad_last readers); None = all real
     teacher: torch.Tensor | None = None  # float32 [B] soft-label probabilities (experiments)
+    group: torch.Tensor | None = None  # int64 [B] group ids (spec `group`), for grouped AUC
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -62,6 +63,7 @@ class Batch:
             None if self.weights is None else self.weights.to(device),
             self.n_real,
             None if self.teacher is None else self.teacher.to(device),
+            self.group,  # evaluation only: stays on the CPU
         )
 
 
@@ -73,6 +75,7 @@ class Decoded:
     weights: np.ndarray | None
     keys: tuple[str, ...]
     teacher: np.ndarray | None = None
+    group: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -89,6 +92,7 @@ class Decoded:
             None if self.weights is None else self.weights[a:b],
             self.keys,
             None if self.teacher is None else self.teacher[a:b],
+            None if self.group is None else self.group[a:b],
         )
 
     @staticmethod
@@ -102,6 +106,7 @@ class Decoded:
             ids.append((vals, _offsets(lens)))
         w = parts[0].weights
         t = parts[0].teacher
+        g = parts[0].group
         return Decoded(
             np.concatenate([p.dense for p in parts]),
             ids,
@@ -109,6 +114,7 @@ class Decoded:
             None if w is None else np.concatenate([p.weights for p in parts]),  # type: ignore[misc]
             parts[0].keys,
             None if t is None else np.concatenate([p.teacher for p in parts]),  # type: ignore[misc]
+            None if g is None else np.concatenate([p.group for p in parts]),  # type: ignore[misc]
         )
 
     def pad_to(self, n: int) -> Decoded:
@@ -140,6 +146,7 @@ class Decoded:
             None if self.weights is None else self.weights[idx],
             self.keys,
             None if self.teacher is None else self.teacher[idx],
+            None if self.group is None else self.group[idx],
         )
 
     def to_batch(self) -> Batch:
@@ -156,6 +163,7 @@ class Decoded:
             labels=torch.from_numpy(np.ascontiguousarray(self.labels)),
             weights=None if self.weights is None else torch.from_numpy(self.weights),
             teacher=None if self.teacher is None else torch.from_numpy(self.teacher),
+            group=None if self.group is None else torch.from_numpy(self.group),
         )
 
 
@@ -343,7 +351,25 @@ def decode_table(
         teacher = col.cast(pa.float32()).to_numpy(zero_copy_only=False)
         if not ((teacher > 0) & (teacher < 1)).all():
             raise DataError(f"{source}: teacher column '{teacher_column}' must lie in (0, 1)")
-    return Decoded(dense, ids, labels, weights, tuple(spec.sparse_names), teacher)
+    group = None
+    if spec.group_column:
+        group = _decode_group(
+            _column(table, spec.group_column, "group", source), spec.group_column, source
+        )
+    return Decoded(dense, ids, labels, weights, tuple(spec.sparse_names), teacher, group)
+
+
+def _decode_group(col: pa.Array, name: str, source: str) -> np.ndarray:
+    """Group ids as int64: integers as they are, strings hashed (FNV-1a 64); nulls form
+    one group of their own."""
+    if pa.types.is_integer(col.type):
+        out = col.cast(pa.int64()).fill_null(np.iinfo(np.int64).min)
+        return out.to_numpy(zero_copy_only=False).astype(np.int64)  # a writable copy
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return hash_strings(col.fill_null(""))
+    raise DataError(
+        f"{source}: column '{name}' (group) must hold integers or strings, got {col.type}"
+    )
 
 
 def arrow_to_batch(

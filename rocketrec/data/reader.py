@@ -49,6 +49,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rocketrec.data.batch import Batch, DataError, Decoded, check_schema, decode_table
+from rocketrec.hashing import fnv1a64
 from rocketrec.spec import FeatureSpec
 
 
@@ -116,6 +117,7 @@ def _list_dir(fs: pafs.FileSystem, root: str) -> list[str]:
     )
 
 
+_MASK64 = (1 << 64) - 1
 DEFAULT_SHUFFLE_BUFFER = 65536  # rows; about 20 MB of decoded ads_ctr rows
 _READ_WINDOW = 65536  # rows decoded at a time when not shuffling
 
@@ -124,7 +126,8 @@ _READ_WINDOW = 65536  # rows decoded at a time when not shuffling
 class Unit:
     file: int
     row_group: int
-    rows: int
+    rows: int  # rows this unit contributes (after negative downsampling, if any)
+    first_row: int = 0  # index in its file of the row group's first row
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ class ParquetReader:
         teacher_column: str | None = None,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         max_open_files: int = 4,
+        negative_sample_rate: float = 1.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -161,6 +165,9 @@ class ParquetReader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0 rows, got {shuffle_buffer}")
+        if not 0.0 < negative_sample_rate <= 1.0:
+            raise ValueError(f"negative_sample_rate must be in (0, 1], got {negative_sample_rate}")
+        self.negative_sample_rate = negative_sample_rate
         self.path = path
         self.spec = spec
         self.batch_size = batch_size
@@ -179,6 +186,7 @@ class ParquetReader:
         self._md: dict[int, pq.FileMetaData] = {}
         self._open: OrderedDict[int, tuple[pq.ParquetFile, Any]] = OrderedDict()
         self._lock = threading.Lock()
+        self.max_files_open_seen = 0
         checked: set[str] = set()
         for fi, f in enumerate(self.files):
             try:
@@ -194,17 +202,23 @@ class ParquetReader:
                 check_schema(schema, spec, f)
                 checked.add(key)
             self._md[fi] = md
+            first = 0
             for rg in range(md.num_row_groups):
                 rows = md.row_group(rg).num_rows
                 if rows:
-                    self.units.append(Unit(fi, rg, rows))
+                    self.units.append(Unit(fi, rg, rows, first))
+                first += rows
         if not self.units:
             raise DataError(f"{_show(path)}: no rows in any Parquet file")
         self.teacher_column = teacher_column
         self.columns = spec.columns() + ([teacher_column] if teacher_column else [])
+        if negative_sample_rate < 1.0:
+            # units count the rows they keep: one pass over the label column, files closed
+            self.units = [u for u in (self._sampled(u) for u in self.units) if u.rows]
+            if not self.units:
+                raise DataError(f"{_show(path)}: no rows left after negative downsampling")
         self.epoch = 0
         self._pos = 0  # rows of this rank's epoch stream already consumed
-        self.max_files_open_seen = 0
 
     # -- plan ------------------------------------------------------------------
     def _order(self, epoch: int) -> list[Unit]:
@@ -262,10 +276,18 @@ class ParquetReader:
             "batch_size": self.batch_size,
             "shuffle_buffer": self.shuffle_buffer,
             "total_rows": self.total_rows,
+            "negative_sample_rate": self.negative_sample_rate,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in ("seed", "world_size", "batch_size", "shuffle_buffer", "total_rows"):
+        for k in (
+            "seed",
+            "world_size",
+            "batch_size",
+            "shuffle_buffer",
+            "total_rows",
+            "negative_sample_rate",
+        ):
             if k in state and state.get(k) != getattr(self, k):
                 raise ValueError(
                     f"reader state was saved with {k}={state.get(k)}, this reader has "
@@ -305,12 +327,44 @@ class ParquetReader:
     def open_files(self) -> int:
         return len(self._open)
 
+    # -- negative downsampling ---------------------------------------------------
+    def keep_mask(self, u: Unit, labels: np.ndarray) -> np.ndarray:
+        """Rows of unit u kept: every positive, and a negative when a hash of
+        (seed, file, row in file) falls under the rate. The same whatever the world
+        size, the epoch or the shuffle, so exact on resume."""
+        rows = np.arange(u.first_row, u.first_row + len(labels), dtype=np.uint64)
+        key = np.uint64(fnv1a64(f"rocketrec-sample/{self.seed}/{self.files[u.file]}") & _MASK64)
+        with np.errstate(over="ignore"):
+            z = rows * np.uint64(0x9E3779B97F4A7C15) + key  # splitmix64
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        u01 = (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+        return (labels == 1) | (u01 < self.negative_sample_rate)
+
+    def _labels_of(self, table: pa.Table, u: Unit) -> np.ndarray:
+        col = table.column(self.spec.label_column)
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if arr.null_count:
+            raise DataError(f"{self.files[u.file]}: column '{self.spec.label_column}' has nulls")
+        return arr.to_numpy(zero_copy_only=False)
+
+    def _sampled(self, u: Unit) -> Unit:
+        t = self._file(u.file).read_row_group(u.row_group, columns=[self.spec.label_column])
+        kept = int(self.keep_mask(u, self._labels_of(t, u)).sum())
+        if len(self._open) >= self.max_open_files - 1:
+            self.close()
+        return Unit(u.file, u.row_group, kept, u.first_row)
+
     def _read_piece(self, p: Piece, cache: dict[Unit, pa.Table]) -> pa.Table:
         u = p.unit
         if u not in cache:
             cache.clear()  # keep one unit: a unit split over two windows is read once
-            cache[u] = self._file(u.file).read_row_group(u.row_group, columns=self.columns)
-        return cache[u].slice(p.first, p.count)  # zero-copy
+            t = self._file(u.file).read_row_group(u.row_group, columns=self.columns)
+            if self.negative_sample_rate < 1.0:
+                t = t.filter(pa.array(self.keep_mask(u, self._labels_of(t, u))))
+            cache[u] = t
+        return cache[u].slice(p.first, p.count)  # zero-copy, in kept-row positions
 
     def _window_size(self) -> int:
         return self.shuffle_buffer or max(_READ_WINDOW, self.batch_size)

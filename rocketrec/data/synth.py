@@ -222,6 +222,11 @@ class Generator:
         for df, x in zip(self.spec.dense, dense):
             if df.column not in arrays:
                 arrays[df.column] = pa.array(x, mask=rng.random(n) < 0.05)
+        if self.spec.group_column and self.spec.group_column not in arrays:
+            # a group column that is no feature (e.g. a request id): Zipf-like group ids
+            arrays[self.spec.group_column] = pa.array(
+                np.minimum(rng.zipf(1.3, n), 5000).astype(np.int64)
+            )
         if self.cfg.true_ctr_column:
             arrays[self.cfg.true_ctr_column] = pa.array(p.astype(np.float32))
         return pa.table(arrays)

@@ -223,20 +223,38 @@ def describe_plan(plan: ShardingPlan, model: nn.Module) -> list[ShardInfo]:
     return out
 
 
+UVM_CACHE_LOAD_FACTOR = 0.2  # TorchRec's default share of a UVM-cached table kept on the GPU
+
+
 def memory_per_rank(
     shards: list[ShardInfo], world_size: int, sparse_optimizer: str
 ) -> list[dict[str, int]]:
-    """Bytes of table weights and optimizer state on each rank (fp32)."""
-    per = [{"weights": 0, "optimizer": 0} for _ in range(world_size)]
+    """Bytes per rank (fp32) of table weights + optimizer state on the worker's device
+    (`device`: GPU memory on cuda, RAM on cpu) and in host memory for UVM kernels (`host`).
+
+    UVM kernels keep the table in host memory (`fused_uvm`) and, for
+    `fused_uvm_caching`, a cache of UVM_CACHE_LOAD_FACTOR of its rows on the GPU.
+    """
+    per = [{"device": 0, "host": 0, "weights": 0, "optimizer": 0} for _ in range(world_size)]
     for t in shards:
         for rank, _off, (r, c) in t.shards:
-            per[rank]["weights"] += r * c * 4
+            w = r * c * 4
             if t.sharding_type == "data_parallel":
-                per[rank]["optimizer"] += 2 * r * c * 4  # Adam moments (dense optimizer)
+                o = 2 * r * c * 4  # Adam moments (dense optimizer)
             elif sparse_optimizer == "rowwise_adagrad":
-                per[rank]["optimizer"] += r * 4
+                o = r * 4
             elif sparse_optimizer == "adagrad":
-                per[rank]["optimizer"] += r * c * 4
+                o = r * c * 4
+            else:
+                o = 0
+            per[rank]["weights"] += w
+            per[rank]["optimizer"] += o
+            if "uvm" in t.compute_kernel:
+                per[rank]["host"] += w + o
+                if "caching" in t.compute_kernel:
+                    per[rank]["device"] += int(UVM_CACHE_LOAD_FACTOR * w)
+            else:
+                per[rank]["device"] += w + o
     return per
 
 

@@ -38,7 +38,7 @@ from rocketrec.data.reader import DEFAULT_SHUFFLE_BUFFER, ParquetReader
 from rocketrec.model.loss import LossConfig, rocket_loss, towers_needed
 from rocketrec.model.model import ModelConfig, RocketModel
 from rocketrec.parallel.sharding import init_distributed, shard_model
-from rocketrec.parallel.tables import block_views, init_tables
+from rocketrec.parallel.tables import block_views, init_tables, release_free_memory
 from rocketrec.spec import FeatureSpec
 from rocketrec.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rocketrec.train.metrics import base_rate_logloss, tower_metrics
@@ -71,11 +71,18 @@ class TrainConfig:
     sharding: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> constraints
     teacher_column: str | None = None  # probability column for mode perfect_teacher
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows permuted together; 0 = off
+    # keep every click and this share of non-clicks (training data only); evaluation and
+    # the exported model correct the probabilities: logit + log(rate)
+    negative_sample_rate: float = 1.0
 
     def __post_init__(self) -> None:
         for k in ("batch_size", "epochs"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not 0.0 < self.negative_sample_rate <= 1.0:
+            raise ValueError(
+                f"negative_sample_rate must be in (0, 1], got {self.negative_sample_rate}"
+            )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         for k in (
@@ -134,6 +141,7 @@ class _Run:
         self.model = model
         self.dmp = shard_model(model, self.env, cfg.sparse_optimizer, cfg.sparse_lr, cfg.sharding)
         init_tables(self.dmp.state_dict(), cfg.seed)
+        release_free_memory()
         # Sharded embeddings need the same batch size on every rank: training drops each
         # rank's short last batch (counted in rows_unused); evaluation pads it instead.
         self.train_reader = ParquetReader(
@@ -147,6 +155,7 @@ class _Run:
             drop_last=True,
             teacher_column=cfg.teacher_column,
             shuffle_buffer=cfg.shuffle_buffer,
+            negative_sample_rate=cfg.negative_sample_rate,
         )
         self.val_reader = (
             ParquetReader(
@@ -245,6 +254,7 @@ class _Run:
             meta,
             self.cfg.keep_checkpoints,
         )
+        release_free_memory()
         _log(f"checkpoint: {path}")
         if self.report is not None:
             self.report({"step": self.step, **(meta["metrics"] or {})}, path)
@@ -281,6 +291,7 @@ class _Run:
                 f"resume: world size {meta['world_size']} -> {self.world}: epoch {epoch} restarts "
                 "from its beginning (its examples before the checkpoint are seen again)"
             )
+        release_free_memory()
         _log(f"resumed from {path} at step {self.step}")
 
     # -- evaluation ----------------------------------------------------------------
@@ -293,7 +304,7 @@ class _Run:
         n = max(self.val_reader.batches_per_epoch(0, r) for r in range(self.world))
         if self.cfg.eval_batches:
             n = min(n, self.cfg.eval_batches)
-        ys, ws, zb, zl = [], [], [], []
+        ys, ws, zb, zl, gs = [], [], [], [], []
         it = iter(self.val_reader)
         filler = None
         for _ in range(n):
@@ -325,19 +336,27 @@ class _Run:
                 )
                 zb.append(out.booster[:n_keep].float().cpu().numpy())
                 zl.append(out.light[:n_keep].float().cpu().numpy())
+                if b.group is not None:
+                    gs.append(b.group[:n_keep].numpy())
         if hasattr(it, "close"):
             it.close()  # stop reading: the reader thread ends, the rest is never decoded
         self.dmp.train()
         local = [np.concatenate(x) if x else np.zeros(0, np.float32) for x in (ys, ws, zb, zl)]
+        local.append(np.concatenate(gs) if gs else np.zeros(0, np.int64))
         if self.world > 1:
+            # every rank's rows on every rank: a group spread over ranks is scored whole
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, local)
-            local = [np.concatenate([g[k] for g in gathered]) for k in range(4)]
-        y, w, b_logits, l_logits = local
+            local = [np.concatenate([g[k] for g in gathered]) for k in range(5)]
+        y, w, b_logits, l_logits, groups = local
+        # trained on downsampled negatives: p / (p + (1 - p) / r) == sigmoid(logit + log r)
+        offset = float(np.log(self.cfg.negative_sample_rate))
+        b_logits, l_logits = b_logits + offset, l_logits + offset
         w_arg = w if self.spec.weight_column else None
+        g_arg = groups if self.spec.group_column else None
         res: dict[str, Any] = {"step": self.step, "eval_rows": int(len(y))}
         for name, z in (("booster", b_logits), ("light", l_logits)):
-            for k, v in tower_metrics(y, z, w_arg).items():
+            for k, v in tower_metrics(y, z, w_arg, g_arg).items():
                 res[f"{name}_{k}"] = v
         res["base_logloss"] = base_rate_logloss(y, w_arg)
         res["ctr"] = float(np.average(y, weights=w_arg))
@@ -348,12 +367,23 @@ class _Run:
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            if "booster_auc" in rec:
+            if "base_logloss" in rec:
+                parts = []
+                for t in ("booster", "light"):
+                    if f"{t}_auc" not in rec:
+                        continue
+                    txt = f"{t} auc {rec[f'{t}_auc']:.4f}"
+                    if f"{t}_gauc" in rec:
+                        txt += f" gauc {rec[f'{t}_gauc']:.4f}"
+                    txt += (
+                        f" logloss {rec[f'{t}_logloss']:.4f} ne {rec[f'{t}_ne']:.4f}"
+                        f" cal {rec[f'{t}_calibration']:.3f}"
+                    )
+                    parts.append(txt)
                 _log(
-                    f"eval step {rec['step']}: booster auc {rec['booster_auc']:.4f} "
-                    f"logloss {rec['booster_logloss']:.4f} cal {rec['booster_calibration']:.3f} | "
-                    f"light auc {rec['light_auc']:.4f} logloss {rec['light_logloss']:.4f} "
-                    f"cal {rec['light_calibration']:.3f} | base logloss {rec['base_logloss']:.4f}"
+                    f"eval step {rec['step']}: "
+                    + " | ".join(parts)
+                    + f" | base logloss {rec['base_logloss']:.4f}"
                 )
 
     # -- the loop ------------------------------------------------------------------
