@@ -10,6 +10,8 @@ the reader's thread and is excluded, the same way for every variant).
   - plain PyTorch: nn.EmbeddingBag (sparse grads, Adagrad) + the same towers and
     rocket loss, no TorchRec, on the same batches
   - teacher_student: booster phase then student phase, `--steps` each (total time)
+  - rocket with `step_path=plain` (forward/backward/step in order) against the default
+    TorchRec TrainPipelineSparseDist step path
 Prints examples/s and the ratios; targets: rocket/booster_only step time <= 1.2,
 rocket total < teacher_student total.
 """
@@ -108,6 +110,23 @@ def main() -> None:
             f"{mode:>16}: {r['steps']} steps, step time {r['step_seconds'] / r['steps'] * 1e3:.1f} ms, "
             f"{eps:,.0f} ex/s; run wall time {r['train_seconds']:.1f}s"
         )
+    import dataclasses
+
+    r = train(
+        spec,
+        str(tmp / "data"),
+        None,
+        str(tmp / "rocket_plain_steps"),
+        model_cfg,
+        LossConfig(),
+        dataclasses.replace(tc, step_path="plain"),
+    )
+    res["rocket_plain_steps"] = r
+    print(
+        f"{'rocket, plain':>16}: {r['steps']} steps, step time "
+        f"{r['step_seconds'] / r['steps'] * 1e3:.1f} ms (forward/backward/step without "
+        "TrainPipelineSparseDist)"
+    )
     plain = plain_pytorch(spec, str(tmp / "data"), a.steps, a.batch_size, model_cfg, LossConfig())
     print(
         f"{'plain PyTorch':>16}: {a.steps} steps, step time {plain / a.steps * 1e3:.1f} ms, "
@@ -118,6 +137,10 @@ def main() -> None:
         f"step time rocket / booster_only: {st['rocket'] / st['booster_only']:.2f} (target <= 1.2)"
     )
     print(f"step time light_only / booster_only: {st['light_only'] / st['booster_only']:.2f}")
+    print(
+        f"step time rocket, TrainPipelineSparseDist / plain step loop: "
+        f"{st['rocket'] / st['rocket_plain_steps']:.2f} (CPU: no overlap to gain)"
+    )
     print(f"step time rocket / plain PyTorch: {st['rocket'] / (plain / a.steps):.2f}")
     tot_r, tot_ts = res["rocket"]["step_seconds"], res["teacher_student"]["step_seconds"]
     print(

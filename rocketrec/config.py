@@ -180,6 +180,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="train on every click and this share of non-clicks (0 < r <= 1); evaluation "
         "and the exported model correct the probabilities for it",
     )
+    g.add_argument(
+        "--step-path",
+        choices=("pipeline", "plain"),
+        default=d_t.step_path,
+        help="pipeline: TorchRec's TrainPipelineSparseDist (one path for CPU and CUDA); "
+        "plain: forward/backward/step in order",
+    )
     g.add_argument("--log-every", type=int, default=d_t.log_every)
     g.add_argument("--seed", type=int, default=d_t.seed)
     g.add_argument(
@@ -229,6 +236,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, T
         keep_checkpoints=a.keep_checkpoints,
         shuffle_buffer=a.shuffle_buffer,
         negative_sample_rate=a.negative_sample_rate,
+        step_path=a.step_path,
         log_every=a.log_every,
         seed=a.seed,
         sharding=dict(a.sharding),

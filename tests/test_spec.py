@@ -35,6 +35,18 @@ def _mutate(old: str, new: str) -> str:
 
 
 BROKEN = {
+    "group typo": (
+        _mutate("weight: {column: w}", "weight: {column: w}\ngroup: {colum: user}"),
+        ["group", "colum", "did you mean 'column'"],
+    ),
+    "group is the label": (
+        _mutate("weight: {column: w}", "weight: {column: w}\ngroup: {column: y}"),
+        ["group", "label or weight"],
+    ),
+    "group not a string": (
+        _mutate("weight: {column: w}", "weight: {column: w}\ngroup: {column: [a, b]}"),
+        ["group", "column"],
+    ),
     "unknown top key": (_mutate("name: tiny", "name: tiny\ncolour: red"), ["unknown key 'colour'"]),
     "typo in key": (
         _mutate("{name: user, column: user,", "{name: user, colum: user,"),

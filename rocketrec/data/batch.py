@@ -19,12 +19,14 @@ Every data error is a `DataError` naming the file and the column.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from rocketrec.hashing import hash_strings
 from rocketrec.spec import DenseFeature, FeatureSpec, SparseFeature
@@ -35,7 +37,7 @@ class DataError(ValueError):
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     """One training batch. B = batch size, D = dense features, F = sparse features.
 
     dense:   float32 [B, D] (already transformed)
@@ -55,16 +57,24 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str) -> Batch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        nb = non_blocking
         return Batch(
-            self.dense.to(device),
-            self.sparse.to(device),
-            self.labels.to(device),
-            None if self.weights is None else self.weights.to(device),
+            self.dense.to(device, non_blocking=nb),
+            self.sparse.to(device, non_blocking=nb),
+            self.labels.to(device, non_blocking=nb),
+            None if self.weights is None else self.weights.to(device, non_blocking=nb),
             self.n_real,
-            None if self.teacher is None else self.teacher.to(device),
+            None if self.teacher is None else self.teacher.to(device, non_blocking=nb),
             self.group,  # evaluation only: stays on the CPU
         )
+
+    def record_stream(self, stream: Any) -> None:
+        """TrainPipelineSparseDist (CUDA): the batch is used on another stream."""
+        for t in (self.dense, self.labels, self.weights, self.teacher):
+            if t is not None:
+                t.record_stream(stream)
+        self.sparse.record_stream(stream)
 
 
 @dataclass

@@ -50,6 +50,20 @@ def _ebc(tables: list[EmbeddingBagConfig], device: torch.device) -> EmbeddingBag
         return EmbeddingBagCollection(tables=tables, device=device)
 
 
+@torch.fx.wrap
+def bucketize_kjt(kjt: KeyedJaggedTensor, bucket_rows: torch.Tensor) -> KeyedJaggedTensor:
+    """values -> values mod rows of each key's table (bucket_rows [F]); a leaf for fx
+    tracing (TorchRec's train pipeline traces the model and must not look inside)."""
+    per_value_rows = torch.repeat_interleave(
+        bucket_rows, torch.tensor(kjt.length_per_key(), device=bucket_rows.device)
+    )
+    return KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=torch.remainder(kjt.values(), per_value_rows),
+        lengths=kjt.lengths(),
+    )
+
+
 class RocketOutput(NamedTuple):
     booster: torch.Tensor | None  # logits [B], None when not computed
     light: torch.Tensor | None  # logits [B], None when not computed
@@ -154,14 +168,7 @@ class RocketModel(nn.Module):
 
     def bucketize(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Raw int64 ids -> rows: non-negative `id mod rows` of each feature's table."""
-        per_value_rows = torch.repeat_interleave(
-            self.bucket_rows, torch.tensor(kjt.length_per_key(), device=self.bucket_rows.device)
-        )
-        return KeyedJaggedTensor(
-            keys=kjt.keys(),
-            values=torch.remainder(kjt.values(), per_value_rows),
-            lengths=kjt.lengths(),
-        )
+        return bucketize_kjt(kjt, self.bucket_rows)
 
     def forward(
         self,

@@ -24,7 +24,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from rocketrec.data.batch import Batch
 from rocketrec.data.reader import DEFAULT_SHUFFLE_BUFFER, ParquetReader
 from rocketrec.model.loss import LossConfig, rocket_loss, towers_needed
 from rocketrec.model.model import ModelConfig, RocketModel
@@ -49,6 +51,72 @@ for _name in ("torchrec.distributed.planner", "torchrec.distributed"):
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class _DenseStep:
+    """What the step path calls `optimizer`: zero_grad, then per-tower clipping of the
+    dense gradients, linear warm-up and the dense optimizer's step."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.run.dense_opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        run, cfg = self.run, self.run.cfg
+        if cfg.grad_clip > 0:
+            # per tower: the light tower's gradients never rescale the booster's
+            for group in run.clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
+        warm = min(1.0, (run.step - run.phase_start + 1) / max(1, cfg.warmup_steps))
+        for g in run.dense_opt.param_groups:
+            g["lr"] = cfg.dense_lr * warm
+        run.dense_opt.step()
+
+
+def _sparse_dist_pipeline_class() -> type:
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.distributed.train_pipeline.utils import _override_input_dist_forwards
+
+    class SparseDistPipeline(TrainPipelineSparseDist):  # type: ignore[misc,type-arg]
+        """TrainPipelineSparseDist without the fx rewrite of the model.
+
+        TorchRec's rewrite pipelines a sharded module only when its input is a field
+        of the batch; rocketrec bucketizes raw ids inside the model (so training and
+        the exported model cannot disagree), and its forward branches on which towers
+        run, so the rewrite cannot trace it. The pipeline still owns the step (batch
+        prefetch and device copy on its own stream, forward, backward, optimizer);
+        the sharded modules run their input distribution in the forward.
+        """
+
+        def _pipeline_model(self, batch: Any, context: Any, pipelined_forward: Any = None) -> None:
+            self._pipelined_modules: list[Any] = []
+            self._original_forwards: list[Any] = []
+            self._pipelined_postprocs: list[Any] = []
+            self.start_sparse_data_dist(batch, context)
+            self._original_kjt_dist_forwards = _override_input_dist_forwards([])
+
+    return SparseDistPipeline
+
+
+def _SparseDistPipeline(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory
+    return _sparse_dist_pipeline_class()(*args, **kwargs)
+
+
+class _PlainSteps:
+    """The plain step path (no pipeline), with TrainPipelineSparseDist's interface."""
+
+    def __init__(self, fwd: Callable[[Batch], Any], opt: _DenseStep, device: torch.device) -> None:
+        self.fwd, self.opt, self.device = fwd, opt, device
+
+    def progress(self, data: Iterator[Batch]) -> Any:
+        batch = next(data)  # StopIteration ends the epoch, as for the pipeline
+        self.opt.zero_grad()
+        loss, out = self.fwd(batch.to(self.device))
+        loss.backward()  # fused table optimizer steps here
+        self.opt.step()
+        return out
 
 
 @dataclass(frozen=True)
@@ -71,6 +139,7 @@ class TrainConfig:
     sharding: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> constraints
     teacher_column: str | None = None  # probability column for mode perfect_teacher
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows permuted together; 0 = off
+    step_path: str = "pipeline"  # pipeline (TorchRec TrainPipelineSparseDist) | plain
     # keep every click and this share of non-clicks (training data only); evaluation and
     # the exported model correct the probabilities: logit + log(rate)
     negative_sample_rate: float = 1.0
@@ -79,6 +148,8 @@ class TrainConfig:
         for k in ("batch_size", "epochs"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.step_path not in ("pipeline", "plain"):
+            raise ValueError(f"step_path must be pipeline or plain, got {self.step_path!r}")
         if not 0.0 < self.negative_sample_rate <= 1.0:
             raise ValueError(
                 f"negative_sample_rate must be in (0, 1], got {self.negative_sample_rate}"
@@ -173,6 +244,7 @@ class _Run:
         self.epoch_step = 0
         self.rows_seen = 0
         self.rows_unused = 0
+        self.trained_pos = 0  # reader position after the last trained batch of this epoch
         self.loop_seconds = 0.0
         self.history: list[dict[str, Any]] = []
         self.dense_opt = self._make_dense_opt(self.phases[0])
@@ -223,12 +295,16 @@ class _Run:
             "sparse_optim": self.dmp.fused_optimizer.state_dict(),
         }
 
+    def _reader_state(self) -> dict[str, Any]:
+        """The reader's state at the last *trained* batch (the step path reads ahead)."""
+        return {**self.train_reader.state_dict(), "pos": self.trained_pos}
+
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
         readers: list[Any] = [None] * self.world
         if self.world > 1:
-            dist.all_gather_object(readers, self.train_reader.state_dict())
+            dist.all_gather_object(readers, self._reader_state())
         else:
-            readers = [self.train_reader.state_dict()]
+            readers = [self._reader_state()]
         meta: dict[str, Any] = {
             "step": self.step,
             "run_id": self.run_id,
@@ -281,6 +357,7 @@ class _Run:
         self.dense_opt.load_state_dict(dense)
         if int(meta["world_size"]) == self.world:
             self.train_reader.load_state_dict(meta["readers"][self.rank])
+            self.trained_pos = int(meta["readers"][self.rank]["pos"])
         else:
             # DCP resharded the model; reader positions are per rank and cannot be
             # split again, so the interrupted epoch restarts from its beginning.
@@ -386,6 +463,58 @@ class _Run:
                     + f" | base logloss {rec['base_logloss']:.4f}"
                 )
 
+    # -- the step ------------------------------------------------------------------
+    def _batches(self, n: int, positions: deque[int]) -> Generator[Batch, None, None]:  # noqa: D401
+        """At most n batches of the current epoch; records the reader position after each."""
+        it: Generator[Batch, None, None] = iter(self.train_reader)  # type: ignore[assignment]
+        try:
+            for _ in range(n):
+                b = next(it, None)
+                if b is None:
+                    return
+                positions.append(self.train_reader.state_dict()["pos"])
+                yield b
+        finally:
+            it.close()  # never exhausts the epoch: the loop moves to the next one itself
+
+    def _pipeline(self, phase: str | None, run_b: bool, run_l: bool, scale: float) -> Any:
+        """The step path: TorchRec's TrainPipelineSparseDist (default) or the plain loop.
+
+        Both run the same forward + loss (`fwd`), backward (the tables' fused optimizer
+        updates inside it) and dense update (`_DenseStep`: per-tower clipping, warm-up).
+        The pipeline copies batches to the device and starts the next batch's input
+        distribution ahead of time on CUDA; on CPU it runs the same steps in order.
+        """
+
+        def fwd(batch: Batch) -> tuple[torch.Tensor, tuple[dict[str, float], int]]:
+            out = self.dmp(batch.dense, batch.sparse, run_b, run_l, scale)
+            loss, terms = rocket_loss(
+                out.booster,
+                out.light,
+                batch.labels,
+                batch.weights,
+                self.loss_cfg,
+                phase,
+                batch.teacher,
+            )
+            if not self._all_finite(loss):  # before backward: the tables update inside it
+                raise TrainingDiverged(
+                    f"loss is {terms['loss']} at step {self.step} ({terms}); stopped before "
+                    "applying it. The last checkpoint is intact: lower the learning rates "
+                    "or check the data, then --resume."
+                )
+            return loss, (terms, len(batch))
+
+        opt = _DenseStep(self)
+        if self.cfg.step_path == "plain":
+            return _PlainSteps(fwd, opt, self.env.device)
+        return _SparseDistPipeline(
+            self.dmp,
+            opt,  # type: ignore[arg-type]
+            self.env.device,
+            custom_model_fwd=fwd,  # type: ignore[arg-type]
+        )
+
     # -- the loop ------------------------------------------------------------------
     def _all_finite(self, loss: torch.Tensor) -> bool:
         ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0])
@@ -407,43 +536,23 @@ class _Run:
             while self.train_reader.epoch < cfg.epochs:
                 epoch = self.train_reader.epoch
                 n_epoch = self.train_reader.min_batches_all_ranks(epoch)
-                for batch in self.train_reader:
-                    if self.epoch_step >= n_epoch or (
-                        cfg.max_steps and self.step - self.phase_start >= cfg.max_steps
-                    ):
-                        break
+                todo = n_epoch - self.epoch_step
+                if cfg.max_steps:
+                    todo = min(todo, cfg.max_steps - (self.step - self.phase_start))
+                positions: deque[int] = deque()  # reader position after each batch handed out
+                pipe = self._pipeline(phase, run_b, run_l, scale)
+                data = self._batches(max(0, todo), positions)
+                while True:
                     t_step = time.perf_counter()
-                    batch = batch.to(self.env.device)
-                    out = self.dmp(batch.dense, batch.sparse, run_b, run_l, scale)
-                    loss, terms = rocket_loss(
-                        out.booster,
-                        out.light,
-                        batch.labels,
-                        batch.weights,
-                        self.loss_cfg,
-                        phase,
-                        batch.teacher,
-                    )
-                    if not self._all_finite(loss):
-                        raise TrainingDiverged(
-                            f"loss is {terms['loss']} at step {self.step} ({terms}); stopped before "
-                            "applying it. The last checkpoint is intact: lower the learning rates "
-                            "or check the data, then --resume."
-                        )
-                    self.dense_opt.zero_grad(set_to_none=True)
-                    loss.backward()  # fused table optimizer steps here
-                    if cfg.grad_clip > 0:
-                        # per tower: the light tower's gradients never rescale the booster's
-                        for group in self.clip_groups:
-                            torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
-                    warm = min(1.0, (self.step - self.phase_start + 1) / max(1, cfg.warmup_steps))
-                    for g in self.dense_opt.param_groups:
-                        g["lr"] = cfg.dense_lr * warm
-                    self.dense_opt.step()
+                    try:
+                        terms, n_rows = pipe.progress(data)
+                    except StopIteration:
+                        break
                     self.loop_seconds += time.perf_counter() - t_step
+                    self.trained_pos = positions.popleft()  # this batch is trained: resume after it
                     self.step += 1
                     self.epoch_step += 1
-                    self.rows_seen += len(batch) * self.world
+                    self.rows_seen += n_rows * self.world
                     if cfg.log_every and self.step % cfg.log_every == 0:
                         now = time.time()
                         rate = (self.rows_seen - last_log_rows) / max(now - last_log_t, 1e-9)
@@ -464,6 +573,7 @@ class _Run:
                         self._record(self.evaluate())
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save()
+                data.close()  # stop the reader thread
                 if cfg.max_steps and self.step - self.phase_start >= cfg.max_steps:
                     break
                 # epoch done: every rank stopped at the common count of batches
@@ -479,6 +589,7 @@ class _Run:
                 )
                 self.train_reader.set_epoch(epoch + 1)
                 self.epoch_step = 0
+                self.trained_pos = 0
             self.phase_idx += 1
             if self.phase_idx < len(self.phases):
                 _log(
@@ -486,6 +597,7 @@ class _Run:
                 )
                 self.train_reader.set_epoch(0)
                 self.epoch_step = 0
+                self.trained_pos = 0
                 self.phase_start = self.step
                 self.dense_opt = self._make_dense_opt(self.phases[self.phase_idx])
         final = self.evaluate()
