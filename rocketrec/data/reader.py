@@ -39,7 +39,7 @@ import queue
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -441,7 +441,7 @@ class ParquetReader:
         except BaseException as e:  # surface reader errors in the consumer thread
             out.put(e)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         """Batches for the rest of the current epoch; then the epoch advances."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()

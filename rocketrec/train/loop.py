@@ -466,7 +466,7 @@ class _Run:
     # -- the step ------------------------------------------------------------------
     def _batches(self, n: int, positions: deque[int]) -> Generator[Batch, None, None]:  # noqa: D401
         """At most n batches of the current epoch; records the reader position after each."""
-        it: Generator[Batch, None, None] = iter(self.train_reader)  # type: ignore[assignment]
+        it = iter(self.train_reader)
         try:
             for _ in range(n):
                 b = next(it, None)
