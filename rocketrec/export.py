@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -890,17 +891,33 @@ def _cmd_requests(a: argparse.Namespace) -> int:
 
     from rocketrec.data.reader import list_parquet_files
 
+    if a.rows < 1:
+        raise ValueError(f"--rows must be >= 1, got {a.rows}")
     manifest = read_manifest(a.model)
     fs, files = list_parquet_files(a.data)
     cols = sorted({f["column"] for f in manifest["sparse_features"] + manifest["dense_features"]})
-    table = pq.ParquetFile(fs.open_input_file(files[0])).read_row_group(0, columns=cols)
-    lines = requests_from_table(table.slice(0, a.rows), manifest)
+    lines: list[str] = []
+    for f in files:  # row groups in order, across files, until --rows requests
+        pf = pq.ParquetFile(fs.open_input_file(f))
+        for rg in range(pf.metadata.num_row_groups):
+            if len(lines) >= a.rows:
+                break
+            table = pf.read_row_group(rg, columns=cols)
+            lines += requests_from_table(table.slice(0, a.rows - len(lines)), manifest)
+        if len(lines) >= a.rows:
+            break
     text = "\n".join(lines) + "\n"
     if a.out == "-":
         print(text, end="")
     else:
         Path(a.out).write_text(text)
         print(f"wrote {len(lines)} requests to {a.out}")
+    if len(lines) < a.rows:
+        print(
+            f"rocketrec: note: {a.data} holds only {len(lines)} rows: wrote {len(lines)} of the "
+            f"{a.rows} requests asked for",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -206,7 +206,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = load_spec(a.spec)
-        configs_from_args(a)  # reject bad values before any worker starts
+        model_cfg, loss_cfg, train_cfg = configs_from_args(a)  # bad values: before any worker
+        if a.resume:
+            from rocketrec.train.checkpoint import latest_checkpoint as _latest
+            from rocketrec.train.checkpoint import read_meta as _read_meta
+            from rocketrec.train.loop import check_resume_compatible
+
+            ck = _latest(a.resume)
+            if ck is None:
+                raise FileNotFoundError(f"--resume {a.resume}: no complete checkpoint found there")
+            check_resume_compatible(_read_meta(ck), spec, model_cfg, loss_cfg, train_cfg, str(ck))
         if a.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {a.workers}")
         from rocketrec.data.reader import ParquetReader

@@ -436,3 +436,76 @@ def test_pipeline_step_path_matches_plain_loop(tmp_path, tiny_spec, tiny_data):
     assert logs["pipeline"][0] != logs["pipeline"][-1]
     for k, v in logs["pipeline_model"].items():
         assert torch.allclose(v, logs["plain_model"][k], atol=1e-6), k
+
+
+def test_saving_the_same_step_twice_never_leaves_latest_dangling(tmp_path, monkeypatch):
+    """The final save can repeat the last periodic step: a crash at any point of the
+    second save leaves `latest` naming a complete checkpoint."""
+    import os as _os
+
+    from rocketrec.train.checkpoint import read_meta, save_checkpoint
+
+    state = {"model": {"w": torch.arange(6.0)}}
+    first = save_checkpoint(tmp_path, 300, state, {}, {"step": 300, "n": 1}, keep=1)
+    assert latest_checkpoint(tmp_path) == first
+
+    def crash(*a, **k):
+        raise OSError("killed")
+
+    real_replace = _os.replace
+    monkeypatch.setattr(_os, "replace", crash)  # dies when publishing the second save
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 300, state, {}, {"step": 300, "n": 2}, keep=1)
+    monkeypatch.setattr(_os, "replace", real_replace)
+    ck = latest_checkpoint(tmp_path)
+    assert ck == first and read_meta(ck)["n"] == 1  # intact and loadable
+    second = save_checkpoint(tmp_path, 300, state, {}, {"step": 300, "n": 3}, keep=1)
+    assert second != first and latest_checkpoint(tmp_path) == second
+    assert read_meta(second)["n"] == 3 and not first.exists()  # old one cleaned up after
+
+
+def test_resume_refuses_changed_settings_in_one_line(tmp_path, tiny_spec_path, tiny_data, capsys):
+    from rocketrec.cli import main
+
+    out = tmp_path / "run"
+    base = [
+        "train",
+        "--spec",
+        str(tiny_spec_path),
+        "--train",
+        tiny_data["train"],
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--log-every",
+        "0",
+        "--batch-size",
+        "128",
+        "--booster-mlp",
+        "16",
+        "--light-mlp",
+        "8",
+        "--cross-layers",
+        "1",
+    ]
+    assert main(base) == 0
+    capsys.readouterr()
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(tiny_spec_path.read_text().replace("rows: 500", "rows: 700"))
+    cases = [
+        (["--hint", "mimic"], "loss setting 'hint' was 'kd' in the run, now 'mimic'"),
+        (["--light-mlp", "16"], "model setting 'light_mlp[0]' was 8 in the run, now 16"),
+        (["--seed", "9"], "train setting 'seed' was 0"),
+    ]
+    for extra, needle in cases:
+        assert main(base + ["--max-steps", "6", "--resume", str(out)] + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    spec_i = base.index(str(tiny_spec_path))
+    changed = base[:spec_i] + [str(grown)] + base[spec_i + 1 :]
+    assert main(changed + ["--max-steps", "6", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "spec setting 'tables[0].rows' was 500 in the run, now 700" in err
+    # budget fields may change
+    assert main(base + ["--max-steps", "6", "--eval-every", "2", "--resume", str(out)]) == 0

@@ -67,6 +67,13 @@ def save_checkpoint(
     root = Path(root) / "checkpoints"
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = f"step_{step:09d}"
+    if (root / name).exists():
+        # the same step saved again (e.g. the final save right after a periodic one):
+        # a new directory, so that `latest` always names a complete checkpoint
+        k = 1
+        while (root / f"{name}-{k}").exists():
+            k += 1
+        name = f"{name}-{k}"
     tmp, final = root / f".tmp-{name}", root / name
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -79,8 +86,6 @@ def save_checkpoint(
         _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
     _barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
         os.replace(tmp, final)
         _atomic_write_text(root / "latest", name)
         done = sorted(p for p in root.glob("step_*") if p.is_dir())

@@ -42,7 +42,12 @@ from rocketrec.model.model import ModelConfig, RocketModel
 from rocketrec.parallel.sharding import init_distributed, shard_model
 from rocketrec.parallel.tables import block_views, init_tables, release_free_memory
 from rocketrec.spec import FeatureSpec
-from rocketrec.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rocketrec.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from rocketrec.train.metrics import base_rate_logloss, tower_metrics
 
 for _name in ("torchrec.distributed.planner", "torchrec.distributed"):
@@ -611,6 +616,73 @@ class _Run:
         return final
 
 
+# TrainConfig fields a resumed run may change: the budget, cadence and step mechanics
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "max_steps",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "sharding",
+    "step_path",
+    "dense_lr",
+    "sparse_lr",
+    "warmup_steps",
+    "grad_clip",
+)
+
+
+class ResumeMismatch(ValueError):
+    """--resume with settings that would change the run's model or objective."""
+
+
+def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            d = _first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else (path, a, b)
+
+
+def check_resume_compatible(
+    meta: dict[str, Any],
+    spec: FeatureSpec,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    where: str,
+) -> None:
+    """Refuse, in one line naming the field and both values, a resume that changes the
+    spec, the model, the loss or a training setting outside RESUME_MAY_CHANGE."""
+    tc_old = {k: v for k, v in meta.get("train_config", {}).items() if k not in RESUME_MAY_CHANGE}
+    tc_new = {k: v for k, v in asdict(train_cfg).items() if k not in RESUME_MAY_CHANGE}
+    tc_old = {k: v for k, v in tc_old.items() if k in tc_new}  # fields added since: defaults
+    for section, old, new in (
+        ("spec", meta.get("spec"), spec.to_dict()),
+        ("model", meta.get("model_config"), asdict(model_cfg)),
+        ("loss", meta.get("loss_config"), asdict(loss_cfg)),
+        ("train", tc_old, tc_new),
+    ):
+        d = _first_difference(json.loads(json.dumps(old)), json.loads(json.dumps(new)), "")
+        if d:
+            field_, was, now = d
+            raise ResumeMismatch(
+                f"--resume {where}: {section} setting '{field_}' was {was!r} in the run, "
+                f"now {now!r}; resume with the run's settings (epochs, steps and cadence may "
+                "change), or start a new run with --out"
+            )
+
+
 def train(
     spec: FeatureSpec,
     train_path: str | Sequence[str],
@@ -624,21 +696,29 @@ def train(
     run_id: str | None = None,
 ) -> dict[str, Any]:
     """Train; returns the final validation metrics. `resume`: a run dir or checkpoint dir."""
+    model_cfg, loss_cfg, train_cfg = (
+        model_cfg or ModelConfig(),
+        loss_cfg or LossConfig(),
+        train_cfg or TrainConfig(),
+    )
+    ck: Path | None = None
+    if resume:
+        ck = latest_checkpoint(resume)
+        if ck is None:
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint found there")
+        check_resume_compatible(read_meta(ck), spec, model_cfg, loss_cfg, train_cfg, str(ck))
     run = _Run(
         spec,
         train_path,
         val_path,
         out_dir,
-        model_cfg or ModelConfig(),
-        loss_cfg or LossConfig(),
-        train_cfg or TrainConfig(),
+        model_cfg,
+        loss_cfg,
+        train_cfg,
         report,
         run_id,
     )
-    if resume:
-        ck = latest_checkpoint(resume)
-        if ck is None:
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint found there")
+    if ck is not None:
         run.resume(ck)
     try:
         return run.run()
