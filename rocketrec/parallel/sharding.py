@@ -306,6 +306,7 @@ def shard_model(
     sparse_optimizer: str = "rowwise_adagrad",
     sparse_lr: float = 0.05,
     constraints: Mapping[str, Mapping[str, str]] | None = None,
+    find_unused_parameters: bool = True,
 ) -> DistributedModelParallel:
     """Plan and shard the tables (built on `meta`: DMP materializes only local shards);
     tables get a fused in-backward optimizer.
@@ -327,10 +328,12 @@ def shard_model(
         pg,
     )
     sharder = sharder_for(env.device.type)
-    # The towers' dense parameters are replicated with DDP. Modes use different parts of the
-    # graph (booster_only skips the light tower, teacher_student switches phase), so the
-    # graph is not static and some parameters go unused in some steps.
-    wrapper = DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True)
+    # The towers' dense parameters are replicated with DDP. Single-tower modes and
+    # teacher_student leave some parameters without gradients in some steps: only they
+    # need DDP's search for unused parameters (an extra pass over the graph each step).
+    wrapper = DefaultDataParallelWrapper(
+        static_graph=False, find_unused_parameters=find_unused_parameters
+    )
     return DistributedModelParallel(
         module=model,
         device=env.device,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,6 +135,10 @@ def init_tables(state: dict[str, Any], seed: int) -> list[str]:
                 t[o : o + v.shape[0]].copy_(v)
         done.append(key)
     return done
+
+
+# ShardedTensor is what TorchRec 1.8 hands out (its deprecation notice is not ours to act on)
+warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
 
 
 # -- block-split views for DCP -------------------------------------------------------

@@ -215,7 +215,15 @@ class _Run:
         # shards, then each row gets its plan-independent initial values.
         model = RocketModel(spec, model_cfg, self.env.device, table_device=torch.device("meta"))
         self.model = model
-        self.dmp = shard_model(model, self.env, cfg.sparse_optimizer, cfg.sparse_lr, cfg.sharding)
+        self.dmp = shard_model(
+            model,
+            self.env,
+            cfg.sparse_optimizer,
+            cfg.sparse_lr,
+            cfg.sharding,
+            # rocket runs both towers every step: every dense parameter gets a gradient
+            find_unused_parameters=loss_cfg.mode != "rocket",
+        )
         init_tables(self.dmp.state_dict(), cfg.seed)
         release_free_memory()
         # Sharded embeddings need the same batch size on every rank: training drops each
