@@ -104,3 +104,30 @@ def test_resume_two_worker_checkpoint_with_one_worker(
     assert not torch.equal(
         two.state_dict()["light.head.weight"], one.state_dict()["light.head.weight"]
     )
+
+
+def test_two_workers_train_like_one_with_the_global_batch(tmp_path, tiny_spec_path, tiny_data):
+    """With sample weights, 2 x 128 rows must update every weight as 1 x 256 does on the
+    same rows (each rank's weighted means use the global weight sum)."""
+    import torch
+
+    from rocketrec.export import load_unsharded
+    from rocketrec.train.checkpoint import latest_checkpoint
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env["OMP_NUM_THREADS"] = "1"
+    args = [str(tiny_spec_path), tiny_data["train"]]
+    p = subprocess.run(
+        [sys.executable, str(HERE / "dist_parity.py"), "0", "1", *args, str(one), "12"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    _run_two_ranks("dist_parity.py", lambda r: [str(r), "2", *args, str(two), "12"])
+    a = load_unsharded(latest_checkpoint(one))[0].state_dict()
+    b = load_unsharded(latest_checkpoint(two))[0].state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), (k, float((a[k] - b[k]).abs().max()))

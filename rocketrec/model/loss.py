@@ -54,16 +54,33 @@ class LossConfig:
             )
 
 
-def _wmean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    return x.mean() if w is None else (x * w).sum() / w.sum().clamp_min(1e-12)
+def _wmean(
+    x: torch.Tensor, w: torch.Tensor | None, w_norm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted mean; `w_norm` replaces this batch's weight sum as the denominator (the
+    training loop passes the global sum / world size, so that every rank's batch counts
+    by the same normaliser and W workers train like one with the global batch)."""
+    if w is None:
+        return x.mean()
+    return (x * w).sum() / (w.sum() if w_norm is None else w_norm).clamp_min(1e-12)
 
 
-def bce(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    return _wmean(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"), w)
+def bce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    w: torch.Tensor | None,
+    w_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return _wmean(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"), w, w_norm)
 
 
 def hint_loss(
-    z_l: torch.Tensor, target: torch.Tensor, kind: str, temperature: float, w: torch.Tensor | None
+    z_l: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    temperature: float,
+    w: torch.Tensor | None,
+    w_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if kind == "mimic":
         per = (z_l - target) ** 2
@@ -76,7 +93,7 @@ def hint_loss(
         )
     else:
         raise ValueError(f"unknown hint {kind!r}")
-    return _wmean(per, w)
+    return _wmean(per, w, w_norm)
 
 
 def rocket_loss(
@@ -87,10 +104,12 @@ def rocket_loss(
     cfg: LossConfig,
     phase: str | None = None,
     teacher: torch.Tensor | None = None,
+    w_norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Return (total loss, every term as a float). phase: None or 'teacher'/'student'.
 
-    teacher: probabilities [B] for mode perfect_teacher."""
+    teacher: probabilities [B] for mode perfect_teacher. w_norm: denominator of the
+    weighted means instead of this batch's weight sum (see `_wmean`)."""
     mode = cfg.mode
     if mode == "perfect_teacher":
         if teacher is None:
@@ -102,16 +121,16 @@ def rocket_loss(
     terms: dict[str, torch.Tensor] = {}
     if mode in ("rocket", "booster_only"):
         assert z_b is not None
-        terms["bce_booster"] = bce(z_b, labels, weights)
+        terms["bce_booster"] = bce(z_b, labels, weights, w_norm)
     if mode in ("rocket", "light_only", "student"):
         assert z_l is not None
-        terms["bce_light"] = bce(z_l, labels, weights)
+        terms["bce_light"] = bce(z_l, labels, weights, w_norm)
     if mode in ("rocket", "student") and cfg.hint_weight > 0:
         assert z_b is not None and z_l is not None
         # gradient block: the booster's logits are a constant in the hint term, so the
         # hint never reaches booster-only parameters (in 'student' the booster is frozen)
         target = z_b.detach() if (cfg.gradient_block or mode == "student") else z_b
-        terms["hint"] = hint_loss(z_l, target, cfg.hint, cfg.temperature, weights)
+        terms["hint"] = hint_loss(z_l, target, cfg.hint, cfg.temperature, weights, w_norm)
     total = sum(
         (cfg.hint_weight * v if k == "hint" else v for k, v in terms.items()),
         torch.zeros((), device=labels.device),

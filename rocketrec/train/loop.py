@@ -509,6 +509,7 @@ class _Run:
                 self.loss_cfg,
                 phase,
                 batch.teacher,
+                self._weight_norm(batch.weights),
             )
             if not self._all_finite(loss):  # before backward: the tables update inside it
                 raise TrainingDiverged(
@@ -527,6 +528,18 @@ class _Run:
             self.env.device,
             custom_model_fwd=fwd,  # type: ignore[arg-type]
         )
+
+    def _weight_norm(self, w: torch.Tensor | None) -> torch.Tensor | None:
+        """With sample weights on W > 1 workers: the global weight sum / W, the denominator
+        of every rank's weighted means. Each rank normalising by its own sum weighs rows
+        differently from one worker on the same global batch (TorchRec sums the tables'
+        gradients over ranks, DDP averages the towers'); measured: 2 workers x 512 lost
+        0.002 booster AUC to 1 x 1024 (docs/results.md section 10)."""
+        if w is None or self.world == 1:
+            return None
+        total = w.detach().sum().reshape(1).clone()
+        dist.all_reduce(total)
+        return total[0] / self.world
 
     # -- the loop ------------------------------------------------------------------
     def _all_finite(self, loss: torch.Tensor) -> bool:
