@@ -532,8 +532,8 @@ class _Run:
     def _weight_norm(self, w: torch.Tensor | None) -> torch.Tensor | None:
         """With sample weights on W > 1 workers: the global weight sum / W, the denominator
         of every rank's weighted means. Each rank normalising by its own sum weighs rows
-        differently from one worker on the same global batch (TorchRec sums the tables'
-        gradients over ranks, DDP averages the towers'); measured: 2 workers x 512 lost
+        differently from one worker on the same global batch (TorchRec and DDP average the
+        gradients over ranks: a mean of per-rank ratios, not the global one); measured: 2 workers x 512 lost
         0.002 booster AUC to 1 x 1024 (docs/results.md section 10)."""
         if w is None or self.world == 1:
             return None
