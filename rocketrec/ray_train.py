@@ -109,14 +109,19 @@ def _checkpoint_of_reference(registered: Path) -> Path | None:
     return target if (target / "meta.json").is_file() else None
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to a cluster, or start a loopback-only local Ray. Returns True if local."""
+def _init_ray(address: str | None, num_cpus: int | None, verbose: bool = False) -> bool:
+    """Connect to a cluster, or start a loopback-only local Ray. Returns True if local.
+
+    Unless verbose, the job's Ray processes log at ERROR: library chatter (Ray Train's
+    placement-group monitor, fbgemm's "Successfully loaded" lines) stays out of the job
+    log; rocketrec's own progress lines are prints and always come through."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging_config = None if verbose else ray.LoggingConfig(log_level="ERROR")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_config=logging_config)
         return False
     # Embedded local Ray: never expose it beyond this machine (see main()).
     ray.init(
@@ -124,6 +129,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
         include_dashboard=False,
         num_cpus=num_cpus,
         log_to_driver=True,
+        logging_config=logging_config,
     )
     return True
 
@@ -192,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else local)")
     g.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
     g.add_argument("--no-export", action="store_true", help="skip exporting light.pt at the end")
+    g.add_argument(
+        "--verbose", action="store_true", help="keep Ray's and the libraries' own log lines"
+    )
     return p
 
 
@@ -263,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    local = _init_ray(a.address, a.local_cpus)
+    local = _init_ray(a.address, a.local_cpus, a.verbose)
     print(
         f"[rocketrec] Ray {'local (127.0.0.1 only)' if local else 'cluster'}: "
         f"{ray.cluster_resources()}",
@@ -306,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if plot_curves(out / "metrics.jsonl", out / "curves.png"):
         summary["plot"] = str(out / "curves.png")
     if not a.no_export:
+        if not a.verbose:
+            quiet_library_noise()  # Ray Train configured the driver's logging again
         from rocketrec.export import export_checkpoint
 
         rep = export_checkpoint(out, out / "light.pt", data=a.val)
