@@ -182,9 +182,21 @@ class TrainConfig:
 Report = Callable[[dict[str, Any], Path | None], None]
 
 
+_LOG_FILE: list[Path] = []  # RUN/train.log of the current run (rank 0)
+
+
 def _log(msg: str) -> None:
+    """A progress line from rank 0: to the console and to RUN/train.log."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(msg, flush=True)
+        if _LOG_FILE:
+            with open(_LOG_FILE[0], "a") as f:
+                f.write(msg + "\n")
+
+
+def _eta(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class _Run:
@@ -210,6 +222,7 @@ class _Run:
         self.rank, self.world = self.env.rank, self.env.world_size
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            _LOG_FILE[:] = [self.out / "train.log"]
         torch.manual_seed(cfg.seed)
         # Tables are born sharded: built on `meta`, DMP materializes only this rank's
         # shards, then each row gets its plan-independent initial values.
@@ -548,10 +561,20 @@ class _Run:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() == 1.0)
 
+    def _total_steps(self) -> int:
+        """Steps of the whole run (every phase) under the epoch and step budget."""
+        per_epoch = self.train_reader.min_batches_all_ranks(0)
+        total = 0
+        for _ in self.phases:
+            n = per_epoch * self.cfg.epochs
+            total += min(n, self.cfg.max_steps) if self.cfg.max_steps else n
+        return total
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.time()
-        last_log_t, last_log_rows = t0, self.rows_seen
+        last_log_t, last_log_rows, last_log_step = t0, self.rows_seen, self.step
+        total_steps = self._total_steps()
         final: dict[str, Any] = {}
         while self.phase_idx < len(self.phases):
             phase = self.phases[self.phase_idx]
@@ -582,11 +605,13 @@ class _Run:
                     if cfg.log_every and self.step % cfg.log_every == 0:
                         now = time.time()
                         rate = (self.rows_seen - last_log_rows) / max(now - last_log_t, 1e-9)
-                        last_log_t, last_log_rows = now, self.rows_seen
+                        step_s = (now - last_log_t) / max(1, self.step - last_log_step)
+                        last_log_t, last_log_rows, last_log_step = now, self.rows_seen, self.step
                         _log(
-                            f"step {self.step} epoch {epoch} {phase or self.loss_cfg.mode} "
+                            f"step {self.step}/{total_steps} epoch {epoch} "
+                            f"{phase or self.loss_cfg.mode} "
                             + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-                            + f" | {rate:,.0f} ex/s"
+                            + f" | {rate:,.0f} ex/s | ETA {_eta(step_s * (total_steps - self.step))}"
                         )
                         self._record(
                             {
@@ -633,7 +658,13 @@ class _Run:
         final["rows_seen"] = self.rows_seen
         final["rows_unused"] = self.rows_unused
         self._record(final)
-        self.save(final)
+        path = self.save(final)
+        _log(
+            f"done: {self.step} steps, {self.rows_seen:,} rows trained on "
+            f"({self.rows_unused:,} unused), {final['train_seconds']:.1f}s "
+            f"({self.rows_seen / max(self.loop_seconds, 1e-9):,.0f} ex/s in steps); "
+            f"checkpoint {path}"
+        )
         return final
 
 
