@@ -197,6 +197,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--resume", default=None, help="continue from this run or checkpoint directory")
     g.add_argument(
+        "--init-from",
+        default=None,
+        help="start a new run from another run's weights (tables by name; grown tables keep "
+        "their rows; towers where shapes match)",
+    )
+    g.add_argument(
+        "--init-from-allow-shrink",
+        action="store_true",
+        help="with --init-from: allow tables with fewer rows (keep the first) or another dim (fresh)",
+    )
+    g.add_argument(
         "--teacher-column",
         default=None,
         help="experiments: probability column used as soft label by --mode perfect_teacher",
@@ -237,6 +248,8 @@ def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, T
         shuffle_buffer=a.shuffle_buffer,
         negative_sample_rate=a.negative_sample_rate,
         step_path=a.step_path,
+        init_from=a.init_from,
+        init_from_allow_shrink=a.init_from_allow_shrink,
         log_every=a.log_every,
         seed=a.seed,
         sharding=dict(a.sharding),

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a.train = [_abs(v) for v in a.train]
     a.val = [_abs(v) for v in a.val] if a.val else None
-    for k in ("out", "resume"):
+    for k in ("out", "resume", "init_from"):
         v = getattr(a, k)
         if v:
             setattr(a, k, _abs(v))

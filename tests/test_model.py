@@ -509,3 +509,98 @@ def test_resume_refuses_changed_settings_in_one_line(tmp_path, tiny_spec_path, t
     assert "spec setting 'tables[0].rows' was 500 in the run, now 700" in err
     # budget fields may change
     assert main(base + ["--max-steps", "6", "--eval-every", "2", "--resume", str(out)]) == 0
+
+
+def test_warm_start_from_a_run_with_a_changed_spec(tmp_path, tiny_spec, tiny_spec_path, tiny_data):
+    """ads teams' daily run: yesterday's weights, a bigger table and a new feature today."""
+    import dataclasses as dc
+
+    from rocketrec.parallel.tables import full_table_init
+    from rocketrec.spec import load_spec
+    from rocketrec.train.loop import TrainConfig, _Run, train
+    from rocketrec.train.warm_start import WarmStartError
+
+    cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+    old_run = tmp_path / "yesterday"
+    train(
+        tiny_spec,
+        tiny_data["train"],
+        None,
+        str(old_run),
+        cfg,
+        None,
+        TrainConfig(batch_size=128, max_steps=20, log_every=0, seed=1),
+    )
+    old, _ = load_unsharded(latest_checkpoint(old_run))
+    old_sd = old.state_dict()
+    grown = tmp_path / "today.yaml"
+    grown.write_text(
+        tiny_spec_path.read_text()
+        .replace("{name: t_user, rows: 500, dim: 8}", "{name: t_user, rows: 700, dim: 8}")
+        .replace(
+            "  - {name: t_ctx, rows: 50, dim: 4}",
+            "  - {name: t_ctx, rows: 50, dim: 4}\n  - {name: t_new, rows: 40, dim: 4}",
+        )
+        .replace(
+            "  - {name: ctx, column: ctx, dtype: int64, table: t_ctx}",
+            "  - {name: ctx, column: ctx, dtype: int64, table: t_ctx}\n"
+            "  - {name: ctx2, column: ctx, dtype: int64, table: t_new}",
+        )
+    )
+    spec2 = load_spec(grown)
+    tc = TrainConfig(batch_size=128, max_steps=5, log_every=0, seed=4, init_from=str(old_run))
+    run = _Run(
+        spec2, tiny_data["train"], None, str(tmp_path / "today"), cfg, LossConfig(), tc, None
+    )
+    run.warm_start(str(old_run))
+    sd = run.dmp.state_dict()
+
+    def full(key):
+        v = sd[key]
+        if not hasattr(v, "local_shards"):
+            return v.detach().clone()
+        out = torch.zeros(v.size())
+        for s in v.local_shards():
+            (r0, c0), (n, c) = s.metadata.shard_offsets, s.metadata.shard_sizes
+            out[r0 : r0 + n, c0 : c0 + c] = s.tensor
+        return out
+
+    user = full("ebc.embedding_bags.t_user.weight")
+    assert torch.equal(user[:500], old_sd["ebc.embedding_bags.t_user.weight"])  # old rows kept
+    assert torch.equal(user[500:], full_table_init(4, "t_user", 700, 8)[500:])  # new rows fresh
+    assert torch.equal(
+        full("ebc.embedding_bags.t_ad.weight"), old_sd["ebc.embedding_bags.t_ad.weight"]
+    )
+    assert torch.equal(full("ebc.embedding_bags.t_new.weight"), full_table_init(4, "t_new", 40, 4))
+    # the light tower reads the same features: copied; the booster's input grew: fresh first layer
+    for k, v in run.model.light.state_dict().items():
+        assert torch.equal(v, old_sd[f"light.{k}"]), k
+    first = next(k for k in run.model.booster.state_dict() if k.endswith("weight"))
+    assert run.model.booster.state_dict()[first].shape != old_sd[f"booster.{first}"].shape
+    if run.env.owns_group:
+        torch.distributed.destroy_process_group()
+    # through train(): it runs and writes its own checkpoints
+    res = train(spec2, tiny_data["train"], None, str(tmp_path / "today2"), cfg, None, tc)
+    assert res["steps"] == 5
+    # a shrunk table is refused unless allowed
+    shrunk = load_spec_text(tmp_path, tiny_spec_path.read_text().replace("rows: 500", "rows: 300"))
+    with pytest.raises(WarmStartError, match="t_user.*500.*300.*allow-shrink"):
+        train(shrunk, tiny_data["train"], None, str(tmp_path / "s1"), cfg, None, tc)
+    ok = train(
+        shrunk,
+        tiny_data["train"],
+        None,
+        str(tmp_path / "s2"),
+        cfg,
+        None,
+        dc.replace(tc, init_from_allow_shrink=True),
+    )
+    assert ok["steps"] == 5
+
+
+def load_spec_text(tmp_path, text):
+    from rocketrec.spec import load_spec
+
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    return load_spec(p)

@@ -150,9 +150,13 @@ class CheckpointTables:
             data = f.read(info.length)
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
-    def row_blocks(self, fqn: str) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (first row, rows [n, D] float32) covering table `fqn` in row order."""
+    def row_blocks(
+        self, fqn: str, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (first row, rows [n, D] float32) covering rows [start, stop) of table `fqn`
+        (default: all) in row order; only the chunks that overlap them are read."""
         rows, dim = self.shape(fqn)
+        stop = rows if stop is None else min(stop, rows)
         chunks = sorted(
             (
                 c
@@ -166,6 +170,9 @@ class CheckpointTables:
         )
         cache: dict[int, torch.Tensor] = {}
         for lo, hi in zip(bounds, bounds[1:], strict=False):
+            if hi <= start or lo >= stop:
+                continue
+            lo, hi = max(lo, start), min(hi, stop)
             out = torch.empty(hi - lo, dim)
             covered = 0
             for i, c in enumerate(chunks):

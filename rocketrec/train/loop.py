@@ -145,6 +145,8 @@ class TrainConfig:
     teacher_column: str | None = None  # probability column for mode perfect_teacher
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows permuted together; 0 = off
     step_path: str = "pipeline"  # pipeline (TorchRec TrainPipelineSparseDist) | plain
+    init_from: str | None = None  # warm start from this run or checkpoint (new run)
+    init_from_allow_shrink: bool = False
     # keep every click and this share of non-clicks (training data only); evaluation and
     # the exported model correct the probabilities: logit + log(rate)
     negative_sample_rate: float = 1.0
@@ -320,6 +322,20 @@ class _Run:
             "model": self.dmp.state_dict(),
             "sparse_optim": self.dmp.fused_optimizer.state_dict(),
         }
+
+    def warm_start(self, source: str) -> None:
+        """Start from another run's weights (see rocketrec.train.warm_start)."""
+        from rocketrec.train.warm_start import format_changes, warm_start
+
+        m = self.model
+        dense: dict[str, torch.Tensor] = {}
+        for prefix, mod in (("booster", m.booster), ("light", m.light), ("bottom", m.bottom)):
+            if mod is not None:
+                for n, p in mod.state_dict(keep_vars=True).items():
+                    dense[f"{prefix}.{n}"] = p.data
+        changes = warm_start(self.dmp.state_dict(), dense, source, self.cfg.init_from_allow_shrink)
+        release_free_memory()
+        _log(format_changes(changes, source))
 
     def _reader_state(self) -> dict[str, Any]:
         """The reader's state at the last *trained* batch (the step path reads ahead)."""
@@ -683,6 +699,8 @@ RESUME_MAY_CHANGE = (
     "sparse_lr",
     "warmup_steps",
     "grad_clip",
+    "init_from",
+    "init_from_allow_shrink",
 )
 
 
@@ -772,6 +790,8 @@ def train(
     )
     if ck is not None:
         run.resume(ck)
+    elif train_cfg.init_from:
+        run.warm_start(train_cfg.init_from)
     try:
         return run.run()
     finally:
