@@ -64,12 +64,33 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rocketrec.config import configs_from_args
+    from rocketrec.run_config import resolved_config, write_resolved
+    from rocketrec.train.checkpoint import latest_checkpoint
     from rocketrec.train.loop import train
 
     spec = load_spec(a.spec)
     model_cfg, loss_cfg, train_cfg = configs_from_args(a)
-    res = train(spec, a.train, a.val, a.out, model_cfg, loss_cfg, train_cfg, resume=a.resume)
+    if latest_checkpoint(a.out) is not None and not a.resume:
+        raise UserError(
+            f"{a.out} already holds a run's checkpoints: pass --resume {a.out} to continue it, "
+            "or choose a new --out"
+        )
+    cfg = resolved_config(a._parser, a, getattr(a, "_argv", None))
+    write_resolved(Path(a.out) / "config.yaml", cfg)
+    res = train(
+        spec,
+        a.train,
+        a.val,
+        a.out,
+        model_cfg,
+        loss_cfg,
+        train_cfg,
+        resume=a.resume,
+        run_config=cfg,
+    )
     print(json.dumps({k: v for k, v in res.items()}, default=str))
     return 0
 
@@ -233,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rocketrec.config import add_train_args
 
     add_train_args(t)
-    t.set_defaults(fn=_cmd_train)
+    t.set_defaults(fn=_cmd_train, _parser=t)
 
     from rocketrec.export import add_export_commands
 
@@ -259,7 +280,18 @@ def quiet_library_noise() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_noise()
     parser = build_parser()
+    try:
+        args = list(sys.argv[1:] if argv is None else argv)
+        if args and args[0] == "train":
+            from rocketrec.run_config import apply_config
+
+            sub = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr,index]
+            apply_config(sub, args[1:])
+    except ValueError as e:
+        print(f"rocketrec: error: {e}", file=sys.stderr)
+        return 2
     a = parser.parse_args(argv)
+    a._argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(a.fn(a) or 0)
     except (SpecError, DataError, UserError, FileNotFoundError) as e:

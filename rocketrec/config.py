@@ -69,7 +69,10 @@ def _sharding(text: str) -> dict[str, dict[str, str]]:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from rocketrec.run_config import add_config_arg
+
     d_t, d_l, d_m = TrainConfig(), LossConfig(), ModelConfig()
+    add_config_arg(p)
     g = p.add_argument_group("data")
     g.add_argument("--spec", required=True, help="feature spec YAML (see feature_specs/README.md)")
     g.add_argument(

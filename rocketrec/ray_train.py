@@ -92,6 +92,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resume=resume,
         report=report,
         run_id=config["run_id"],
+        run_config=config.get("run_config"),
     )
 
 
@@ -209,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_noise()
     p = build_parser()
+    from rocketrec.run_config import apply_config, resolved_config, write_resolved
+
+    try:
+        apply_config(p, argv)
+    except ValueError as e:
+        print(f"ads_train.py: error: {e}", file=sys.stderr)
+        return 2
     a = p.parse_args(argv)
     from rocketrec.data.batch import DataError
     from rocketrec.spec import SpecError, load_spec
@@ -253,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    run_config = resolved_config(p, a, list(sys.argv[1:] if argv is None else argv))
+    write_resolved(out / "config.yaml", run_config)
 
     def _abs(v: str) -> str:
         return v if "://" in v else str(Path(v).resolve())
@@ -289,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             "spec": spec.to_dict(),
             "spec_source": str(a.spec),
             "run_id": uuid.uuid4().hex,
+            "run_config": run_config,
         },
         scaling_config=ScalingConfig(
             num_workers=a.workers, use_gpu=use_gpu, resources_per_worker=resources

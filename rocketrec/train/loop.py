@@ -215,11 +215,13 @@ class _Run:
         cfg: TrainConfig,
         report: Report | None,
         run_id: str | None = None,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self.spec, self.model_cfg, self.loss_cfg, self.cfg = spec, model_cfg, loss_cfg, cfg
         self.out = Path(out_dir)
         self.report = report
         self.run_id = run_id
+        self.run_config = run_config  # the resolved --config + flags, kept in every checkpoint
         self.env = init_distributed()
         self.rank, self.world = self.env.rank, self.env.world_size
         if self.rank == 0:
@@ -363,6 +365,7 @@ class _Run:
             "train_config": asdict(self.cfg),
             "metrics": metrics or (self.history[-1] if self.history else {}),
             "versions": {"torch": torch.__version__},
+            "run_config": self.run_config,
         }
         path = save_checkpoint(
             self.out,
@@ -764,6 +767,7 @@ def train(
     resume: str | None = None,
     report: Report | None = None,
     run_id: str | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train; returns the final validation metrics. `resume`: a run dir or checkpoint dir."""
     model_cfg, loss_cfg, train_cfg = (
@@ -787,6 +791,7 @@ def train(
         train_cfg,
         report,
         run_id,
+        run_config,
     )
     if ck is not None:
         run.resume(ck)
