@@ -107,7 +107,7 @@ def main() -> None:
         f"model: {man['spec']['name']}; light reads {len(man['sparse_features'])} sparse + "
         f"{len(man['dense_features'])} dense features, booster all {len(mspec.sparse)} + {len(mspec.dense)}"
     )
-    if "light_auc" in m:
+    if "light_auc" in m and "booster_auc" in m:
         print(
             f"validation AUC: booster {m['booster_auc']:.4f}, light {m['light_auc']:.4f} "
             f"(difference {m['booster_auc'] - m['light_auc']:+.4f})"

@@ -291,7 +291,7 @@ def main() -> None:
                     "fold": fold,
                     "seed": seed,
                     **{
-                        k: r[k]
+                        k: r.get(k, float("nan"))  # single-tower modes report one tower
                         for k in (
                             "light_auc",
                             "light_logloss",
@@ -306,8 +306,9 @@ def main() -> None:
                 runs.append(rec)
                 first_ckpt.setdefault(v, str(run_dir))
                 print(
-                    f"[{len(runs)}/{total}] fold {fold} seed {seed} {v}: light auc {r['light_auc']:.4f} "
-                    f"booster auc {r['booster_auc']:.4f} ({r['train_seconds']:.1f}s; "
+                    f"[{len(runs)}/{total}] fold {fold} seed {seed} {v}: light auc "
+                    f"{r.get('light_auc', float('nan')):.4f} booster auc "
+                    f"{r.get('booster_auc', float('nan')):.4f} ({r['train_seconds']:.1f}s; "
                     f"{time.time() - t0:.0f}s elapsed)",
                     flush=True,
                 )

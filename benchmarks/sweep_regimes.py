@@ -117,13 +117,13 @@ def main() -> None:
                         "regime": name,
                         "seed": seed,
                         "variant": v,
-                        "light_auc": res["light_auc"],
-                        "booster_auc": res["booster_auc"],
+                        "light_auc": res.get("light_auc", float("nan")),
+                        "booster_auc": res.get("booster_auc", float("nan")),
                         "light_logloss": res["light_logloss"],
                     }
                 )
                 print(
-                    f"{name} | seed {seed} | {v}: light AUC {res['light_auc']:.4f}"
+                    f"{name} | seed {seed} | {v}: light AUC {res.get('light_auc', float('nan')):.4f}"
                     + (f" booster AUC {res['booster_auc']:.4f}" if v.startswith("rocket") else ""),
                     flush=True,
                 )

@@ -64,10 +64,8 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rocketrec.config import configs_from_args
-    from rocketrec.run_config import resolved_config, write_resolved
+    from rocketrec.run_config import resolved_config
     from rocketrec.train.checkpoint import latest_checkpoint
     from rocketrec.train.loop import train
 
@@ -79,7 +77,6 @@ def _cmd_train(a: argparse.Namespace) -> int:
             "or choose a new --out"
         )
     cfg = resolved_config(a._parser, a, getattr(a, "_argv", None))
-    write_resolved(Path(a.out) / "config.yaml", cfg)
     res = train(
         spec,
         a.train,

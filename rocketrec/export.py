@@ -646,6 +646,11 @@ def export_checkpoint(
     from rocketrec.train.checkpoint import CheckpointTables
 
     model, meta = load_towers(ck)  # tables stay on disk until streamed below
+    if not booster and meta.get("loss_config", {}).get("mode") == "booster_only":
+        raise ValueError(
+            f"{ck}: a booster_only run trained no light tower; export --booster packages the "
+            "booster (for comparisons)"
+        )
     spec: FeatureSpec = model.spec
     if booster:
         # comparison only: the booster on every feature, packaged the same way

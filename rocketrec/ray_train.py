@@ -143,13 +143,15 @@ def plot_curves(metrics_path: Path, out_png: Path) -> bool:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    ev = [r for r in rows if "booster_auc" in r]
+    ev = [r for r in rows if "base_logloss" in r]
     if not ev:
         return False
     ev.sort(key=lambda r: r["step"])
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     steps = [r["step"] for r in ev]
     for tower, color in (("booster", "tab:red"), ("light", "tab:blue")):
+        if f"{tower}_auc" not in ev[0]:
+            continue  # not trained in this mode
         ax[0].plot(steps, [r[f"{tower}_auc"] for r in ev], "o-", color=color, label=f"{tower} auc")
         if f"{tower}_gauc" in ev[0]:
             ax[0].plot(
@@ -261,18 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    run_config = resolved_config(p, a, list(sys.argv[1:] if argv is None else argv))
-    write_resolved(out / "config.yaml", run_config)
 
     def _abs(v: str) -> str:
         return v if "://" in v else str(Path(v).resolve())
 
     a.train = [_abs(v) for v in a.train]
     a.val = [_abs(v) for v in a.val] if a.val else None
-    for k in ("out", "resume", "init_from"):
+    for k in ("spec", "out", "resume", "init_from"):
         v = getattr(a, k)
         if v:
             setattr(a, k, _abs(v))
+    run_config = resolved_config(p, a, list(sys.argv[1:] if argv is None else argv))
+    write_resolved(out / "config.yaml", run_config)  # resume checks passed above
 
     if not (a.address or os.environ.get("RAY_ADDRESS")):
         # Must be set before `import ray`: Ray reads it at import time. With it, an
@@ -325,7 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     if plot_curves(out / "metrics.jsonl", out / "curves.png"):
         summary["plot"] = str(out / "curves.png")
-    if not a.no_export:
+    if not a.no_export and a.mode == "booster_only":
+        print(
+            "[rocketrec] no export: --mode booster_only trains no light tower (the served one); "
+            "`rocketrec export --booster` packages the booster for comparisons",
+            flush=True,
+        )
+    elif not a.no_export:
         if not a.verbose:
             quiet_library_noise()  # Ray Train configured the driver's logging again
         from rocketrec.export import export_checkpoint

@@ -604,3 +604,45 @@ def load_spec_text(tmp_path, text):
     p = tmp_path / "s.yaml"
     p.write_text(text)
     return load_spec(p)
+
+
+def test_each_loss_term_equals_its_formula():
+    """Every term by value on fixed inputs (deleting kd's T^2, or the weights, fails here)."""
+    import math
+
+    z_b = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    z_l = torch.tensor([1.0, -2.0, 0.0, -0.5])
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5])
+
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+
+    def wmean(xs, ws):
+        return sum(a * b for a, b in zip(xs, ws)) / sum(ws)
+
+    def bce_ref(z, t):
+        return -(t * math.log(sig(z)) + (1 - t) * math.log(1 - sig(z)))
+
+    ws = w.tolist()
+    bce_b = wmean([bce_ref(a, t) for a, t in zip(z_b.tolist(), y.tolist())], ws)
+    bce_l = wmean([bce_ref(a, t) for a, t in zip(z_l.tolist(), y.tolist())], ws)
+    T = 3.0
+    hints = {
+        "mimic": wmean([(a - b) ** 2 for a, b in zip(z_l.tolist(), z_b.tolist())], ws),
+        "mse_prob": wmean([(sig(a) - sig(b)) ** 2 for a, b in zip(z_l.tolist(), z_b.tolist())], ws),
+        "kd": T
+        * T
+        * wmean([bce_ref(a / T, sig(b / T)) for a, b in zip(z_l.tolist(), z_b.tolist())], ws),
+    }
+    for hint, ref in hints.items():
+        lam = 0.7
+        cfg = LossConfig(hint=hint, hint_weight=lam, temperature=T)
+        loss, terms = rocket_loss(z_b, z_l, y, w, cfg)
+        assert terms["bce_booster"] == pytest.approx(bce_b, abs=1e-6)
+        assert terms["bce_light"] == pytest.approx(bce_l, abs=1e-6)
+        assert terms["hint"] == pytest.approx(ref, abs=1e-6), hint
+        assert float(loss) == pytest.approx(bce_b + bce_l + lam * ref, abs=1e-5)
+    # the global weight normaliser (W workers): the denominator is replaced, nothing else
+    loss_n, terms_n = rocket_loss(z_b, z_l, y, w, LossConfig(), w_norm=torch.tensor(10.0))
+    assert terms_n["bce_booster"] == pytest.approx(bce_b * float(w.sum()) / 10.0, abs=1e-6)

@@ -222,6 +222,14 @@ class _Run:
         self.report = report
         self.run_id = run_id
         self.run_config = run_config  # the resolved --config + flags, kept in every checkpoint
+        mode = loss_cfg.mode
+        self.trained_towers: tuple[str, ...] = (
+            ("booster",)
+            if mode == "booster_only"
+            else ("light",)
+            if mode in ("light_only", "perfect_teacher")
+            else ("booster", "light")
+        )
         self.env = init_distributed()
         self.rank, self.world = self.env.rank, self.env.world_size
         if self.rank == 0:
@@ -478,6 +486,8 @@ class _Run:
         g_arg = groups if self.spec.group_column else None
         res: dict[str, Any] = {"step": self.step, "eval_rows": int(len(y))}
         for name, z in (("booster", b_logits), ("light", l_logits)):
+            if name not in self.trained_towers:
+                continue  # a single-tower mode: the other tower is untrained noise
             for k, v in tower_metrics(y, z, w_arg, g_arg).items():
                 res[f"{name}_{k}"] = v
         res["base_logloss"] = base_rate_logloss(y, w_arg)
@@ -793,6 +803,10 @@ def train(
         run_id,
         run_config,
     )
+    if run.rank == 0 and run_config is not None:
+        from rocketrec.run_config import write_resolved
+
+        write_resolved(Path(out_dir) / "config.yaml", run_config)  # checks passed: record it
     if ck is not None:
         run.resume(ck)
     elif train_cfg.init_from:
