@@ -609,7 +609,7 @@ def _reference_scores(
     )
     ref.eval()
     with torch.no_grad():
-        o = ref(batch.dense, compact, run_booster=booster, run_light=not booster)
+        o = ref(batch.dense, compact)  # both towers (the plan's default); one is used
     return torch.sigmoid((o.booster if booster else o.light) + logit_offset)
 
 

@@ -31,6 +31,11 @@ def _grads(loss, params):
     return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params, gs)}
 
 
+def _with_scale(m, scale):
+    m.set_plan(light_shared_grad_scale=scale)
+    return m
+
+
 def _booster_only(m):
     return [(n, p) for n, p in m.named_parameters() if n.startswith("booster.")]
 
@@ -87,7 +92,8 @@ def test_light_shared_grad_scale(model_and_batch):
     cfg = LossConfig(hint="kd", hint_weight=1.0)
 
     def light_terms(scale):
-        out = m(b.dense, b.sparse, light_shared_grad_scale=scale)
+        m.set_plan(light_shared_grad_scale=scale)
+        out = m(b.dense, b.sparse)
         _, _ = rocket_loss(out.booster, out.light, b.labels, b.weights, cfg)
         return bce(out.light, b.labels, b.weights) + hint_loss(
             out.light, out.booster.detach(), "kd", 2.0, b.weights
@@ -104,7 +110,7 @@ def test_light_shared_grad_scale(model_and_batch):
         torch.testing.assert_close(half[n], 0.5 * full[n])
     # the forward value does not depend on the scale
     assert torch.equal(
-        m(b.dense, b.sparse, light_shared_grad_scale=0.3).light, m(b.dense, b.sparse).light
+        _with_scale(m, 0.3)(b.dense, b.sparse).light, _with_scale(m, 1.0)(b.dense, b.sparse).light
     )
 
 
@@ -265,9 +271,9 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_spec, tiny_data):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_spec, tiny_data, monkeypatch):
-    import rocketrec.train.loop as loop
+    import rocketrec.train.task as task
 
-    real = loop.rocket_loss
+    real = task.rocket_loss
     n = {"calls": 0}
 
     def poisoned(*a, **k):
@@ -278,7 +284,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_spec, tiny_data
             terms["loss"] = float("nan")
         return total, terms
 
-    monkeypatch.setattr(loop, "rocket_loss", poisoned)
+    monkeypatch.setattr(task, "rocket_loss", poisoned)
     tc = dataclasses.replace(TC, checkpoint_every=2)
     with pytest.raises(TrainingDiverged, match="step 4"):
         _run(tmp_path, tiny_spec, tiny_data, "nan", LossConfig(), tc)
@@ -388,7 +394,8 @@ def test_light_private_tables_keep_the_booster_identical(tmp_path, tiny_spec, ti
     torch.manual_seed(0)
     m = RocketModel(tiny_spec, priv)
     b = next(iter(ParquetReader(tiny_data["train"], tiny_spec, 128, shuffle=False)))
-    out = m(b.dense, b.sparse, light_shared_grad_scale=0.0)
+    m.set_plan(light_shared_grad_scale=0.0)
+    out = m(b.dense, b.sparse)
     all_tables = [(n, p) for n, p in m.named_parameters() if "ebc." in n]
     g_shared = _grads(bce(out.light, b.labels, None), all_tables)
     assert all(torch.count_nonzero(g) == 0 for n, g in g_shared.items() if n.startswith("ebc."))

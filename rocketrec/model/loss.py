@@ -140,10 +140,37 @@ def rocket_loss(
     return total, out
 
 
-def towers_needed(cfg: LossConfig, phase: str | None = None) -> tuple[bool, bool]:
-    """(run_booster, run_light) for a training step."""
-    if cfg.mode == "booster_only" or (cfg.mode == "teacher_student" and phase != "student"):
-        return True, False
+@dataclass(frozen=True)
+class PhasePlan:
+    """Everything a training phase decides, in one place.
+
+    phase:      None (one phase), 'teacher' or 'student' (teacher_student).
+    run_booster / run_light: the towers `forward` runs.
+    shared_grad_scale: the light losses' gradient into the shared layers.
+    trains:     dense parameter groups the dense optimizer updates ('booster',
+                'light', 'shared' = shared bottom and data-parallel tables).
+    Terms of the loss follow from (mode, phase) in `rocket_loss`.
+    """
+
+    phase: str | None
+    run_booster: bool
+    run_light: bool
+    shared_grad_scale: float
+    trains: frozenset[str]
+
+
+def plan_phases(cfg: LossConfig) -> list[PhasePlan]:
+    """The phases of a run and what each one trains."""
+    s = cfg.light_shared_grad_scale
+    if cfg.mode == "teacher_student":
+        return [
+            PhasePlan("teacher", True, False, s, frozenset({"booster", "shared"})),
+            # the light tower against the frozen booster; tables frozen (no gradient)
+            PhasePlan("student", True, True, 0.0, frozenset({"light"})),
+        ]
+    if cfg.mode == "booster_only":
+        return [PhasePlan(None, True, False, s, frozenset({"booster", "shared"}))]
     if cfg.mode in ("light_only", "perfect_teacher"):
-        return False, True
-    return True, True
+        # the light tower alone trains its tables
+        return [PhasePlan(None, False, True, 1.0, frozenset({"light", "shared"}))]
+    return [PhasePlan(None, True, True, s, frozenset({"booster", "light", "shared"}))]

@@ -163,6 +163,7 @@ class RocketModel(nn.Module):
         self.light = LightTower(light_in, cfg).to(device)
         if self.bottom is not None:
             self.bottom.to(device)
+        self.set_plan()  # both towers, full light gradient into the shared layers
         if table_device.type != "meta":
             init_tables(self.state_dict(), table_seed)
 
@@ -170,15 +171,20 @@ class RocketModel(nn.Module):
         """Raw int64 ids -> rows: non-negative `id mod rows` of each feature's table."""
         return bucketize_kjt(kjt, self.bucket_rows)
 
-    def forward(
-        self,
-        dense: torch.Tensor,
-        sparse: KeyedJaggedTensor,
-        run_booster: bool = True,
-        run_light: bool = True,
-        light_shared_grad_scale: float = 1.0,
-    ) -> RocketOutput:
+    def set_plan(
+        self, run_booster: bool = True, run_light: bool = True, light_shared_grad_scale: float = 1.0
+    ) -> None:
+        """Which towers `forward` runs and the light losses' gradient scale into the shared
+        layers: decided once per training phase (rocketrec.model.loss.PhasePlan), never
+        per call, so `forward` takes no run flags."""
+        self.run_booster = run_booster
+        self.run_light = run_light
+        self.light_shared_grad_scale = light_shared_grad_scale
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> RocketOutput:
         """dense [B, D] float32, sparse KJT of raw ids -> RocketOutput(logits [B] or None)."""
+        run_booster, run_light = self.run_booster, self.run_light
+        light_shared_grad_scale = self.light_shared_grad_scale
         bucketed = self.bucketize(sparse)
         pooled = self.ebc(bucketed).to_dict()  # by key, never by position
         dense_repr = self.bottom(dense) if self.bottom is not None else dense

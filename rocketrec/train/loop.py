@@ -37,7 +37,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from rocketrec.data.batch import Batch
 from rocketrec.data.reader import DEFAULT_SHUFFLE_BUFFER, ParquetReader
-from rocketrec.model.loss import LossConfig, rocket_loss, towers_needed
+from rocketrec.model.loss import LossConfig, PhasePlan, plan_phases
 from rocketrec.model.model import ModelConfig, RocketModel
 from rocketrec.parallel.sharding import init_distributed, shard_model
 from rocketrec.parallel.tables import block_views, init_tables, release_free_memory
@@ -49,13 +49,10 @@ from rocketrec.train.checkpoint import (
     save_checkpoint,
 )
 from rocketrec.train.metrics import base_rate_logloss, tower_metrics
+from rocketrec.train.task import RocketTrainTask, TrainingDiverged  # noqa: F401 - re-exported
 
 for _name in ("torchrec.distributed.planner", "torchrec.distributed"):
     logging.getLogger(_name).setLevel(logging.ERROR)
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 class _DenseStep:
@@ -273,9 +270,7 @@ class _Run:
             if val_path
             else None
         )
-        self.phases: list[str | None] = (
-            ["teacher", "student"] if loss_cfg.mode == "teacher_student" else [None]
-        )
+        self.phases: list[PhasePlan] = plan_phases(loss_cfg)  # decided once, used everywhere
         self.step = 0
         self.phase_idx = 0
         self.phase_start = 0
@@ -297,30 +292,19 @@ class _Run:
         self.metrics_path = self.out / "metrics.jsonl"
 
     # -- optimizers --------------------------------------------------------------
-    def _trainable_dense(self, phase: str | None) -> list[torch.nn.Parameter]:
+    def _trainable_dense(self, plan: PhasePlan) -> list[torch.nn.Parameter]:
         """Dense parameters this phase trains (DP tables included); others stay put."""
         m = self.model
-        skip: set[int] = set()
-        mode = self.loss_cfg.mode
-        if mode == "booster_only" or phase == "teacher":
-            skip |= {id(p) for p in m.light.parameters()}
-        if mode in ("light_only", "perfect_teacher"):
-            skip |= {id(p) for p in m.booster.parameters()}
-        if phase == "student":  # only the light tower learns against the frozen booster
-            keep = {id(p) for p in m.light.parameters()}
-            return [
-                p
-                for _, p in in_backward_optimizer_filter(self.dmp.named_parameters())
-                if id(p) in keep
-            ]
+        group = {id(p): "booster" for p in m.booster.parameters()}
+        group.update({id(p): "light" for p in m.light.parameters()})
         return [
             p
             for _, p in in_backward_optimizer_filter(self.dmp.named_parameters())
-            if id(p) not in skip and p.requires_grad
+            if p.requires_grad and group.get(id(p), "shared") in plan.trains
         ]
 
-    def _make_dense_opt(self, phase: str | None) -> torch.optim.Optimizer:
-        params = self._trainable_dense(phase)
+    def _make_dense_opt(self, plan: PhasePlan) -> torch.optim.Optimizer:
+        params = self._trainable_dense(plan)
         if self.cfg.dense_optimizer == "adam":
             return torch.optim.Adam(params, lr=self.cfg.dense_lr)
         return torch.optim.Adagrad(params, lr=self.cfg.dense_lr)
@@ -430,6 +414,9 @@ class _Run:
         if self.val_reader is None:
             return {}
         self.dmp.eval()
+        m = self.model
+        phase_plan = (m.run_booster, m.run_light, m.light_shared_grad_scale)
+        m.set_plan(True, True, 1.0)  # score with both towers; the unused one is dropped below
         self.val_reader.set_epoch(0)
         n = max(self.val_reader.batches_per_epoch(0, r) for r in range(self.world))
         if self.cfg.eval_batches:
@@ -471,6 +458,7 @@ class _Run:
         if hasattr(it, "close"):
             it.close()  # stop reading: the reader thread ends, the rest is never decoded
         self.dmp.train()
+        m.set_plan(*phase_plan)
         local = [np.concatenate(x) if x else np.zeros(0, np.float32) for x in (ys, ws, zb, zl)]
         local.append(np.concatenate(gs) if gs else np.zeros(0, np.int64))
         if self.world > 1:
@@ -532,35 +520,17 @@ class _Run:
         finally:
             it.close()  # never exhausts the epoch: the loop moves to the next one itself
 
-    def _pipeline(self, phase: str | None, run_b: bool, run_l: bool, scale: float) -> Any:
+    def _pipeline(self, plan: PhasePlan) -> Any:
         """The step path: TorchRec's TrainPipelineSparseDist (default) or the plain loop.
 
-        Both run the same forward + loss (`fwd`), backward (the tables' fused optimizer
-        updates inside it) and dense update (`_DenseStep`: per-tower clipping, warm-up).
-        The pipeline copies batches to the device and starts the next batch's input
-        distribution ahead of time on CUDA; on CPU it runs the same steps in order.
+        Both run the same train task (forward + loss), backward (the tables' fused
+        optimizer updates inside it) and dense update (`_DenseStep`: per-tower clipping,
+        warm-up). The pipeline copies batches to the device ahead of time on CUDA; on
+        CPU it runs the same steps in order.
         """
-
-        def fwd(batch: Batch) -> tuple[torch.Tensor, tuple[dict[str, float], int]]:
-            out = self.dmp(batch.dense, batch.sparse, run_b, run_l, scale)
-            loss, terms = rocket_loss(
-                out.booster,
-                out.light,
-                batch.labels,
-                batch.weights,
-                self.loss_cfg,
-                phase,
-                batch.teacher,
-                self._weight_norm(batch.weights),
-            )
-            if not self._all_finite(loss):  # before backward: the tables update inside it
-                raise TrainingDiverged(
-                    f"loss is {terms['loss']} at step {self.step} ({terms}); stopped before "
-                    "applying it. The last checkpoint is intact: lower the learning rates "
-                    "or check the data, then --resume."
-                )
-            return loss, (terms, len(batch))
-
+        fwd = RocketTrainTask(
+            self.dmp, self.loss_cfg, plan, self._weight_norm, self._all_finite, lambda: self.step
+        )
         opt = _DenseStep(self)
         if self.cfg.step_path == "plain":
             return _PlainSteps(fwd, opt, self.env.device)
@@ -606,11 +576,9 @@ class _Run:
         total_steps = self._total_steps()
         final: dict[str, Any] = {}
         while self.phase_idx < len(self.phases):
-            phase = self.phases[self.phase_idx]
-            run_b, run_l = towers_needed(self.loss_cfg, phase)
-            scale = 0.0 if phase == "student" else self.loss_cfg.light_shared_grad_scale
-            if self.loss_cfg.mode in ("light_only", "perfect_teacher"):
-                scale = 1.0  # the light tower alone trains its tables
+            plan = self.phases[self.phase_idx]
+            phase = plan.phase
+            self.model.set_plan(plan.run_booster, plan.run_light, plan.shared_grad_scale)
             while self.train_reader.epoch < cfg.epochs:
                 epoch = self.train_reader.epoch
                 n_epoch = self.train_reader.min_batches_all_ranks(epoch)
@@ -618,7 +586,7 @@ class _Run:
                 if cfg.max_steps:
                     todo = min(todo, cfg.max_steps - (self.step - self.phase_start))
                 positions: deque[int] = deque()  # reader position after each batch handed out
-                pipe = self._pipeline(phase, run_b, run_l, scale)
+                pipe = self._pipeline(plan)
                 data = self._batches(max(0, todo), positions)
                 while True:
                     t_step = time.perf_counter()
@@ -673,7 +641,8 @@ class _Run:
             self.phase_idx += 1
             if self.phase_idx < len(self.phases):
                 _log(
-                    f"phase {phase} done at step {self.step}; starting {self.phases[self.phase_idx]}"
+                    f"phase {phase} done at step {self.step}; "
+                    f"starting {self.phases[self.phase_idx].phase}"
                 )
                 self.train_reader.set_epoch(0)
                 self.epoch_step = 0
