@@ -13,7 +13,7 @@ import json
 from rocketrec.model.loss import HINTS, MODES, LossConfig
 from rocketrec.model.model import ModelConfig
 from rocketrec.parallel.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
-from rocketrec.train.loop import TrainConfig
+from rocketrec.train.train_config import TrainConfig
 
 
 def _sizes(text: str) -> tuple[int, ...]:
