@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from rocketrec.data.batch import DataError
+from rocketrec.quiet import quiet_library_noise
 from rocketrec.spec import SpecError, load_spec
 
 
@@ -257,21 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_commands(sub)
     return p
-
-
-def quiet_library_noise() -> None:
-    """Hide third-party deprecation chatter so progress and errors stay readable."""
-    import logging
-    import warnings
-
-    for mod in ("torch", "torchrec", "fbgemm_gpu", "ray"):
-        warnings.filterwarnings("ignore", module=mod)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    for name in ("fbgemm_gpu", "torchrec"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,14 +30,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from rocketrec.config import add_train_args, configs_from_args
+# Heavy imports (torchrec, fbgemm) happen inside the functions: a Ray worker unpickles
+# `train_loop_per_worker` by importing this module, before its logging is quieted.
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (the process group is already initialised)."""
+    from rocketrec.quiet import quiet_library_noise
+
+    quiet_library_noise()  # before torchrec/fbgemm are imported in this worker
     import ray.train
 
-    from rocketrec.cli import quiet_library_noise
+    from rocketrec.config import configs_from_args
     from rocketrec.spec import spec_from_dict
     from rocketrec.train.checkpoint import latest_checkpoint, read_meta
     from rocketrec.train.loop import train
@@ -177,6 +181,8 @@ def plot_curves(metrics_path: Path, out_png: Path) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rocketrec.config import add_train_args
+
     p = argparse.ArgumentParser(
         prog="ads_train.py",
         description="Train a rocketrec booster + light model on Ray (a cluster under `ray job "
@@ -208,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rocketrec.cli import quiet_library_noise
+    from rocketrec.config import configs_from_args
+    from rocketrec.quiet import quiet_library_noise
 
     quiet_library_noise()
     p = build_parser()
