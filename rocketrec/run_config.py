@@ -99,6 +99,8 @@ def load_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
     for sec, body in raw.items():
         if sec == META_KEY:
             continue
+        if sec not in secs and sec in SECTION_OF_GROUP.values():
+            continue  # e.g. `ray` for `rocketrec train`, which runs in this process
         if sec not in secs:
             hint = difflib.get_close_matches(str(sec), list(secs), n=1)
             more = f" (did you mean '{hint[0]}'?)" if hint else ""

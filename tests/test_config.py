@@ -28,6 +28,7 @@ def test_config_file_flags_override_and_resolved_config_reruns(
             "loss": {"hint": "mimic", "hint_weight": 0.5, "gradient_block": True},
             "model": {"booster_mlp": [16], "light_mlp": [8], "cross_layers": 1},
             "train": {"batch_size": 128, "max_steps": 4, "log_every": 0, "seed": 3},
+            "ray": {"workers": 2},  # for jobs/ads_train.py; `rocketrec train` skips it
         },
     )
     # a flag overrides the file
