@@ -87,8 +87,8 @@ def _sparse_dist_pipeline_class() -> type:
 
         TorchRec's rewrite pipelines a sharded module only when its input is a field
         of the batch; rocketrec bucketizes raw ids inside the model (so training and
-        the exported model cannot disagree), and its forward branches on which towers
-        run, so the rewrite cannot trace it. The pipeline still owns the step (batch
+        the exported model cannot disagree), so no sharded module qualifies and the
+        rewrite would only fail. The pipeline still owns the step (batch
         prefetch and device copy on its own stream, forward, backward, optimizer);
         the sharded modules run their input distribution in the forward.
         """
