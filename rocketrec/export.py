@@ -509,12 +509,12 @@ def load_unsharded(ckpt: Path) -> tuple[Any, dict[str, Any]]:
 
     towers, meta = load_towers(ckpt)
     model = RocketModel(towers.spec, towers.cfg)
-    sd = model.state_dict()
+    sd, dense = model.state_dict(), towers.state_dict()
     ct = CheckpointTables(ckpt)
     with torch.no_grad():
         for k, v in sd.items():
             if table_of_key(k) is None:
-                v.copy_(towers.state_dict()[k])
+                v.copy_(dense[k])
             else:
                 v.copy_(ct.full(f"model.{k}"))
     model.eval()
@@ -539,7 +539,6 @@ class _RowCollector:
 
 def _lookups(model: Any, batch: Any, gathered: list[str]) -> tuple[dict, dict, _RowCollector]:
     """Rows of each table that `batch` looks up, and a collector for the gathered tables."""
-    from rocketrec.model.model import private_table_name
 
     spec: FeatureSpec = model.spec
     raw = batch.sparse.to_dict()
@@ -556,7 +555,6 @@ def _lookups(model: Any, batch: Any, gathered: list[str]) -> tuple[dict, dict, _
         base = name[: -len("__light")] if name.endswith("__light") else name
         want[name] = needed[base]
         dims[name] = dims[base] if name == base else model.cfg.light_private_dim
-    assert all(private_table_name(t) != t for t in needed)
     return needed, bucketed, _RowCollector(want, dims)
 
 

@@ -215,6 +215,7 @@ class ParquetReader:
         if negative_sample_rate < 1.0:
             # units count the rows they keep: one pass over the label column, files closed
             self.units = [u for u in (self._sampled(u) for u in self.units) if u.rows]
+            self.close()  # the scan's files; reading reopens them lazily
             if not self.units:
                 raise DataError(f"{_show(path)}: no rows left after negative downsampling")
         self.epoch = 0
@@ -352,8 +353,6 @@ class ParquetReader:
     def _sampled(self, u: Unit) -> Unit:
         t = self._file(u.file).read_row_group(u.row_group, columns=[self.spec.label_column])
         kept = int(self.keep_mask(u, self._labels_of(t, u)).sum())
-        if len(self._open) >= self.max_open_files - 1:
-            self.close()
         return Unit(u.file, u.row_group, kept, u.first_row)
 
     def _read_piece(self, p: Piece, cache: dict[Unit, pa.Table]) -> pa.Table:

@@ -110,6 +110,17 @@ def full_table_init(seed: int, table: str, rows: int, dim: int) -> torch.Tensor:
     return out
 
 
+def local_pieces(value: Any) -> list[tuple[torch.Tensor, list[int], list[int]]]:
+    """(tensor, [first row, first col], [rows, cols]) of this rank's part of a table:
+    its local shards, or the whole tensor for a replica / an unsharded table."""
+    if isinstance(value, ShardedTensor):
+        return [
+            (s.tensor, list(s.metadata.shard_offsets), list(s.metadata.shard_sizes))
+            for s in value.local_shards()
+        ]
+    return [(value, [0, 0], list(value.shape))]
+
+
 @torch.no_grad()
 def init_tables(state: dict[str, Any], seed: int) -> list[str]:
     """Write the per-row initial values into every table of a (DMP) state dict, in place.
@@ -123,14 +134,7 @@ def init_tables(state: dict[str, Any], seed: int) -> list[str]:
         if table is None:
             continue
         rows, dim = int(value.size(0)), int(value.size(1))
-        if isinstance(value, ShardedTensor):
-            pieces = [
-                (s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes)
-                for s in value.local_shards()
-            ]
-        else:
-            pieces = [(value, [0, 0], [rows, dim])]
-        for t, off, size in pieces:
+        for t, off, size in local_pieces(value):
             for o, v in init_rows(seed, table, rows, dim, off[0], size[0], off[1], size[1]):
                 t[o : o + v.shape[0]].copy_(v)
         done.append(key)

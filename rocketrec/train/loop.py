@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline.utils import _override_input_dist_forwards
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from rocketrec.data.batch import Batch
@@ -78,33 +80,23 @@ class _DenseStep:
         run.dense_opt.step()
 
 
-def _sparse_dist_pipeline_class() -> type:
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-    from torchrec.distributed.train_pipeline.utils import _override_input_dist_forwards
+class _SparseDistPipeline(TrainPipelineSparseDist):  # type: ignore[misc,type-arg]
+    """TrainPipelineSparseDist without the fx rewrite of the model.
 
-    class SparseDistPipeline(TrainPipelineSparseDist):  # type: ignore[misc,type-arg]
-        """TrainPipelineSparseDist without the fx rewrite of the model.
+    TorchRec's rewrite pipelines a sharded module only when its input is a field
+    of the batch; rocketrec bucketizes raw ids inside the model (so training and
+    the exported model cannot disagree), so no sharded module qualifies and the
+    rewrite would only fail. The pipeline still owns the step (batch
+    prefetch and device copy on its own stream, forward, backward, optimizer);
+    the sharded modules run their input distribution in the forward.
+    """
 
-        TorchRec's rewrite pipelines a sharded module only when its input is a field
-        of the batch; rocketrec bucketizes raw ids inside the model (so training and
-        the exported model cannot disagree), so no sharded module qualifies and the
-        rewrite would only fail. The pipeline still owns the step (batch
-        prefetch and device copy on its own stream, forward, backward, optimizer);
-        the sharded modules run their input distribution in the forward.
-        """
-
-        def _pipeline_model(self, batch: Any, context: Any, pipelined_forward: Any = None) -> None:
-            self._pipelined_modules: list[Any] = []
-            self._original_forwards: list[Any] = []
-            self._pipelined_postprocs: list[Any] = []
-            self.start_sparse_data_dist(batch, context)
-            self._original_kjt_dist_forwards = _override_input_dist_forwards([])
-
-    return SparseDistPipeline
-
-
-def _SparseDistPipeline(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory
-    return _sparse_dist_pipeline_class()(*args, **kwargs)
+    def _pipeline_model(self, batch: Any, context: Any, pipelined_forward: Any = None) -> None:
+        self._pipelined_modules: list[Any] = []
+        self._original_forwards: list[Any] = []
+        self._pipelined_postprocs: list[Any] = []
+        self.start_sparse_data_dist(batch, context)
+        self._original_kjt_dist_forwards = _override_input_dist_forwards([])
 
 
 class _PlainSteps:
@@ -163,14 +155,6 @@ class _Run:
         self.report = report
         self.run_id = run_id
         self.run_config = run_config  # the resolved --config + flags, kept in every checkpoint
-        mode = loss_cfg.mode
-        self.trained_towers: tuple[str, ...] = (
-            ("booster",)
-            if mode == "booster_only"
-            else ("light",)
-            if mode in ("light_only", "perfect_teacher")
-            else ("booster", "light")
-        )
         self.env = init_distributed()
         self.rank, self.world = self.env.rank, self.env.world_size
         if self.rank == 0:
@@ -215,6 +199,10 @@ class _Run:
             else None
         )
         self.phases: list[PhasePlan] = plan_phases(loss_cfg)  # decided once, used everywhere
+        # towers some phase trains: single-tower modes evaluate and export only theirs
+        self.trained_towers = {
+            t for p in self.phases for t in ("booster", "light") if t in p.trains
+        }
         self.step = 0
         self.phase_idx = 0
         self.phase_start = 0
@@ -399,8 +387,7 @@ class _Run:
                 zl.append(out.light[:n_keep].float().cpu().numpy())
                 if b.group is not None:
                     gs.append(b.group[:n_keep].numpy())
-        if hasattr(it, "close"):
-            it.close()  # stop reading: the reader thread ends, the rest is never decoded
+        it.close()  # stop reading: the reader thread ends, the rest is never decoded
         self.dmp.train()
         m.set_plan(*phase_plan)
         local = [np.concatenate(x) if x else np.zeros(0, np.float32) for x in (ys, ws, zb, zl)]
@@ -451,7 +438,7 @@ class _Run:
                 )
 
     # -- the step ------------------------------------------------------------------
-    def _batches(self, n: int, positions: deque[int]) -> Generator[Batch, None, None]:  # noqa: D401
+    def _batches(self, n: int, positions: deque[int]) -> Generator[Batch, None, None]:
         """At most n batches of the current epoch; records the reader position after each."""
         it = iter(self.train_reader)
         try:
@@ -487,10 +474,10 @@ class _Run:
 
     def _weight_norm(self, w: torch.Tensor | None) -> torch.Tensor | None:
         """With sample weights on W > 1 workers: the global weight sum / W, the denominator
-        of every rank's weighted means. Each rank normalising by its own sum weighs rows
-        differently from one worker on the same global batch (TorchRec and DDP average the
-        gradients over ranks: a mean of per-rank ratios, not the global one); measured: 2 workers x 512 lost
-        0.002 booster AUC to 1 x 1024 (docs/results.md section 10)."""
+        of every rank's weighted means. TorchRec and DDP average the gradients over ranks,
+        so each rank normalising by its own sum would give a mean of per-rank ratios, not
+        the global weighted mean one worker computes on the same global batch
+        (docs/results.md section 10)."""
         if w is None or self.world == 1:
             return None
         total = w.detach().sum().reshape(1).clone()

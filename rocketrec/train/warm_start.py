@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from rocketrec.parallel.tables import table_of_key
+from rocketrec.parallel.tables import local_pieces, table_of_key
 from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint
 
 
@@ -118,14 +117,7 @@ def warm_start(
 
 def _copy_rows(ct: CheckpointTables, fqn: str, value: Any, n: int) -> None:
     """Old rows [0, n) into this rank's part of `value` (local shards or a replica)."""
-    if isinstance(value, ShardedTensor):
-        pieces = [
-            (s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes)
-            for s in value.local_shards()
-        ]
-    else:
-        pieces = [(value, [0, 0], list(value.shape))]
-    for t, (r0, c0), (nr, nc) in pieces:
+    for t, (r0, c0), (nr, nc) in local_pieces(value):
         hi = min(r0 + nr, n)
         if hi <= r0:
             continue
