@@ -69,7 +69,9 @@ def main() -> None:
     import torch
 
     from rocketrec.data.synth import SynthConfig, synth
-    from rocketrec.export import export_checkpoint, raw_inputs_from_table, read_manifest
+    from rocketrec.serving.export import export_checkpoint
+    from rocketrec.serving.manifest import read_manifest
+    from rocketrec.serving.requests import raw_inputs_from_table
     from rocketrec.spec import load_spec, spec_from_dict
     from rocketrec.train.loop import TrainConfig, train
 

@@ -317,7 +317,7 @@ def main() -> None:
     if not a.no_latency and "rocket_kd" in first_ckpt:
         from bench_serving import bench, build_cpp
 
-        from rocketrec.export import export_checkpoint
+        from rocketrec.serving.export import export_checkpoint
 
         exe = build_cpp()
         export_checkpoint(first_ckpt["rocket_kd"], tmp / "light.pt", data=splits[0][1])

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from rocketrec.data.batch import DataError
 from rocketrec.quiet import quiet_library_noise
@@ -254,10 +255,152 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(t)
     t.set_defaults(fn=_cmd_train, _parser=t)
 
-    from rocketrec.export import add_export_commands
-
-    add_export_commands(sub)
+    add_serving_commands(sub)
     return p
+
+
+# -- serving: export, predict, requests -------------------------------------------------
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from rocketrec.serving.export import export_checkpoint
+
+    t = time.time()
+    rep = export_checkpoint(a.checkpoint, a.out, int8=a.int8, data=a.data, rows=a.rows)
+    print(
+        f"exported {rep['out']} ({rep['bytes']:,} bytes, {'int8' if rep['int8'] else 'fp32'}): "
+        f"parity max |diff| {rep['max_abs_diff']:.3g} <= {rep['tolerance']:g} on "
+        f"{rep['rows_checked']} held-out rows; {time.time() - t:.1f}s"
+    )
+    return 0
+
+
+def _load_model(path: str):  # type: ignore[no-untyped-def]
+    import torch
+
+    from rocketrec.serving.manifest import read_manifest
+
+    try:
+        return torch.jit.load(path), read_manifest(path)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise UserError(f"{path}: cannot load the model: {msg[0] if msg else e}") from None
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rocketrec.serving.requests import score_lines
+
+    model, manifest = _load_model(a.model)
+    src = a.requests
+    if src != "-" and not Path(src).is_file():
+        raise UserError(f"{src}: no such file")
+    lines = sys.stdin.read().splitlines() if src == "-" else Path(src).read_text().splitlines()
+    for x in score_lines(model, lines, manifest, "<stdin>" if src == "-" else src):
+        print(f"{x:.9g}")
+    return 0
+
+
+def _cmd_requests(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from rocketrec.data.reader import list_parquet_files
+    from rocketrec.serving import requests as rq
+
+    if a.rows < 1:
+        raise UserError(f"--rows must be >= 1, got {a.rows}")
+    if a.candidates is not None and a.candidates < 1:
+        raise UserError(f"--candidates must be >= 1, got {a.candidates}")
+    _, manifest = _load_model(a.model)
+    fs, files = list_parquet_files(a.data)
+    inputs = manifest["sparse_features"] + manifest["dense_features"]
+    cols = sorted({f["column"] for f in inputs})
+    tables = []
+    n = 0
+    for f in files:  # row groups in order, across files, until --rows rows
+        pf = pq.ParquetFile(fs.open_input_file(f))
+        for rg in range(pf.metadata.num_row_groups):
+            if n >= a.rows:
+                break
+            t = pf.read_row_group(rg, columns=cols).slice(0, a.rows - n)
+            tables.append(t)
+            n += t.num_rows
+        if n >= a.rows:
+            break
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or table.num_rows == 0:
+        raise UserError(f"{a.data}: no rows")
+    if a.candidates:
+        context = a.context.split(",") if a.context else rq.default_context(manifest)
+        lines, full = rq.candidate_requests_from_table(table, manifest, a.candidates, context)
+        print(
+            f"rocketrec: context inputs: {', '.join(context)}; {len(lines)} request(s) of up to "
+            f"{a.candidates} candidates",
+            file=sys.stderr,
+        )
+        if a.full_rows:
+            Path(a.full_rows).write_text("\n".join(full) + "\n")
+    else:
+        lines = rq.requests_from_table(table, manifest)
+    text = "\n".join(lines) + "\n"
+    if a.out == "-":
+        print(text, end="")
+    else:
+        Path(a.out).write_text(text)
+        print(f"wrote {len(lines)} requests to {a.out}")
+    if n < a.rows:
+        print(
+            f"rocketrec: note: {a.data} holds only {n} rows: used {n} of the {a.rows} asked for",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def add_serving_commands(sub: Any) -> None:
+    e = sub.add_parser("export", help="export the light tower to TorchScript for C++ serving")
+    e.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
+    e.add_argument("--out", required=True, help="output file, e.g. light.pt")
+    e.add_argument("--int8", action="store_true", help="row-wise int8 tables")
+    e.add_argument("--data", default=None, help="Parquet for the parity check (default: synthetic)")
+    e.add_argument("--rows", type=int, default=2048, help="held-out rows for the parity check")
+    e.set_defaults(fn=_cmd_export)
+    p = sub.add_parser(
+        "predict",
+        help="score JSON-lines requests (one-row or context+candidates) with an exported model",
+    )
+    p.add_argument("--model", required=True, help="exported .pt file")
+    p.add_argument("--requests", required=True, help="JSON-lines file, or - for stdin")
+    p.set_defaults(fn=_cmd_predict)
+    r = sub.add_parser("requests", help="write JSON-lines requests for a model from Parquet rows")
+    r.add_argument(
+        "--model", required=True, help="exported .pt file (its manifest names the inputs)"
+    )
+    r.add_argument("--data", required=True, help="Parquet file, directory or glob")
+    r.add_argument("--rows", type=int, default=16, help="how many rows")
+    r.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="write context+candidates requests: rows in groups of N, one context each",
+    )
+    r.add_argument(
+        "--context",
+        default=None,
+        help="with --candidates: comma-separated inputs given in the context (from the "
+        "group's first row; default: the inputs whose name mentions 'user')",
+    )
+    r.add_argument(
+        "--full-rows",
+        default=None,
+        help="with --candidates: also write the equivalent one-row requests to this file",
+    )
+    r.add_argument("--out", default="-", help="output file, or - for stdout")
+    r.set_defaults(fn=_cmd_requests)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

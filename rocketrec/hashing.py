@@ -81,3 +81,55 @@ def hash_strings(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     uniq = _hash_plain_strings(enc.dictionary)
     idx = enc.indices.to_numpy(zero_copy_only=False)
     return uniq[idx]
+
+
+# -- crosses ------------------------------------------------------------------------
+#
+# The id of a cross of k features is a hash of one raw id from each input, in the
+# order the spec lists the inputs (string ids hashed with fnv1a64 first, bucketized
+# numbers as their bucket id):
+#
+#     h = 0xcbf29ce484222325
+#     for x in (x_1, ..., x_k): h = ((h ^ x) * 0x100000001b3) mod 2**64   # x as uint64
+#     h = fmix64(h)        # MurmurHash3's 64-bit finalizer, spreads the bits for `mod rows`
+#     id = h reinterpreted as a two's-complement int64
+#
+#     fmix64(h): h ^= h >> 33; h *= 0xff51afd7ed558ccd; h ^= h >> 33;
+#                h *= 0xc4ceb9fe1a85ec53; h ^= h >> 33          (all mod 2**64)
+
+FMIX_C1 = 0xFF51AFD7ED558CCD
+FMIX_C2 = 0xC4CEB9FE1A85EC53
+
+
+def _signed(h: int) -> int:
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def fmix64(h: int) -> int:
+    h &= _MASK
+    h ^= h >> 33
+    h = (h * FMIX_C1) & _MASK
+    h ^= h >> 33
+    h = (h * FMIX_C2) & _MASK
+    h ^= h >> 33
+    return h
+
+
+def cross_hash(ids: list[int] | tuple[int, ...]) -> int:
+    """Reference (scalar) cross id of one id per input; returns a signed int64."""
+    h = FNV_OFFSET
+    for x in ids:
+        h = ((h ^ (x & _MASK)) * FNV_PRIME) & _MASK
+    return _signed(fmix64(h))
+
+
+# (input ids, signed int64 cross id): shared with deploy/cpp tests and the manifest.
+CROSS_TEST_VECTORS: tuple[tuple[tuple[int, ...], int], ...] = (
+    ((0, 0), -2665635029621057939),
+    ((1, 2), 6852168892901551024),
+    ((2, 1), 9130320004850793785),
+    ((-1, 7, 3), -231551995900140335),
+    ((-(1 << 63), (1 << 63) - 1), 7610287951619186576),
+    ((7788164824035369410, 17), 4991271251241501370),  # fnv1a64("user:42") x 17
+    ((1261653000850579490, -8821353812377114648, 0), 7833496275983497836),
+)

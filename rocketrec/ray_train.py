@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not a.no_export:
         if not a.verbose:
             quiet_library_noise()  # Ray Train configured the driver's logging again
-        from rocketrec.export import export_checkpoint
+        from rocketrec.serving.export import export_checkpoint
 
         rep = export_checkpoint(out, out / "light.pt", data=a.val)
         summary["export"] = rep

@@ -30,12 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 SPEC_VERSION = 1
 POOLINGS = ("sum", "mean")
 SPARSE_DTYPES = ("int64", "string")
-SPARSE_KINDS = ("scalar", "list")
+SPARSE_KINDS = ("scalar", "list", "cross", "bucketize")
+ID_KINDS = ("scalar", "list")  # kinds read from an id column
 TRANSFORMS = ("none", "log1p", "clip", "standardize")
 
 
@@ -53,12 +55,24 @@ class TableSpec:
 
 @dataclass(frozen=True)
 class SparseFeature:
+    """An id feature looked up in `table`.
+
+    kind scalar/list: raw ids from `column` (int64, or strings hashed with FNV-1a 64).
+    kind cross: no column; the ids are `rocketrec.hashing.cross_hash` of one id from
+    each of `inputs` (other sparse features), every combination of their bags.
+    kind bucketize: a numeric `column` cut at `boundaries`; id 0 = null/NaN,
+    id i + 1 = the number i of boundaries <= x (compared in float32).
+    All of them are computed inside the model (rocketrec.model.preprocess).
+    """
+
     name: str
-    column: str
+    column: str  # "" for kind cross
     table: str
     dtype: str = "int64"  # "int64" | "string" (strings are hashed, see rocketrec.hashing)
-    kind: str = "scalar"  # "scalar" | "list" (multi-hot)
-    max_ids: int | None = None  # keep at most this many ids per example (list features)
+    kind: str = "scalar"  # "scalar" | "list" (multi-hot) | "cross" | "bucketize"
+    max_ids: int | None = None  # keep at most this many ids per example (list/cross features)
+    inputs: tuple[str, ...] | None = None  # kind cross: the crossed features, in order
+    boundaries: tuple[float, ...] | None = None  # kind bucketize: strictly increasing
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,24 @@ class FeatureSpec:
         return [f.name for f in self.dense]
 
     @property
+    def id_features(self) -> list[SparseFeature]:
+        """Sparse features read from an id column (kind scalar or list)."""
+        return [f for f in self.sparse if f.kind in ID_KINDS]
+
+    @property
+    def bucket_features(self) -> list[SparseFeature]:
+        return [f for f in self.sparse if f.kind == "bucketize"]
+
+    def feature(self, name: str) -> SparseFeature | DenseFeature:
+        for sf in self.sparse:
+            if sf.name == name:
+                return sf
+        for df in self.dense:
+            if df.name == name:
+                return df
+        raise KeyError(name)
+
+    @property
     def light_sparse(self) -> list[SparseFeature]:
         keep = set(self.light_features)
         return [f for f in self.sparse if f.name in keep]
@@ -124,7 +156,7 @@ class FeatureSpec:
         if self.group_column and self.group_column not in cols:
             cols.append(self.group_column)
         for column in [f.column for f in self.sparse] + [f.column for f in self.dense]:
-            if column not in cols:
+            if column and column not in cols:
                 cols.append(column)
         return cols
 
@@ -135,7 +167,7 @@ class FeatureSpec:
             "name": self.name,
             "label": {"column": self.label_column},
             "tables": [vars(t).copy() for t in self.tables],
-            "sparse": [{k: v for k, v in vars(f).items() if v is not None} for f in self.sparse],
+            "sparse": [_sparse_dict(f) for f in self.sparse],
             "dense": [{k: v for k, v in vars(f).items() if v is not None} for f in self.dense],
             "light": {"features": list(self.light_features)},
         }
@@ -144,6 +176,17 @@ class FeatureSpec:
         if self.group_column:
             d["group"] = {"column": self.group_column}
         return d
+
+
+def _sparse_dict(f: SparseFeature) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in vars(f).items():
+        if v is None or (k == "column" and f.kind == "cross"):
+            continue
+        if k == "dtype" and f.kind not in ID_KINDS:
+            continue
+        d[k] = list(v) if isinstance(v, tuple) else v
+    return d
 
 
 # -- parsing ------------------------------------------------------------------
@@ -315,8 +358,8 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
             ctx,
             _where("sparse", i, f),
             f,
-            ("name", "column", "table", "dtype", "kind", "max_ids"),
-            ("name", "column", "table"),
+            ("name", "column", "table", "dtype", "kind", "max_ids", "inputs", "boundaries"),
+            ("name", "table"),
         )
         fname = _new_name(f"sparse[{i}]", obj)
         where = f"feature '{fname}'"
@@ -325,20 +368,92 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
             hint = difflib.get_close_matches(tname, table_names, n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ctx.fail(where, f"field 'table': no table named '{tname}'{extra}")
+        kind = _choice(ctx, where, obj, "kind", SPARSE_KINDS) if "kind" in obj else "scalar"
+        rules = {  # key -> kinds that take it
+            "column": ("scalar", "list", "bucketize"),
+            "dtype": ID_KINDS,
+            "max_ids": ("scalar", "list", "cross"),
+            "inputs": ("cross",),
+            "boundaries": ("bucketize",),
+        }
+        for key, kinds in rules.items():
+            if key in obj and kind not in kinds:
+                raise ctx.fail(where, f"field '{key}' does not apply to kind '{kind}'")
+        if kind != "cross" and "column" not in obj:
+            raise ctx.fail(where, "field 'column' is required")
+        inputs: tuple[str, ...] | None = None
+        boundaries: tuple[float, ...] | None = None
+        if kind == "cross":
+            if obj.get("inputs") is None:
+                raise ctx.fail(where, "field 'inputs' is required by kind 'cross'")
+            raw_inputs = _list(ctx, where, obj, "inputs")
+            if len(raw_inputs) < 2 or not all(isinstance(x, str) and x for x in raw_inputs):
+                raise ctx.fail(
+                    where,
+                    f"field 'inputs' must list at least two feature names, got {raw_inputs!r}",
+                )
+            if len(set(raw_inputs)) != len(raw_inputs):
+                raise ctx.fail(where, "field 'inputs' lists a feature twice")
+            inputs = tuple(raw_inputs)
+        if kind == "bucketize":
+            if obj.get("boundaries") is None:
+                raise ctx.fail(where, "field 'boundaries' is required by kind 'bucketize'")
+            raw_b = _list(ctx, where, obj, "boundaries")
+            if not raw_b:
+                raise ctx.fail(where, "field 'boundaries' must list at least one number")
+            for x in raw_b:
+                if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+                    raise ctx.fail(where, f"field 'boundaries': {x!r} is not a finite number")
+            b32 = [float(np.float32(x)) for x in raw_b]
+            for a, b in zip(b32, b32[1:]):
+                if not a < b:
+                    raise ctx.fail(
+                        where,
+                        f"field 'boundaries' must be strictly increasing (in float32), "
+                        f"got {a!r} then {b!r}",
+                    )
+            boundaries = tuple(float(x) for x in raw_b)
+            rows_needed = len(boundaries) + 2
+            trows = next(t.rows for t in tables if t.name == tname)
+            if trows < rows_needed:
+                raise ctx.fail(
+                    where,
+                    f"table '{tname}' has {trows} rows; {len(boundaries)} boundaries need at "
+                    f"least {rows_needed} (one per bucket plus one for null)",
+                )
         sparse.append(
             SparseFeature(
                 name=fname,
-                column=_str(ctx, where, obj, "column"),
+                column=_str(ctx, where, obj, "column") if kind != "cross" else "",
                 table=tname,
                 dtype=_choice(ctx, where, obj, "dtype", SPARSE_DTYPES)
                 if "dtype" in obj
                 else "int64",
-                kind=_choice(ctx, where, obj, "kind", SPARSE_KINDS) if "kind" in obj else "scalar",
+                kind=kind,
                 max_ids=_int(ctx, where, obj, "max_ids", 1)
                 if obj.get("max_ids") is not None
                 else None,
+                inputs=inputs,
+                boundaries=boundaries,
             )
         )
+    by_name = {f.name: f for f in sparse}
+    for f in sparse:
+        for x in f.inputs or ():
+            src = by_name.get(x)
+            if src is None:
+                hint = difflib.get_close_matches(x, list(by_name), n=1)
+                extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ctx.fail(
+                    f"feature '{f.name}'",
+                    f"field 'inputs': no sparse feature named '{x}'{extra} "
+                    "(inputs name sparse features of kind scalar, list or bucketize)",
+                )
+            if src.kind == "cross":
+                raise ctx.fail(
+                    f"feature '{f.name}'",
+                    f"field 'inputs': '{x}' is itself a cross (list its inputs instead)",
+                )
     if not sparse:
         raise ctx.fail("", "field 'sparse' must list at least one feature")
     used = {f.table for f in sparse}

@@ -47,6 +47,57 @@ light:
 """
 
 
+# Crosses and bucketized numbers: a cross of a string and a list feature whose inputs
+# the light tower does not read itself, a three-way cross with a bucketized input, a
+# bucketized column shared with a dense feature, mixed user/ad/context inputs.
+CROSS_SPEC = """
+version: 1
+name: crossy
+label: {column: y}
+tables:
+  - {name: t_user, rows: 400, dim: 8}
+  - {name: t_city, rows: 60, dim: 8}
+  - {name: t_ad, rows: 300, dim: 8}
+  - {name: t_tag, rows: 100, dim: 4, pooling: mean}
+  - {name: t_cross, rows: 997, dim: 4}
+  - {name: t_band, rows: 8, dim: 4}
+sparse:
+  - {name: user_id, column: user_id, dtype: int64, table: t_user}
+  - {name: user_city, column: user_city, dtype: string, table: t_city}
+  - {name: user_tags, column: user_tags, dtype: int64, kind: list, table: t_tag, max_ids: 4}
+  - {name: ad_id, column: ad_id, dtype: string, table: t_ad}
+  - {name: ad_cat, column: ad_cat, dtype: int64, table: t_tag}
+  - {name: city_x_cat, kind: cross, inputs: [user_city, ad_cat], table: t_cross}
+  - {name: tags_x_ad, kind: cross, inputs: [user_tags, ad_id], table: t_cross, max_ids: 3}
+  - {name: price_band, column: ad_price, kind: bucketize, boundaries: [0.5, 1, 5, 20, 100], table: t_band}
+  - {name: band_x_cat_x_city, kind: cross, inputs: [price_band, ad_cat, user_city], table: t_cross}
+dense:
+  - {name: ad_price, column: ad_price, fill: 1.0, transform: log1p}
+  - {name: user_age, column: user_age, fill: 0.0, transform: standardize, mean: 3.0, std: 2.0}
+light:
+  features: [user_id, user_tags, ad_id, city_x_cat, tags_x_ad, price_band, band_x_cat_x_city, ad_price, user_age]
+"""
+
+
+@pytest.fixture(scope="session")
+def cross_spec(tmp_path_factory):
+    from rocketrec.spec import load_spec
+
+    p = tmp_path_factory.mktemp("spec") / "crossy.yaml"
+    p.write_text(CROSS_SPEC)
+    return load_spec(p)
+
+
+@pytest.fixture(scope="session")
+def cross_data(tmp_path_factory, cross_spec) -> dict[str, str]:
+    from rocketrec.data.synth import SynthConfig, synth
+
+    root = tmp_path_factory.mktemp("crossdata")
+    synth(cross_spec, str(root / "train"), SynthConfig(rows=6000, seed=1, row_group_size=1000))
+    synth(cross_spec, str(root / "val"), SynthConfig(rows=2000, seed=2, row_group_size=1000))
+    return {"train": str(root / "train"), "val": str(root / "val")}
+
+
 @pytest.fixture(scope="session")
 def tiny_spec_path(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("spec") / "tiny.yaml"

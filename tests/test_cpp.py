@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from conftest import ROOT
-from rocketrec.export import export_checkpoint, parse_requests, read_manifest
 from rocketrec.hashing import TEST_VECTORS, fnv1a64
 from rocketrec.model.model import ModelConfig
+from rocketrec.serving.export import export_checkpoint
+from rocketrec.serving.manifest import read_manifest
+from rocketrec.serving.requests import parse_requests
 from rocketrec.train.loop import TrainConfig, train
 
 pytestmark = pytest.mark.e2e

@@ -128,14 +128,22 @@ def _table(**over):
 def test_arrow_to_batch_layout():
     b = arrow_to_batch(_table(), SPEC, "t.parquet")
     assert b.sparse.keys() == ["a", "l", "s"]
-    # feature-major lengths: a (null -> empty), l (truncated to 2; null/empty -> 0), s (null element dropped)
-    assert b.sparse.lengths().tolist() == [1, 0, 1, 2, 0, 0, 1, 1, 0]
-    assert b.sparse.values().tolist() == [5, -3, 1, 2, fnv1a64("u"), fnv1a64("v")]
+    # raw inputs, feature-major: a (null -> empty), l (null/empty -> 0; not truncated
+    # here), s (null element dropped); dense raw with NaN for null
+    assert b.sparse.lengths().tolist() == [1, 0, 1, 3, 0, 0, 1, 1, 0]
+    assert b.sparse.values().tolist() == [5, -3, 1, 2, 3, fnv1a64("u"), fnv1a64("v")]
     assert b.dense.dtype == torch.float32 and b.dense.shape == (3, 1)
-    assert torch.allclose(
-        b.dense[:, 0], torch.tensor([0.0, float(np.log1p(3.0)), 0.0], dtype=torch.float32)
-    )
+    assert b.dense[0, 0] == 0.0 and torch.isnan(b.dense[1, 0]) and b.dense[2, 0] == -5.0
     assert b.labels.tolist() == [0.0, 1.0, 0.0] and b.weights is None
+    # the model's preprocessing: max_ids 2, id mod rows, fill 3.0 then log1p(max(x, 0))
+    from rocketrec.model.preprocess import Preprocess
+
+    rows, lengths, dense = Preprocess(SPEC)(b.sparse.values(), b.sparse.lengths(), b.dense)
+    assert lengths.tolist() == [1, 0, 1, 2, 0, 0, 1, 1, 0]
+    assert rows.tolist() == [5, 7, 1, 2, fnv1a64("u") % 7, fnv1a64("v") % 7]
+    assert torch.allclose(
+        dense[:, 0], torch.tensor([0.0, float(np.log1p(3.0)), 0.0], dtype=torch.float32)
+    )
 
 
 @pytest.mark.parametrize(
@@ -147,7 +155,8 @@ def test_arrow_to_batch_layout():
         ({"y": pa.array([0, 2, 1], pa.int8())}, "outside {0, 1}"),
         ({"y": pa.array([0, None, 1], pa.int8())}, "null"),
         ({"y": pa.array(["0", "1", "0"])}, "label column 'y'"),
-        ({"x": pa.array([1.0, float("nan"), 2.0])}, "NaN/inf"),
+        ({"x": pa.array([1.0, float("inf"), 2.0])}, "infinite"),
+        ({"x": pa.array([1.0, 1e300, 2.0])}, "beyond float32"),
         ({"x": pa.array(["a", "b", "c"])}, "dense feature 'x'"),
     ],
 )

@@ -79,8 +79,8 @@ def test_resume_two_worker_checkpoint_with_one_worker(
     """DCP reshards: a checkpoint written by 2 ranks continues in 1 process."""
     import torch
 
-    from rocketrec.export import load_unsharded
     from rocketrec.model.model import ModelConfig
+    from rocketrec.serving.export import load_unsharded
     from rocketrec.train.checkpoint import latest_checkpoint
     from rocketrec.train.loop import TrainConfig, train
 
@@ -117,7 +117,7 @@ def test_two_workers_train_like_one_with_the_global_batch(tmp_path, tiny_spec_pa
     same rows (each rank's weighted means use the global weight sum)."""
     import torch
 
-    from rocketrec.export import load_unsharded
+    from rocketrec.serving.export import load_unsharded
     from rocketrec.train.checkpoint import latest_checkpoint
 
     one, two = tmp_path / "one", tmp_path / "two"

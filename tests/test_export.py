@@ -8,12 +8,14 @@ import subprocess
 import pytest
 import torch
 
-import rocketrec.export as export
+import rocketrec.serving.export as export
 from conftest import venv_bin
 from rocketrec.data.batch import DataError
-from rocketrec.export import export_checkpoint, parse_requests, raw_inputs_from_table, read_manifest
 from rocketrec.hashing import TEST_VECTORS
 from rocketrec.model.model import ModelConfig
+from rocketrec.serving.export import export_checkpoint
+from rocketrec.serving.manifest import read_manifest
+from rocketrec.serving.requests import parse_requests, raw_inputs_from_table
 from rocketrec.train.loop import TrainConfig, train
 
 SMALL = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
@@ -38,7 +40,7 @@ def test_export_fp32_parity_and_manifest(tmp_path, trained, tiny_spec, tiny_data
     rep = export_checkpoint(trained, tmp_path / "light.pt", data=tiny_data["val"])
     assert rep["max_abs_diff"] <= 1e-5
     m = read_manifest(tmp_path / "light.pt")
-    assert m["format"] == "rocketrec-light/1"
+    assert m["format"] == "rocketrec-light/2"
     assert [f["name"] for f in m["sparse_features"]] == ["user", "ad", "tags"]
     assert [f["name"] for f in m["dense_features"]] == ["price", "pos"]
     assert m["hash"]["test_vectors"] == [[s, v] for s, v in TEST_VECTORS]
@@ -89,7 +91,7 @@ def test_module_checks_inputs(tmp_path, trained):
     assert m(v, good_l, d).shape == (2,)
     with pytest.raises(Exception, match="dense must be float32"):
         m(v, good_l, torch.zeros(2, 3))
-    with pytest.raises(Exception, match="F\\*B"):
+    with pytest.raises(Exception, match="I\\*B"):
         m(v, torch.tensor([3], dtype=torch.int64), d)
     with pytest.raises(Exception, match="non-negative"):
         m(v, torch.tensor([2, 2, -1, 0, 0, 0], dtype=torch.int64), d)

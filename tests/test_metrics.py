@@ -109,8 +109,10 @@ def test_group_metrics_end_to_end_match_exported_scores(tmp_path, tiny_spec_path
     import torch
 
     from rocketrec.data.reader import list_parquet_files
-    from rocketrec.export import export_checkpoint, raw_inputs_from_table, read_manifest
     from rocketrec.model.model import ModelConfig
+    from rocketrec.serving.export import export_checkpoint
+    from rocketrec.serving.manifest import read_manifest
+    from rocketrec.serving.requests import raw_inputs_from_table
     from rocketrec.spec import load_spec
     from rocketrec.train.loop import TrainConfig, train
 
@@ -168,8 +170,10 @@ def test_negative_downsampling_keeps_served_probabilities_calibrated(
     import torch
 
     from rocketrec.data.reader import list_parquet_files
-    from rocketrec.export import export_checkpoint, raw_inputs_from_table, read_manifest
     from rocketrec.model.model import ModelConfig
+    from rocketrec.serving.export import export_checkpoint
+    from rocketrec.serving.manifest import read_manifest
+    from rocketrec.serving.requests import raw_inputs_from_table
     from rocketrec.train.loop import TrainConfig, train
 
     cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))

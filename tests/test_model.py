@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from rocketrec.data.reader import ParquetReader
-from rocketrec.export import load_unsharded
 from rocketrec.model.loss import LossConfig, bce, hint_loss, rocket_loss
 from rocketrec.model.model import ModelConfig, RocketModel
+from rocketrec.serving.export import load_unsharded
 from rocketrec.train.checkpoint import latest_checkpoint
 from rocketrec.train.loop import TrainConfig, TrainingDiverged, train
 
@@ -124,7 +124,8 @@ def test_bucketing_is_nonnegative_modulo(tiny_spec):
         values=ids,
         lengths=torch.tensor([6, 0, 1, 1, 1, 1, 0, 0, 0, 0]),
     )
-    rows = m.bucketize(kjt).values()
+    dense = torch.zeros(2, len(tiny_spec.dense))
+    rows = m.features(dense, kjt)[1].values()
     assert rows[:6].tolist() == [499, 499, 499, 0, 2**62 % 500, (-(2**63)) % 500]
     assert (rows >= 0).all()
 

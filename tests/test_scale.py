@@ -129,8 +129,8 @@ def test_equal_initial_weights_one_vs_two_workers(tmp_path, scale_setup):
 
 
 def test_export_streams_only_light_tables(tmp_path, scale_setup, monkeypatch):
-    from rocketrec.export import export_checkpoint
     from rocketrec.model.model import ModelConfig
+    from rocketrec.serving.export import export_checkpoint
     from rocketrec.train.checkpoint import CheckpointTables
     from rocketrec.train.loop import TrainConfig, train
 

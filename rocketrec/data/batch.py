@@ -3,8 +3,10 @@
 `decode_table(table, spec, source)` turns a pyarrow Table (one row group or
 more) into a `Decoded` block of numpy arrays, vectorised (no per-row Python):
 
-    dense    float32 [n, D]   nulls filled, transform applied, checked finite
-    ids[f]   (values int64 [nnz_f], offsets int64 [n + 1]) per sparse feature
+    dense    float32 [n, C]   raw numeric inputs (dense features, then bucketized ones);
+                              null/NaN -> NaN (missing), infinities rejected
+    ids[f]   (values int64 [nnz_f], offsets int64 [n + 1]) per id feature (kind
+             scalar/list), raw: strings hashed, no truncation
     labels   float32 [n]      in {0, 1}
     weights  float32 [n] or None
 
@@ -40,8 +42,8 @@ class DataError(ValueError):
 class Batch(Pipelineable):
     """One training batch. B = batch size, D = dense features, F = sparse features.
 
-    dense:   float32 [B, D] (already transformed)
-    sparse:  KeyedJaggedTensor, keys = spec sparse names, raw int64 ids
+    dense:   float32 [B, C] raw numeric inputs (NaN = missing), see Decoded
+    sparse:  KeyedJaggedTensor, keys = the spec's id features, raw int64 ids
     labels:  float32 [B]
     weights: float32 [B] or None
     """
@@ -199,27 +201,22 @@ def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
-def _decode_dense(col: pa.Array, f: DenseFeature, source: str) -> np.ndarray:
+def _decode_numeric(col: pa.Array, f: DenseFeature | SparseFeature, source: str) -> np.ndarray:
+    """A numeric input column -> float32 with NaN for null (missing); inf is an error."""
+    what = "dense" if isinstance(f, DenseFeature) else "bucketized"
     if not _is_numeric(col.type):
         raise DataError(
-            f"{source}: column '{f.column}' (dense feature '{f.name}') has type {col.type}; "
+            f"{source}: column '{f.column}' ({what} feature '{f.name}') has type {col.type}; "
             "expected a number"
         )
-    x = pc.fill_null(col.cast(pa.float64()), f.fill).to_numpy(zero_copy_only=False)
-    if f.transform == "log1p":
-        x = np.log1p(np.maximum(x, 0.0))
-    elif f.transform == "clip":
-        x = np.clip(x, -np.inf if f.min is None else f.min, np.inf if f.max is None else f.max)
-    elif f.transform == "standardize":
-        x = (x - f.mean) / f.std  # type: ignore[operator]
-    x32 = x.astype(np.float32)
-    if not np.isfinite(x32).all():
-        bad = int((~np.isfinite(x32)).sum())
+    x = col.cast(pa.float32(), safe=False).to_numpy(zero_copy_only=False)  # null -> NaN
+    if np.isinf(x).any():
+        bad = int(np.isinf(x).sum())
         raise DataError(
-            f"{source}: column '{f.column}' (dense feature '{f.name}') has {bad} NaN/inf "
-            f"value(s) after transform '{f.transform}'"
+            f"{source}: column '{f.column}' ({what} feature '{f.name}') has {bad} infinite "
+            "value(s) (or values beyond float32)"
         )
-    return x32
+    return x.astype(np.float32, copy=False)
 
 
 def _ids_of(values: pa.Array, f: SparseFeature, source: str) -> np.ndarray:
@@ -274,10 +271,6 @@ def _decode_sparse(col: pa.Array, f: SparseFeature, source: str) -> tuple[np.nda
         flat = flat.drop_null()
     ids = _ids_of(flat, f, source)
     offsets = _offsets(lens)
-    if f.max_ids is not None and len(lens) and lens.max() > f.max_ids:
-        pos = np.arange(len(ids), dtype=np.int64) - np.repeat(offsets[:-1], lens)
-        ids = ids[pos < f.max_ids]
-        offsets = _offsets(np.minimum(lens, f.max_ids))
     return ids, offsets
 
 
@@ -328,7 +321,6 @@ def decode_table(
     """
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
-    n = table.num_rows
     labels = _decode_labels(
         _column(table, spec.label_column, "label", source), spec.label_column, source
     )
@@ -337,22 +329,8 @@ def decode_table(
         weights = _decode_weights(
             _column(table, spec.weight_column, "weight", source), spec.weight_column, source
         )
-    if spec.dense:
-        dense = np.stack(
-            [
-                _decode_dense(
-                    _column(table, f.column, f"dense feature '{f.name}'", source), f, source
-                )
-                for f in spec.dense
-            ],
-            axis=1,
-        )
-    else:
-        dense = np.zeros((n, 0), dtype=np.float32)
-    ids = [
-        _decode_sparse(_column(table, f.column, f"sparse feature '{f.name}'", source), f, source)
-        for f in spec.sparse
-    ]
+    numeric: list[DenseFeature | SparseFeature] = [*spec.dense, *spec.bucket_features]
+    dense, ids = decode_inputs(table, spec.id_features, numeric, source)
     teacher = None
     if teacher_column:
         col = _column(table, teacher_column, "teacher probability", source)
@@ -366,7 +344,38 @@ def decode_table(
         group = _decode_group(
             _column(table, spec.group_column, "group", source), spec.group_column, source
         )
-    return Decoded(dense, ids, labels, weights, tuple(spec.sparse_names), teacher, group)
+    keys = tuple(f.name for f in spec.id_features)
+    return Decoded(dense, ids, labels, weights, keys, teacher, group)
+
+
+def decode_inputs(
+    table: pa.Table,
+    id_features: list[SparseFeature],
+    numeric_features: list[DenseFeature | SparseFeature],
+    source: str,
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Raw model inputs of `table`: numeric [n, C] float32 and (values, offsets) per id
+    feature. Training (decode_table) and serving requests (rocketrec.serving) share it."""
+    n = table.num_rows
+    if numeric_features:
+        dense = np.stack(
+            [
+                _decode_numeric(_column(table, f.column, _what(f), source), f, source)
+                for f in numeric_features
+            ],
+            axis=1,
+        )
+    else:
+        dense = np.zeros((n, 0), dtype=np.float32)
+    ids = [
+        _decode_sparse(_column(table, f.column, f"sparse feature '{f.name}'", source), f, source)
+        for f in id_features
+    ]
+    return dense, ids
+
+
+def _what(f: DenseFeature | SparseFeature) -> str:
+    return f"{'dense' if isinstance(f, DenseFeature) else 'bucketized'} feature '{f.name}'"
 
 
 def _decode_group(col: pa.Array, name: str, source: str) -> np.ndarray:

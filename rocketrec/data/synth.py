@@ -159,6 +159,22 @@ class Generator:
         cols: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         for sf, hf, lam in zip(self.spec.sparse, self.features, self.list_lam):
             lat = latents[hf.side]
+            if sf.kind == "cross":  # computed by the model from its inputs: no column
+                vecs.append(np.zeros((n, HDIM), np.float32))
+                continue
+            if sf.kind == "bucketize":  # a number spread over the buckets, by latent
+                b = np.asarray(sf.boundaries, dtype=np.float64)
+                nb = len(b) + 1
+                kb = (lat * 7 + rng.integers(0, 3, n)) % nb  # bucket 0 = below b[0]
+                step0 = b[1] - b[0] if len(b) > 1 else max(abs(b[0]), 1.0)
+                step1 = b[-1] - b[-2] if len(b) > 1 else max(abs(b[-1]), 1.0)
+                edges = np.concatenate([[b[0] - step0], b, [b[-1] + step1]])
+                x = edges[kb] + (edges[kb + 1] - edges[kb]) * rng.random(n)
+                bucket = kb + 1
+                first += hf.w[bucket]
+                vecs.append(hf.h[bucket])
+                cols[sf.name] = (x, None)
+                continue
             if sf.kind == "list":
                 lens = 1 + rng.poisson(lam, n)
                 lens[rng.random(n) < 0.05] = 0  # some empty lists
@@ -203,9 +219,12 @@ class Generator:
         if self.spec.weight_column:
             arrays[self.spec.weight_column] = pa.array(rng.uniform(0.5, 1.5, n).astype(np.float32))
         for sf, hf in zip(self.spec.sparse, self.features):
-            if sf.column in arrays:
+            if sf.kind == "cross" or sf.column in arrays:
                 continue
             ranks, lens = cols[sf.name]
+            if sf.kind == "bucketize":
+                arrays[sf.column] = pa.array(ranks, mask=rng.random(n) < 0.05)
+                continue
             if sf.dtype == "string":
                 values: pa.Array = pa.DictionaryArray.from_arrays(
                     pa.array(ranks.astype(np.int32)), hf.strings()

@@ -1,7 +1,8 @@
 """Rocket model: shared TorchRec embedding tables, a deep booster and a light tower.
 
-    raw ids (KJT, keys = spec sparse order)
-        -> bucketize (id mod rows, non-negative, per feature)        [inside the model]
+    raw inputs: id bags (KJT, keys = the spec's id features), numbers [B, C] (NaN = missing)
+        -> Preprocess: max_ids, crosses, bucketizing, id mod rows; fill + transforms
+           (rocketrec.model.preprocess: the same module runs in the exported model)
         -> EmbeddingBagCollection (all tables; sharded by DMP later)  -> pooled[f]: [B, d_f]
     booster: concat(pooled[all], dense_repr)    -> LayerNorm -> low-rank DCN-v2 cross x L
              -> MLP -> Linear -> z_b [B]
@@ -27,6 +28,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from rocketrec.model.preprocess import Preprocess
 from rocketrec.model.towers import (  # noqa: F401 - re-exported
     BoosterTower,
     LightTower,
@@ -50,27 +52,12 @@ def _ebc(tables: list[EmbeddingBagConfig], device: torch.device) -> EmbeddingBag
         return EmbeddingBagCollection(tables=tables, device=device)
 
 
-@torch.fx.wrap
-def bucketize_kjt(kjt: KeyedJaggedTensor, bucket_rows: torch.Tensor) -> KeyedJaggedTensor:
-    """values -> values mod rows of each key's table (bucket_rows [F]); a leaf for fx
-    tracing (TorchRec's train pipeline traces the model and must not look inside)."""
-    per_value_rows = torch.repeat_interleave(
-        bucket_rows, torch.tensor(kjt.length_per_key(), device=bucket_rows.device)
-    )
-    return KeyedJaggedTensor(
-        keys=kjt.keys(),
-        values=torch.remainder(kjt.values(), per_value_rows),
-        lengths=kjt.lengths(),
-    )
-
-
 class RocketOutput(NamedTuple):
     booster: torch.Tensor | None  # logits [B], None when not computed
     light: torch.Tensor | None  # logits [B], None when not computed
 
 
 class RocketModel(nn.Module):
-    bucket_rows: torch.Tensor  # [F] rows of each sparse feature's table
     light_dense_index: torch.Tensor  # [D_light] columns of dense the light tower reads
 
     def __init__(
@@ -107,11 +94,7 @@ class RocketModel(nn.Module):
             ],
             table_device,
         )
-        self.register_buffer(
-            "bucket_rows",
-            torch.tensor([spec.table(f.table).rows for f in spec.sparse], dtype=torch.int64),
-            persistent=False,
-        )
+        self.preprocess = Preprocess(spec).to(device)
         dims = {f.name: spec.table(f.table).dim for f in spec.sparse}
         n_dense = len(spec.dense)
         self.light_dense_idx: list[int] = [spec.dense_names.index(f.name) for f in spec.light_dense]
@@ -167,9 +150,14 @@ class RocketModel(nn.Module):
         if table_device.type != "meta":
             init_tables(self.state_dict(), table_seed)
 
-    def bucketize(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Raw int64 ids -> rows: non-negative `id mod rows` of each feature's table."""
-        return bucketize_kjt(kjt, self.bucket_rows)
+    def features(
+        self, numeric: torch.Tensor, sparse: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+        """Raw inputs -> (dense [B, D] processed, KJT of table rows of every sparse feature)."""
+        rows, lengths, dense = self.preprocess(sparse.values(), sparse.lengths(), numeric)
+        return dense, KeyedJaggedTensor(
+            keys=self.preprocess.sparse_outputs, values=rows, lengths=lengths
+        )
 
     def set_plan(
         self, run_booster: bool = True, run_light: bool = True, light_shared_grad_scale: float = 1.0
@@ -181,11 +169,14 @@ class RocketModel(nn.Module):
         self.run_light = run_light
         self.light_shared_grad_scale = light_shared_grad_scale
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> RocketOutput:
-        """dense [B, D] float32, sparse KJT of raw ids -> RocketOutput(logits [B] or None)."""
+    def forward(self, numeric: torch.Tensor, sparse: KeyedJaggedTensor) -> RocketOutput:
+        """Raw inputs (Batch.dense, Batch.sparse) -> RocketOutput(logits [B] or None)."""
+        return self.forward_features(*self.features(numeric, sparse))
+
+    def forward_features(self, dense: torch.Tensor, bucketed: KeyedJaggedTensor) -> RocketOutput:
+        """Preprocessed inputs (see `features`) -> RocketOutput(logits [B] or None)."""
         run_booster, run_light = self.run_booster, self.run_light
         light_shared_grad_scale = self.light_shared_grad_scale
-        bucketed = self.bucketize(sparse)
         pooled = self.ebc(bucketed).to_dict()  # by key, never by position
         dense_repr = self.bottom(dense) if self.bottom is not None else dense
         z_b = z_l = None
@@ -202,7 +193,7 @@ class RocketModel(nn.Module):
             ]
             if self.light_ebc is not None:
                 # private tables: trained by the light losses only, never scaled
-                keys = sparse.keys()
+                keys = bucketed.keys()
                 light_kjt = bucketed.permute([keys.index(n) for n in self.light_sparse])
                 private = self.light_ebc(light_kjt).to_dict()
                 parts += [private[n] for n in self.light_sparse]

@@ -50,7 +50,7 @@ def warm_start(
 ) -> list[Change]:
     """Fill `state` (the DMP state dict: tables as ShardedTensors or replicas) and
     `dense_params` (name -> live tensor of every non-table parameter) from `source`."""
-    from rocketrec.export import load_towers
+    from rocketrec.serving.export import load_towers
 
     ck = latest_checkpoint(source)
     if ck is None:

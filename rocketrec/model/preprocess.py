@@ -1,0 +1,404 @@
+"""Preprocessing, written once: raw inputs -> the model's features.
+
+The training model (`RocketModel.forward`) and the exported serving module
+(`rocketrec.serving.module.LightServing`) both run this module, so training and
+serving agree by construction. It is plain torch and scriptable (TorchScript).
+
+Raw inputs, for B rows:
+
+    values   int64 [N]       raw ids of every id input's bags, feature-major (string ids
+                             hashed with FNV-1a 64 first, rocketrec.hashing)
+    lengths  int64 [I * B]   bag sizes, feature-major, in `id_inputs` order
+    numeric  float32 [B, C]  raw numbers in `numeric_inputs` order: the dense features,
+                             then the bucketized ones; NaN = missing
+
+Outputs:
+
+    rows     int64 [M]       table rows of the sparse features, in `sparse_outputs` order
+    lengths  int64 [F * B]   feature-major
+    dense    float32 [B, D]  the dense features after fill and transform
+
+Per sparse feature, in this order: `max_ids` truncation of id inputs (the first ids
+are kept); bucketizing (id 0 = missing, else 1 + the number of boundaries <= x, in
+float32); crosses (every combination of one id from each input's bag, in bag order,
+first input outermost, hashed with `rocketrec.hashing.cross_hash`, then `max_ids`);
+finally `row = id mod rows` (non-negative). Dense: NaN -> fill, then the transform.
+
+`sparse_outputs` order: id features, then crosses, then bucketized features (each
+group in spec order). Consumers read features by name, never by position.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from rocketrec.hashing import FMIX_C1, FMIX_C2, FNV_OFFSET, FNV_PRIME
+from rocketrec.spec import FeatureSpec
+
+
+def _s64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# The hash constants as int64 literals (TorchScript needs literals in the code):
+# FNV offset -3750763034362895579, FNV prime 1099511628211, fmix64's C1
+# -49064778989728563 and C2 -4265267296055464877; (h >> 33) & 2147483647 is the logical
+# shift of an int64. Checked against rocketrec.hashing here:
+assert (_s64(FNV_OFFSET), FNV_PRIME, _s64(FMIX_C1), _s64(FMIX_C2)) == (
+    -3750763034362895579,
+    1099511628211,
+    -49064778989728563,
+    -4265267296055464877,
+)
+
+
+def _shr33(h: torch.Tensor) -> torch.Tensor:
+    return torch.bitwise_and(torch.bitwise_right_shift(h, 33), 2147483647)
+
+
+def fmix64(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finalizer on int64 tensors (wrapping arithmetic)."""
+    h = torch.bitwise_xor(h, _shr33(h)) * -49064778989728563
+    h = torch.bitwise_xor(h, _shr33(h)) * -4265267296055464877
+    return torch.bitwise_xor(h, _shr33(h))
+
+
+def truncate_bags(
+    values: torch.Tensor, lengths: torch.Tensor, cap: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the first `cap` ids of each bag (lengths [B])."""
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(values.numel(), device=values.device) - torch.repeat_interleave(
+        starts, lengths
+    )
+    return values[pos < cap], torch.clamp_max(lengths, cap)
+
+
+def cross_bags(
+    h: torch.Tensor, hl: torch.Tensor, x: torch.Tensor, xl: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cross step: every (h_i, x_j) pair of each row, h outermost -> (h ^ x) * prime."""
+    n = hl * xl
+    b = n.numel()
+    total = int(n.sum())
+    r = torch.repeat_interleave(torch.arange(b, device=h.device), n)
+    out_start = torch.cumsum(n, 0) - n
+    p = torch.arange(total, device=h.device) - out_start[r]
+    xlr = xl[r]
+    i = torch.div(p, xlr, rounding_mode="floor")
+    j = p - i * xlr
+    h_start = torch.cumsum(hl, 0) - hl
+    x_start = torch.cumsum(xl, 0) - xl
+    out = torch.bitwise_xor(h[h_start[r] + i], x[x_start[r] + j]) * 1099511628211
+    return out, n
+
+
+class Preprocess(nn.Module):
+    """Raw inputs -> (rows, lengths, dense); see the module docstring."""
+
+    __jit_ignored_attributes__ = [
+        "id_inputs",
+        "numeric_inputs",
+        "numeric_columns",
+        "sparse_outputs",
+        "dense_outputs",
+    ]
+
+    num_ids: int
+    num_buckets: int
+    num_dense: int
+    num_out: int
+    any_cap: bool
+    select_ids: bool
+    any_log1p: bool
+    any_clip: bool
+    any_standardize: bool
+    cross_src: list[list[int]]
+    cross_cap: list[int]
+    bucket_bounds: list[int]
+    bucket_out: list[int]
+    id_cap: torch.Tensor
+    id_index: torch.Tensor
+    id_is_out: torch.Tensor
+    id_out_index: torch.Tensor
+    out_rows: torch.Tensor
+    boundaries: torch.Tensor
+    fill: torch.Tensor
+    is_log1p: torch.Tensor
+    clip_lo: torch.Tensor
+    clip_hi: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, spec: FeatureSpec, outputs: Sequence[str] | None = None) -> None:
+        """outputs: the feature names (sparse and dense) to produce; default: all."""
+        super().__init__()
+        names = [f.name for f in spec.sparse] + [f.name for f in spec.dense]
+        want = set(names if outputs is None else outputs)
+        unknown = want - set(names)
+        if unknown:
+            raise ValueError(f"unknown feature(s) {sorted(unknown)}")
+        sparse_out = [f for f in spec.sparse if f.name in want]
+        crosses = [f for f in sparse_out if f.kind == "cross"]
+        needed = {f.name for f in sparse_out} | {x for c in crosses for x in c.inputs or ()}
+        ids = [f for f in spec.id_features if f.name in needed]
+        buckets = [f for f in spec.bucket_features if f.name in needed]
+        dense = [f for f in spec.dense if f.name in want]
+        id_out = [f for f in ids if f.name in want]
+        bucket_out = [f for f in buckets if f.name in want]
+        self.id_inputs = ids  # the raw id inputs, in spec order
+        self.numeric_inputs = [f.name for f in dense] + [f.name for f in buckets]
+        self.numeric_columns = [f.column for f in dense] + [f.column for f in buckets]
+        outs = id_out + crosses + bucket_out
+        self.sparse_outputs = [f.name for f in outs]
+        self.dense_outputs = [f.name for f in dense]
+        self.num_ids, self.num_buckets, self.num_dense = len(ids), len(buckets), len(dense)
+        self.num_out = len(outs)
+
+        caps = [f.max_ids or 0 for f in ids]
+        self.any_cap = any(c > 0 for c in caps)
+        self._buffer(
+            "id_cap", torch.tensor([c if c > 0 else 1 << 62 for c in caps], dtype=torch.int64)
+        )
+        self._buffer("id_index", torch.arange(len(ids), dtype=torch.int64))
+        self.select_ids = len(id_out) != len(ids)
+        self._buffer("id_is_out", torch.tensor([f.name in want for f in ids], dtype=torch.bool))
+        self._buffer(
+            "id_out_index",
+            torch.tensor([i for i, f in enumerate(ids) if f.name in want], dtype=torch.int64),
+        )
+        source = {f.name: i for i, f in enumerate(ids)}
+        source.update({f.name: len(ids) + k for k, f in enumerate(buckets)})
+        self.cross_src = [[source[x] for x in c.inputs or ()] for c in crosses]
+        self.cross_cap = [c.max_ids or 0 for c in crosses]
+        bounds: list[float] = []
+        self.bucket_bounds = [0]
+        for f in buckets:
+            bounds += list(f.boundaries or ())
+            self.bucket_bounds.append(len(bounds))
+        self._buffer("boundaries", torch.tensor(bounds, dtype=torch.float32))
+        self.bucket_out = [buckets.index(f) for f in bucket_out]
+        self._buffer(
+            "out_rows", torch.tensor([spec.table(f.table).rows for f in outs], dtype=torch.int64)
+        )
+
+        def col(vals: list[float]) -> torch.Tensor:
+            return torch.tensor(vals, dtype=torch.float32).reshape(1, len(vals))
+
+        inf = float("inf")
+        self.any_log1p = any(f.transform == "log1p" for f in dense)
+        self.any_clip = any(f.transform == "clip" for f in dense)
+        self.any_standardize = any(f.transform == "standardize" for f in dense)
+        self._buffer("fill", col([f.fill for f in dense]))
+        self._buffer("is_log1p", col([f.transform == "log1p" for f in dense]).bool())
+        clip = [f.transform == "clip" for f in dense]
+        self._buffer(
+            "clip_lo",
+            col([f.min if c and f.min is not None else -inf for f, c in zip(dense, clip)]),
+        )
+        self._buffer(
+            "clip_hi", col([f.max if c and f.max is not None else inf for f, c in zip(dense, clip)])
+        )
+        std = [f.transform == "standardize" for f in dense]
+        self._buffer("mean", col([f.mean if s else 0.0 for f, s in zip(dense, std)]))  # type: ignore[misc]
+        self._buffer("std", col([f.std if s else 1.0 for f, s in zip(dense, std)]))  # type: ignore[misc]
+
+    def _buffer(self, name: str, t: torch.Tensor) -> None:
+        self.register_buffer(name, t, persistent=False)  # derived from the spec: never saved
+
+    # -- stages ---------------------------------------------------------------------
+    def id_bags(
+        self, values: torch.Tensor, lengths: torch.Tensor, b: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw id inputs -> (values, lengths [I, B]) after `max_ids` truncation."""
+        lens2 = lengths.view(self.num_ids, b)
+        if self.any_cap and bool((lens2 > self.id_cap.view(-1, 1)).any()):
+            starts = torch.cumsum(lengths, 0) - lengths
+            pos = torch.arange(values.numel(), device=values.device) - torch.repeat_interleave(
+                starts, lengths
+            )
+            feat = torch.repeat_interleave(self.id_index, lens2.sum(1))
+            values = values[pos < self.id_cap[feat]]
+            lens2 = torch.minimum(lens2, self.id_cap.view(-1, 1))
+        return values, lens2
+
+    def bucket_ids(self, numeric: torch.Tensor) -> torch.Tensor:
+        """Bucket ids [Kb, B] of the bucketized inputs (0 = NaN / missing)."""
+        out: list[torch.Tensor] = []
+        for k in range(self.num_buckets):
+            x = numeric[:, self.num_dense + k].contiguous()
+            bounds = self.boundaries[self.bucket_bounds[k] : self.bucket_bounds[k + 1]]
+            ids = torch.bucketize(x, bounds, right=True) + 1
+            out.append(torch.where(torch.isnan(x), torch.zeros_like(ids), ids))
+        if len(out) == 0:
+            return torch.zeros(0, numeric.size(0), dtype=torch.int64, device=numeric.device)
+        return torch.stack(out)
+
+    def process_dense(self, numeric: torch.Tensor) -> torch.Tensor:
+        """Raw dense columns (NaN = missing) -> fill, then the transform."""
+        x = numeric.narrow(1, 0, self.num_dense)
+        if self.num_dense == 0:
+            return x
+        x = torch.where(torch.isnan(x), self.fill, x)
+        if self.any_log1p:
+            x = torch.where(self.is_log1p, torch.log1p(torch.clamp_min(x, 0.0)), x)
+        if self.any_clip:
+            x = torch.maximum(torch.minimum(x, self.clip_hi), self.clip_lo)
+        if self.any_standardize:
+            x = (x - self.mean) / self.std
+        return x
+
+    def cross(
+        self,
+        c: int,
+        sources_v: list[torch.Tensor],
+        sources_l: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross c from its inputs' bags (sources_*: one entry per source index)."""
+        src = self.cross_src[c]
+        h = torch.bitwise_xor(sources_v[src[0]], -3750763034362895579) * 1099511628211
+        hl = sources_l[src[0]]
+        for s in src[1:]:
+            h, hl = cross_bags(h, hl, sources_v[s], sources_l[s])
+        h = fmix64(h)
+        cap = self.cross_cap[c]
+        if cap > 0 and bool((hl > cap).any()):
+            h, hl = truncate_bags(h, hl, cap)
+        return h, hl
+
+    def sources(
+        self, values: torch.Tensor, lens2: torch.Tensor, bids: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per source (id inputs, then bucketized inputs): (values, lengths [B])."""
+        sv: list[torch.Tensor] = []
+        sl: list[torch.Tensor] = []
+        totals: list[int] = lens2.sum(1).tolist()
+        start = 0
+        for i in range(self.num_ids):
+            n = totals[i]
+            sv.append(values.narrow(0, start, n))
+            sl.append(lens2[i])
+            start += n
+        for k in range(self.num_buckets):
+            sv.append(bids[k])
+            sl.append(torch.ones_like(bids[k]))
+        return sv, sl
+
+    def finish(self, parts_v: list[torch.Tensor], parts_l: list[torch.Tensor], b: int):
+        """Concatenate the output features' ids and take them mod their table's rows."""
+        values = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v)
+        lengths = parts_l[0] if len(parts_l) == 1 else torch.cat(parts_l)
+        per_feature = lengths.view(self.num_out, b).sum(1)
+        rows = torch.remainder(values, torch.repeat_interleave(self.out_rows, per_feature))
+        return rows, lengths
+
+    def forward(
+        self, values: torch.Tensor, lengths: torch.Tensor, numeric: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values [N], lengths [I*B], numeric [B, C]) -> (rows, lengths [F*B], dense [B, D])."""
+        b = numeric.size(0)
+        vals, lens2 = self.id_bags(values, lengths, b)
+        parts_v: list[torch.Tensor] = []
+        parts_l: list[torch.Tensor] = []
+        if self.select_ids:
+            feat = torch.repeat_interleave(self.id_index, lens2.sum(1))
+            parts_v.append(vals[self.id_is_out[feat]])
+            parts_l.append(lens2.index_select(0, self.id_out_index).reshape(-1))
+        elif self.num_ids > 0:
+            parts_v.append(vals)
+            parts_l.append(lens2.reshape(-1))
+        if self.num_buckets > 0 or len(self.cross_src) > 0:
+            bids = self.bucket_ids(numeric)
+            if len(self.cross_src) > 0:
+                sv, sl = self.sources(vals, lens2, bids)
+                for c in range(len(self.cross_src)):
+                    cv, cl = self.cross(c, sv, sl)
+                    parts_v.append(cv)
+                    parts_l.append(cl)
+            for k in self.bucket_out:
+                parts_v.append(bids[k])
+                parts_l.append(torch.ones_like(bids[k]))
+        rows, out_lengths = self.finish(parts_v, parts_l, b)
+        return rows, out_lengths, self.process_dense(numeric)
+
+    @torch.jit.export
+    def forward_context(
+        self,
+        ctx_values: torch.Tensor,
+        ctx_lengths: torch.Tensor,
+        ctx_numeric: torch.Tensor,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        numeric: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One context row and N candidate rows -> each side's features, so that every
+        output feature is given by exactly one side (the other side's bag is empty and
+        its dense value 0): ctx (rows, lengths [F], dense [1, D]), candidates (rows,
+        lengths [F*N], dense [N, D]); adding the two sides' embeddings and dense values
+        gives the full rows'. An input is the context's when the context gives it (a
+        non-empty bag, a non-NaN number), else the candidates'. Crosses are computed
+        per candidate from the merged inputs."""
+        n = numeric.size(0)
+        cvals, clens2 = self.id_bags(ctx_values, ctx_lengths, 1)
+        vals, lens2 = self.id_bags(values, lengths, n)
+        # numbers: the context's where it gives them
+        ctx_has = ~torch.isnan(ctx_numeric)  # [1, C]
+        cparts_v: list[torch.Tensor] = []
+        cparts_l: list[torch.Tensor] = []
+        parts_v: list[torch.Tensor] = []
+        parts_l: list[torch.Tensor] = []
+        if self.select_ids:
+            cfeat = torch.repeat_interleave(self.id_index, clens2.sum(1))
+            cparts_v.append(cvals[self.id_is_out[cfeat]])
+            cparts_l.append(clens2.index_select(0, self.id_out_index).reshape(-1))
+            feat = torch.repeat_interleave(self.id_index, lens2.sum(1))
+            parts_v.append(vals[self.id_is_out[feat]])
+            parts_l.append(lens2.index_select(0, self.id_out_index).reshape(-1))
+        elif self.num_ids > 0:
+            cparts_v.append(cvals)
+            cparts_l.append(clens2.reshape(-1))
+            parts_v.append(vals)
+            parts_l.append(lens2.reshape(-1))
+        if self.num_buckets > 0 or len(self.cross_src) > 0:
+            cbids = self.bucket_ids(ctx_numeric)  # [Kb, 1]
+            bids = self.bucket_ids(numeric)  # [Kb, N]
+            bctx = ctx_has[0, self.num_dense :]  # [Kb] the context gives bucket input k
+            if len(self.cross_src) > 0:
+                csv, csl = self.sources(cvals, clens2, cbids)
+                sv, sl = self.sources(vals, lens2, bids)
+                mv: list[torch.Tensor] = []  # merged sources, N rows
+                ml: list[torch.Tensor] = []
+                for s in range(self.num_ids + self.num_buckets):
+                    given = (
+                        bool(csl[s][0] > 0) if s < self.num_ids else bool(bctx[s - self.num_ids])
+                    )
+                    if given:
+                        mv.append(csv[s].repeat(n))
+                        ml.append(csl[s].expand(n).contiguous())
+                    else:
+                        mv.append(sv[s])
+                        ml.append(sl[s])
+                for c in range(len(self.cross_src)):
+                    cv, cl = self.cross(c, mv, ml)
+                    cparts_v.append(cv.narrow(0, 0, 0))
+                    cparts_l.append(torch.zeros_like(cl[:1]))
+                    parts_v.append(cv)
+                    parts_l.append(cl)
+            for k in self.bucket_out:
+                if bool(bctx[k]):
+                    cparts_v.append(cbids[k])
+                    cparts_l.append(torch.ones_like(cbids[k]))
+                    parts_v.append(bids[k].narrow(0, 0, 0))
+                    parts_l.append(torch.zeros_like(bids[k]))
+                else:
+                    cparts_v.append(cbids[k].narrow(0, 0, 0))
+                    cparts_l.append(torch.zeros_like(cbids[k]))
+                    parts_v.append(bids[k])
+                    parts_l.append(torch.ones_like(bids[k]))
+        crows, clengths = self.finish(cparts_v, cparts_l, 1)
+        rows, out_lengths = self.finish(parts_v, parts_l, n)
+        dmask = ctx_has[:, : self.num_dense]  # [1, D]
+        cdense = torch.where(dmask, self.process_dense(ctx_numeric), 0.0)
+        dense = torch.where(dmask, 0.0, self.process_dense(numeric))
+        return crows, clengths, cdense, rows, out_lengths, dense

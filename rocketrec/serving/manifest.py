@@ -1,0 +1,119 @@
+"""manifest.json: what a server needs to build requests for an exported model.
+
+Rides inside the TorchScript file (`torch::jit::load(path, device, extra_files)`).
+`sparse_features` are the module's id inputs and `dense_features` its numeric inputs,
+in input order; `features` lists what the model computes from them (crosses,
+bucketized numbers) for reference: a server never computes those itself.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rocketrec.hashing import CROSS_TEST_VECTORS, FNV_OFFSET, FNV_PRIME, TEST_VECTORS
+from rocketrec.model.preprocess import Preprocess
+from rocketrec.spec import FeatureSpec, SparseFeature
+
+FORMAT = "rocketrec-light/2"
+FORMATS_READ = ("rocketrec-light/1", "rocketrec-light/2")
+
+
+def _sparse_entry(spec: FeatureSpec, f: SparseFeature) -> dict[str, Any]:
+    t = spec.table(f.table)
+    d: dict[str, Any] = {"name": f.name, "kind": f.kind}
+    if f.kind == "cross":
+        d["inputs"] = list(f.inputs or ())
+    else:
+        d["column"] = f.column
+    if f.kind in ("scalar", "list"):
+        d["dtype"] = f.dtype
+    if f.kind == "bucketize":
+        d["boundaries"] = list(f.boundaries or ())
+    d.update(max_ids=f.max_ids, table=t.name, rows=t.rows, dim=t.dim, pooling=t.pooling)
+    return d
+
+
+def build_manifest(
+    spec: FeatureSpec, int8: bool, metrics: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
+    import pyarrow
+    import torchrec
+
+    pre = Preprocess(spec, spec.light_features)
+    sparse = {f.name: f for f in spec.sparse}
+    numeric: list[dict[str, Any]] = []
+    for name in pre.numeric_inputs:
+        f = spec.feature(name)
+        if isinstance(f, SparseFeature):  # a bucketized number
+            numeric.append(_sparse_entry(spec, f))
+        else:
+            numeric.append({k: v for k, v in vars(f).items() if v is not None})
+    return {
+        "format": FORMAT,
+        "inputs": {
+            "values": "int64 [N]: raw ids of all bags, input-major (strings hashed first)",
+            "lengths": "int64 [I*B]: bag sizes, input-major in sparse_features order",
+            "dense": "float32 [B, C]: raw numbers in dense_features order; NaN = missing",
+        },
+        "entry_points": {
+            "forward(values, lengths, dense)": "float32 [B]: click probability per row",
+            "score_candidates(ctx_values, ctx_lengths, ctx_dense, values, lengths, dense)": (
+                "float32 [M]: one context row (B = 1) against M candidate rows; each input "
+                "given by the context (non-empty bag / non-NaN number) or by the candidates"
+            ),
+        },
+        "output": "float32 [B]: click probability",
+        "sparse_features": [_sparse_entry(spec, f) for f in pre.id_inputs],
+        "dense_features": numeric,
+        "features": [_sparse_entry(spec, sparse[n]) for n in pre.sparse_outputs]
+        + [
+            {k: v for k, v in vars(spec.feature(n)).items() if v is not None}
+            for n in pre.dense_outputs
+        ],
+        "hash": {
+            "name": "fnv1a64",
+            "definition": "FNV-1a 64 over UTF-8 bytes, offset 0xcbf29ce484222325, prime "
+            "0x100000001b3, result as two's-complement int64",
+            "offset_basis": FNV_OFFSET,
+            "prime": FNV_PRIME,
+            "test_vectors": [[s, v] for s, v in TEST_VECTORS],
+        },
+        "cross_hash": {
+            "definition": "h = 0xcbf29ce484222325; for each input id x (int64 as uint64): "
+            "h = (h ^ x) * 0x100000001b3 mod 2^64; then fmix64 (h ^= h >> 33; "
+            "h *= 0xff51afd7ed558ccd; h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53; h ^= h >> 33); "
+            "as two's-complement int64. Every combination of the inputs' bags (first input "
+            "outermost), then max_ids. Computed inside the module.",
+            "test_vectors": [[list(ids), v] for ids, v in CROSS_TEST_VECTORS],
+        },
+        "bucketize": "id 0 = missing (NaN), else 1 + the number of boundaries <= x, compared "
+        "in float32; inside the module",
+        "bucketing": "row = id mod rows (non-negative), inside the module",
+        "int8": int8,
+        "spec": spec.to_dict(),
+        "metrics": metrics,
+        "versions": {
+            "torch": torch.__version__,
+            "torchrec": getattr(torchrec, "__version__", "unknown"),
+            "pyarrow": pyarrow.__version__,
+            "rocketrec": _version(),
+        },
+        **extra,
+    }
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("rocketrec")
+    except Exception:
+        return "unknown"
+
+
+def read_manifest(model_path: str | Path) -> dict[str, Any]:
+    extra = {"manifest.json": ""}
+    torch.jit.load(str(model_path), _extra_files=extra)
+    return json.loads(extra["manifest.json"])
