@@ -1,13 +1,11 @@
 #include "predictor.h"
 
+#include <algorithm>
 #include <cmath>
-#include <limits>
-
-#include "rocketrec_hash.h"
 
 namespace rocketrec {
 
-Predictor::Predictor(const std::string& path) {
+Predictor::Predictor(const std::string& path, Limits limits) {
   torch::jit::ExtraFilesMap extra{{"manifest.json", ""}};
   try {
     module_ = torch::jit::load(path, c10::nullopt, extra);
@@ -18,133 +16,85 @@ Predictor::Predictor(const std::string& path) {
   module_.eval();
   manifest_text_ = extra["manifest.json"];
   if (manifest_text_.empty()) throw std::runtime_error(path + ": no manifest.json inside: not a rocketrec export");
-  Json m;
   try {
-    m = parse_json(manifest_text_);
-  } catch (const JsonError& e) {
-    throw std::runtime_error(path + ": manifest.json: " + e.what());
+    parser_ = RequestParser::from_manifest(manifest_text_, limits);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(path + ": " + e.what());
   }
-  const Json* fmt = m.get("format");
-  if (!fmt || fmt->type != Json::Type::String || fmt->s.rfind("rocketrec-light/", 0) != 0)
-    throw std::runtime_error(path + ": manifest format is not rocketrec-light/*");
-  const Json* sf = m.get("sparse_features");
-  const Json* df = m.get("dense_features");
-  if (!sf || sf->type != Json::Type::Array || !df || df->type != Json::Type::Array)
-    throw std::runtime_error(path + ": manifest lacks sparse_features/dense_features");
-  for (const auto& f : sf->arr) {
-    const Json* name = f.get("name");
-    const Json* dtype = f.get("dtype");
-    if (!name || !dtype) throw std::runtime_error(path + ": manifest feature without name/dtype");
-    sparse_.push_back({name->s, dtype->s == "string"});
-  }
-  for (const auto& f : df->arr) {
-    const Json* name = f.get("name");
-    if (!name) throw std::runtime_error(path + ": manifest dense feature without name");
-    dense_.push_back({name->s});
-  }
-  // The hash must be the one this program implements: check the manifest's vectors.
-  const Json* hash = m.get("hash");
-  const Json* vectors = hash ? hash->get("test_vectors") : nullptr;
-  if (!vectors) throw std::runtime_error(path + ": manifest lacks hash test vectors");
-  for (const auto& tv : vectors->arr) {
-    if (tv.arr.size() != 2 || fnv1a64(tv.arr[0].s) != tv.arr[1].i)
-      throw std::runtime_error(path + ": manifest hash test vector mismatch for '" + tv.arr[0].s + "'");
-  }
-}
-
-static void add_ids(const SparseFeatureInfo& f, const Json& v, std::vector<int64_t>& bag) {
-  auto one = [&](const Json& x) {
-    if (f.is_string) {
-      if (x.type != Json::Type::String)
-        throw RequestError("feature '" + f.name + "' expects string ids, got " + x.type_name());
-      bag.push_back(fnv1a64(x.s));
-    } else {
-      if (x.type != Json::Type::Int)
-        throw RequestError("feature '" + f.name + "' expects int64 ids, got " + x.type_name());
-      bag.push_back(x.i);
-    }
-  };
-  if (v.type == Json::Type::Null) return;
-  if (v.type == Json::Type::Array) {
-    for (const auto& x : v.arr) one(x);
-  } else {
-    one(v);
-  }
-}
-
-static float dense_value(const std::string& name, const Json& v) {
-  if (v.type == Json::Type::Null) return std::numeric_limits<float>::quiet_NaN();  // missing
-  if (!v.is_number()) throw RequestError("dense feature '" + name + "' expects a number, got " + v.type_name());
-  return static_cast<float>(v.number());
-}
-
-Request Predictor::parse_request(const std::string& line) const {
-  Json obj;
-  try {
-    obj = parse_json(line);
-  } catch (const JsonError& e) {
-    throw RequestError(e.what());
-  }
-  if (obj.type != Json::Type::Object) throw RequestError("a request must be a JSON object");
-  Request r;
-  r.bags.resize(sparse_.size());
-  r.dense.assign(dense_.size(), std::numeric_limits<float>::quiet_NaN());
-  const Json* named = &obj;
-  const Json* sp = obj.get("sparse");
-  const Json* dv = obj.get("dense");
-  if (sp || (dv && dv->type == Json::Type::Array)) {
-    for (const auto& kv : obj.obj)
-      if (kv.first != "sparse" && kv.first != "dense")
-        throw RequestError("unexpected key '" + kv.first + "' beside 'sparse'/'dense'");
-    if (dv) {
-      if (dv->type != Json::Type::Array || dv->arr.size() != dense_.size())
-        throw RequestError("'dense' must be a list of " + std::to_string(dense_.size()) + " numbers, got " +
-                           (dv->type == Json::Type::Array ? std::to_string(dv->arr.size()) : dv->type_name()));
-      for (size_t i = 0; i < dense_.size(); ++i) r.dense[i] = dense_value(dense_[i].name, dv->arr[i]);
-    }
-    static const Json empty_object = [] { Json j; j.type = Json::Type::Object; return j; }();
-    named = sp ? sp : &empty_object;
-    if (named->type != Json::Type::Object) throw RequestError("'sparse' must be an object");
-  }
-  for (const auto& kv : named->obj) {
-    bool found = false;
-    for (size_t i = 0; i < sparse_.size() && !found; ++i)
-      if (sparse_[i].name == kv.first) { add_ids(sparse_[i], kv.second, r.bags[i]); found = true; }
-    for (size_t i = 0; i < dense_.size() && !found; ++i)
-      if (dense_[i].name == kv.first) { r.dense[i] = dense_value(kv.first, kv.second); found = true; }
-    if (!found) throw RequestError("unknown feature '" + kv.first + "'");
-  }
-  return r;
+  has_candidates_ = module_.find_method("score_candidates").has_value();
 }
 
 std::vector<torch::jit::IValue> Predictor::inputs(const std::vector<Request>& batch) const {
-  const int64_t B = static_cast<int64_t>(batch.size());
-  const int64_t F = static_cast<int64_t>(sparse_.size());
-  const int64_t D = static_cast<int64_t>(dense_.size());
-  int64_t n = 0;
-  for (const auto& r : batch)
-    for (const auto& bag : r.bags) n += static_cast<int64_t>(bag.size());
-  auto values = torch::empty({n}, torch::kInt64);
-  auto lengths = torch::empty({F * B}, torch::kInt64);
-  auto dense = torch::empty({B, D}, torch::kFloat32);
-  int64_t* v = values.data_ptr<int64_t>();
-  int64_t* l = lengths.data_ptr<int64_t>();
-  float* d = dense.data_ptr<float>();
-  for (int64_t f = 0; f < F; ++f)  // feature-major, like a KeyedJaggedTensor
-    for (int64_t b = 0; b < B; ++b) {
-      const auto& bag = batch[b].bags[f];
-      *l++ = static_cast<int64_t>(bag.size());
-      for (int64_t id : bag) *v++ = id;
-    }
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < D; ++j) d[b * D + j] = batch[b].dense[j];
-  return {values, lengths, dense};
+  return build_inputs(nullptr, batch);
 }
 
-std::vector<float> Predictor::predict(const std::vector<Request>& batch) {
-  torch::NoGradGuard no_grad;
-  at::Tensor out = module_.forward(inputs(batch)).toTensor().contiguous();
+// Rows [first (if any), batch...] -> values [N], lengths [I*B] (input-major), dense [B, C].
+std::vector<torch::jit::IValue> Predictor::build_inputs(const Request* first,
+                                                        const std::vector<Request>& batch) const {
+  const int64_t extra = first ? 1 : 0;
+  const int64_t B = static_cast<int64_t>(batch.size()) + extra;
+  const int64_t F = static_cast<int64_t>(sparse().size());
+  const int64_t D = static_cast<int64_t>(dense().size());
+  auto row = [&](int64_t b) -> const Request& { return b < extra ? *first : batch[static_cast<size_t>(b - extra)]; };
+  int64_t n = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    parser_.check_shape(row(b), b < extra ? std::string("the context") : "request " + std::to_string(b - extra));
+    for (const auto& bag : row(b).bags) n += static_cast<int64_t>(bag.size());
+  }
+  auto values = torch::empty({n}, torch::kInt64);
+  auto lengths = torch::empty({F * B}, torch::kInt64);
+  auto dense_t = torch::empty({B, D}, torch::kFloat32);
+  int64_t* v = values.data_ptr<int64_t>();
+  int64_t* l = lengths.data_ptr<int64_t>();
+  float* d = dense_t.data_ptr<float>();
+  for (int64_t f = 0; f < F; ++f)  // input-major, like a KeyedJaggedTensor
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& bag = row(b).bags[static_cast<size_t>(f)];
+      *l++ = static_cast<int64_t>(bag.size());
+      v = std::copy(bag.begin(), bag.end(), v);
+    }
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& r = row(b);
+    std::copy(r.dense.begin(), r.dense.end(), d + b * D);
+  }
+  return {values, lengths, dense_t};
+}
+
+static std::vector<float> to_vector(const at::Tensor& t) {
+  at::Tensor out = t.contiguous();
   return std::vector<float>(out.data_ptr<float>(), out.data_ptr<float>() + out.numel());
+}
+
+std::vector<float> Predictor::predict(const std::vector<Request>& batch) const {
+  if (batch.empty()) return {};
+  auto in = inputs(batch);
+  c10::InferenceMode guard;
+  // Module::forward is not const in the API, but running a method only reads the module
+  auto& m = const_cast<torch::jit::script::Module&>(module_);
+  return to_vector(m.forward(std::move(in)).toTensor());
+}
+
+std::vector<float> Predictor::score(const Request& context, const std::vector<Request>& candidates) const {
+  if (candidates.empty()) return {};
+  parser_.check_shape(context, "the context");
+  // disjointness, without copying the candidates
+  for (size_t j = 0; j < candidates.size(); ++j) {
+    parser_.check_shape(candidates[j], "candidate " + std::to_string(j));
+    for (size_t i = 0; i < sparse().size(); ++i)
+      if (!context.bags[i].empty() && !candidates[j].bags[i].empty())
+        throw RequestError("feature '" + sparse()[i].name + "' is given in the context and in candidate " +
+                           std::to_string(j));
+    for (size_t i = 0; i < dense().size(); ++i)
+      if (!std::isnan(context.dense[i]) && !std::isnan(candidates[j].dense[i]))
+        throw RequestError("feature '" + dense()[i].name + "' is given in the context and in candidate " +
+                           std::to_string(j));
+  }
+  if (!has_candidates_)
+    throw RequestError("this model file has no score_candidates entry point (exported by an older rocketrec)");
+  auto in = build_inputs(&context, candidates);  // row 0 = the context
+  c10::InferenceMode guard;
+  auto& m = const_cast<torch::jit::script::Module&>(module_);
+  return to_vector(m.get_method("score_candidates")(std::move(in)).toTensor());
 }
 
 }  // namespace rocketrec

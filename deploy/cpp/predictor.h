@@ -1,61 +1,56 @@
-// rocketrec light-model predictor: load an exported TorchScript file, read and
-// check its manifest, turn JSON requests into (values, lengths, dense) and score.
+// rocketrec light-model predictor: load an exported TorchScript file once, read and
+// check its manifest, turn requests into the model's raw inputs and score them.
+//
+// Thread safety: after construction a Predictor is immutable. predict() and score()
+// are const and may be called from any number of threads at once on one shared
+// Predictor (each call runs in its own TorchScript interpreter frame; the module's
+// weights are only read). For latency, give each serving thread one intra-op thread:
+// at::set_num_threads(1) once at start-up, and scale with threads, not intra-op.
 #pragma once
 #include <torch/script.h>
 
-#include <cstdint>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "json.h"
+#include "request.h"
 
 namespace rocketrec {
-
-struct RequestError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-struct SparseFeatureInfo {
-  std::string name;
-  bool is_string = false;  // string ids are hashed with fnv1a64
-};
-
-struct DenseFeatureInfo {
-  std::string name;
-};
-
-// One parsed request: a bag of raw int64 ids per sparse feature, raw dense values
-// (NaN = missing; the model fills and transforms them).
-struct Request {
-  std::vector<std::vector<int64_t>> bags;
-  std::vector<float> dense;
-};
 
 class Predictor {
  public:
   // Throws std::runtime_error with a clear message if the file cannot be loaded or
-  // its manifest is missing or not a rocketrec light model.
-  explicit Predictor(const std::string& path);
+  // its manifest is missing, not a rocketrec light model, or its hashes disagree.
+  explicit Predictor(const std::string& path, Limits limits = {});
 
-  const std::vector<SparseFeatureInfo>& sparse() const { return sparse_; }
-  const std::vector<DenseFeatureInfo>& dense() const { return dense_; }
+  const std::vector<SparseFeatureInfo>& sparse() const { return parser_.sparse(); }
+  const std::vector<DenseFeatureInfo>& dense() const { return parser_.dense(); }
+  const RequestParser& parser() const { return parser_; }
   const std::string& manifest_text() const { return manifest_text_; }
 
-  // Parse one JSON-lines request (named or {"sparse": {...}, "dense": [...]} form).
-  Request parse_request(const std::string& line) const;
+  // Parse one JSON line of any form (throws RequestError).
+  ParsedLine parse(const std::string& line) const { return parser_.parse(line); }
+  // Parse a one-row JSON request (named or {"sparse": {...}, "dense": [...]} form).
+  Request parse_request(const std::string& line) const { return parser_.parse_request(line); }
 
-  // Score a batch: returns one click probability per request.
-  std::vector<float> predict(const std::vector<Request>& batch);
+  // Score a batch: one click probability per request. Throws RequestError if a
+  // request does not have one bag per sparse input and one value per dense input.
+  std::vector<float> predict(const std::vector<Request>& batch) const;
 
-  // Build the model inputs for a batch (feature-major lengths).
+  // Score candidates for one context: one probability per candidate, in order; equals
+  // predict() on the merged rows. Each input must be given by the context or by the
+  // candidates, not both (RequestError). The context is looked up once.
+  std::vector<float> score(const Request& context, const std::vector<Request>& candidates) const;
+  std::vector<float> score(const CandidatesRequest& r) const { return score(r.context, r.candidates); }
+
+  // The model inputs for a batch: values [N], lengths [I*B] (input-major), dense [B, C].
   std::vector<torch::jit::IValue> inputs(const std::vector<Request>& batch) const;
 
  private:
+  std::vector<torch::jit::IValue> build_inputs(const Request* first, const std::vector<Request>& batch) const;
   torch::jit::script::Module module_;
   std::string manifest_text_;
-  std::vector<SparseFeatureInfo> sparse_;
-  std::vector<DenseFeatureInfo> dense_;
+  RequestParser parser_;
+  bool has_candidates_ = false;
 };
 
 }  // namespace rocketrec

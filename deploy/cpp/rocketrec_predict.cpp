@@ -1,20 +1,30 @@
 // rocketrec_predict: score JSON-lines requests with an exported rocketrec light model.
 //
-//   rocketrec_predict MODEL.pt [REQUESTS.jsonl | -] [--batch N]   one probability per line
-//   rocketrec_predict MODEL.pt --bench [--seconds S]              p50/p99 latency, 1 thread
-//   rocketrec_predict --hash STRING...                            fnv1a64 ids, one per line
-//   rocketrec_predict MODEL.pt --manifest                         print the manifest
+//   rocketrec_predict MODEL.pt [REQUESTS.jsonl | -] [--batch N] [--keep-going]
+//       one probability per line: per one-row request, and per candidate of a
+//       {"context": {...}, "candidates": [...]} request, in order
+//   rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] [--threads T]
+//       p50/p99 latency at batch 1/16/256, 1 context x N candidates vs the same N rows
+//       as a batch, and requests/s of T threads sharing one Predictor vs 1 thread
+//   rocketrec_predict --hash STRING...                 fnv1a64 ids, one per line
+//   rocketrec_predict --cross-hash ID,ID[,ID...]...    cross ids, one per line
+//   rocketrec_predict MODEL.pt --manifest              print the manifest
 //
-// Bad input never crashes: one line "rocketrec_predict: error: ..." and exit code 2.
+// Bad input never crashes: one line "rocketrec_predict: error: FILE:LINE: ..." on stderr
+// and exit code 2. With --keep-going a bad line prints "error: ..." in its place on
+// stdout and scoring goes on (exit code 1 if any line failed).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <random>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "predictor.h"
@@ -22,48 +32,144 @@
 
 namespace {
 
+using Clock = std::chrono::steady_clock;
+
 int fail(const std::string& msg) {
   std::cerr << "rocketrec_predict: error: " << msg << std::endl;
   return 2;
 }
 
 int usage() {
-  std::cerr << "usage: rocketrec_predict MODEL.pt [REQUESTS.jsonl|-] [--batch N]\n"
-               "       rocketrec_predict MODEL.pt --bench [--seconds S]\n"
+  std::cerr << "usage: rocketrec_predict MODEL.pt [REQUESTS.jsonl|-] [--batch N] [--keep-going]\n"
+               "       rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] "
+               "[--threads T]\n"
                "       rocketrec_predict MODEL.pt --manifest\n"
-               "       rocketrec_predict --hash STRING...\n";
+               "       rocketrec_predict --hash STRING...\n"
+               "       rocketrec_predict --cross-hash ID,ID[,ID...]...\n";
   return 2;
 }
 
-int bench(rocketrec::Predictor& p, double seconds) {
-  at::set_num_threads(1);
-  std::mt19937_64 rng(42);
-  std::uniform_real_distribution<float> u(0.0f, 10.0f);
-  for (int B : {1, 16, 256}) {
-    std::vector<rocketrec::Request> batch(B);
-    for (auto& r : batch) {
-      r.bags.resize(p.sparse().size());
-      for (auto& bag : r.bags) {
-        int n = 1 + static_cast<int>(rng() % 3);
-        for (int k = 0; k < n; ++k) bag.push_back(static_cast<int64_t>(rng() >> 1));
-      }
-      for (size_t j = 0; j < p.dense().size(); ++j) r.dense.push_back(u(rng));
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, sep))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+// -- bench ------------------------------------------------------------------------------
+
+struct Gen {
+  const rocketrec::Predictor& p;
+  std::mt19937_64 rng{42};
+  rocketrec::Request row(const std::vector<bool>& skip) {
+    rocketrec::Request r;
+    r.bags.resize(p.sparse().size());
+    std::uniform_real_distribution<float> u(0.0f, 10.0f);
+    for (size_t i = 0; i < r.bags.size(); ++i) {
+      if (skip[i]) continue;
+      const auto& f = p.sparse()[i];
+      int n = f.is_list ? static_cast<int>(f.max_ids > 0 ? f.max_ids : 10) : 1;  // full bags
+      for (int k = 0; k < n; ++k) r.bags[i].push_back(static_cast<int64_t>(rng() >> 1));
     }
-    for (int w = 0; w < 20; ++w) p.predict(batch);
-    std::vector<double> us;
-    auto start = std::chrono::steady_clock::now();
-    while (us.size() < 20000) {
-      auto t0 = std::chrono::steady_clock::now();
-      p.predict(batch);
-      auto t1 = std::chrono::steady_clock::now();
-      us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-      if (us.size() >= 50 && std::chrono::duration<double>(t1 - start).count() > seconds) break;
-    }
-    std::sort(us.begin(), us.end());
-    auto pct = [&](double q) { return us[std::min(us.size() - 1, static_cast<size_t>(q * us.size()))]; };
-    std::printf("{\"batch\": %d, \"p50_us\": %.1f, \"p99_us\": %.1f, \"iters\": %zu}\n", B, pct(0.5), pct(0.99),
-                us.size());
+    for (size_t j = 0; j < p.dense().size(); ++j)
+      r.dense.push_back(skip[p.sparse().size() + j] ? std::numeric_limits<float>::quiet_NaN() : u(rng));
+    return r;
   }
+};
+
+template <class F>
+std::pair<double, double> time_it(F&& fn, double seconds) {
+  for (int w = 0; w < 20; ++w) fn();
+  std::vector<double> us;
+  auto start = Clock::now();
+  while (us.size() < 20000) {
+    auto t0 = Clock::now();
+    fn();
+    auto t1 = Clock::now();
+    us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    if (us.size() >= 50 && std::chrono::duration<double>(t1 - start).count() > seconds) break;
+  }
+  std::sort(us.begin(), us.end());
+  auto pct = [&](double q) { return us[std::min(us.size() - 1, static_cast<size_t>(q * us.size()))]; };
+  return {pct(0.5), pct(0.99)};
+}
+
+int bench(const rocketrec::Predictor& p, double seconds, std::vector<std::string> context, int n_cand,
+          int threads) {
+  at::set_num_threads(1);
+  const size_t n_in = p.sparse().size() + p.dense().size();
+  std::vector<std::string> names;
+  for (const auto& f : p.sparse()) names.push_back(f.name);
+  for (const auto& f : p.dense()) names.push_back(f.name);
+  if (context.empty())  // default: the inputs whose name mentions "user"
+    for (const auto& n : names)
+      if (n.find("user") != std::string::npos) context.push_back(n);
+  std::vector<bool> in_ctx(n_in, false), none(n_in, false);
+  for (const auto& c : context) {
+    auto it = std::find(names.begin(), names.end(), c);
+    if (it == names.end()) return fail("--context: unknown input '" + c + "'");
+    in_ctx[static_cast<size_t>(it - names.begin())] = true;
+  }
+  std::vector<bool> not_ctx(n_in);
+  for (size_t i = 0; i < n_in; ++i) not_ctx[i] = !in_ctx[i];
+  Gen gen{p};
+  for (int B : {1, 16, 256}) {
+    std::vector<rocketrec::Request> batch;
+    for (int b = 0; b < B; ++b) batch.push_back(gen.row(none));
+    auto t = time_it([&] { p.predict(batch); }, seconds);
+    std::printf("{\"mode\": \"batch\", \"batch\": %d, \"p50_us\": %.1f, \"p99_us\": %.1f}\n", B, t.first, t.second);
+  }
+  // one context x n candidates vs the same merged rows as one batch
+  rocketrec::Request ctx = gen.row(not_ctx);
+  std::vector<rocketrec::Request> cands, merged;
+  for (int j = 0; j < n_cand; ++j) {
+    cands.push_back(gen.row(in_ctx));
+    rocketrec::Request m = cands.back();
+    for (size_t i = 0; i < m.bags.size(); ++i)
+      if (in_ctx[i]) m.bags[i] = ctx.bags[i];
+    for (size_t j2 = 0; j2 < m.dense.size(); ++j2)
+      if (in_ctx[p.sparse().size() + j2]) m.dense[j2] = ctx.dense[j2];
+    merged.push_back(std::move(m));
+  }
+  auto a = p.score(ctx, cands), b = p.predict(merged);
+  double diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
+  auto tc = time_it([&] { p.score(ctx, cands); }, seconds);
+  auto tb = time_it([&] { p.predict(merged); }, seconds);
+  std::string ctx_names;
+  for (const auto& c : context) ctx_names += (ctx_names.empty() ? "" : ",") + c;
+  std::printf(
+      "{\"mode\": \"candidates\", \"candidates\": %d, \"context\": \"%s\", \"p50_us\": %.1f, \"p99_us\": %.1f, "
+      "\"batch_p50_us\": %.1f, \"batch_p99_us\": %.1f, \"max_abs_diff\": %.3g}\n",
+      n_cand, ctx_names.c_str(), tc.first, tc.second, tb.first, tb.second, diff);
+  // requests/s: T threads sharing one Predictor vs 1 thread (context+candidates requests)
+  auto rps = [&](int t) {
+    std::atomic<long> done{0};
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> pool;
+    for (int k = 0; k < t; ++k)
+      pool.emplace_back([&] {
+        at::set_num_threads(1);
+        while (!stop.load(std::memory_order_relaxed)) {
+          p.score(ctx, cands);
+          done.fetch_add(1, std::memory_order_relaxed);
+        }
+      });
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // warm up
+    long d0 = done.load();
+    auto t0 = Clock::now();
+    std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+    long d1 = done.load();
+    double el = std::chrono::duration<double>(Clock::now() - t0).count();
+    stop = true;
+    for (auto& th : pool) th.join();
+    return (d1 - d0) / el;
+  };
+  double r1 = rps(1), rt = rps(threads);
+  std::printf("{\"mode\": \"threads\", \"threads\": %d, \"rps\": %.1f, \"rps_1\": %.1f, \"ratio\": %.3f}\n", threads,
+              rt, r1, rt / r1);
   return 0;
 }
 
@@ -76,17 +182,34 @@ int main(int argc, char** argv) {
     for (size_t i = 1; i < args.size(); ++i) std::cout << rocketrec::fnv1a64(args[i]) << "\n";
     return 0;
   }
-  std::string model = args[0], requests = "-";
-  bool do_bench = false, manifest = false;
+  if (args[0] == "--cross-hash") {
+    try {
+      for (size_t i = 1; i < args.size(); ++i) {
+        std::vector<int64_t> ids;
+        for (const auto& s : split(args[i], ',')) ids.push_back(std::stoll(s));
+        std::cout << rocketrec::cross_hash(ids.data(), ids.size()) << "\n";
+      }
+    } catch (const std::exception&) {
+      return fail("--cross-hash takes comma-separated int64 ids");
+    }
+    return 0;
+  }
+  std::string model = args[0], requests = "-", context;
+  bool do_bench = false, manifest = false, keep_going = false;
   size_t batch_size = 256;
   double seconds = 1.0;
+  int n_cand = 200, threads = 2;
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
     try {
       if (a == "--bench") do_bench = true;
       else if (a == "--manifest") manifest = true;
+      else if (a == "--keep-going") keep_going = true;
       else if (a == "--batch" && i + 1 < args.size()) batch_size = std::stoul(args[++i]);
       else if (a == "--seconds" && i + 1 < args.size()) seconds = std::stod(args[++i]);
+      else if (a == "--context" && i + 1 < args.size()) context = args[++i];
+      else if (a == "--candidates" && i + 1 < args.size()) n_cand = std::stoi(args[++i]);
+      else if (a == "--threads" && i + 1 < args.size()) threads = std::stoi(args[++i]);
       else if (a.rfind("--", 0) == 0) return fail("unknown option " + a);
       else requests = a;
     } catch (const std::exception&) {
@@ -94,13 +217,14 @@ int main(int argc, char** argv) {
     }
   }
   if (batch_size == 0) return fail("--batch must be >= 1");
+  if (n_cand < 1 || threads < 1) return fail("--candidates and --threads must be >= 1");
   try {
-    rocketrec::Predictor p(model);
+    const rocketrec::Predictor p(model);
     if (manifest) {
       std::cout << p.manifest_text() << std::endl;
       return 0;
     }
-    if (do_bench) return bench(p, seconds);
+    if (do_bench) return bench(p, seconds, split(context, ','), n_cand, threads);
     std::ifstream file;
     if (requests != "-") {
       file.open(requests);
@@ -110,10 +234,13 @@ int main(int argc, char** argv) {
     const std::string src = requests == "-" ? "<stdin>" : requests;
     std::vector<rocketrec::Request> batch;
     std::string line;
-    size_t ln = 0, total = 0;
+    size_t ln = 0, total = 0, bad = 0;
+    auto print = [](const std::vector<float>& ps) {
+      for (float x : ps) std::printf("%.9g\n", x);
+    };
     auto flush = [&]() {
       if (batch.empty()) return;
-      for (float x : p.predict(batch)) std::printf("%.9g\n", x);
+      print(p.predict(batch));
       total += batch.size();
       batch.clear();
     };
@@ -121,16 +248,30 @@ int main(int argc, char** argv) {
       ++ln;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
       try {
-        batch.push_back(p.parse_request(line));
+        rocketrec::ParsedLine r = p.parse(line);
+        if (!r.has_candidates) {
+          batch.push_back(std::move(r.row));
+          if (batch.size() == batch_size || keep_going) flush();  // keep-going: a line at a time
+        } else {
+          flush();  // keep the output in request order
+          print(p.score(r.candidates));
+          total += r.candidates.candidates.size();
+        }
       } catch (const rocketrec::RequestError& e) {
-        std::fflush(stdout);
-        return fail(src + ":" + std::to_string(ln) + ": " + e.what());
+        if (!keep_going) {
+          std::fflush(stdout);
+          return fail(src + ":" + std::to_string(ln) + ": " + e.what());
+        }
+        batch.clear();
+        ++bad;
+        std::string msg = e.what();
+        std::replace(msg.begin(), msg.end(), '\n', ' ');
+        std::printf("error: %s:%zu: %s\n", src.c_str(), ln, msg.c_str());
       }
-      if (batch.size() == batch_size) flush();
     }
     flush();
-    if (total == 0) return fail(src + ": no requests");
-    return 0;
+    if (total == 0 && bad == 0) return fail(src + ": no requests");
+    return bad ? 1 : 0;
   } catch (const std::exception& e) {
     std::string msg = e.what();
     return fail(msg.substr(0, msg.find('\n')));

@@ -70,7 +70,7 @@ def truncate_bags(
     """Keep the first `cap` ids of each bag (lengths [B])."""
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(values.numel(), device=values.device) - torch.repeat_interleave(
-        starts, lengths
+        starts, lengths, output_size=values.numel()
     )
     return values[pos < cap], torch.clamp_max(lengths, cap)
 
@@ -82,7 +82,7 @@ def cross_bags(
     n = hl * xl
     b = n.numel()
     total = int(n.sum())
-    r = torch.repeat_interleave(torch.arange(b, device=h.device), n)
+    r = torch.repeat_interleave(torch.arange(b, device=h.device), n, output_size=total)
     out_start = torch.cumsum(n, 0) - n
     p = torch.arange(total, device=h.device) - out_start[r]
     xlr = xl[r]
@@ -109,6 +109,10 @@ class Preprocess(nn.Module):
     num_buckets: int
     num_dense: int
     num_out: int
+    twins: bool
+    has_offsets: bool
+    out_offset: torch.Tensor
+    lookup_index: torch.Tensor
     any_cap: bool
     select_ids: bool
     any_log1p: bool
@@ -128,8 +132,8 @@ class Preprocess(nn.Module):
     is_log1p: torch.Tensor
     clip_lo: torch.Tensor
     clip_hi: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(self, spec: FeatureSpec, outputs: Sequence[str] | None = None) -> None:
         """outputs: the feature names (sparse and dense) to produce; default: all."""
@@ -182,6 +186,10 @@ class Preprocess(nn.Module):
         self._buffer(
             "out_rows", torch.tensor([spec.table(f.table).rows for f in outs], dtype=torch.int64)
         )
+        self._buffer("out_offset", torch.zeros(len(outs), dtype=torch.int64))
+        self._buffer("lookup_index", torch.arange(len(outs), dtype=torch.int64))
+        self.twins = False
+        self.has_offsets = False
 
         def col(vals: list[float]) -> torch.Tensor:
             return torch.tensor(vals, dtype=torch.float32).reshape(1, len(vals))
@@ -201,8 +209,13 @@ class Preprocess(nn.Module):
             "clip_hi", col([f.max if c and f.max is not None else inf for f, c in zip(dense, clip)])
         )
         std = [f.transform == "standardize" for f in dense]
-        self._buffer("mean", col([f.mean if s else 0.0 for f, s in zip(dense, std)]))  # type: ignore[misc]
-        self._buffer("std", col([f.std if s else 1.0 for f, s in zip(dense, std)]))  # type: ignore[misc]
+        self._buffer(
+            "scale", col([1.0 / f.std if s and f.std else 1.0 for f, s in zip(dense, std)])
+        )
+        self._buffer(
+            "shift",
+            col([-f.mean / f.std if s and f.std and f.mean else 0.0 for f, s in zip(dense, std)]),
+        )
 
     def _buffer(self, name: str, t: torch.Tensor) -> None:
         self.register_buffer(name, t, persistent=False)  # derived from the spec: never saved
@@ -214,11 +227,12 @@ class Preprocess(nn.Module):
         """Raw id inputs -> (values, lengths [I, B]) after `max_ids` truncation."""
         lens2 = lengths.view(self.num_ids, b)
         if self.any_cap and bool((lens2 > self.id_cap.view(-1, 1)).any()):
+            n = values.numel()
             starts = torch.cumsum(lengths, 0) - lengths
-            pos = torch.arange(values.numel(), device=values.device) - torch.repeat_interleave(
-                starts, lengths
+            pos = torch.arange(n, device=values.device) - torch.repeat_interleave(
+                starts, lengths, output_size=n
             )
-            feat = torch.repeat_interleave(self.id_index, lens2.sum(1))
+            feat = torch.repeat_interleave(self.id_index, lens2.sum(1), output_size=n)
             values = values[pos < self.id_cap[feat]]
             lens2 = torch.minimum(lens2, self.id_cap.view(-1, 1))
         return values, lens2
@@ -244,9 +258,9 @@ class Preprocess(nn.Module):
         if self.any_log1p:
             x = torch.where(self.is_log1p, torch.log1p(torch.clamp_min(x, 0.0)), x)
         if self.any_clip:
-            x = torch.maximum(torch.minimum(x, self.clip_hi), self.clip_lo)
-        if self.any_standardize:
-            x = (x - self.mean) / self.std
+            x = torch.clamp(x, self.clip_lo, self.clip_hi)
+        if self.any_standardize:  # (x - mean) / std as x * (1 / std) + (-mean / std)
+            x = torch.addcmul(self.shift, x, self.scale)
         return x
 
     def cross(
@@ -286,12 +300,32 @@ class Preprocess(nn.Module):
         return sv, sl
 
     def finish(self, parts_v: list[torch.Tensor], parts_l: list[torch.Tensor], b: int):
-        """Concatenate the output features' ids and take them mod their table's rows."""
+        """Concatenate the output features' ids; row = id mod rows (+ the lookup offset)."""
         values = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v)
         lengths = parts_l[0] if len(parts_l) == 1 else torch.cat(parts_l)
-        per_feature = lengths.view(self.num_out, b).sum(1)
-        rows = torch.remainder(values, torch.repeat_interleave(self.out_rows, per_feature))
+        if self.twins:  # every feature looked up once more (the serving module's twins)
+            values = torch.cat([values, values])
+            lengths = torch.cat([lengths, lengths])
+        n = values.numel()
+        feat = torch.repeat_interleave(self.lookup_index, lengths.view(-1, b).sum(1), output_size=n)
+        rows = torch.remainder(values, self.out_rows.index_select(0, feat))
+        if self.has_offsets:
+            rows = rows + self.out_offset.index_select(0, feat)
         return rows, lengths
+
+    def configure_lookup(self, offsets: list[int], twins: bool = False) -> None:
+        """Serving: add a row offset per output feature (fused tables), and with `twins`
+        output every sparse feature twice (the second time with offsets[F + i])."""
+        rows = self.out_rows.tolist()
+        if twins:
+            rows = rows + rows
+        if len(offsets) != len(rows):
+            raise ValueError(f"{len(rows)} offsets needed, got {len(offsets)}")
+        self.twins = twins
+        self.has_offsets = any(o != 0 for o in offsets)
+        self._buffer("out_rows", torch.tensor(rows, dtype=torch.int64))
+        self._buffer("out_offset", torch.tensor(offsets, dtype=torch.int64))
+        self._buffer("lookup_index", torch.arange(len(rows), dtype=torch.int64))
 
     def forward(
         self, values: torch.Tensor, lengths: torch.Tensor, numeric: torch.Tensor
@@ -302,7 +336,7 @@ class Preprocess(nn.Module):
         parts_v: list[torch.Tensor] = []
         parts_l: list[torch.Tensor] = []
         if self.select_ids:
-            feat = torch.repeat_interleave(self.id_index, lens2.sum(1))
+            feat = torch.repeat_interleave(self.id_index, lens2.sum(1), output_size=vals.numel())
             parts_v.append(vals[self.id_is_out[feat]])
             parts_l.append(lens2.index_select(0, self.id_out_index).reshape(-1))
         elif self.num_ids > 0:
@@ -324,81 +358,64 @@ class Preprocess(nn.Module):
 
     @torch.jit.export
     def forward_context(
-        self,
-        ctx_values: torch.Tensor,
-        ctx_lengths: torch.Tensor,
-        ctx_numeric: torch.Tensor,
-        values: torch.Tensor,
-        lengths: torch.Tensor,
-        numeric: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One context row and N candidate rows -> each side's features, so that every
-        output feature is given by exactly one side (the other side's bag is empty and
-        its dense value 0): ctx (rows, lengths [F], dense [1, D]), candidates (rows,
-        lengths [F*N], dense [N, D]); adding the two sides' embeddings and dense values
-        gives the full rows'. An input is the context's when the context gives it (a
-        non-empty bag, a non-NaN number), else the candidates'. Crosses are computed
-        per candidate from the merged inputs."""
-        n = numeric.size(0)
-        cvals, clens2 = self.id_bags(ctx_values, ctx_lengths, 1)
-        vals, lens2 = self.id_bags(values, lengths, n)
-        # numbers: the context's where it gives them
-        ctx_has = ~torch.isnan(ctx_numeric)  # [1, C]
-        cparts_v: list[torch.Tensor] = []
-        cparts_l: list[torch.Tensor] = []
+        self, values: torch.Tensor, lengths: torch.Tensor, numeric: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row 0 = one context, rows 1..M = candidates -> features such that every output
+        feature is given by exactly one side: the context's in row 0 (or an empty bag / a
+        0 dense value), the candidates' in rows 1..M. Adding row 0's embeddings and dense
+        values to each candidate row's gives the merged rows' (module docstring of
+        rocketrec.serving.module). An input is the context's when the context gives it (a
+        non-empty bag, a non-NaN number), else the candidates'. Crosses are computed per
+        candidate from the merged inputs."""
+        b = numeric.size(0)
+        m = b - 1
+        vals, lens2 = self.id_bags(values, lengths, b)
+        ctx_has = ~torch.isnan(numeric[0:1])  # [1, C]: the context gives this number
         parts_v: list[torch.Tensor] = []
         parts_l: list[torch.Tensor] = []
         if self.select_ids:
-            cfeat = torch.repeat_interleave(self.id_index, clens2.sum(1))
-            cparts_v.append(cvals[self.id_is_out[cfeat]])
-            cparts_l.append(clens2.index_select(0, self.id_out_index).reshape(-1))
-            feat = torch.repeat_interleave(self.id_index, lens2.sum(1))
+            feat = torch.repeat_interleave(self.id_index, lens2.sum(1), output_size=vals.numel())
             parts_v.append(vals[self.id_is_out[feat]])
             parts_l.append(lens2.index_select(0, self.id_out_index).reshape(-1))
         elif self.num_ids > 0:
-            cparts_v.append(cvals)
-            cparts_l.append(clens2.reshape(-1))
             parts_v.append(vals)
             parts_l.append(lens2.reshape(-1))
         if self.num_buckets > 0 or len(self.cross_src) > 0:
-            cbids = self.bucket_ids(ctx_numeric)  # [Kb, 1]
-            bids = self.bucket_ids(numeric)  # [Kb, N]
-            bctx = ctx_has[0, self.num_dense :]  # [Kb] the context gives bucket input k
+            bids = self.bucket_ids(numeric)  # [Kb, b]
+            given: list[bool] = ctx_has[0, self.num_dense :].tolist()
             if len(self.cross_src) > 0:
-                csv, csl = self.sources(cvals, clens2, cbids)
                 sv, sl = self.sources(vals, lens2, bids)
-                mv: list[torch.Tensor] = []  # merged sources, N rows
+                mv: list[torch.Tensor] = []  # merged sources, M rows
                 ml: list[torch.Tensor] = []
+                ctx_len: list[int] = lens2[:, 0].tolist()
                 for s in range(self.num_ids + self.num_buckets):
-                    given = (
-                        bool(csl[s][0] > 0) if s < self.num_ids else bool(bctx[s - self.num_ids])
-                    )
-                    if given:
-                        mv.append(csv[s].repeat(n))
-                        ml.append(csl[s].expand(n).contiguous())
-                    else:
+                    n0 = ctx_len[s] if s < self.num_ids else (1 if given[s - self.num_ids] else 0)
+                    if n0 > 0:  # the context's bag, for every candidate
+                        mv.append(sv[s].narrow(0, 0, n0).repeat(m))
+                        ml.append(torch.full([m], n0, dtype=torch.int64, device=values.device))
+                    elif s < self.num_ids:  # row 0's bag is empty: all values are candidates'
                         mv.append(sv[s])
-                        ml.append(sl[s])
+                        ml.append(sl[s][1:])
+                    else:  # a bucket id per row: drop row 0's
+                        mv.append(sv[s].narrow(0, 1, m))
+                        ml.append(sl[s][1:])
+                zero = torch.zeros(1, dtype=torch.int64, device=values.device)
                 for c in range(len(self.cross_src)):
                     cv, cl = self.cross(c, mv, ml)
-                    cparts_v.append(cv.narrow(0, 0, 0))
-                    cparts_l.append(torch.zeros_like(cl[:1]))
                     parts_v.append(cv)
-                    parts_l.append(cl)
+                    parts_l.append(torch.cat([zero, cl]))
             for k in self.bucket_out:
-                if bool(bctx[k]):
-                    cparts_v.append(cbids[k])
-                    cparts_l.append(torch.ones_like(cbids[k]))
-                    parts_v.append(bids[k].narrow(0, 0, 0))
-                    parts_l.append(torch.zeros_like(bids[k]))
+                one = torch.ones_like(bids[k])
+                if given[k]:
+                    parts_v.append(bids[k].narrow(0, 0, 1))
+                    parts_l.append(torch.cat([one[:1], one[1:] * 0]))
                 else:
-                    cparts_v.append(cbids[k].narrow(0, 0, 0))
-                    cparts_l.append(torch.zeros_like(cbids[k]))
-                    parts_v.append(bids[k])
-                    parts_l.append(torch.ones_like(bids[k]))
-        crows, clengths = self.finish(cparts_v, cparts_l, 1)
-        rows, out_lengths = self.finish(parts_v, parts_l, n)
-        dmask = ctx_has[:, : self.num_dense]  # [1, D]
-        cdense = torch.where(dmask, self.process_dense(ctx_numeric), 0.0)
-        dense = torch.where(dmask, 0.0, self.process_dense(numeric))
-        return crows, clengths, cdense, rows, out_lengths, dense
+                    parts_v.append(bids[k].narrow(0, 1, m))
+                    parts_l.append(torch.cat([one[:1] * 0, one[1:]]))
+        rows, out_lengths = self.finish(parts_v, parts_l, b)
+        x = self.process_dense(numeric)
+        if self.num_dense > 0:
+            mask = ctx_has[:, : self.num_dense]  # [1, D]
+            side = torch.cat([mask, ~mask.expand(m, self.num_dense)], 0)
+            x = torch.where(side, x, 0.0)
+        return rows, out_lengths, x

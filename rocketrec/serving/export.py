@@ -52,7 +52,8 @@ def script_serving(
         spec, tables, _copy_tower(tower), int8, private_dim, on_block, negative_sample_rate
     )
     m.eval()
-    return torch.jit.script(m)
+    # freezing inlines the weights and constants: fewer attribute lookups per call
+    return torch.jit.freeze(torch.jit.script(m), preserved_attrs=["score_candidates"])
 
 
 def _copy_tower(tower: nn.Module) -> nn.Module:

@@ -59,9 +59,10 @@ def build_manifest(
         },
         "entry_points": {
             "forward(values, lengths, dense)": "float32 [B]: click probability per row",
-            "score_candidates(ctx_values, ctx_lengths, ctx_dense, values, lengths, dense)": (
-                "float32 [M]: one context row (B = 1) against M candidate rows; each input "
-                "given by the context (non-empty bag / non-NaN number) or by the candidates"
+            "score_candidates(values, lengths, dense)": (
+                "float32 [M]: rows as for forward with B = 1 + M: row 0 is one context, rows "
+                "1..M its candidates; each input is given by the context (a non-empty bag, a "
+                "non-NaN number) or by the candidates; equals forward on the merged rows"
             ),
         },
         "output": "float32 [B]: click probability",

@@ -4,8 +4,8 @@ Serving contract (ARCHITECTURE.md "Contracts"; inputs as in the manifest's
 `sparse_features` (id inputs, I of them) and `dense_features` (numeric inputs, C)):
 
     forward(values int64 [N], lengths int64 [I * B], dense float32 [B, C]) -> float32 [B]
-    score_candidates(ctx_values [N0], ctx_lengths [I], ctx_dense [1, C],
-                     values [N], lengths [I * M], dense [M, C]) -> float32 [M]
+    score_candidates(values [N], lengths [I * (1 + M)], dense [1 + M, C]) -> float32 [M]
+        row 0 is the context, rows 1..M the candidates
 
 - `lengths` is feature-major (all B bags of input 0, then input 1, ...); `values` are
   raw int64 ids (strings hashed with FNV-1a 64 first); `dense` raw numbers, NaN = missing.
@@ -14,11 +14,11 @@ Serving contract (ARCHITECTURE.md "Contracts"; inputs as in the manifest's
   call per embedding dim over a fused table with per-feature row offsets (mean pooling
   divides by the bag length itself, which also makes int8 right: the quantized op
   always sums); the tower; sigmoid(logit + log(negative_sample_rate)).
-- `score_candidates` scores M candidates for one context: every input is given by the
-  context or by the candidates (a non-empty bag / a non-NaN number in the context wins);
-  the context's features are looked up once, and the tower's LayerNorm + first Linear
-  is split so the context's share of the first layer is computed once. The result
-  equals scoring the M merged rows with `forward`.
+- `score_candidates` scores M candidates for one context (row 0): every input is given
+  by the context or by the candidates (a non-empty bag / a non-NaN number in the
+  context wins); the context's bags are preprocessed and looked up once, its share of
+  the tower input (embeddings and dense columns) is added to each candidate's share.
+  The result equals scoring the M merged rows with `forward`.
 - Inputs are checked (shapes, lengths non-negative and summing to len(values)) and bad
   ones raise a clear error. Plain torch ops only (int8 uses torch's quantized ops).
 """
@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from rocketrec.model.preprocess import Preprocess
-from rocketrec.model.towers import LightTower
 from rocketrec.spec import FeatureSpec
 
 MAX_DIM_GROUPS = 4  # fused tables: one per embedding dim of the served tower
+PAD_WASTE = 0.1  # pad small-dim tables into one fused table when it costs <= 10% more
 
 TableSource = torch.Tensor | Callable[[], Iterable[tuple[int, torch.Tensor]]]
 BlockHook = Callable[[str, int, torch.Tensor], None]
@@ -75,19 +75,13 @@ class LightServing(nn.Module):
     twins: bool
     int8: bool
     reorder: bool
-    split_first: bool
     group_dims: list[int]
     group_has_mean: list[bool]
     logit_offset: float
-    ln_eps: float
-    feature_offset: torch.Tensor
     feature_index: torch.Tensor
     group_of_feature: torch.Tensor
     is_mean: torch.Tensor
     col_perm: torch.Tensor
-    w_first: torch.Tensor
-    b_first: torch.Tensor
-    w_first_sum: torch.Tensor
     group_index_0: torch.Tensor
     group_index_1: torch.Tensor
     group_index_2: torch.Tensor
@@ -138,6 +132,13 @@ class LightServing(nn.Module):
         dims = sorted({f[3] for f in feats})
         if len(dims) > MAX_DIM_GROUPS:
             raise ValueError(f"the exported tower uses more than {MAX_DIM_GROUPS} embedding dims")
+        # one fused table per dim; or, when padding the smaller dims' tables to the largest
+        # dim wastes at most PAD_WASTE of the fused tables, one table (one lookup call)
+        sizes = {t: (r, d) for _, t, r, d, _ in feats}
+        total = sum(r * d for r, d in sizes.values())
+        waste = sum(r * (dims[-1] - d) for r, d in sizes.values())
+        if len(dims) > 1 and waste <= PAD_WASTE * total:
+            dims = dims[-1:]
         self.group_dims = dims
         feature_offset = [0] * len(feats)
         group_of = [0] * len(feats)
@@ -146,7 +147,7 @@ class LightServing(nn.Module):
             offset = 0
             placed: dict[str, int] = {}
             for i, (_, tname, rows, dim, _) in enumerate(feats):
-                if dim != d:
+                if len(dims) > 1 and dim != d:
                     continue
                 if tname not in placed:  # a table shared by two features is stored once
                     placed[tname] = offset
@@ -155,7 +156,8 @@ class LightServing(nn.Module):
                 group_of[i] = g
                 members[g].append(i)
             # fused tables, filled block by block (never a second copy of a table):
-            # fp32, or row-wise int8 (prepacked with per-row scale and bias)
+            # fp32, or row-wise int8 (prepacked with per-row scale and bias); a table of a
+            # smaller dim is stored zero-padded to d
             width = int(torch.ops.quantized.embedding_bag_byte_prepack(torch.zeros(1, d)).shape[1])
             w = torch.empty(offset, width, dtype=torch.uint8) if int8 else torch.empty(offset, d)
             for name, base in placed.items():
@@ -163,6 +165,8 @@ class LightServing(nn.Module):
                     blk = blk.detach().float().cpu().contiguous()
                     if on_block is not None:
                         on_block(name, r0, blk)
+                    if blk.shape[1] < d:
+                        blk = torch.nn.functional.pad(blk, (0, d - blk.shape[1]))
                     dst = w[base + r0 : base + r0 + blk.shape[0]]
                     dst.copy_(torch.ops.quantized.embedding_bag_byte_prepack(blk) if int8 else blk)
                     del blk
@@ -175,7 +179,8 @@ class LightServing(nn.Module):
             self.register_buffer(f"table_fp32_{g}", torch.zeros(0, 0))
             self.register_buffer(f"table_int8_{g}", torch.zeros(0, 0, dtype=torch.uint8))
             self.register_buffer(f"group_index_{g}", torch.zeros(0, dtype=torch.int64))
-        self.register_buffer("feature_offset", torch.tensor(feature_offset, dtype=torch.int64))
+        # rows of the fused tables: id mod rows + offset, inside the preprocessing
+        pre.configure_lookup(feature_offset, self.twins)
         self.register_buffer("feature_index", torch.arange(len(feats), dtype=torch.int64))
         self.register_buffer("group_of_feature", torch.tensor(group_of, dtype=torch.int64))
         is_mean = [f[4] == "mean" for f in feats]
@@ -191,35 +196,17 @@ class LightServing(nn.Module):
         for n in order:
             start[n] = col
             col += fdim[n]
-        perm: list[int] = []  # training column of each column after the group concat
-        for m in members:
+        inverse = [0] * col  # for each training column, its column after the group concat
+        pos = 0
+        for g, m in enumerate(members):
             for i in m:
                 n = feats[i][0]
-                perm.extend(range(start[n], start[n] + fdim[n]))
-        inverse = [0] * len(perm)
-        for pos, column in enumerate(perm):
-            inverse[column] = pos
-        self.reorder = inverse != list(range(len(perm)))
+                for c in range(fdim[n]):
+                    inverse[start[n] + c] = pos + c
+                pos += dims[g]  # padded width
+        self.reorder = inverse != list(range(pos))
         self.register_buffer("col_perm", torch.tensor(inverse, dtype=torch.int64))
         self.tower = tower
-        # LayerNorm -> first Linear, folded for score_candidates:
-        # W(g * (x - mu) / s + beta) + b = (W' x - mu W'1) / s + b',  W' = W diag(g)
-        self.split_first = isinstance(tower, LightTower)
-        self.ln_eps = 1e-5
-        w_first, b_first = torch.zeros(0, 0), torch.zeros(0)
-        self.after_first = nn.Sequential()
-        if isinstance(tower, LightTower):
-            mlp = list(tower.mlp)
-            first = mlp[0] if mlp else tower.head
-            assert isinstance(first, nn.Linear)
-            with torch.no_grad():
-                w_first = (first.weight * tower.norm.weight).detach().clone()
-                b_first = (first.weight @ tower.norm.bias + first.bias).detach().clone()
-            self.ln_eps = float(tower.norm.eps)
-            self.after_first = nn.Sequential(*mlp[1:], tower.head) if mlp else nn.Sequential()
-        self.register_buffer("w_first", w_first)
-        self.register_buffer("b_first", b_first)
-        self.register_buffer("w_first_sum", w_first.sum(1))
 
     # -- pieces ---------------------------------------------------------------------
     def _group(self, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -253,13 +240,13 @@ class LightServing(nn.Module):
                 + str(lengths.numel())
             )
         if lengths.numel() > 0:
-            lo_sum: list[int] = torch.stack([lengths.min(), lengths.sum()]).tolist()
-            if lo_sum[0] < 0:
+            if int(lengths.min()) < 0:
                 raise ValueError("rocketrec: lengths must be non-negative")
-            if lo_sum[1] != values.numel():
+            total = int(lengths.sum())
+            if total != values.numel():
                 raise ValueError(
                     "rocketrec: lengths sum to "
-                    + str(lo_sum[1])
+                    + str(total)
                     + " but values has "
                     + str(values.numel())
                     + " entries"
@@ -268,14 +255,15 @@ class LightServing(nn.Module):
             raise ValueError("rocketrec: values given but no lengths")
 
     def embed(self, rows: torch.Tensor, lengths: torch.Tensor, b: int) -> torch.Tensor:
-        """Preprocessed rows/lengths [F*B] -> pooled embeddings [B, K] (training order)."""
-        if self.twins:  # private tables: every bag is looked up once more
-            rows = torch.cat([rows, rows])
-            lengths = torch.cat([lengths, lengths])
+        """Preprocessed rows of the fused tables, lengths [F*B] (twins included) -> pooled
+        embeddings [B, K] (training order)."""
         f = self.num_features
         lens2 = lengths.view(f, b)
-        feat = torch.repeat_interleave(self.feature_index, lens2.sum(1))
-        rows = rows + self.feature_offset[feat]
+        feat = rows  # the feature of each row: only needed with several groups
+        if len(self.group_dims) > 1:
+            feat = torch.repeat_interleave(
+                self.feature_index, lens2.sum(1), output_size=rows.numel()
+            )
         blocks: list[torch.Tensor] = []
         for g in range(len(self.group_dims)):
             idx, w, packed = self._group(g)
@@ -294,10 +282,10 @@ class LightServing(nn.Module):
             else:
                 out, _, _, _ = torch.embedding_bag(w, grows, offsets, False, 0, False, None, False)
             out = out.view(idx.numel(), b, self.group_dims[g])
-            if self.group_has_mean[g]:
-                mean = self.is_mean.index_select(0, idx).view(-1, 1, 1)
-                denom = torch.clamp_min(glens2, 1).to(out.dtype).unsqueeze(-1)
-                out = torch.where(mean, out / denom, out)
+            if self.group_has_mean[g]:  # mean = sum / bag length (empty bags stay 0)
+                inv = torch.reciprocal(torch.clamp_min(glens2, 1).to(out.dtype))
+                mean = self.is_mean.index_select(0, idx).view(-1, 1)
+                out = out * torch.where(mean, inv, 1.0).unsqueeze(-1)
             blocks.append(out.transpose(0, 1).reshape(b, -1))  # [B, n_g * d_g]
         emb = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
         if self.reorder:
@@ -320,42 +308,19 @@ class LightServing(nn.Module):
 
     @torch.jit.export
     def score_candidates(
-        self,
-        ctx_values: torch.Tensor,
-        ctx_lengths: torch.Tensor,
-        ctx_dense: torch.Tensor,
-        values: torch.Tensor,
-        lengths: torch.Tensor,
-        dense: torch.Tensor,
+        self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
     ) -> torch.Tensor:
-        """One context (B = 1) and M candidates -> probabilities [M] (module docstring)."""
-        self._check(ctx_values, ctx_lengths, ctx_dense)
+        """Row 0 = one context, rows 1..M = candidates -> probabilities [M]; equals forward
+        on the M merged rows (module docstring)."""
         self._check(values, lengths, dense)
-        if ctx_dense.size(0) != 1:
-            raise ValueError("rocketrec: the context must be one row (ctx_dense [1, C])")
-        m = dense.size(0)
-        crows, clens, cdense, rows, out_lengths, x_dense = self.preprocess.forward_context(
-            ctx_values, ctx_lengths, ctx_dense, values, lengths, dense
-        )
-        xc = self.embed(crows, clens, 1)  # [1, K]
-        xm = self.embed(rows, out_lengths, m)  # [M, K]: zeros where the context gives it
+        b = dense.size(0)
+        if b < 2:
+            raise ValueError("rocketrec: score_candidates needs the context row and >= 1 candidate")
+        rows, out_lengths, x_dense = self.preprocess.forward_context(values, lengths, dense)
+        x = self.embed(rows, out_lengths, b)  # [1 + M, K]: row 0 the context's share
         if x_dense.size(1) > 0:
-            xc = torch.cat([xc, cdense], 1)
-            xm = torch.cat([xm, x_dense], 1)
-        if not self.split_first:
-            logits = self.tower(xm + xc).view(-1)
-        else:
-            # LayerNorm statistics from both sides (disjoint columns: no cross terms)
-            k = xc.size(1)
-            c64 = xc.double()
-            m64 = xm.double()
-            s1 = c64.sum(1) + m64.sum(1)
-            s2 = (c64 * c64).sum(1) + (m64 * m64).sum(1)
-            mu = s1 / k
-            rstd = torch.rsqrt(torch.clamp_min(s2 / k - mu * mu, 0.0) + self.ln_eps)
-            z = torch.addmm(xc @ self.w_first.t(), xm, self.w_first.t())  # [M, H]
-            y = (z - mu.float().unsqueeze(1) * self.w_first_sum) * rstd.float().unsqueeze(
-                1
-            ) + self.b_first
-            logits = self.after_first(y).view(-1)
+            x = torch.cat([x, x_dense], 1)
+        # the merged rows' tower input: each candidate's share plus the context's (disjoint
+        # columns); the tower's LayerNorm needs whole rows, so its first layer runs on these
+        logits = self.tower(x[1:] + x[0:1]).view(-1)
         return torch.sigmoid(logits + self.logit_offset)

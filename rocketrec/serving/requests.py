@@ -234,9 +234,7 @@ def score_lines(
             batch.append(r)
             continue
         flush()
-        out.extend(
-            call(model.score_candidates, *tensors([r.context], inp), *tensors(r.candidates, inp))
-        )
+        out.extend(call(model.score_candidates, *tensors([r.context, *r.candidates], inp)))
     flush()
     if not out:
         raise DataError(f"{source}: no requests")
