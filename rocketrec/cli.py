@@ -68,11 +68,13 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from rocketrec.config import configs_from_args
     from rocketrec.run_config import resolved_config
+    from rocketrec.serving.module import check_exportable
     from rocketrec.train.checkpoint import latest_checkpoint
     from rocketrec.train.loop import train
 
     spec = load_spec(a.spec)
     model_cfg, loss_cfg, train_cfg = configs_from_args(a)
+    check_exportable(spec, model_cfg, loss_cfg.mode)  # never a run that cannot be served
     if latest_checkpoint(a.out) is not None and not a.resume:
         raise UserError(
             f"{a.out} already holds a run's checkpoints: pass --resume {a.out} to continue it, "

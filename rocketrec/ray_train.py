@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(a.spec)
         model_cfg, loss_cfg, train_cfg = configs_from_args(a)  # bad values: before any worker
+        if not a.no_export:
+            from rocketrec.serving.module import check_exportable
+
+            check_exportable(spec, model_cfg, loss_cfg.mode)  # not after the run
         if a.resume:
             from rocketrec.train.checkpoint import latest_checkpoint as _latest
             from rocketrec.train.checkpoint import read_meta as _read_meta

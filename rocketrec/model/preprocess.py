@@ -119,6 +119,8 @@ class Preprocess(nn.Module):
     any_clip: bool
     any_standardize: bool
     cross_src: list[list[int]]
+    source_used: list[bool]
+    source_scalar: list[bool]
     cross_cap: list[int]
     bucket_bounds: list[int]
     bucket_out: list[int]
@@ -160,7 +162,8 @@ class Preprocess(nn.Module):
         self.num_ids, self.num_buckets, self.num_dense = len(ids), len(buckets), len(dense)
         self.num_out = len(outs)
 
-        caps = [f.max_ids or 0 for f in ids]
+        # a scalar feature keeps at most one id per row (as a Parquet scalar column has)
+        caps = [1 if f.kind == "scalar" else f.max_ids or 0 for f in ids]
         self.any_cap = any(c > 0 for c in caps)
         self._buffer(
             "id_cap", torch.tensor([c if c > 0 else 1 << 62 for c in caps], dtype=torch.int64)
@@ -175,6 +178,10 @@ class Preprocess(nn.Module):
         source = {f.name: i for i, f in enumerate(ids)}
         source.update({f.name: len(ids) + k for k, f in enumerate(buckets)})
         self.cross_src = [[source[x] for x in c.inputs or ()] for c in crosses]
+        used = {s for src in self.cross_src for s in src}
+        self.source_used = [i in used for i in range(len(ids) + len(buckets))]
+        # at most one id per row: scalar id inputs (capped at 1) and bucket ids
+        self.source_scalar = [f.kind == "scalar" for f in ids] + [True] * len(buckets)
         self.cross_cap = [c.max_ids or 0 for c in crosses]
         bounds: list[float] = []
         self.bucket_bounds = [0]
@@ -244,10 +251,10 @@ class Preprocess(nn.Module):
             x = numeric[:, self.num_dense + k].contiguous()
             bounds = self.boundaries[self.bucket_bounds[k] : self.bucket_bounds[k + 1]]
             ids = torch.bucketize(x, bounds, right=True) + 1
-            out.append(torch.where(torch.isnan(x), torch.zeros_like(ids), ids))
+            out.append(ids.masked_fill_(torch.isnan(x), 0))
         if len(out) == 0:
             return torch.zeros(0, numeric.size(0), dtype=torch.int64, device=numeric.device)
-        return torch.stack(out)
+        return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
     def process_dense(self, numeric: torch.Tensor) -> torch.Tensor:
         """Raw dense columns (NaN = missing) -> fill, then the transform."""
@@ -268,36 +275,44 @@ class Preprocess(nn.Module):
         c: int,
         sources_v: list[torch.Tensor],
         sources_l: list[torch.Tensor],
+        scalar: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross c from its inputs' bags (sources_*: one entry per source index)."""
+        """Cross c from its inputs' bags (sources_*: one entry per source index). scalar:
+        every input has exactly one id per row (then the cross is elementwise)."""
         src = self.cross_src[c]
         h = torch.bitwise_xor(sources_v[src[0]], -3750763034362895579) * 1099511628211
         hl = sources_l[src[0]]
         for s in src[1:]:
-            h, hl = cross_bags(h, hl, sources_v[s], sources_l[s])
+            if scalar:
+                h = torch.bitwise_xor(h, sources_v[s]) * 1099511628211
+            else:
+                h, hl = cross_bags(h, hl, sources_v[s], sources_l[s])
         h = fmix64(h)
         cap = self.cross_cap[c]
-        if cap > 0 and bool((hl > cap).any()):
+        if cap > 0 and not scalar and bool((hl > cap).any()):
             h, hl = truncate_bags(h, hl, cap)
         return h, hl
 
     def sources(
         self, values: torch.Tensor, lens2: torch.Tensor, bids: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per source (id inputs, then bucketized inputs): (values, lengths [B])."""
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        """Per source (id inputs, then bucketized inputs): (values, lengths [B]) and the
+        number of ids (a bucketized input has one per row)."""
+        b = lens2.size(1)
+        totals: list[int] = lens2.sum(1).tolist()
+        segs = torch.split(values, totals)
         sv: list[torch.Tensor] = []
         sl: list[torch.Tensor] = []
-        totals: list[int] = lens2.sum(1).tolist()
-        start = 0
         for i in range(self.num_ids):
-            n = totals[i]
-            sv.append(values.narrow(0, start, n))
-            sl.append(lens2[i])
-            start += n
-        for k in range(self.num_buckets):
-            sv.append(bids[k])
-            sl.append(torch.ones_like(bids[k]))
-        return sv, sl
+            sv.append(segs[i])
+            sl.append(lens2[i] if self.source_used[i] else values)  # unused: never read
+        if self.num_buckets > 0:
+            ones = torch.ones(b, dtype=torch.int64, device=values.device)
+            for k in range(self.num_buckets):
+                sv.append(bids[k])
+                sl.append(ones)
+                totals.append(b)
+        return sv, sl, totals
 
     def finish(self, parts_v: list[torch.Tensor], parts_l: list[torch.Tensor], b: int):
         """Concatenate the output features' ids; row = id mod rows (+ the lookup offset)."""
@@ -345,9 +360,12 @@ class Preprocess(nn.Module):
         if self.num_buckets > 0 or len(self.cross_src) > 0:
             bids = self.bucket_ids(numeric)
             if len(self.cross_src) > 0:
-                sv, sl = self.sources(vals, lens2, bids)
+                sv, sl, totals = self.sources(vals, lens2, bids)
                 for c in range(len(self.cross_src)):
-                    cv, cl = self.cross(c, sv, sl)
+                    scalar = True
+                    for s in self.cross_src[c]:
+                        scalar = scalar and totals[s] == b and self.source_scalar[s]
+                    cv, cl = self.cross(c, sv, sl, scalar)
                     parts_v.append(cv)
                     parts_l.append(cl)
             for k in self.bucket_out:
@@ -384,24 +402,31 @@ class Preprocess(nn.Module):
             bids = self.bucket_ids(numeric)  # [Kb, b]
             given: list[bool] = ctx_has[0, self.num_dense :].tolist()
             if len(self.cross_src) > 0:
-                sv, sl = self.sources(vals, lens2, bids)
+                sv, sl, totals = self.sources(vals, lens2, bids)
                 mv: list[torch.Tensor] = []  # merged sources, M rows
                 ml: list[torch.Tensor] = []
+                mt: list[int] = []  # ids per merged source
                 ctx_len: list[int] = lens2[:, 0].tolist()
                 for s in range(self.num_ids + self.num_buckets):
                     n0 = ctx_len[s] if s < self.num_ids else (1 if given[s - self.num_ids] else 0)
                     if n0 > 0:  # the context's bag, for every candidate
                         mv.append(sv[s].narrow(0, 0, n0).repeat(m))
                         ml.append(torch.full([m], n0, dtype=torch.int64, device=values.device))
+                        mt.append(n0 * m)
                     elif s < self.num_ids:  # row 0's bag is empty: all values are candidates'
                         mv.append(sv[s])
-                        ml.append(sl[s][1:])
+                        ml.append(sl[s][1:] if self.source_used[s] else sl[s])
+                        mt.append(totals[s])
                     else:  # a bucket id per row: drop row 0's
                         mv.append(sv[s].narrow(0, 1, m))
                         ml.append(sl[s][1:])
+                        mt.append(m)
                 zero = torch.zeros(1, dtype=torch.int64, device=values.device)
                 for c in range(len(self.cross_src)):
-                    cv, cl = self.cross(c, mv, ml)
+                    scalar = True
+                    for s in self.cross_src[c]:
+                        scalar = scalar and mt[s] == m and self.source_scalar[s]
+                    cv, cl = self.cross(c, mv, ml, scalar)
                     parts_v.append(cv)
                     parts_l.append(torch.cat([zero, cl]))
             for k in self.bucket_out:

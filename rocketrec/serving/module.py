@@ -24,6 +24,7 @@ Serving contract (ARCHITECTURE.md "Contracts"; inputs as in the manifest's
 """
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from rocketrec.model.preprocess import Preprocess
 from rocketrec.spec import FeatureSpec
 
 MAX_DIM_GROUPS = 4  # fused tables: one per embedding dim of the served tower
-PAD_WASTE = 0.1  # pad small-dim tables into one fused table when it costs <= 10% more
+PAD_WASTE = 0.25  # one fused table (smaller dims zero-padded) when that costs <= 25% more
 
 TableSource = torch.Tensor | Callable[[], Iterable[tuple[int, torch.Tensor]]]
 BlockHook = Callable[[str, int, torch.Tensor], None]
@@ -53,8 +54,7 @@ def _row_blocks(src: TableSource, rows: int = 1 << 20) -> Iterator[tuple[int, to
 
 
 def check_servable(spec: FeatureSpec, private_dim: int = 0) -> None:
-    """Raise ValueError if export would refuse this spec's light tower (checked before
-    training starts, so a run never ends in an unexportable model)."""
+    """Raise ValueError if export would refuse this spec's light tower."""
     dims = {spec.table(f.table).dim for f in spec.light_sparse}
     if private_dim:
         dims.add(private_dim)
@@ -64,6 +64,18 @@ def check_servable(spec: FeatureSpec, private_dim: int = 0) -> None:
             f"({sorted(dims)}); the exported model supports at most {MAX_DIM_GROUPS}: give "
             "the light tower's tables fewer distinct dims"
         )
+
+
+def check_exportable(spec: FeatureSpec, model_cfg: Any, mode: str) -> None:
+    """Refuse, before training starts, a run whose light tower export would refuse."""
+    if mode == "booster_only":
+        return  # no light tower is trained or exported
+    if model_cfg.shared_bottom:
+        raise ValueError(
+            "--shared-bottom: the exported light tower cannot serve a shared dense bottom "
+            "(export refuses it): train without it, or with --mode booster_only"
+        )
+    check_servable(spec, model_cfg.light_private_dim)
 
 
 class LightServing(nn.Module):
@@ -133,7 +145,7 @@ class LightServing(nn.Module):
         if len(dims) > MAX_DIM_GROUPS:
             raise ValueError(f"the exported tower uses more than {MAX_DIM_GROUPS} embedding dims")
         # one fused table per dim; or, when padding the smaller dims' tables to the largest
-        # dim wastes at most PAD_WASTE of the fused tables, one table (one lookup call)
+        # dim costs at most PAD_WASTE more table memory, one table (one lookup call)
         sizes = {t: (r, d) for _, t, r, d, _ in feats}
         total = sum(r * d for r, d in sizes.values())
         waste = sum(r * (dims[-1] - d) for r, d in sizes.values())
