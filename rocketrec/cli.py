@@ -298,8 +298,15 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     src = a.requests
     if src != "-" and not Path(src).is_file():
         raise UserError(f"{src}: no such file")
-    lines = sys.stdin.read().splitlines() if src == "-" else Path(src).read_text().splitlines()
-    for x in score_lines(model, lines, manifest, "<stdin>" if src == "-" else src):
+    name = "<stdin>" if src == "-" else src
+    raw = sys.stdin.buffer.read() if src == "-" else Path(src).read_bytes()
+    lines = []
+    for ln, b in enumerate(raw.split(b"\n"), 1):
+        try:
+            lines.append(b.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{name}:{ln}: not valid UTF-8 ({e.reason})") from None
+    for x in score_lines(model, lines, manifest, name):
         print(f"{x:.9g}")
     return 0
 

@@ -119,7 +119,7 @@ def cross_hash(ids: list[int] | tuple[int, ...]) -> int:
     """Reference (scalar) cross id of one id per input; returns a signed int64."""
     h = FNV_OFFSET
     for x in ids:
-        h = ((h ^ (x & _MASK)) * FNV_PRIME) & _MASK
+        h = ((h ^ (int(x) & _MASK)) * FNV_PRIME) & _MASK
     return _signed(fmix64(h))
 
 

@@ -4,6 +4,7 @@ libtorch, and check the C++ predictor against Python on the same requests."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from rocketrec.train.loop import TrainConfig, train
 pytestmark = pytest.mark.e2e
 
 
-def build_predictor(build_dir: Path) -> Path:
+def build_predictor(build_dir: Path, *extra: str, target: str = "rocketrec_predict") -> Path:
     prefix = torch.utils.cmake_prefix_path
     cfg = subprocess.run(
         [
@@ -35,6 +36,7 @@ def build_predictor(build_dir: Path) -> Path:
             str(build_dir),
             f"-DCMAKE_PREFIX_PATH={prefix}",
             f"-DPython_EXECUTABLE={sys.executable}",
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -42,7 +44,7 @@ def build_predictor(build_dir: Path) -> Path:
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
     b = subprocess.run(["cmake", "--build", str(build_dir), "-j2"], capture_output=True, text=True)
     assert b.returncode == 0, b.stdout + b.stderr
-    exe = build_dir / "rocketrec_predict"
+    exe = build_dir / target
     assert exe.exists()
     return exe
 
@@ -172,5 +174,228 @@ def test_bench_prints_latencies(predictor, exported):
     )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(x) for x in out.stdout.splitlines()]
-    assert [r["batch"] for r in rows] == [1, 16, 256]
-    assert all(0 < r["p50_us"] <= r["p99_us"] for r in rows)
+    batch = [r for r in rows if r["mode"] == "batch"]
+    assert [r["batch"] for r in batch] == [1, 16, 256]
+    assert all(0 < r["p50_us"] <= r["p99_us"] for r in batch)
+    (cand,) = [r for r in rows if r["mode"] == "candidates"]
+    assert cand["candidates"] == 200 and cand["max_abs_diff"] <= 1e-6 and cand["batch_p50_us"] > 0
+    (threads,) = [r for r in rows if r["mode"] == "threads"]
+    assert threads["threads"] == 2 and threads["rps"] > 0 and threads["rps_1"] > 0
+
+
+# -- crosses, bucketized numbers, context + candidates ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def cross_exported(tmp_path_factory, cross_spec, cross_data) -> Path:
+    d = tmp_path_factory.mktemp("cppcross")
+    train(
+        cross_spec,
+        cross_data["train"],
+        cross_data["val"],
+        str(d / "run"),
+        ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,)),
+        None,
+        TrainConfig(batch_size=512, max_steps=8, log_every=0),
+    )
+    export_checkpoint(d / "run", d / "light.pt", data=cross_data["val"])
+    export_checkpoint(d / "run", d / "light_int8.pt", int8=True, data=cross_data["val"])
+    return d
+
+
+def _hostile_requests(path: str, manifest: dict, n: int) -> tuple[list[str], list[str]]:
+    """One-row and context+candidates requests from Parquet rows, with nulls, empty
+    lists, extreme ids, unicode strings, NaN-like nulls and numbers off the boundaries;
+    and the same rows as one-row requests (for comparison)."""
+    from rocketrec.serving import requests as rq
+
+    rows = pq.read_table(path).slice(0, n)
+    rng = random.Random(5)
+    one = rq.requests_from_table(rows, manifest)
+    edits = []
+    for i, line in enumerate(one):
+        r = json.loads(line)
+        k = i % 6
+        if k == 0:
+            r["user_id"] = rng.choice([-(2**63), 2**63 - 1, 0, -1])
+        elif k == 1:
+            r["user_city"] = rng.choice(["東京", "", "😀 x", "zürich", None])
+        elif k == 2:
+            r["user_tags"] = rng.choice([[], None, [None, 3], list(range(9))])
+        elif k == 3:
+            r["ad_price"] = rng.choice([None, -5.0, 0.5, 1e30, 100.0])
+        elif k == 4:
+            r["ad_cat"] = None
+        edits.append(r)
+    full = [json.dumps(r) for r in edits]
+    grouped = []
+    for g in range(0, len(edits), 10):
+        group = edits[g : g + 10]
+        ctx_keys = rng.sample(sorted(group[0]), k=rng.randint(0, len(group[0])))
+        ctx = {k: group[0][k] for k in ctx_keys}
+        cands = [{k: v for k, v in r.items() if k not in ctx_keys} for r in group]
+        grouped.append(json.dumps({"context": ctx, "candidates": cands}))
+        for j, c in enumerate(cands):
+            full[g + j] = json.dumps({**ctx, **c})
+    return grouped, full
+
+
+@pytest.mark.parametrize("name", ["light.pt", "light_int8.pt"])
+def test_cpp_crosses_and_candidates_match_python(
+    predictor, cross_exported, cross_data, name, tmp_path
+):
+    """C++ vs Python on a model with crosses and bucketized numbers, in all three request
+    forms; context+candidates requests equal the merged full rows."""
+    from rocketrec.serving import requests as rq
+
+    model = cross_exported / name
+    man = read_manifest(model)
+    grouped, full = _hostile_requests(cross_data["val"], man, 300)
+    mixed = full[:50] + grouped + full[50:80]
+    req = tmp_path / "req.jsonl"
+    req.write_text("\n".join(mixed) + "\n")
+    out = subprocess.run(
+        [str(predictor), str(model), str(req), "--batch", "16"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    cpp = [float(x) for x in out.stdout.split()]
+    m = torch.jit.load(str(model))
+    py = rq.score_lines(m, mixed, man)
+    assert len(cpp) == len(py) == 50 + 300 + 30
+    assert max(abs(a - b) for a, b in zip(cpp, py)) <= 1e-6
+    # the candidates' scores equal the full rows' (Python and C++ alike)
+    cand = cpp[50:350]
+    full_py = rq.score_lines(m, full, man)
+    assert max(abs(a - b) for a, b in zip(cand, full_py)) <= 1e-6
+
+
+def test_cpp_cross_hash_matches_python(predictor):
+    from rocketrec.hashing import CROSS_TEST_VECTORS, cross_hash
+
+    rng = random.Random(2)
+    cases = [list(ids) for ids, _ in CROSS_TEST_VECTORS] + [
+        [rng.randint(-(2**63), 2**63 - 1) for _ in range(rng.randint(2, 4))] for _ in range(40)
+    ]
+    out = subprocess.run(
+        [str(predictor), "--cross-hash", *[",".join(map(str, c)) for c in cases]],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert [int(x) for x in out.stdout.split()] == [cross_hash(c) for c in cases]
+
+
+def test_cpp_api_checks_sizes(predictor, cross_exported):
+    out = subprocess.run(
+        [str(predictor), str(cross_exported / "light.pt"), "--self-test"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 8 and all(x.startswith("ok ") for x in lines), lines
+
+
+def _mutate(line: bytes, rng: random.Random) -> bytes:
+    b = bytearray(line)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(7)
+        i = rng.randrange(len(b) + 1)
+        if op == 0 and b:  # flip a byte
+            b[min(i, len(b) - 1)] = rng.randrange(256)
+        elif op == 1:  # insert JSON punctuation
+            b[i:i] = rng.choice(
+                [b"{", b"}", b"[", b"]", b'"', b",", b":", b"\\", b"null", b"-", b"e9"]
+            )
+        elif op == 2:  # truncate
+            b = b[:i]
+        elif op == 3:  # duplicate a slice
+            j = rng.randrange(i, len(b) + 1)
+            b[i:i] = b[i:j]
+        elif op == 4:  # a number type swap or an extreme number
+            b[i:i] = rng.choice(
+                [b"1e400", b"-0", b"99999999999999999999999", b"1.5", b"true", b"NaN"]
+            )
+        elif op == 5:  # deep nesting
+            d = rng.choice([5, 31, 33, 1000])
+            b[i:i] = b"[" * d + b"]" * d
+        else:  # invalid or odd unicode
+            b[i:i] = rng.choice([b"\xff\xfe", b"\xc3", b"\\ud800", b"\\u0000", "😀".encode()])
+    return bytes(b).replace(b"\n", b" ")
+
+
+def _fuzz_lines(valid: list[str], n: int) -> list[bytes]:
+    rng = random.Random(7)
+    out: list[bytes] = [v.encode() for v in valid]
+    tokens = [
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b'"user_id"',
+        b'"ad_id"',
+        b":",
+        b",",
+        b"1",
+        b'"x"',
+        b"null",
+        b"-1e5",
+        b'"context"',
+        b'"candidates"',
+        b'"sparse"',
+        b'"dense"',
+    ]
+    while len(out) < n:
+        if rng.random() < 0.7:
+            out.append(_mutate(rng.choice(valid).encode(), rng))
+        else:
+            out.append(b"".join(rng.choice(tokens) for _ in range(rng.randint(0, 40))))
+    out.append(b"[" * 200_000)
+    out.append(b'{"user_id": "' + b"a" * (1 << 20) + b'"}')
+    return out
+
+
+def test_fuzz_requests_never_crash(predictor, cross_exported, cross_data, tmp_path):
+    """>= 20,000 random and mutated request lines through the request parser built with
+    -fsanitize=address,undefined (no libtorch), then through rocketrec_predict: every line
+    gives a score per row or exactly one error line; no crash, no sanitizer report."""
+    parse_check = build_predictor(
+        tmp_path / "asan", "-DROCKETREC_SANITIZE=ON", target="parse_check"
+    )
+    model = cross_exported / "light.pt"
+    man = read_manifest(model)
+    grouped, full = _hostile_requests(cross_data["val"], man, 200)
+    lines = _fuzz_lines(grouped + full, 20_500)
+    assert len(lines) >= 20_000
+    data = b"\n".join(lines) + b"\n"
+    (tmp_path / "m.json").write_text(json.dumps(man))
+    env = dict(
+        os.environ,
+        ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+    )
+    pc = subprocess.run(
+        [str(parse_check), str(tmp_path / "m.json")], input=data, capture_output=True, env=env
+    )
+    assert pc.returncode == 0, pc.stderr[-3000:]
+    assert pc.stderr == b"", pc.stderr[-3000:]
+    verdicts = pc.stdout.decode().splitlines()
+    assert len(verdicts) == len(lines)
+    assert all(v.startswith(("ok rows=", "error: ")) for v in verdicts)
+    n_ok = sum(v.startswith("ok") for v in verdicts)
+    assert 300 <= n_ok < len(lines) - 1000, n_ok  # both kinds are exercised
+    # the real program on the same lines: a score per row or one error line per line
+    (tmp_path / "fuzz.jsonl").write_bytes(data)
+    run = subprocess.run(
+        [str(predictor), str(model), str(tmp_path / "fuzz.jsonl"), "--keep-going"],
+        capture_output=True,
+    )
+    assert run.returncode == 1, run.stderr[-2000:]  # some lines failed, none crashed
+    got = run.stdout.decode().splitlines()
+    want = 0
+    for line, v in zip(lines, verdicts):
+        if not line.strip(b" \t\r"):
+            continue  # blank lines are skipped
+        want += int(v.split("=")[1]) if v.startswith("ok") else 1
+    assert len(got) == want
+    assert all(g.startswith("error: ") or 0.0 <= float(g) <= 1.0 for g in got)

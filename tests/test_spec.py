@@ -17,16 +17,125 @@ def test_shipped_specs_load():
     for f in ads.sparse:
         shared.setdefault(f.table, []).append(f.name)
     assert any(len(v) > 1 for v in shared.values()), "a table shared by two features"
-    assert {f.kind for f in ads.sparse} == {"scalar", "list"}
-    assert {f.dtype for f in ads.sparse} == {"int64", "string"}
+    assert {f.kind for f in ads.sparse} == {"scalar", "list", "cross", "bucketize"}
+    assert {f.dtype for f in ads.id_features} == {"int64", "string"}
+    light = set(ads.light_features)
+    assert any(f.kind == "cross" and f.name in light for f in ads.sparse)
+    assert any(f.kind == "bucketize" and f.name in light for f in ads.sparse)
     criteo = load_spec(SPECS / "criteo.yaml")
     assert [f.column for f in criteo.dense] == [f"I{i}" for i in range(1, 14)]
     assert [f.column for f in criteo.sparse] == [f"C{i}" for i in range(1, 27)]
 
 
-def test_round_trip(tiny_spec):
+def test_round_trip(tiny_spec, cross_spec):
     again = spec_from_dict(tiny_spec.to_dict(), source="x")
     assert again == tiny_spec
+    assert spec_from_dict(cross_spec.to_dict(), source="y") == cross_spec
+
+
+def _cross_mutate(old: str, new: str) -> str:
+    from conftest import CROSS_SPEC
+
+    assert old in CROSS_SPEC, old
+    return CROSS_SPEC.replace(old, new, 1)
+
+
+CROSS = "{name: city_x_cat, kind: cross, inputs: [user_city, ad_cat], table: t_cross}"
+BAND = (
+    "{name: price_band, column: ad_price, kind: bucketize, boundaries: [0.5, 1, 5, 20, 100], "
+    "table: t_band}"
+)
+BROKEN_NEW_KINDS = {
+    "cross without inputs": (
+        CROSS.replace("inputs: [user_city, ad_cat], ", ""),
+        ["'inputs'", "required"],
+    ),
+    "cross of one input": (
+        CROSS.replace("[user_city, ad_cat]", "[user_city]"),
+        ["'inputs'", "at least two"],
+    ),
+    "cross input unknown": (
+        CROSS.replace("[user_city, ad_cat]", "[user_cty, ad_cat]"),
+        ["feature 'city_x_cat'", "'inputs'", "user_cty", "did you mean 'user_city'"],
+    ),
+    "cross input twice": (CROSS.replace("[user_city, ad_cat]", "[ad_cat, ad_cat]"), ["twice"]),
+    "cross of a cross": (
+        CROSS.replace("[user_city, ad_cat]", "[tags_x_ad, ad_cat]"),
+        ["'tags_x_ad' is itself a cross"],
+    ),
+    "cross with a column": (
+        CROSS.replace("kind: cross,", "kind: cross, column: x,"),
+        ["'column' does not apply to kind 'cross'"],
+    ),
+    "cross with a dtype": (
+        CROSS.replace("kind: cross,", "kind: cross, dtype: string,"),
+        ["'dtype' does not apply"],
+    ),
+    "cross inputs not a list": (
+        CROSS.replace("[user_city, ad_cat]", "user_city"),
+        ["'inputs'", "list"],
+    ),
+    "bucketize without boundaries": (
+        BAND.replace("boundaries: [0.5, 1, 5, 20, 100], ", ""),
+        ["feature 'price_band'", "'boundaries'", "required"],
+    ),
+    "bucketize not increasing": (
+        BAND.replace("[0.5, 1, 5, 20, 100]", "[0.5, 5, 1]"),
+        ["strictly increasing"],
+    ),
+    "bucketize equal boundaries": (
+        BAND.replace("[0.5, 1, 5, 20, 100]", "[1, 1.0]"),
+        ["strictly increasing"],
+    ),
+    "bucketize empty": (BAND.replace("[0.5, 1, 5, 20, 100]", "[]"), ["at least one"]),
+    "bucketize not a number": (
+        BAND.replace("[0.5, 1, 5, 20, 100]", "[0.5, high]"),
+        ["'high' is not a finite number"],
+    ),
+    "bucketize nan": (BAND.replace("[0.5, 1, 5, 20, 100]", "[0.5, .nan]"), ["not a finite number"]),
+    "bucketize too few rows": (
+        BAND.replace("[0.5, 1, 5, 20, 100]", "[1, 2, 3, 4, 5, 6, 7]"),
+        ["table 't_band' has 8 rows", "at least 9"],
+    ),
+    "bucketize without column": (BAND.replace("column: ad_price, ", ""), ["'column'", "required"]),
+    "bucketize with max_ids": (
+        BAND.replace("kind: bucketize,", "kind: bucketize, max_ids: 2,"),
+        ["'max_ids' does not apply to kind 'bucketize'"],
+    ),
+    "bucketize with a dtype": (
+        BAND.replace("kind: bucketize,", "kind: bucketize, dtype: int64,"),
+        ["'dtype' does not apply"],
+    ),
+    "boundaries on a list": (
+        None,
+        ["'boundaries' does not apply to kind 'list'"],
+    ),
+    "inputs on a scalar": (None, ["'inputs' does not apply to kind 'scalar'"]),
+    "unknown kind": (BAND.replace("kind: bucketize", "kind: bucket"), ["'kind'", "bucketize"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_NEW_KINDS))
+def test_broken_cross_and_bucketize_keys(tmp_path, case):
+    line, needles = BROKEN_NEW_KINDS[case]
+    if case == "boundaries on a list":
+        text = _cross_mutate(
+            "kind: list, table: t_tag", "kind: list, boundaries: [1], table: t_tag"
+        )
+    elif case == "inputs on a scalar":
+        text = _cross_mutate(
+            "{name: user_id, column: user_id,", "{name: user_id, inputs: [a, b], column: user_id,"
+        )
+    else:
+        text = _cross_mutate(CROSS if "cross" in case else BAND, line)
+    p = tmp_path / "broken.yaml"
+    p.write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    msg = str(e.value)
+    assert msg.startswith(str(p)) and "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)
 
 
 def _mutate(old: str, new: str) -> str:

@@ -83,6 +83,32 @@ std::string preview(const json& v) {
   return s.size() > 40 ? s.substr(0, 40) + "..." : s;
 }
 
+// Error messages quote parts of the input: keep them valid UTF-8 and printable (invalid
+// bytes and control characters become \xNN), so one error is always one clean line.
+std::string clean_utf8(const std::string& s) {
+  std::string out;
+  static const char* hex = "0123456789abcdef";
+  auto esc = [&](unsigned char c) {
+    out += "\\x";
+    out += hex[c >> 4];
+    out += hex[c & 15];
+  };
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    bool ok = n > 0 && i + n <= s.size();
+    for (size_t k = 1; ok && k < n; ++k) ok = (static_cast<unsigned char>(s[i + k]) >> 6) == 2;
+    if (!ok || (n == 1 && (c < 0x20 || c == 0x7f))) {
+      esc(c);
+      ++i;
+    } else {
+      out.append(s, i, n);
+      i += n;
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 RequestParser::RequestParser(std::vector<SparseFeatureInfo> sparse, std::vector<DenseFeatureInfo> dense,
@@ -203,7 +229,8 @@ struct RowBuilder {
     };
     if (v.is_null()) return;
     if (v.is_array()) {
-      for (const auto& x : v) one(x);
+      for (const auto& x : v)
+        if (!x.is_null()) one(x);  // a null list element is no id (as in training data)
     } else {
       one(v);
     }
@@ -214,7 +241,10 @@ struct RowBuilder {
     if (!v.is_number())
       throw RequestError(where + "dense feature '" + name + "' expects a number, got " + type_name(v) + " " +
                          preview(v));
-    return static_cast<float>(v.get<double>());
+    const float x = static_cast<float>(v.get<double>());
+    if (!std::isfinite(x))
+      throw RequestError(where + "dense feature '" + name + "': " + preview(v) + " is not a finite float32");
+    return x;
   }
 
   Request build(const json& obj) const {
@@ -256,6 +286,14 @@ struct RowBuilder {
 }  // namespace
 
 ParsedLine RequestParser::parse(const std::string& line) const {
+  try {
+    return parse_unchecked(line);
+  } catch (const RequestError& e) {
+    throw RequestError(clean_utf8(e.what()));
+  }
+}
+
+ParsedLine RequestParser::parse_unchecked(const std::string& line) const {
   const json obj = parse_json(line, limits_);
   ParsedLine out;
   if (obj.is_object() && (obj.contains("context") || obj.contains("candidates"))) {

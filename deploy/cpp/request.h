@@ -78,6 +78,7 @@ class RequestParser {
   void check_disjoint(const CandidatesRequest& c) const;
 
  private:
+  ParsedLine parse_unchecked(const std::string& line) const;
   std::vector<SparseFeatureInfo> sparse_;
   std::vector<DenseFeatureInfo> dense_;
   std::unordered_map<std::string, long> index_;  // name -> sparse i (>= 0) or -(dense i) - 1

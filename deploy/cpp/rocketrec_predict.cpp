@@ -9,6 +9,7 @@
 //   rocketrec_predict --hash STRING...                 fnv1a64 ids, one per line
 //   rocketrec_predict --cross-hash ID,ID[,ID...]...    cross ids, one per line
 //   rocketrec_predict MODEL.pt --manifest              print the manifest
+//   rocketrec_predict MODEL.pt --self-test             the API's size checks
 //
 // Bad input never crashes: one line "rocketrec_predict: error: FILE:LINE: ..." on stderr
 // and exit code 2. With --keep-going a bad line prints "error: ..." in its place on
@@ -20,6 +21,8 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -173,6 +176,43 @@ int bench(const rocketrec::Predictor& p, double seconds, std::vector<std::string
   return 0;
 }
 
+// The library API checks sizes: wrong shapes and overlapping inputs are RequestErrors,
+// never reads out of bounds. Prints one line per check; exit 1 if one does not throw.
+int self_test(const rocketrec::Predictor& p) {
+  const size_t F = p.sparse().size(), D = p.dense().size();
+  auto good = [&] {
+    rocketrec::Request r;
+    r.bags.assign(F, {});
+    r.dense.assign(D, std::numeric_limits<float>::quiet_NaN());
+    return r;
+  };
+  std::vector<std::pair<std::string, std::function<void()>>> checks;
+  checks.push_back({"too few bags", [&] { auto r = good(); r.bags.pop_back(); p.predict({r}); }});
+  checks.push_back({"too many bags", [&] { auto r = good(); r.bags.emplace_back(); p.predict({r}); }});
+  checks.push_back({"too many dense", [&] { auto r = good(); r.dense.push_back(1.f); p.predict({r}); }});
+  checks.push_back({"no dense", [&] { auto r = good(); r.dense.clear(); if (D == 0) r.bags.clear(); p.predict({r}); }});
+  checks.push_back({"bad candidate", [&] { auto r = good(); auto c = good(); c.bags.clear(); p.score(r, {c}); }});
+  checks.push_back({"bad context", [&] { auto r = good(); r.bags.resize(F + 3); p.score(r, {good()}); }});
+  checks.push_back({"overlap", [&] {
+    auto r = good(), c = good();
+    if (F) { r.bags[0] = {1}; c.bags[0] = {2}; } else { r.dense[0] = 1.f; c.dense[0] = 2.f; }
+    p.score(r, {good(), c});
+  }});
+  int bad = 0;
+  for (auto& [name, fn] : checks) {
+    try {
+      fn();
+      std::printf("FAIL %s: no error\n", name.c_str());
+      ++bad;
+    } catch (const rocketrec::RequestError& e) {
+      std::printf("ok %s: %s\n", name.c_str(), e.what());
+    }
+  }
+  auto r = good();
+  std::printf("ok empty request scores %.6g\n", p.predict({r}).at(0));
+  return bad ? 1 : 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -195,7 +235,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::string model = args[0], requests = "-", context;
-  bool do_bench = false, manifest = false, keep_going = false;
+  bool do_bench = false, manifest = false, keep_going = false, do_self_test = false;
   size_t batch_size = 256;
   double seconds = 1.0;
   int n_cand = 200, threads = 2;
@@ -205,6 +245,7 @@ int main(int argc, char** argv) {
       if (a == "--bench") do_bench = true;
       else if (a == "--manifest") manifest = true;
       else if (a == "--keep-going") keep_going = true;
+      else if (a == "--self-test") do_self_test = true;
       else if (a == "--batch" && i + 1 < args.size()) batch_size = std::stoul(args[++i]);
       else if (a == "--seconds" && i + 1 < args.size()) seconds = std::stod(args[++i]);
       else if (a == "--context" && i + 1 < args.size()) context = args[++i];
@@ -225,6 +266,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (do_bench) return bench(p, seconds, split(context, ','), n_cand, threads);
+    if (do_self_test) return self_test(p);
     std::ifstream file;
     if (requests != "-") {
       file.open(requests);

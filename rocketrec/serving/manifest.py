@@ -35,6 +35,12 @@ def _sparse_entry(spec: FeatureSpec, f: SparseFeature) -> dict[str, Any]:
     return d
 
 
+def _dense_entry(f: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": f.name, "kind": "dense"}
+    d.update({k: v for k, v in vars(f).items() if v is not None and k != "name"})
+    return d
+
+
 def build_manifest(
     spec: FeatureSpec, int8: bool, metrics: dict[str, Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
@@ -49,7 +55,7 @@ def build_manifest(
         if isinstance(f, SparseFeature):  # a bucketized number
             numeric.append(_sparse_entry(spec, f))
         else:
-            numeric.append({k: v for k, v in vars(f).items() if v is not None})
+            numeric.append(_dense_entry(f))
     return {
         "format": FORMAT,
         "inputs": {
@@ -69,10 +75,7 @@ def build_manifest(
         "sparse_features": [_sparse_entry(spec, f) for f in pre.id_inputs],
         "dense_features": numeric,
         "features": [_sparse_entry(spec, sparse[n]) for n in pre.sparse_outputs]
-        + [
-            {k: v for k, v in vars(spec.feature(n)).items() if v is not None}
-            for n in pre.dense_outputs
-        ],
+        + [_dense_entry(spec.feature(n)) for n in pre.dense_outputs],
         "hash": {
             "name": "fnv1a64",
             "definition": "FNV-1a 64 over UTF-8 bytes, offset 0xcbf29ce484222325, prime "

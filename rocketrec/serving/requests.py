@@ -7,8 +7,8 @@ One request per line, in one of three forms (features named as in the manifest's
     {"sparse": {"user_id": 42, "advertiser_id": "adv:9"}, "dense": [12.5, null]}
     {"context": {...}, "candidates": [{...}, {...}]}      one context against N ads
 
-A missing sparse feature is an empty bag, a missing (or null) number is NaN (the
-model's fill). In the candidates form every feature is given either in the context
+A missing sparse feature is an empty bag (null, [] and null list elements are no
+ids, as in training data), a missing (or null) number is NaN (the model's fill). In the candidates form every feature is given either in the context
 or in the candidates, never in both. Limits: MAX_LINE_BYTES per line, MAX_DEPTH of
 nesting, MAX_CANDIDATES per request.
 """
@@ -74,10 +74,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _num(v: Any, name: str) -> float:
+def _num(v: Any, name: str, pre: str = "") -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise DataError(f"dense feature '{name}' expects a number, got {v!r}")
-    return float(v)
+        raise DataError(f"{pre}dense feature '{name}' expects a number, got {v!r}")
+    try:
+        x = float(v)
+    except OverflowError:
+        x = float("inf")
+    with np.errstate(over="ignore"):
+        finite = bool(np.isfinite(np.float32(x)))  # as C++ casts: round to float32
+    if not finite:
+        raise DataError(f"{pre}dense feature '{name}': {v!r:.40} is not a finite float32")
+    return x
+
+
+def _no_constants(token: str) -> float:
+    raise DataError(f"bad JSON: {token} is not a JSON number")
 
 
 def parse_row(obj: Any, inp: Inputs, where: str = "") -> Row:
@@ -103,13 +115,15 @@ def parse_row(obj: Any, inp: Inputs, where: str = "") -> Row:
                     f"({', '.join(inp.dense)}), got {got}"
                 )
             for i, v in enumerate(dv):  # null = missing -> the feature's fill
-                dense[i] = float("nan") if v is None else _num(v, inp.dense[i])
+                dense[i] = float("nan") if v is None else _num(v, inp.dense[i], pre)
         items = sp
     for k, v in items.items():
         if k in inp.sparse_index:
             i = inp.sparse_index[k]
             dtype = inp.sparse[i][1]
             for x in [] if v is None else v if isinstance(v, list) else [v]:
+                if x is None:  # a null list element is no id (as in training data)
+                    continue
                 if dtype == "string":
                     if not isinstance(x, str):
                         raise DataError(f"{pre}feature '{k}' expects string ids, got {x!r}")
@@ -121,7 +135,7 @@ def parse_row(obj: Any, inp: Inputs, where: str = "") -> Row:
                         raise DataError(f"{pre}feature '{k}': id {x} does not fit int64")
                     bags[i].append(x)
         elif k in inp.dense_index:
-            dense[inp.dense_index[k]] = float("nan") if v is None else _num(v, k)
+            dense[inp.dense_index[k]] = float("nan") if v is None else _num(v, k, pre)
         else:
             raise DataError(f"{pre}unknown feature '{k}' (the model reads: {inp.all_names()})")
     return Row(bags, dense)
@@ -132,7 +146,7 @@ def parse_line(line: str, inp: Inputs) -> Row | Candidates:
     if len(line.encode("utf-8")) > MAX_LINE_BYTES:
         raise DataError(f"line longer than {MAX_LINE_BYTES} bytes")
     try:
-        obj = json.loads(line, object_pairs_hook=_no_duplicates)
+        obj = json.loads(line, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except json.JSONDecodeError as e:
         raise DataError(f"bad JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:
