@@ -283,7 +283,11 @@ def raw_inputs_from_table(
 
 def _request_dicts(table: pa.Table, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     feats = manifest["sparse_features"] + manifest["dense_features"]
-    return [{f["name"]: row.get(f["column"]) for f in feats} for row in table.to_pylist()]
+
+    def clean(v: Any) -> Any:  # NaN = missing: JSON null (NaN is not JSON)
+        return None if isinstance(v, float) and v != v else v
+
+    return [{f["name"]: clean(row.get(f["column"])) for f in feats} for row in table.to_pylist()]
 
 
 def requests_from_table(table: pa.Table, manifest: dict[str, Any]) -> list[str]:
