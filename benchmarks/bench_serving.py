@@ -1,13 +1,16 @@
-"""Serving: light vs booster latency from the C++ predictor, and fp32 vs int8.
+"""Serving: light vs booster latency from the C++ predictor, candidates, threads, int8.
 
     python benchmarks/bench_serving.py [--checkpoint RUN_DIR] [--seconds 1.0]
 
 Without --checkpoint it trains a short rocket run on `rocketrec synth` data
 for feature_specs/ads_ctr.yaml. It exports the light tower (fp32 and int8)
 and, for comparison only, the booster packaged the same way (all features,
-same fused-table serving module), builds deploy/cpp with CMake, and prints
-p50/p99 at batch 1/16/256 on one thread with light/booster ratios, plus file
-sizes and the max |p_int8 - p_fp32| on held-out rows.
+same serving module), builds deploy/cpp with CMake, and prints from
+`rocketrec_predict --bench` (one intra-op thread, same process per model):
+p50/p99 at batch 1/16/256 with booster/light ratios; one context x 200
+candidates against the same 200 merged rows sent as a batch; requests/s of
+two threads sharing one Predictor against one thread; file sizes and the max
+|p_int8 - p_fp32| on held-out rows. Ratios are printed against their targets.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def build_cpp() -> Path:
             "-B",
             str(build),
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython_EXECUTABLE={sys.executable}",
         ],
         check=True,
         capture_output=True,
@@ -45,14 +49,17 @@ def build_cpp() -> Path:
     return exe
 
 
-def bench(exe: Path, model: Path, seconds: float) -> dict[int, dict]:
+def bench(exe: Path, model: Path, seconds: float) -> dict:
     out = subprocess.run(
         [str(exe), str(model), "--bench", "--seconds", str(seconds)],
         check=True,
         capture_output=True,
         text=True,
     )
-    return {r["batch"]: r for r in (json.loads(x) for x in out.stdout.splitlines())}
+    res: dict = {}
+    for r in (json.loads(x) for x in out.stdout.splitlines()):
+        res[r["batch"] if r["mode"] == "batch" else r["mode"]] = r
+    return res
 
 
 def main() -> None:
@@ -125,6 +132,23 @@ def main() -> None:
             f"{qb[b]['p99_us']:>7.1f} | {bb[b]['p50_us']:>11.1f} {bb[b]['p99_us']:>7.1f} | "
             f"{bb[b]['p50_us'] / lb[b]['p50_us']:.2f}x"
         )
+    c, th = lb["candidates"], lb["threads"]
+    print(
+        f"1 context x {c['candidates']} candidates (context: {c['context']}): p50 "
+        f"{c['p50_us']:.1f} us vs the same rows as a batch {c['batch_p50_us']:.1f} us "
+        f"(max |diff| {c['max_abs_diff']:.2g})"
+    )
+    print(f"requests/s, one Predictor: 1 thread {th['rps_1']:.0f}, 2 threads {th['rps']:.0f}")
+    print(f"ratio booster/light p50 at batch 1:   {bb[1]['p50_us'] / lb[1]['p50_us']:.2f}  (target >= 3)")
+    print(
+        f"ratio booster/light p50 at batch 256: {bb[256]['p50_us'] / lb[256]['p50_us']:.2f}  "
+        "(target >= 10)"
+    )
+    print(
+        f"ratio candidates / batch p50 (light):  {c['p50_us'] / c['batch_p50_us']:.2f}  "
+        "(target <= 0.5)"
+    )
+    print(f"ratio 2 threads / 1 thread requests/s: {th['ratio']:.2f}  (target >= 1.7)")
     print(
         f"light file: fp32 {r_fp['bytes']:,} bytes, int8 {r_q['bytes']:,} bytes "
         f"({r_fp['bytes'] / r_q['bytes']:.2f}x smaller); booster fp32 {r_b['bytes']:,} bytes"

@@ -21,14 +21,18 @@ $BIN/python jobs/ads_train.py --spec $SPEC --train "$OUT/data/train" --val "$OUT
   --log-every 25 --eval-batches 20 2>&1 | grep -E "^\[rocketrec\]|step |eval |checkpoint:|error" | grep -v "Successfully loaded" || true
 test -f "$OUT/run/light.pt" || { echo "demo: training did not produce light.pt"; exit 1; }
 echo "== 4/6 build the C++ predictor (CMake, libtorch from the torch wheel)"
-cmake -S deploy/cpp -B deploy/cpp/build -DCMAKE_PREFIX_PATH="$($BIN/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" >"$OUT/cmake.log" 2>&1
+cmake -S deploy/cpp -B deploy/cpp/build -DCMAKE_PREFIX_PATH="$($BIN/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+  -DPython_EXECUTABLE="$BIN/python" >"$OUT/cmake.log" 2>&1
 cmake --build deploy/cpp/build -j2 >>"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
 echo "== 5/6 score requests in C++ and in Python"
 $BIN/rocketrec requests --model "$OUT/run/light.pt" --data "$OUT/data/val" --rows 8 --out "$OUT/requests.jsonl"
+# one user against 4 ads: a context+candidates request (the user's inputs once)
+$BIN/rocketrec requests --model "$OUT/run/light.pt" --data "$OUT/data/val" --rows 4 --candidates 4 \
+  --out - 2>/dev/null >>"$OUT/requests.jsonl"
 deploy/cpp/build/rocketrec_predict "$OUT/run/light.pt" "$OUT/requests.jsonl" >"$OUT/scores_cpp.txt"
 $BIN/rocketrec predict --model "$OUT/run/light.pt" --requests "$OUT/requests.jsonl" >"$OUT/scores_py.txt"
 paste "$OUT/scores_cpp.txt" "$OUT/scores_py.txt" | awk 'BEGIN{print "   C++ score    Python score"; m=0} {d=$1-$2; if (d<0) d=-d; if (d>m) m=d; printf "  %.9f  %.9f\n", $1, $2} END{printf "max |C++ - Python| = %.3g\n", m; if (m > 1e-6) exit 1}'
-echo "== 6/6 C++ serving latency of the light tower (1 thread)"
+echo "== 6/6 C++ serving latency of the light tower (1 intra-op thread)"
 deploy/cpp/build/rocketrec_predict "$OUT/run/light.pt" --bench --seconds 0.5
 $BIN/python - "$OUT/run/summary.json" <<'PY'
 import json, sys
