@@ -139,7 +139,9 @@ def main() -> None:
         f"(max |diff| {c['max_abs_diff']:.2g})"
     )
     print(f"requests/s, one Predictor: 1 thread {th['rps_1']:.0f}, 2 threads {th['rps']:.0f}")
-    print(f"ratio booster/light p50 at batch 1:   {bb[1]['p50_us'] / lb[1]['p50_us']:.2f}  (target >= 3)")
+    print(
+        f"ratio booster/light p50 at batch 1:   {bb[1]['p50_us'] / lb[1]['p50_us']:.2f}  (target >= 3)"
+    )
     print(
         f"ratio booster/light p50 at batch 256: {bb[256]['p50_us'] / lb[256]['p50_us']:.2f}  "
         "(target >= 10)"

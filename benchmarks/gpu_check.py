@@ -101,6 +101,76 @@ def run(device: torch.device, steps: int, b: int) -> tuple[float, float, float, 
     return steps * b / dt, first, last, block_ok
 
 
+PRE_SPEC = {
+    "version": 1,
+    "label": "y",
+    "tables": [
+        {"name": "u", "rows": 100_003, "dim": 16},
+        {"name": "t", "rows": 1000, "dim": 16, "pooling": "mean"},
+        {"name": "x", "rows": 50_000, "dim": 8},
+        {"name": "b", "rows": 8, "dim": 8},
+    ],
+    "sparse": [
+        {"name": "user", "column": "user", "table": "u"},
+        {"name": "tags", "column": "tags", "kind": "list", "table": "t", "max_ids": 5},
+        {"name": "ad", "column": "ad", "table": "u"},
+        {
+            "name": "band",
+            "column": "price",
+            "kind": "bucketize",
+            "boundaries": [0.1, 1, 5, 20, 100],
+            "table": "b",
+        },
+        {"name": "user_x_ad", "kind": "cross", "inputs": ["user", "ad"], "table": "x"},
+        {
+            "name": "tags_x_band",
+            "kind": "cross",
+            "inputs": ["tags", "band"],
+            "table": "x",
+            "max_ids": 4,
+        },
+    ],
+    "dense": [
+        {"name": "price", "column": "price", "transform": "log1p"},
+        {
+            "name": "age",
+            "column": "age",
+            "fill": 3.0,
+            "transform": "standardize",
+            "mean": 2.0,
+            "std": 4.0,
+        },
+    ],
+}
+
+
+def check_preprocess(device: torch.device, b: int = 4096) -> bool:
+    """rocketrec's preprocessing (max_ids, crosses, bucketizing, id mod rows, fill and
+    transforms: the training model's first stage) on `device` equals the CPU's exactly."""
+    from rocketrec.model.preprocess import Preprocess
+    from rocketrec.spec import spec_from_dict
+
+    spec = spec_from_dict(PRE_SPEC)
+    g = torch.Generator().manual_seed(3)
+    lens = torch.cat(
+        [
+            (torch.rand(b, generator=g) < 0.95).long(),  # user: some missing
+            torch.randint(0, 9, (b,), generator=g),  # tags: 0..8 ids (capped at 5)
+            torch.ones(b, dtype=torch.long),  # ad
+        ]
+    )
+    values = torch.randint(-(2**62), 2**62, (int(lens.sum()),), generator=g)
+    numeric = torch.rand(b, 2, generator=g) * 150 - 10
+    numeric[torch.rand(b, 2, generator=g) < 0.1] = float("nan")
+    numeric = numeric[:, [0, 1, 0]]  # price (dense), age, price (bucketized)
+    pre = Preprocess(spec)
+    want = pre(values, lens, numeric)
+    got = pre.to(device)(values.to(device), lens.to(device), numeric.to(device))
+    return all(torch.equal(w, g_.cpu()) for w, g_ in zip(want[:2], got[:2])) and bool(
+        torch.allclose(want[2], got[2].cpu(), rtol=1e-6, atol=1e-6)
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
@@ -120,6 +190,10 @@ def main() -> int:
             f"{d.type}: {rate:,.0f} ex/s over {steps} steps of {a.batch_size}; BCE {first:.4f} -> {last:.4f} "
             f"({'falls' if fell else 'DOES NOT FALL'}); gradient block {'exact' if block_ok else 'BROKEN'}"
         )
+    for d in devices[1:]:
+        pre_ok = check_preprocess(d)
+        ok &= pre_ok
+        print(f"preprocessing (crosses, bucketize, max_ids, mod rows) on {d.type} == cpu: {pre_ok}")
     if "cuda" in rates:
         print(
             f"CUDA / CPU examples/s: {rates['cuda'] / rates['cpu']:.1f}x ({torch.cuda.get_device_name()})"

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import yaml
+import struct
 
 SPEC_VERSION = 1
 POOLINGS = ("sum", "mean")
@@ -192,26 +191,34 @@ def _sparse_dict(f: SparseFeature) -> dict[str, Any]:
 # -- parsing ------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last)."""
+def _loader() -> Any:
+    """A yaml SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the
+    last). yaml is imported here only: the spec dataclasses need nothing beyond the
+    standard library (the torch-only GPU check builds specs from dicts)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise SpecError(
+                    f"duplicate key {key!r} (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1})"
+                )
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
 
 
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-        if key in seen:
-            raise SpecError(
-                f"duplicate key {key!r} (lines {seen[key] + 1} and {key_node.start_mark.line + 1})"
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
-)
+def float32(x: float) -> float:
+    """x rounded to float32 (as the model compares numbers)."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
 class _Ctx:
@@ -404,7 +411,7 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
             for x in raw_b:
                 if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
                     raise ctx.fail(where, f"field 'boundaries': {x!r} is not a finite number")
-            b32 = [float(np.float32(x)) for x in raw_b]
+            b32 = [float32(x) for x in raw_b]
             for a, b in zip(b32, b32[1:]):
                 if not a < b:
                     raise ctx.fail(
@@ -545,8 +552,10 @@ def load_spec(path: str | Path) -> FeatureSpec:
         raise SpecError(f"{p}: cannot read: {e}") from None
     if not text.strip():
         raise SpecError(f"{p}: the file is empty")
+    import yaml
+
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        raw = yaml.load(text, Loader=_loader())  # noqa: S506 - SafeLoader subclass
     except SpecError as e:
         raise SpecError(f"{p}: {e}") from None
     except yaml.YAMLError as e:

@@ -326,3 +326,23 @@ def test_train_refuses_unservable_settings_before_training(tmp_path, tiny_spec_p
     )
     assert r.returncode == 2 and "5 embedding dims" in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1
+
+
+def test_preprocess_hash_constants_match_hashing():
+    import inspect
+
+    import rocketrec.model.preprocess as pp
+    from rocketrec.hashing import FMIX_C1, FMIX_C2, FNV_OFFSET, FNV_PRIME
+
+    def s64(x: int) -> int:
+        return x - (1 << 64) if x >= 1 << 63 else x
+
+    src = inspect.getsource(pp)
+    for c in (s64(FNV_OFFSET), FNV_PRIME, s64(FMIX_C1), s64(FMIX_C2), (1 << 31) - 1):
+        assert str(c) in src
+    # and the torch implementation equals the reference on the test vectors
+    for ids, v in CROSS_TEST_VECTORS:
+        h = torch.bitwise_xor(torch.tensor([ids[0]]), s64(FNV_OFFSET)) * FNV_PRIME
+        for x in ids[1:]:
+            h = torch.bitwise_xor(h, torch.tensor([x])) * FNV_PRIME
+        assert int(pp.fmix64(h)) == v

@@ -33,24 +33,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rocketrec.hashing import FMIX_C1, FMIX_C2, FNV_OFFSET, FNV_PRIME
 from rocketrec.spec import FeatureSpec
 
-
-def _s64(x: int) -> int:
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-# The hash constants as int64 literals (TorchScript needs literals in the code):
-# FNV offset -3750763034362895579, FNV prime 1099511628211, fmix64's C1
-# -49064778989728563 and C2 -4265267296055464877; (h >> 33) & 2147483647 is the logical
-# shift of an int64. Checked against rocketrec.hashing here:
-assert (_s64(FNV_OFFSET), FNV_PRIME, _s64(FMIX_C1), _s64(FMIX_C2)) == (
-    -3750763034362895579,
-    1099511628211,
-    -49064778989728563,
-    -4265267296055464877,
-)
+# The hash constants of rocketrec.hashing as int64 literals (TorchScript needs literals in
+# the code; tests check them): FNV offset -3750763034362895579, FNV prime 1099511628211,
+# fmix64's C1 -49064778989728563 and C2 -4265267296055464877; (h >> 33) & 2147483647 is
+# the logical shift of an int64. Plain torch and the standard library only: the GPU check
+# runs this module on a machine with torch alone.
 
 
 def _shr33(h: torch.Tensor) -> torch.Tensor:
