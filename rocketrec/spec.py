@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import difflib
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import struct
 
 SPEC_VERSION = 1
 POOLINGS = ("sum", "mean")
@@ -212,7 +211,9 @@ def _loader() -> Any:
             seen[key] = key_node.start_mark.line
         return loader.construct_mapping(node, deep=deep)
 
-    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    UniqueKeyLoader.add_constructor(
+        yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping
+    )
     return UniqueKeyLoader
 
 
