@@ -331,21 +331,26 @@ class Preprocess(nn.Module):
         self._buffer("out_offset", torch.tensor(offsets, dtype=torch.int64))
         self._buffer("lookup_index", torch.arange(len(rows), dtype=torch.int64))
 
+    def id_outputs(
+        self, vals: torch.Tensor, lens2: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The id features that are outputs: ([values], [lengths [F_id * B]])."""
+        if self.select_ids:
+            feat = torch.repeat_interleave(self.id_index, lens2.sum(1), output_size=vals.numel())
+            return [vals[self.id_is_out[feat]]], [
+                lens2.index_select(0, self.id_out_index).reshape(-1)
+            ]
+        if self.num_ids > 0:
+            return [vals], [lens2.reshape(-1)]
+        return [], []
+
     def forward(
         self, values: torch.Tensor, lengths: torch.Tensor, numeric: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values [N], lengths [I*B], numeric [B, C]) -> (rows, lengths [F*B], dense [B, D])."""
         b = numeric.size(0)
         vals, lens2 = self.id_bags(values, lengths, b)
-        parts_v: list[torch.Tensor] = []
-        parts_l: list[torch.Tensor] = []
-        if self.select_ids:
-            feat = torch.repeat_interleave(self.id_index, lens2.sum(1), output_size=vals.numel())
-            parts_v.append(vals[self.id_is_out[feat]])
-            parts_l.append(lens2.index_select(0, self.id_out_index).reshape(-1))
-        elif self.num_ids > 0:
-            parts_v.append(vals)
-            parts_l.append(lens2.reshape(-1))
+        parts_v, parts_l = self.id_outputs(vals, lens2)
         if self.num_buckets > 0 or len(self.cross_src) > 0:
             bids = self.bucket_ids(numeric)
             if len(self.cross_src) > 0:
@@ -378,15 +383,7 @@ class Preprocess(nn.Module):
         m = b - 1
         vals, lens2 = self.id_bags(values, lengths, b)
         ctx_has = ~torch.isnan(numeric[0:1])  # [1, C]: the context gives this number
-        parts_v: list[torch.Tensor] = []
-        parts_l: list[torch.Tensor] = []
-        if self.select_ids:
-            feat = torch.repeat_interleave(self.id_index, lens2.sum(1), output_size=vals.numel())
-            parts_v.append(vals[self.id_is_out[feat]])
-            parts_l.append(lens2.index_select(0, self.id_out_index).reshape(-1))
-        elif self.num_ids > 0:
-            parts_v.append(vals)
-            parts_l.append(lens2.reshape(-1))
+        parts_v, parts_l = self.id_outputs(vals, lens2)
         if self.num_buckets > 0 or len(self.cross_src) > 0:
             bids = self.bucket_ids(numeric)  # [Kb, b]
             given: list[bool] = ctx_has[0, self.num_dense :].tolist()

@@ -14,6 +14,7 @@ nesting, MAX_CANDIDATES per request.
 """
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,17 +198,22 @@ def tensors(rows: list[Row], inp: Inputs) -> tuple[torch.Tensor, torch.Tensor, t
     )
 
 
-def parse_requests(lines: list[str], manifest: dict[str, Any], source: str = "<requests>"):
-    """One-row JSON lines -> (values, lengths, dense) of the batch. Errors name the line."""
-    inp = Inputs(manifest)
-    rows: list[Row] = []
+def _parsed(lines: list[str], inp: Inputs, source: str) -> Iterator[tuple[int, Row | Candidates]]:
+    """(line number, request) of every non-blank line; errors name the line."""
     for ln, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            r = parse_line(line, inp)
+            yield ln, parse_line(line, inp)
         except DataError as e:
             raise DataError(f"{source}:{ln}: {e}") from None
+
+
+def parse_requests(lines: list[str], manifest: dict[str, Any], source: str = "<requests>"):
+    """One-row JSON lines -> (values, lengths, dense) of the batch. Errors name the line."""
+    inp = Inputs(manifest)
+    rows: list[Row] = []
+    for ln, r in _parsed(lines, inp, source):
         if isinstance(r, Candidates):
             raise DataError(f"{source}:{ln}: a context+candidates request (use score_lines)")
         rows.append(r)
@@ -237,13 +243,7 @@ def score_lines(
             out.extend(call(model, *tensors(batch, inp)))
             batch.clear()
 
-    for ln, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = parse_line(line, inp)
-        except DataError as e:
-            raise DataError(f"{source}:{ln}: {e}") from None
+    for _, r in _parsed(lines, inp, source):
         if isinstance(r, Row):
             batch.append(r)
             continue
