@@ -9,8 +9,9 @@ One request per line, in one of three forms (features named as in the manifest's
 
 A missing sparse feature is an empty bag (null, [] and null list elements are no
 ids, as in training data), a missing (or null) number is NaN (the model's fill). In the candidates form every feature is given either in the context
-or in the candidates, never in both. Limits: MAX_LINE_BYTES per line, MAX_DEPTH of
-nesting, MAX_CANDIDATES per request.
+or in the candidates, never in both. Limits (as in deploy/cpp's `Limits`):
+MAX_LINE_BYTES per line, MAX_DEPTH of nesting, MAX_CANDIDATES per request,
+MAX_IDS_PER_BAG.
 """
 
 import json
@@ -29,6 +30,7 @@ from rocketrec.spec import FeatureSpec
 MAX_LINE_BYTES = 1 << 20  # 1 MiB
 MAX_DEPTH = 32
 MAX_CANDIDATES = 100_000
+MAX_IDS_PER_BAG = 100_000
 
 
 @dataclass
@@ -135,6 +137,8 @@ def parse_row(obj: Any, inp: Inputs, where: str = "") -> Row:
                     if not -(1 << 63) <= x < (1 << 63):
                         raise DataError(f"{pre}feature '{k}': id {x} does not fit int64")
                     bags[i].append(x)
+            if len(bags[i]) > MAX_IDS_PER_BAG:
+                raise DataError(f"{pre}feature '{k}': more than {MAX_IDS_PER_BAG} ids")
         elif k in inp.dense_index:
             dense[inp.dense_index[k]] = float("nan") if v is None else _num(v, k, pre)
         else:
@@ -248,6 +252,11 @@ def score_lines(
             batch.append(r)
             continue
         flush()
+        if not hasattr(model, "score_candidates"):
+            raise DataError(
+                "this model file has no score_candidates entry point (exported by an older "
+                "rocketrec): send one-row requests or export it again"
+            )
         out.extend(call(model.score_candidates, *tensors([r.context, *r.candidates], inp)))
     flush()
     if not out:
