@@ -187,11 +187,11 @@ int self_test(const rocketrec::Predictor& p) {
     return r;
   };
   std::vector<std::pair<std::string, std::function<void()>>> checks;
-  checks.push_back({"too few bags", [&] { auto r = good(); r.bags.pop_back(); p.predict({r}); }});
+  if (F > 0) checks.push_back({"too few bags", [&] { auto r = good(); r.bags.pop_back(); p.predict({r}); }});
+  if (D > 0) checks.push_back({"too few dense", [&] { auto r = good(); r.dense.pop_back(); p.predict({r}); }});
   checks.push_back({"too many bags", [&] { auto r = good(); r.bags.emplace_back(); p.predict({r}); }});
   checks.push_back({"too many dense", [&] { auto r = good(); r.dense.push_back(1.f); p.predict({r}); }});
-  checks.push_back({"no dense", [&] { auto r = good(); r.dense.clear(); if (D == 0) r.bags.clear(); p.predict({r}); }});
-  checks.push_back({"bad candidate", [&] { auto r = good(); auto c = good(); c.bags.clear(); p.score(r, {c}); }});
+  checks.push_back({"bad candidate", [&] { auto r = good(); auto c = good(); c.bags.resize(F + 1); p.score(r, {c}); }});
   checks.push_back({"bad context", [&] { auto r = good(); r.bags.resize(F + 3); p.score(r, {good()}); }});
   checks.push_back({"overlap", [&] {
     auto r = good(), c = good();
