@@ -131,6 +131,25 @@ def tiny_data(tmp_path_factory, tiny_spec) -> dict[str, str]:
     return {"train": str(root / "train"), "val": str(root / "val")}
 
 
+SMALL_MODEL = dict(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+
+
+def train_small(spec, data: dict[str, str], out, steps: int, val: bool = True, **model) -> None:
+    """A few steps of a small rocket model (fixtures that need a checkpoint to export)."""
+    from rocketrec.model.model import ModelConfig
+    from rocketrec.train.loop import TrainConfig, train
+
+    train(
+        spec,
+        data["train"],
+        data["val"] if val else None,
+        str(out),
+        ModelConfig(**{**SMALL_MODEL, **model}),  # type: ignore[arg-type]
+        None,
+        TrainConfig(batch_size=512, max_steps=steps, log_every=0),
+    )
+
+
 def python_exe() -> str:
     return sys.executable
 

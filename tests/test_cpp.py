@@ -14,13 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, train_small
 from rocketrec.hashing import TEST_VECTORS, fnv1a64
-from rocketrec.model.model import ModelConfig
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.serving.manifest import read_manifest
 from rocketrec.serving.requests import parse_requests
-from rocketrec.train.loop import TrainConfig, train
 
 pytestmark = pytest.mark.e2e
 
@@ -57,15 +55,7 @@ def predictor(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_spec, tiny_data) -> Path:
     d = tmp_path_factory.mktemp("cppexp")
-    train(
-        tiny_spec,
-        tiny_data["train"],
-        tiny_data["val"],
-        str(d / "run"),
-        ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,)),
-        None,
-        TrainConfig(batch_size=512, max_steps=8, log_every=0),
-    )
+    train_small(tiny_spec, tiny_data, d / "run", steps=8)
     export_checkpoint(d / "run", d / "light.pt", data=tiny_data["val"])
     export_checkpoint(d / "run", d / "light_int8.pt", int8=True)
     return d
@@ -189,15 +179,7 @@ def test_bench_prints_latencies(predictor, exported):
 @pytest.fixture(scope="module")
 def cross_exported(tmp_path_factory, cross_spec, cross_data) -> Path:
     d = tmp_path_factory.mktemp("cppcross")
-    train(
-        cross_spec,
-        cross_data["train"],
-        cross_data["val"],
-        str(d / "run"),
-        ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,)),
-        None,
-        TrainConfig(batch_size=512, max_steps=8, log_every=0),
-    )
+    train_small(cross_spec, cross_data, d / "run", steps=8)
     export_checkpoint(d / "run", d / "light.pt", data=cross_data["val"])
     export_checkpoint(d / "run", d / "light_int8.pt", int8=True, data=cross_data["val"])
     return d

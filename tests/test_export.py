@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rocketrec.serving.export as export
-from conftest import venv_bin
+from conftest import train_small, venv_bin
 from rocketrec.data.batch import DataError
 from rocketrec.hashing import TEST_VECTORS
 from rocketrec.model.model import ModelConfig
@@ -159,18 +159,7 @@ def test_cli_export_and_predict(tmp_path, trained):
 
 
 def test_export_with_light_private_tables(tmp_path, tiny_spec, tiny_data):
-    cfg = ModelConfig(
-        cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,), light_private_dim=4
-    )
-    train(
-        tiny_spec,
-        tiny_data["train"],
-        None,
-        str(tmp_path / "run"),
-        cfg,
-        None,
-        TrainConfig(batch_size=512, max_steps=5, log_every=0),
-    )
+    train_small(tiny_spec, tiny_data, tmp_path / "run", steps=5, val=False, light_private_dim=4)
     rep = export_checkpoint(tmp_path / "run", tmp_path / "p.pt", data=tiny_data["val"])
     assert rep["max_abs_diff"] <= 1e-5
     m = read_manifest(tmp_path / "p.pt")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import venv_bin
+from conftest import train_small, venv_bin
 from rocketrec.data.batch import DataError, decode_table
 from rocketrec.hashing import CROSS_TEST_VECTORS, cross_hash, fnv1a64
 from rocketrec.model.model import ModelConfig
@@ -21,7 +21,6 @@ from rocketrec.model.preprocess import Preprocess
 from rocketrec.serving import requests as rq
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.serving.manifest import read_manifest
-from rocketrec.train.loop import TrainConfig, train
 
 SMALL = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
 I64 = 1 << 63
@@ -165,15 +164,7 @@ def test_bucketize_data_errors(cross_spec):
 @pytest.fixture(scope="module")
 def cross_model(tmp_path_factory, cross_spec, cross_data):
     d = tmp_path_factory.mktemp("crossmodel")
-    train(
-        cross_spec,
-        cross_data["train"],
-        cross_data["val"],
-        str(d / "run"),
-        SMALL,
-        None,
-        TrainConfig(batch_size=512, max_steps=10, log_every=0),
-    )
+    train_small(cross_spec, cross_data, d / "run", steps=10)
     rep = export_checkpoint(d / "run", d / "light.pt", data=cross_data["val"])
     assert rep["max_abs_diff"] <= 1e-5
     return d
