@@ -37,6 +37,7 @@ def plain_pytorch(spec, path: str, steps: int, batch_size: int, model_cfg, loss_
     from rocketrec.data.reader import ParquetReader
     from rocketrec.model.loss import rocket_loss
     from rocketrec.model.model import BoosterTower, LightTower
+    from rocketrec.model.preprocess import Preprocess
 
     torch.manual_seed(0)
     bags = nn.ModuleDict(
@@ -49,7 +50,7 @@ def plain_pytorch(spec, path: str, steps: int, batch_size: int, model_cfg, loss_
     light = LightTower(sum(dims[n] for n in light_names) + len(light_dense), model_cfg)
     dense_opt = torch.optim.Adam(list(booster.parameters()) + list(light.parameters()), lr=1e-3)
     sparse_opt = torch.optim.Adagrad(list(bags.parameters()), lr=0.05)
-    rows = {f.name: spec.table(f.table).rows for f in spec.sparse}
+    pre = Preprocess(spec)  # the same preprocessing as the model (max_ids, crosses, mod rows)
     table_of = {f.name: f.table for f in spec.sparse}
     seconds, n = 0.0, 0
     reader = ParquetReader(path, spec, batch_size, shuffle=False, drop_last=True)
@@ -59,11 +60,15 @@ def plain_pytorch(spec, path: str, steps: int, batch_size: int, model_cfg, loss_
                 break
             t = time.perf_counter()
             pooled = {}
-            for name, jt in b.sparse.to_dict().items():
-                ids = torch.remainder(jt.values(), rows[name])
-                pooled[name] = bags[table_of[name]](ids, jt.offsets()[:-1])
-            xb = torch.cat([pooled[f.name] for f in spec.sparse] + [b.dense], 1)
-            xl = torch.cat([pooled[n_] for n_ in light_names] + [b.dense[:, light_dense]], 1)
+            ids, lengths, dense = pre(b.sparse.values(), b.sparse.lengths(), b.dense)
+            bsz = dense.shape[0]
+            per_feature = lengths.view(-1, bsz).sum(1).tolist()
+            for name, v, ln in zip(
+                pre.sparse_outputs, ids.split(per_feature), lengths.view(-1, bsz), strict=True
+            ):
+                pooled[name] = bags[table_of[name]](v, torch.cumsum(ln, 0) - ln)
+            xb = torch.cat([pooled[f.name] for f in spec.sparse] + [dense], 1)
+            xl = torch.cat([pooled[n_] for n_ in light_names] + [dense[:, light_dense]], 1)
             zb, zl = booster(xb), light(xl)
             loss, _ = rocket_loss(zb, zl, b.labels, b.weights, loss_cfg)
             dense_opt.zero_grad()
