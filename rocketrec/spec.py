@@ -176,6 +176,15 @@ class FeatureSpec:
         return d
 
 
+PRIVATE_SUFFIX = "__light"
+
+
+def private_table_name(table: str) -> str:
+    """Name of the light tower's private table beside shared table `table` (and of a
+    light feature's private twin)."""
+    return f"{table}{PRIVATE_SUFFIX}"
+
+
 def _sparse_dict(f: SparseFeature) -> dict[str, Any]:
     d: dict[str, Any] = {}
     for k, v in vars(f).items():

@@ -134,9 +134,15 @@ def tiny_data(tmp_path_factory, tiny_spec) -> dict[str, str]:
 SMALL_MODEL = dict(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
 
 
+def small_model(**over):  # type: ignore[no-untyped-def]
+    """The small ModelConfig tests train (fast on 2 cores); `over` changes fields."""
+    from rocketrec.model.model import ModelConfig
+
+    return ModelConfig(**{**SMALL_MODEL, **over})  # type: ignore[arg-type]
+
+
 def train_small(spec, data: dict[str, str], out, steps: int, val: bool = True, **model) -> None:
     """A few steps of a small rocket model (fixtures that need a checkpoint to export)."""
-    from rocketrec.model.model import ModelConfig
     from rocketrec.train.loop import TrainConfig, train
 
     train(
@@ -144,7 +150,7 @@ def train_small(spec, data: dict[str, str], out, steps: int, val: bool = True, *
         data["train"],
         data["val"] if val else None,
         str(out),
-        ModelConfig(**{**SMALL_MODEL, **model}),  # type: ignore[arg-type]
+        small_model(**model),
         None,
         TrainConfig(batch_size=512, max_steps=steps, log_every=0),
     )

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import small_model
+
 pytestmark = pytest.mark.dist
 HERE = Path(__file__).parent
 TOL = 1e-5
@@ -79,7 +81,6 @@ def test_resume_two_worker_checkpoint_with_one_worker(
     """DCP reshards: a checkpoint written by 2 ranks continues in 1 process."""
     import torch
 
-    from rocketrec.model.model import ModelConfig
     from rocketrec.serving.export import load_unsharded
     from rocketrec.train.checkpoint import latest_checkpoint
     from rocketrec.train.loop import TrainConfig, train
@@ -90,7 +91,7 @@ def test_resume_two_worker_checkpoint_with_one_worker(
     )
     two, meta2 = load_unsharded(latest_checkpoint(out))
     assert meta2["world_size"] == 2 and meta2["step"] == 6
-    cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+    cfg = small_model()
     res = train(
         tiny_spec,
         tiny_data["train"],

@@ -12,27 +12,15 @@ import rocketrec.serving.export as export
 from conftest import train_small, venv_bin
 from rocketrec.data.batch import DataError
 from rocketrec.hashing import TEST_VECTORS
-from rocketrec.model.model import ModelConfig
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.serving.manifest import read_manifest
 from rocketrec.serving.requests import parse_requests, raw_inputs_from_table
-from rocketrec.train.loop import TrainConfig, train
-
-SMALL = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_spec, tiny_data):
     out = tmp_path_factory.mktemp("exp") / "run"
-    train(
-        tiny_spec,
-        tiny_data["train"],
-        tiny_data["val"],
-        str(out),
-        SMALL,
-        None,
-        TrainConfig(batch_size=512, epochs=1, log_every=0, max_steps=10),
-    )
+    train_small(tiny_spec, tiny_data, out, steps=10)
     return out
 
 

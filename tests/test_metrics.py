@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import small_model
 from rocketrec.train.metrics import auc, base_rate_logloss, gauc, logloss, tower_metrics
 
 
@@ -109,7 +110,6 @@ def test_group_metrics_end_to_end_match_exported_scores(tmp_path, tiny_spec_path
     import torch
 
     from rocketrec.data.reader import list_parquet_files
-    from rocketrec.model.model import ModelConfig
     from rocketrec.serving.export import export_checkpoint
     from rocketrec.serving.manifest import read_manifest
     from rocketrec.serving.requests import raw_inputs_from_table
@@ -123,7 +123,7 @@ def test_group_metrics_end_to_end_match_exported_scores(tmp_path, tiny_spec_path
     spec = load_spec(spec_path)
     assert spec.group_column == "user" and spec.weight_column is None
     out = tmp_path / "run"
-    cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+    cfg = small_model()
     res = train(
         spec,
         tiny_data["train"],
@@ -170,13 +170,12 @@ def test_negative_downsampling_keeps_served_probabilities_calibrated(
     import torch
 
     from rocketrec.data.reader import list_parquet_files
-    from rocketrec.model.model import ModelConfig
     from rocketrec.serving.export import export_checkpoint
     from rocketrec.serving.manifest import read_manifest
     from rocketrec.serving.requests import raw_inputs_from_table
     from rocketrec.train.loop import TrainConfig, train
 
-    cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+    cfg = small_model()
     res = {}
     for r in (1.0, 0.25):
         out = tmp_path / f"run{r}"

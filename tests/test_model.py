@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import small_model
 from rocketrec.data.reader import ParquetReader
 from rocketrec.model.loss import LossConfig, bce, hint_loss, rocket_loss
 from rocketrec.model.model import ModelConfig, RocketModel
@@ -422,7 +423,7 @@ def test_pipeline_step_path_matches_plain_loop(tmp_path, tiny_spec, tiny_data):
 
     from rocketrec.train.loop import TrainConfig, train
 
-    cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+    cfg = small_model()
     logs = {}
     for path in ("pipeline", "plain"):
         out = tmp_path / path
@@ -530,7 +531,7 @@ def test_warm_start_from_a_run_with_a_changed_spec(tmp_path, tiny_spec, tiny_spe
     from rocketrec.train.loop import TrainConfig, _Run, train
     from rocketrec.train.warm_start import WarmStartError
 
-    cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+    cfg = small_model()
     old_run = tmp_path / "yesterday"
     train(
         tiny_spec,

@@ -10,6 +10,8 @@ import pytest
 import torch
 from test_dist import _run_two_ranks
 
+from conftest import small_model
+
 BIG_ROWS, BIG_DIM, BLOCK = 200_000, 8, 30_000
 SCALE_SPEC = f"""
 version: 1
@@ -129,7 +131,6 @@ def test_equal_initial_weights_one_vs_two_workers(tmp_path, scale_setup):
 
 
 def test_export_streams_only_light_tables(tmp_path, scale_setup, monkeypatch):
-    from rocketrec.model.model import ModelConfig
     from rocketrec.serving.export import export_checkpoint
     from rocketrec.train.checkpoint import CheckpointTables
     from rocketrec.train.loop import TrainConfig, train
@@ -137,7 +138,7 @@ def test_export_streams_only_light_tables(tmp_path, scale_setup, monkeypatch):
     spec, _, data, _ = scale_setup
     out = tmp_path / "run"
     monkeypatch.setenv("ROCKETREC_CKPT_BLOCK_ROWS", str(BLOCK))
-    cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
+    cfg = small_model()
     train(
         spec, data, None, str(out), cfg, None, TrainConfig(batch_size=256, max_steps=8, log_every=0)
     )

@@ -16,13 +16,11 @@ import torch
 from conftest import train_small, venv_bin
 from rocketrec.data.batch import DataError, decode_table
 from rocketrec.hashing import CROSS_TEST_VECTORS, cross_hash, fnv1a64
-from rocketrec.model.model import ModelConfig
 from rocketrec.model.preprocess import Preprocess
 from rocketrec.serving import requests as rq
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.serving.manifest import read_manifest
 
-SMALL = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
 I64 = 1 << 63
 
 

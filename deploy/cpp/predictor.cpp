@@ -38,7 +38,8 @@ std::vector<torch::jit::IValue> Predictor::build_inputs(const Request* first,
   auto row = [&](int64_t b) -> const Request& { return b < extra ? *first : batch[static_cast<size_t>(b - extra)]; };
   int64_t n = 0;
   for (int64_t b = 0; b < B; ++b) {
-    parser_.check_shape(row(b), b < extra ? std::string("the context") : "request " + std::to_string(b - extra));
+    parser_.check_shape(row(b), b < extra ? std::string("the context")
+                                          : (extra ? "candidate " : "request ") + std::to_string(b - extra));
     for (const auto& bag : row(b).bags) n += static_cast<int64_t>(bag.size());
   }
   auto values = torch::empty({n}, torch::kInt64);
@@ -76,22 +77,10 @@ std::vector<float> Predictor::predict(const std::vector<Request>& batch) const {
 
 std::vector<float> Predictor::score(const Request& context, const std::vector<Request>& candidates) const {
   if (candidates.empty()) return {};
-  parser_.check_shape(context, "the context");
-  // disjointness, without copying the candidates
-  for (size_t j = 0; j < candidates.size(); ++j) {
-    parser_.check_shape(candidates[j], "candidate " + std::to_string(j));
-    for (size_t i = 0; i < sparse().size(); ++i)
-      if (!context.bags[i].empty() && !candidates[j].bags[i].empty())
-        throw RequestError("feature '" + sparse()[i].name + "' is given in the context and in candidate " +
-                           std::to_string(j));
-    for (size_t i = 0; i < dense().size(); ++i)
-      if (!std::isnan(context.dense[i]) && !std::isnan(candidates[j].dense[i]))
-        throw RequestError("feature '" + dense()[i].name + "' is given in the context and in candidate " +
-                           std::to_string(j));
-  }
   if (!has_candidates_)
     throw RequestError("this model file has no score_candidates entry point (exported by an older rocketrec)");
-  auto in = build_inputs(&context, candidates);  // row 0 = the context
+  auto in = build_inputs(&context, candidates);  // row 0 = the context; checks every shape
+  parser_.check_disjoint(context, candidates);
   c10::InferenceMode guard;
   auto& m = const_cast<torch::jit::script::Module&>(module_);
   return to_vector(m.get_method("score_candidates")(std::move(in)).toTensor());

@@ -179,17 +179,15 @@ void RequestParser::check_shape(const Request& r, const std::string& what) const
                        std::to_string(dense_.size()));
 }
 
-void RequestParser::check_disjoint(const CandidatesRequest& c) const {
-  check_shape(c.context, "the context");
-  for (size_t j = 0; j < c.candidates.size(); ++j) {
-    const Request& r = c.candidates[j];
-    check_shape(r, "candidate " + std::to_string(j));
+void RequestParser::check_disjoint(const Request& context, const std::vector<Request>& candidates) const {
+  for (size_t j = 0; j < candidates.size(); ++j) {
+    const Request& r = candidates[j];
     for (size_t i = 0; i < sparse_.size(); ++i)
-      if (!c.context.bags[i].empty() && !r.bags[i].empty())
+      if (!context.bags[i].empty() && !r.bags[i].empty())
         throw RequestError("feature '" + sparse_[i].name + "' is given in the context and in candidate " +
                            std::to_string(j));
     for (size_t i = 0; i < dense_.size(); ++i)
-      if (!std::isnan(c.context.dense[i]) && !std::isnan(r.dense[i]))
+      if (!std::isnan(context.dense[i]) && !std::isnan(r.dense[i]))
         throw RequestError("feature '" + dense_[i].name + "' is given in the context and in candidate " +
                            std::to_string(j));
   }
@@ -314,7 +312,7 @@ ParsedLine RequestParser::parse_unchecked(const std::string& line) const {
     for (size_t j = 0; j < c->size(); ++j)
       out.candidates.candidates.push_back(
           RowBuilder{*this, sparse_, dense_, index_, "candidate " + std::to_string(j) + ": "}.build((*c)[j]));
-    check_disjoint(out.candidates);
+    check_disjoint(out.candidates.context, out.candidates.candidates);  // shapes right by construction
     return out;
   }
   out.row = RowBuilder{*this, sparse_, dense_, index_, ""}.build(obj);

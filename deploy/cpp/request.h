@@ -74,8 +74,9 @@ class RequestParser {
   // Throws RequestError unless the request has one bag per sparse input and one value
   // per dense input (what the model needs: never a read out of bounds).
   void check_shape(const Request& r, const std::string& what) const;
-  // Throws RequestError if an input is given by the context and by a candidate.
-  void check_disjoint(const CandidatesRequest& c) const;
+  // Throws RequestError if an input is given by the context and by a candidate
+  // (the requests must have the right shape: check_shape first).
+  void check_disjoint(const Request& context, const std::vector<Request>& candidates) const;
 
  private:
   ParsedLine parse_unchecked(const std::string& line) const;

@@ -38,12 +38,7 @@ from rocketrec.model.towers import (  # noqa: F401 - re-exported
     scale_grad,
 )
 from rocketrec.parallel.tables import init_tables
-from rocketrec.spec import FeatureSpec
-
-
-def private_table_name(table: str) -> str:
-    """Name of the light tower's private table beside shared table `table`."""
-    return f"{table}__light"
+from rocketrec.spec import FeatureSpec, private_table_name
 
 
 def _ebc(tables: list[EmbeddingBagConfig], device: torch.device) -> EmbeddingBagCollection:

@@ -53,15 +53,20 @@ def fmix64(h: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_xor(h, _shr33(h))
 
 
+def bag_positions(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each value's position inside its bag (bags of `lengths`, in order)."""
+    n = values.numel()
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(n, device=values.device) - torch.repeat_interleave(
+        starts, lengths, output_size=n
+    )
+
+
 def truncate_bags(
     values: torch.Tensor, lengths: torch.Tensor, cap: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the first `cap` ids of each bag (lengths [B])."""
-    starts = torch.cumsum(lengths, 0) - lengths
-    pos = torch.arange(values.numel(), device=values.device) - torch.repeat_interleave(
-        starts, lengths, output_size=values.numel()
-    )
-    return values[pos < cap], torch.clamp_max(lengths, cap)
+    return values[bag_positions(values, lengths) < cap], torch.clamp_max(lengths, cap)
 
 
 def cross_bags(
@@ -89,7 +94,6 @@ class Preprocess(nn.Module):
     __jit_ignored_attributes__ = [
         "id_inputs",
         "numeric_inputs",
-        "numeric_columns",
         "sparse_outputs",
         "dense_outputs",
     ]
@@ -108,7 +112,6 @@ class Preprocess(nn.Module):
     any_clip: bool
     any_standardize: bool
     cross_src: list[list[int]]
-    source_used: list[bool]
     source_scalar: list[bool]
     cross_cap: list[int]
     bucket_bounds: list[int]
@@ -144,7 +147,6 @@ class Preprocess(nn.Module):
         bucket_out = [f for f in buckets if f.name in want]
         self.id_inputs = ids  # the raw id inputs, in spec order
         self.numeric_inputs = [f.name for f in dense] + [f.name for f in buckets]
-        self.numeric_columns = [f.column for f in dense] + [f.column for f in buckets]
         outs = id_out + crosses + bucket_out
         self.sparse_outputs = [f.name for f in outs]
         self.dense_outputs = [f.name for f in dense]
@@ -167,8 +169,6 @@ class Preprocess(nn.Module):
         source = {f.name: i for i, f in enumerate(ids)}
         source.update({f.name: len(ids) + k for k, f in enumerate(buckets)})
         self.cross_src = [[source[x] for x in c.inputs or ()] for c in crosses]
-        used = {s for src in self.cross_src for s in src}
-        self.source_used = [i in used for i in range(len(ids) + len(buckets))]
         # at most one id per row: scalar id inputs (capped at 1) and bucket ids
         self.source_scalar = [f.kind == "scalar" for f in ids] + [True] * len(buckets)
         self.cross_cap = [c.max_ids or 0 for c in crosses]
@@ -223,12 +223,8 @@ class Preprocess(nn.Module):
         """Raw id inputs -> (values, lengths [I, B]) after `max_ids` truncation."""
         lens2 = lengths.view(self.num_ids, b)
         if self.any_cap and bool((lens2 > self.id_cap.view(-1, 1)).any()):
-            n = values.numel()
-            starts = torch.cumsum(lengths, 0) - lengths
-            pos = torch.arange(n, device=values.device) - torch.repeat_interleave(
-                starts, lengths, output_size=n
-            )
-            feat = torch.repeat_interleave(self.id_index, lens2.sum(1), output_size=n)
+            pos = bag_positions(values, lengths)
+            feat = torch.repeat_interleave(self.id_index, lens2.sum(1), output_size=values.numel())
             values = values[pos < self.id_cap[feat]]
             lens2 = torch.minimum(lens2, self.id_cap.view(-1, 1))
         return values, lens2
@@ -282,6 +278,14 @@ class Preprocess(nn.Module):
             h, hl = truncate_bags(h, hl, cap)
         return h, hl
 
+    def one_per_row(self, c: int, totals: list[int], b: int) -> bool:
+        """Every input of cross c has exactly one id in each of the b rows (a scalar
+        input keeps at most one, so `b` ids in all means one per row)."""
+        for s in self.cross_src[c]:
+            if not (self.source_scalar[s] and totals[s] == b):
+                return False
+        return True
+
     def sources(
         self, values: torch.Tensor, lens2: torch.Tensor, bids: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
@@ -294,7 +298,7 @@ class Preprocess(nn.Module):
         sl: list[torch.Tensor] = []
         for i in range(self.num_ids):
             sv.append(segs[i])
-            sl.append(lens2[i] if self.source_used[i] else values)  # unused: never read
+            sl.append(lens2[i])
         if self.num_buckets > 0:
             ones = torch.ones(b, dtype=torch.int64, device=values.device)
             for k in range(self.num_buckets):
@@ -356,10 +360,7 @@ class Preprocess(nn.Module):
             if len(self.cross_src) > 0:
                 sv, sl, totals = self.sources(vals, lens2, bids)
                 for c in range(len(self.cross_src)):
-                    scalar = True
-                    for s in self.cross_src[c]:
-                        scalar = scalar and totals[s] == b and self.source_scalar[s]
-                    cv, cl = self.cross(c, sv, sl, scalar)
+                    cv, cl = self.cross(c, sv, sl, self.one_per_row(c, totals, b))
                     parts_v.append(cv)
                     parts_l.append(cl)
             for k in self.bucket_out:
@@ -401,7 +402,7 @@ class Preprocess(nn.Module):
                         mt.append(n0 * m)
                     elif s < self.num_ids:  # row 0's bag is empty: all values are candidates'
                         mv.append(sv[s])
-                        ml.append(sl[s][1:] if self.source_used[s] else sl[s])
+                        ml.append(sl[s][1:])
                         mt.append(totals[s])
                     else:  # a bucket id per row: drop row 0's
                         mv.append(sv[s].narrow(0, 1, m))
@@ -409,10 +410,7 @@ class Preprocess(nn.Module):
                         mt.append(m)
                 zero = torch.zeros(1, dtype=torch.int64, device=values.device)
                 for c in range(len(self.cross_src)):
-                    scalar = True
-                    for s in self.cross_src[c]:
-                        scalar = scalar and mt[s] == m and self.source_scalar[s]
-                    cv, cl = self.cross(c, mv, ml, scalar)
+                    cv, cl = self.cross(c, mv, ml, self.one_per_row(c, mt, m))
                     parts_v.append(cv)
                     parts_l.append(torch.cat([zero, cl]))
             for k in self.bucket_out:

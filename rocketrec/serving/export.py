@@ -29,11 +29,11 @@ from rocketrec.serving.module import (
     BlockHook,
     LightServing,
     TableSource,
+    check_exportable,
     check_servable,
-    private_table_name,
 )
 from rocketrec.serving.requests import raw_inputs_from_table
-from rocketrec.spec import FeatureSpec, spec_from_dict
+from rocketrec.spec import PRIVATE_SUFFIX, FeatureSpec, private_table_name, spec_from_dict
 
 FP32_TOL = 1e-5
 INT8_TOL = 2e-2  # max |p_int8 - p_fp32|; row-wise int8 keeps ~1/255 of each row's range
@@ -142,7 +142,7 @@ def _lookups(
     dims = {t.name: t.dim for t in spec.tables}
     want: dict[str, np.ndarray] = {}
     for name in gathered:
-        base = name[: -len("__light")] if name.endswith("__light") else name
+        base = name.removesuffix(PRIVATE_SUFFIX)
         want[name] = needed[base]
         dims[name] = dims[base] if name == base else model.cfg.light_private_dim
     return needed, dense, kjt, _RowCollector(want, dims)
@@ -251,9 +251,9 @@ def export_checkpoint(
         tower = _BoosterHead(model.booster)
         if model.bottom is not None:
             raise ValueError("--booster export does not support shared_bottom")
+        check_servable(spec)
     else:
-        if model.bottom is not None:
-            raise ValueError("export does not support shared_bottom yet: train without it")
+        check_exportable(spec, model.cfg, "rocket")  # the checks training starts with
         tower = model.light
     ct = CheckpointTables(ck)
     # only the tables the exported tower reads are gathered, one at a time, block by block
@@ -267,7 +267,6 @@ def export_checkpoint(
         for t in dict.fromkeys(f.table for f in spec.light_sparse):
             name = private_table_name(t)
             sources[name] = partial(ct.row_blocks, f"model.light_ebc.embedding_bags.{name}.weight")
-    check_servable(spec, private_dim)
     table = _heldout_table(model.spec, data, rows)
     batch = decode_table(table, model.spec, "<held-out>").to_batch()
     needed, dense, kjt, collector = _lookups(model, batch, list(sources))

@@ -31,18 +31,13 @@ import torch
 from torch import nn
 
 from rocketrec.model.preprocess import Preprocess
-from rocketrec.spec import FeatureSpec
+from rocketrec.spec import FeatureSpec, private_table_name
 
 MAX_DIM_GROUPS = 4  # fused tables: one per embedding dim of the served tower
 PAD_WASTE = 0.25  # one fused table (smaller dims zero-padded) when that costs <= 25% more
 
 TableSource = torch.Tensor | Callable[[], Iterable[tuple[int, torch.Tensor]]]
 BlockHook = Callable[[str, int, torch.Tensor], None]
-
-
-def private_table_name(table: str) -> str:
-    """Name of the light tower's private table beside shared table `table`."""
-    return f"{table}__light"
 
 
 def _row_blocks(src: TableSource, rows: int = 1 << 20) -> Iterator[tuple[int, torch.Tensor]]:
@@ -137,7 +132,7 @@ class LightServing(nn.Module):
         self.twins = private_dim > 0
         if self.twins:
             feats += [
-                (f"{n}__light", private_table_name(t), r, private_dim, p)
+                (private_table_name(n), private_table_name(t), r, private_dim, p)
                 for n, t, r, _, p in list(feats)
             ]
         self.num_features = len(feats)
@@ -202,7 +197,7 @@ class LightServing(nn.Module):
         # features, then their twins (same order), then dense
         order = [f.name for f in spec.sparse if f.name in set(pre.sparse_outputs)]
         if self.twins:
-            order += [f"{n}__light" for n in order]
+            order += [private_table_name(n) for n in order]
         fdim = {f[0]: f[3] for f in feats}
         start, col = {}, 0
         for n in order:
