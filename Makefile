@@ -8,14 +8,16 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml deploy/fbgemm_gpu_cpu_stub/pyproject.toml
+$(STAMP): pyproject.toml setup.py deploy/fbgemm_gpu_cpu_stub/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel (an unpinned torch pulls a CUDA build)
 	$(BIN)/pip install -q torch==2.13.0
 	# the stub makes torchrec's `fbgemm-gpu` requirement resolve to the CPU build
 	$(BIN)/pip install -q ./deploy/fbgemm_gpu_cpu_stub
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	# builds the fused serving operator (setup.py) against the torch installed above
+	$(BIN)/pip install -q 'setuptools>=68' wheel
+	$(BIN)/pip install -q --no-build-isolation -e '.[cpu,dev]'
 	touch $(STAMP)
 
 lint: $(STAMP)

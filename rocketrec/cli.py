@@ -268,9 +268,20 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from rocketrec.serving.export import export_checkpoint
 
     t = time.time()
-    rep = export_checkpoint(a.checkpoint, a.out, int8=a.int8, data=a.data, rows=a.rows)
+    rep = export_checkpoint(
+        a.checkpoint,
+        a.out,
+        int8=a.int8,
+        data=a.data,
+        rows=a.rows,
+        booster=a.booster,
+        portable=a.portable,
+    )
+    kind = ("int8" if rep["int8"] else "fp32") + (
+        ", portable" if rep["portable"] else ", fused op: needs librocketrec_ops.so"
+    )
     print(
-        f"exported {rep['out']} ({rep['bytes']:,} bytes, {'int8' if rep['int8'] else 'fp32'}): "
+        f"exported {rep['out']} ({rep['bytes']:,} bytes, {kind}): "
         f"parity max |diff| {rep['max_abs_diff']:.3g} <= {rep['tolerance']:g} on "
         f"{rep['rows_checked']} held-out rows; {time.time() - t:.1f}s"
     )
@@ -278,12 +289,11 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _load_model(path: str):  # type: ignore[no-untyped-def]
-    import torch
-
     from rocketrec.serving.manifest import read_manifest
+    from rocketrec.serving.ops import load_model
 
     try:
-        return torch.jit.load(path), read_manifest(path)
+        return load_model(path), read_manifest(path)
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise UserError(f"{path}: cannot load the model: {msg[0] if msg else e}") from None
@@ -377,6 +387,16 @@ def add_serving_commands(sub: Any) -> None:
     e.add_argument("--int8", action="store_true", help="row-wise int8 tables")
     e.add_argument("--data", default=None, help="Parquet for the parity check (default: synthetic)")
     e.add_argument("--rows", type=int, default=2048, help="held-out rows for the parity check")
+    e.add_argument(
+        "--portable",
+        action="store_true",
+        help="plain torch ops only (no rocketrec op library needed by the server; slower)",
+    )
+    e.add_argument(
+        "--booster",
+        action="store_true",
+        help="package the booster instead (all features; for latency comparisons only)",
+    )
     e.set_defaults(fn=_cmd_export)
     p = sub.add_parser(
         "predict",

@@ -32,6 +32,7 @@ from rocketrec.serving.module import (
     check_exportable,
     check_servable,
 )
+from rocketrec.serving.ops import op_library_entry
 from rocketrec.serving.requests import raw_inputs_from_table
 from rocketrec.spec import PRIVATE_SUFFIX, FeatureSpec, private_table_name, spec_from_dict
 
@@ -47,10 +48,17 @@ def script_serving(
     private_dim: int = 0,
     on_block: BlockHook | None = None,
     negative_sample_rate: float = 1.0,
+    portable: bool = False,
 ) -> torch.jit.ScriptModule:
-    m = LightServing(
+    """The scripted serving module: on the fused operator (default), or `portable` (plain
+    torch ops: any libtorch server of the same version loads it without the op library)."""
+    m: nn.Module = LightServing(
         spec, tables, _copy_tower(tower), int8, private_dim, on_block, negative_sample_rate
     )
+    if not portable:
+        from rocketrec.serving.fused import FusedLightServing
+
+        m = FusedLightServing(m)  # type: ignore[arg-type]
     m.eval()
     # freezing inlines the weights and constants: fewer attribute lookups per call
     return torch.jit.freeze(torch.jit.script(m), preserved_attrs=["score_candidates"])
@@ -229,8 +237,10 @@ def export_checkpoint(
     data: str | None = None,
     rows: int = 2048,
     booster: bool = False,
+    portable: bool = False,
 ) -> dict[str, Any]:
-    """Export; returns a report. Writes nothing unless the parity gate passes."""
+    """Export; returns a report. Writes nothing unless the parity gate passes. The module
+    runs on rocketrec's fused operator unless `portable` (rocketrec.serving.fused)."""
     from rocketrec.train.checkpoint import latest_checkpoint
 
     ck = latest_checkpoint(checkpoint)
@@ -272,7 +282,14 @@ def export_checkpoint(
     needed, dense, kjt, collector = _lookups(model, batch, list(sources))
     rate = float(meta.get("train_config", {}).get("negative_sample_rate", 1.0))
     scripted = script_serving(
-        spec, sources, tower, int8, private_dim, on_block=collector, negative_sample_rate=rate
+        spec,
+        sources,
+        tower,
+        int8,
+        private_dim,
+        on_block=collector,
+        negative_sample_rate=rate,
+        portable=portable,
     )
     # reference: the training model's code path on the same rows, corrected the same way
     ref = _reference_scores(model, dense, kjt, booster, needed, collector, np.log(rate))
@@ -287,6 +304,7 @@ def export_checkpoint(
             "light_private_dim": 0 if booster else model.cfg.light_private_dim,
             "negative_sample_rate": rate,
             "calibration": "served probability = sigmoid(logit + log(negative_sample_rate))",
+            "op_library": None if portable else op_library_entry(),
         },
     )
     out = Path(out)
@@ -323,6 +341,7 @@ def export_checkpoint(
         "max_abs_diff": diff,
         "tolerance": tol,
         "int8": int8,
+        "portable": portable,
         "bytes": out.stat().st_size,
         "features": len(spec.light_sparse),
         "dense": len(spec.light_dense),

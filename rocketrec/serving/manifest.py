@@ -118,6 +118,7 @@ def _version() -> str:
 
 
 def read_manifest(model_path: str | Path) -> dict[str, Any]:
-    extra = {"manifest.json": ""}
-    torch.jit.load(str(model_path), _extra_files=extra)
-    return json.loads(extra["manifest.json"])
+    """The manifest of an exported file (read from its archive: no op library needed)."""
+    from rocketrec.serving.ops import read_manifest_raw
+
+    return read_manifest_raw(model_path)

@@ -76,6 +76,9 @@ def check_exportable(spec: FeatureSpec, model_cfg: Any, mode: str) -> None:
 class LightServing(nn.Module):
     """See the module docstring."""
 
+    # Python-side layout for the fused module (rocketrec.serving.fused), not scripted
+    __jit_ignored_attributes__ = ["lookup_layout", "feature_pooling", "tower_in_dim"]
+
     num_inputs: int
     num_dense: int
     num_features: int
@@ -212,6 +215,11 @@ class LightServing(nn.Module):
                     inverse[start[n] + c] = pos + c
                 pos += dims[g]  # padded width
         self.reorder = inverse != list(range(pos))
+        # the fused operator's layout (rocketrec.serving.ops): per lookup, (the tower input's
+        # first column, the feature's dim), in lookup order; then the dense columns
+        self.lookup_layout = [(start[f[0]], fdim[f[0]]) for f in feats]
+        self.feature_pooling = is_mean
+        self.tower_in_dim = col + len(pre.dense_outputs)
         self.register_buffer("col_perm", torch.tensor(inverse, dtype=torch.int64))
         self.tower = tower
 

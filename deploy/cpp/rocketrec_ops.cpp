@@ -1,0 +1,459 @@
+// rocketrec's fused serving operator: raw request inputs -> the light tower's input.
+//
+// One source, built twice: by CMake into librocketrec_ops.so (deploy/cpp, what C++
+// servers link or dlopen) and by the Python package's install (setup.py, loaded by
+// `rocketrec.serving.ops`). Registered with TORCH_LIBRARY in the namespace `rocketrec`:
+//
+//   rocketrec::light_features(values, lengths, dense, icfg, fcfg, tables, int8, out_dim)
+//       -> x float32 [B, K]
+//   rocketrec::light_features_context(values, lengths, dense, icfg, fcfg, tables, int8)
+//       -> (context share [1, K], candidate shares [M, Kc], candidate columns int64 [Kc])
+//   rocketrec::preprocess(values, lengths, dense, icfg, fcfg, context)
+//       -> (rows int64 [N'], lengths int64 [L*B], dense float32 [B, D])
+//   rocketrec::version() -> int
+//
+// Inputs are the serving contract's: values int64 [N] raw ids (strings hashed with FNV-1a
+// 64 first), lengths int64 [I*B] input-major, dense float32 [B, C] raw numbers (NaN =
+// missing). The semantics are rocketrec.model.preprocess.Preprocess's (the reference,
+// plain torch, which training runs): max_ids truncation, bucketizing (id 0 = NaN, else
+// 1 + the number of boundaries <= x in float32), crosses (every combination of one id from
+// each input's bag, first input outermost, FNV-1a over the 64-bit ids then fmix64, then
+// max_ids), row = id mod rows (non-negative) + the fused table's row offset, sum or mean
+// pooling, dense fill and transforms. `preprocess` returns what Preprocess returns
+// (a parity test compares them bit for bit); `light_features` pools the rows straight from
+// the fused tables into the tower input, in the training model's column order.
+//
+// icfg (int64) and fcfg (float32) describe the model; rocketrec.serving.ops.pack_config
+// writes them (layout below, version-checked). Context mode (row 0 = one context, rows
+// 1..M candidates): an input is the context's when row 0 gives it (a non-empty bag, a
+// non-NaN number), else the candidates'; crosses are computed per candidate from the merged
+// inputs. The context's share and the candidates' shares of the tower input have disjoint
+// columns, and their sum is the merged rows' input.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace rocketrec_ops {
+
+constexpr int64_t kOpsVersion = 1;    // bump on any change of semantics or signatures
+constexpr int64_t kConfigFormat = 1;  // icfg/fcfg layout
+
+constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;
+constexpr uint64_t kFnvPrime = 0x100000001b3ULL;
+
+inline uint64_t fmix64(uint64_t h) {
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdULL;
+  h ^= h >> 33;
+  h *= 0xc4ceb9fe1a85ec53ULL;
+  h ^= h >> 33;
+  return h;
+}
+
+// The model description, parsed from icfg / fcfg (a few dozen numbers, parsed per call).
+struct Lookup {
+  int64_t out, rows, offset, group, mean, col, dim;
+};
+struct Config {
+  int64_t I, Kb, D, F, L, G, K, NC;
+  std::vector<int64_t> id_cap;        // [I], 0 = none
+  std::vector<int64_t> bound_start;   // [Kb + 1] into boundaries
+  std::vector<int64_t> out_kind;      // [F] 0 id input, 1 cross, 2 bucket
+  std::vector<int64_t> out_index;     // [F]
+  std::vector<int64_t> cross_cap;     // [NC]
+  std::vector<int64_t> cross_start;   // [NC + 1] into cross_src
+  std::vector<int64_t> cross_src;     // source s: < I id input s, else bucket s - I
+  std::vector<Lookup> lookups;        // [L]
+  std::vector<int64_t> group_dim;     // [G]
+  const float* bounds = nullptr;
+  const float* dense_p = nullptr;     // [D, 6]: fill, log1p, lo, hi, scale, shift
+};
+
+Config parse_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
+  TORCH_CHECK(icfg.dim() == 1 && icfg.scalar_type() == at::kLong && icfg.is_contiguous(),
+              "rocketrec: icfg must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(fcfg.dim() == 1 && fcfg.scalar_type() == at::kFloat && fcfg.is_contiguous(),
+              "rocketrec: fcfg must be a contiguous 1-D float32 tensor");
+  const int64_t* p = icfg.data_ptr<int64_t>();
+  const int64_t n = icfg.numel();
+  int64_t at = 0;
+  auto next = [&]() -> int64_t {
+    TORCH_CHECK(at < n, "rocketrec: icfg is truncated (", n, " entries)");
+    return p[at++];
+  };
+  TORCH_CHECK(n > 0 && p[0] == kConfigFormat, "rocketrec: icfg format ", n > 0 ? p[0] : -1,
+              " is not ", kConfigFormat, ": model exported for another version of the op library");
+  ++at;
+  Config c;
+  c.I = next(); c.Kb = next(); c.D = next(); c.F = next(); c.L = next(); c.G = next();
+  c.K = next(); c.NC = next();
+  TORCH_CHECK(c.I >= 0 && c.Kb >= 0 && c.D >= 0 && c.F >= 0 && c.L >= 0 && c.G >= 0 && c.K >= 0 &&
+                  c.NC >= 0, "rocketrec: icfg has negative sizes");
+  for (int64_t i = 0; i < c.I; ++i) c.id_cap.push_back(next());
+  for (int64_t k = 0; k <= c.Kb; ++k) c.bound_start.push_back(next());
+  for (int64_t f = 0; f < c.F; ++f) {
+    c.out_kind.push_back(next());
+    c.out_index.push_back(next());
+  }
+  for (int64_t x = 0; x < c.NC; ++x) c.cross_cap.push_back(next());
+  for (int64_t x = 0; x <= c.NC; ++x) c.cross_start.push_back(next());
+  const int64_t nsrc = c.NC > 0 ? c.cross_start.back() : 0;
+  for (int64_t s = 0; s < nsrc; ++s) c.cross_src.push_back(next());
+  for (int64_t l = 0; l < c.L; ++l) {
+    Lookup k{};
+    k.out = next(); k.rows = next(); k.offset = next(); k.group = next();
+    k.mean = next(); k.col = next(); k.dim = next();
+    TORCH_CHECK(k.out >= 0 && k.out < c.F && k.rows > 0 && k.group >= 0 && k.group < c.G &&
+                    k.col >= 0 && k.dim >= 0 && k.col + k.dim <= c.K,
+                "rocketrec: icfg lookup ", l, " is out of range");
+    c.lookups.push_back(k);
+  }
+  for (int64_t g = 0; g < c.G; ++g) c.group_dim.push_back(next());
+  TORCH_CHECK(at == n, "rocketrec: icfg has ", n - at, " trailing entries");
+  for (int64_t f = 0; f < c.F; ++f) {
+    const int64_t lim = c.out_kind[f] == 0 ? c.I : c.out_kind[f] == 1 ? c.NC : c.Kb;
+    TORCH_CHECK(c.out_index[f] >= 0 && c.out_index[f] < lim, "rocketrec: icfg output ", f,
+                " is out of range");
+  }
+  for (int64_t s : c.cross_src)
+    TORCH_CHECK(s >= 0 && s < c.I + c.Kb, "rocketrec: icfg cross source out of range");
+  const int64_t nb = c.Kb > 0 ? c.bound_start.back() : 0;
+  TORCH_CHECK(fcfg.numel() == nb + 6 * c.D, "rocketrec: fcfg has ", fcfg.numel(),
+              " entries, expected ", nb + 6 * c.D);
+  c.bounds = fcfg.data_ptr<float>();
+  c.dense_p = c.bounds + nb;
+  return c;
+}
+
+// The serving contract's input checks (the same messages as the portable module's).
+int64_t check_inputs(const Config& c, const at::Tensor& values, const at::Tensor& lengths,
+                     const at::Tensor& dense) {
+  const int64_t C = c.D + c.Kb;
+  TORCH_CHECK(dense.dim() == 2 && dense.size(1) == C && dense.scalar_type() == at::kFloat,
+              "rocketrec: dense must be float32 [B, ", C, "], got shape ", dense.sizes(), " ",
+              dense.scalar_type());
+  TORCH_CHECK(values.dim() == 1 && lengths.dim() == 1 && values.scalar_type() == at::kLong &&
+                  lengths.scalar_type() == at::kLong,
+              "rocketrec: values and lengths must be 1-D int64 tensors");
+  const int64_t B = dense.size(0);
+  TORCH_CHECK(lengths.numel() == c.I * B, "rocketrec: lengths must have I*B = ", c.I, "*", B,
+              " entries (input-major), got ", lengths.numel());
+  const at::Tensor lc = lengths.contiguous();
+  const int64_t* l = lc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < lc.numel(); ++i) TORCH_CHECK(l[i] >= 0, "rocketrec: lengths must be non-negative");
+  int64_t total = 0;
+  for (int64_t i = 0; i < lc.numel(); ++i) {
+    total += l[i];  // never overflows: stops once past values.numel()
+    TORCH_CHECK(total <= values.numel(), "rocketrec: lengths sum to more than the ",
+                values.numel(), " entries of values");
+  }
+  TORCH_CHECK(lc.numel() > 0 || values.numel() == 0, "rocketrec: values given but no lengths");
+  TORCH_CHECK(total == values.numel(), "rocketrec: lengths sum to ", total, " but values has ",
+              values.numel(), " entries");
+  return B;
+}
+
+// Ids of every lookup, feature-major (like Preprocess.forward): rows [N'], lens [L*B].
+struct Ids {
+  std::vector<int64_t> rows;
+  std::vector<int64_t> lens;
+};
+
+struct Work {
+  const Config& c;
+  int64_t B;
+  bool context;
+  // id inputs after max_ids: per input i and row b, [start, start + len) in values
+  std::vector<int64_t> in_start, in_len;  // [I * B]
+  const int64_t* v = nullptr;
+  std::vector<int64_t> bucket;            // [Kb * B] bucket ids
+  std::vector<uint8_t> ctx_gives;         // [I + Kb]: context mode, row 0 gives source s
+  std::vector<uint64_t> scratch, next;    // cross combinations of one row
+
+  Work(const Config& cfg, int64_t b, bool ctx) : c(cfg), B(b), context(ctx) {}
+
+  void sources(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense) {
+    v = values.data_ptr<int64_t>();
+    const int64_t* l = lengths.data_ptr<int64_t>();
+    in_start.resize(static_cast<size_t>(c.I * B));
+    in_len.resize(static_cast<size_t>(c.I * B));
+    int64_t pos = 0;
+    for (int64_t i = 0; i < c.I; ++i) {
+      const int64_t cap = c.id_cap[static_cast<size_t>(i)];
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t n = l[i * B + b];
+        in_start[static_cast<size_t>(i * B + b)] = pos;
+        in_len[static_cast<size_t>(i * B + b)] = cap > 0 ? std::min(n, cap) : n;
+        pos += n;
+      }
+    }
+    const float* x = dense.data_ptr<float>();
+    const int64_t C = c.D + c.Kb;
+    bucket.resize(static_cast<size_t>(c.Kb * B));
+    for (int64_t k = 0; k < c.Kb; ++k) {
+      const float* lo = c.bounds + c.bound_start[static_cast<size_t>(k)];
+      const float* hi = c.bounds + c.bound_start[static_cast<size_t>(k + 1)];
+      for (int64_t b = 0; b < B; ++b) {
+        const float val = x[b * C + c.D + k];
+        bucket[static_cast<size_t>(k * B + b)] =
+            std::isnan(val) ? 0 : 1 + static_cast<int64_t>(std::upper_bound(lo, hi, val) - lo);
+      }
+    }
+    if (context) {
+      ctx_gives.assign(static_cast<size_t>(c.I + c.Kb), 0);
+      for (int64_t i = 0; i < c.I; ++i) ctx_gives[static_cast<size_t>(i)] = in_len[static_cast<size_t>(i * B)] > 0;
+      for (int64_t k = 0; k < c.Kb; ++k)
+        ctx_gives[static_cast<size_t>(c.I + k)] = !std::isnan(x[c.D + k]);
+    }
+  }
+
+  // The ids of source s for row b (context mode: the merged candidate row b).
+  void source_bag(int64_t s, int64_t b, const int64_t*& ptr, int64_t& n, int64_t& one) {
+    int64_t r = b;
+    if (context && ctx_gives[static_cast<size_t>(s)]) r = 0;
+    if (s < c.I) {
+      ptr = v + in_start[static_cast<size_t>(s * B + r)];
+      n = in_len[static_cast<size_t>(s * B + r)];
+    } else {
+      one = bucket[static_cast<size_t>((s - c.I) * B + r)];
+      ptr = &one;
+      n = 1;
+    }
+  }
+
+  // Cross x of row b -> scratch (hashed, capped).
+  void cross(int64_t x, int64_t b) {
+    const int64_t s0 = c.cross_start[static_cast<size_t>(x)];
+    const int64_t s1 = c.cross_start[static_cast<size_t>(x + 1)];
+    scratch.assign(1, kFnvOffset);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t* ptr;
+      int64_t n, one;
+      source_bag(c.cross_src[static_cast<size_t>(s)], b, ptr, n, one);
+      next.clear();
+      for (uint64_t h : scratch)  // earlier inputs outermost
+        for (int64_t j = 0; j < n; ++j) next.push_back((h ^ static_cast<uint64_t>(ptr[j])) * kFnvPrime);
+      scratch.swap(next);
+      if (scratch.empty()) break;
+    }
+    for (auto& h : scratch) h = fmix64(h);
+    const int64_t cap = c.cross_cap[static_cast<size_t>(x)];
+    if (cap > 0 && static_cast<int64_t>(scratch.size()) > cap) scratch.resize(static_cast<size_t>(cap));
+  }
+
+  // Calls emit(lookup, row b, table row) for every id, in order; lens[l*B+b] via bag(l, b, n).
+  template <class Emit, class Bag>
+  void for_each_id(Emit&& emit, Bag&& bag) {
+    for (int64_t l = 0; l < c.L; ++l) {
+      const Lookup& k = c.lookups[static_cast<size_t>(l)];
+      const int64_t kind = c.out_kind[static_cast<size_t>(k.out)];
+      const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
+      auto put = [&](int64_t b, int64_t id) {
+        int64_t r = id % k.rows;
+        if (r < 0) r += k.rows;
+        emit(l, b, r + k.offset);
+      };
+      for (int64_t b = 0; b < B; ++b) {
+        int64_t n = 0;
+        if (kind == 0) {
+          const int64_t* ptr = v + in_start[static_cast<size_t>(idx * B + b)];
+          n = in_len[static_cast<size_t>(idx * B + b)];
+          for (int64_t j = 0; j < n; ++j) put(b, ptr[j]);
+        } else if (kind == 2) {
+          const bool given = context && ctx_gives[static_cast<size_t>(c.I + idx)];
+          if (!context || (b == 0) == given) {
+            put(b, bucket[static_cast<size_t>(idx * B + b)]);
+            n = 1;
+          }
+        } else if (!context || b > 0) {
+          cross(idx, b);
+          for (uint64_t h : scratch) put(b, static_cast<int64_t>(h));
+          n = static_cast<int64_t>(scratch.size());
+        }
+        bag(l, b, n);
+      }
+    }
+  }
+
+  // Dense fill and transforms of row b into out[0..D); context mode zeroes the other side.
+  void dense_row(const float* x, int64_t b, float* out) const {
+    const int64_t C = c.D + c.Kb;
+    for (int64_t j = 0; j < c.D; ++j) {
+      const float* q = c.dense_p + 6 * j;
+      float val = x[b * C + j];
+      if (context && std::isnan(x[j]) == (b == 0)) {  // the other side gives this column
+        out[j] = 0.0f;
+        continue;
+      }
+      if (std::isnan(val)) val = q[0];
+      if (q[1] != 0.0f) val = std::log1p(std::max(val, 0.0f));
+      val = std::min(std::max(val, q[2]), q[3]);
+      if (q[4] != 1.0f || q[5] != 0.0f) val = q[5] + val * q[4];
+      out[j] = val;
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& values,
+                                                          const at::Tensor& lengths,
+                                                          const at::Tensor& dense,
+                                                          const at::Tensor& icfg,
+                                                          const at::Tensor& fcfg, bool context) {
+  const Config c = parse_config(icfg, fcfg);
+  const int64_t B = check_inputs(c, values, lengths, dense);
+  TORCH_CHECK(!context || B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
+  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+  Work w(c, B, context);
+  w.sources(vc, lc, dc);
+  std::vector<int64_t> rows;
+  auto lens = at::empty({c.L * B}, at::kLong);
+  int64_t* lp = lens.data_ptr<int64_t>();
+  w.for_each_id([&](int64_t, int64_t, int64_t r) { rows.push_back(r); },
+                [&](int64_t l, int64_t b, int64_t n) { lp[l * B + b] = n; });
+  auto out_rows = at::empty({static_cast<int64_t>(rows.size())}, at::kLong);
+  if (!rows.empty()) std::memcpy(out_rows.data_ptr<int64_t>(), rows.data(), rows.size() * sizeof(int64_t));
+  auto x = at::empty({B, c.D}, at::kFloat);
+  float* xp = x.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) w.dense_row(dc.data_ptr<float>(), b, xp + b * c.D);
+  return {out_rows, lens, x};
+}
+
+// Pools every lookup into x [B, K] (embedding columns of each lookup, then the dense ones).
+at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
+                  const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+  TORCH_CHECK(static_cast<int64_t>(tables.size()) == c.G, "rocketrec: ", c.G, " tables expected, got ",
+              tables.size());
+  std::vector<const uint8_t*> base(static_cast<size_t>(c.G));
+  std::vector<int64_t> stride(static_cast<size_t>(c.G)), nrows(static_cast<size_t>(c.G));
+  for (int64_t g = 0; g < c.G; ++g) {
+    const at::Tensor& t = tables[static_cast<size_t>(g)];
+    const int64_t d = c.group_dim[static_cast<size_t>(g)];
+    TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "rocketrec: table ", g, " must be a contiguous 2-D tensor");
+    if (int8) {
+      TORCH_CHECK(t.scalar_type() == at::kByte && t.size(1) == d + 8, "rocketrec: int8 table ", g,
+                  " must be uint8 [R, ", d + 8, "]");
+    } else {
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.size(1) == d, "rocketrec: table ", g,
+                  " must be float32 [R, ", d, "]");
+    }
+    base[static_cast<size_t>(g)] = static_cast<const uint8_t*>(t.data_ptr());
+    stride[static_cast<size_t>(g)] = t.size(1) * (int8 ? 1 : 4);
+    nrows[static_cast<size_t>(g)] = t.size(0);
+  }
+  auto x = at::zeros({B, c.K}, at::kFloat);
+  float* xp = x.data_ptr<float>();
+  w.for_each_id(
+      [&](int64_t l, int64_t b, int64_t r) {
+        const Lookup& k = c.lookups[static_cast<size_t>(l)];
+        const size_t g = static_cast<size_t>(k.group);
+        TORCH_CHECK(r >= 0 && r < nrows[g], "rocketrec: row ", r, " outside table ", g);
+        float* o = xp + b * c.K + k.col;
+        const uint8_t* row = base[g] + r * stride[g];
+        if (int8) {
+          float scale, bias;
+          std::memcpy(&scale, row + c.group_dim[g], 4);
+          std::memcpy(&bias, row + c.group_dim[g] + 4, 4);
+          for (int64_t j = 0; j < k.dim; ++j) o[j] += scale * static_cast<float>(row[j]) + bias;
+        } else {
+          const float* e = reinterpret_cast<const float*>(row);
+          for (int64_t j = 0; j < k.dim; ++j) o[j] += e[j];
+        }
+      },
+      [&](int64_t l, int64_t b, int64_t n) {  // a bag is complete: mean = sum / length
+        const Lookup& k = c.lookups[static_cast<size_t>(l)];
+        if (k.mean && n > 1) {
+          const float inv = 1.0f / static_cast<float>(n);
+          float* o = xp + b * c.K + k.col;
+          for (int64_t j = 0; j < k.dim; ++j) o[j] *= inv;
+        }
+      });
+  const float* dp = dense.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) w.dense_row(dp, b, xp + b * c.K + (c.K - c.D));
+  return x;
+}
+
+at::Tensor light_features(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
+                          const at::Tensor& icfg, const at::Tensor& fcfg, at::TensorList tables, bool int8,
+                          int64_t out_dim) {
+  const Config c = parse_config(icfg, fcfg);
+  TORCH_CHECK(out_dim == c.K, "rocketrec: out_dim ", out_dim, " != the config's ", c.K);
+  const int64_t B = check_inputs(c, values, lengths, dense);
+  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+  Work w(c, B, false);
+  w.sources(vc, lc, dc);
+  return pooled(c, w, dc, tables.vec(), int8, B);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> light_features_context(
+    const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense, const at::Tensor& icfg,
+    const at::Tensor& fcfg, at::TensorList tables, bool int8) {
+  const Config c = parse_config(icfg, fcfg);
+  const int64_t B = check_inputs(c, values, lengths, dense);
+  TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
+  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+  Work w(c, B, true);
+  w.sources(vc, lc, dc);
+  at::Tensor x = pooled(c, w, dc, tables.vec(), int8, B);
+  // the candidates' columns: every column the context does not give
+  std::vector<uint8_t> ctx_col(static_cast<size_t>(c.K), 0);
+  for (const Lookup& k : c.lookups) {
+    const int64_t kind = c.out_kind[static_cast<size_t>(k.out)];
+    const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
+    bool given = false;
+    if (kind == 0) given = w.in_len[static_cast<size_t>(idx * B)] > 0;
+    if (kind == 2) given = w.ctx_gives[static_cast<size_t>(c.I + idx)];
+    if (given) std::fill(ctx_col.begin() + k.col, ctx_col.begin() + k.col + k.dim, 1);
+  }
+  const float* d0 = dc.data_ptr<float>();
+  for (int64_t j = 0; j < c.D; ++j) ctx_col[static_cast<size_t>(c.K - c.D + j)] = !std::isnan(d0[j]);
+  std::vector<int64_t> cols;
+  for (int64_t j = 0; j < c.K; ++j)
+    if (!ctx_col[static_cast<size_t>(j)]) cols.push_back(j);
+  const int64_t kc = static_cast<int64_t>(cols.size()), M = B - 1;
+  auto cand = at::empty({M, kc}, at::kFloat);
+  const float* xp = x.data_ptr<float>();
+  float* cp = cand.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < kc; ++j) cp[m * kc + j] = xp[(m + 1) * c.K + cols[static_cast<size_t>(j)]];
+  auto col_t = at::empty({kc}, at::kLong);
+  if (kc) std::memcpy(col_t.data_ptr<int64_t>(), cols.data(), cols.size() * sizeof(int64_t));
+  return {x.narrow(0, 0, 1), cand, col_t};
+}
+
+// Shape-only kernel (torch.export / FakeTensor): x [B, out_dim].
+at::Tensor light_features_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& dense,
+                               const at::Tensor&, const at::Tensor&, at::TensorList, bool,
+                               int64_t out_dim) {
+  return at::empty({dense.size(0), out_dim}, dense.options().dtype(at::kFloat));
+}
+
+int64_t version() { return kOpsVersion; }
+
+}  // namespace rocketrec_ops
+
+TORCH_LIBRARY(rocketrec, m) {
+  m.def(
+      "light_features(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, Tensor fcfg, "
+      "Tensor[] tables, bool int8, int out_dim) -> Tensor");
+  m.def(
+      "light_features_context(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, "
+      "Tensor fcfg, Tensor[] tables, bool int8) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "preprocess(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, Tensor fcfg, "
+      "bool context) -> (Tensor, Tensor, Tensor)");
+  m.def("version() -> int", &rocketrec_ops::version);
+}
+
+TORCH_LIBRARY_IMPL(rocketrec, CPU, m) {
+  m.impl("light_features", &rocketrec_ops::light_features);
+  m.impl("light_features_context", &rocketrec_ops::light_features_context);
+  m.impl("preprocess", &rocketrec_ops::preprocess);
+}
+
+TORCH_LIBRARY_IMPL(rocketrec, Meta, m) { m.impl("light_features", &rocketrec_ops::light_features_meta); }

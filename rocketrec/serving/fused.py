@@ -1,0 +1,112 @@
+"""The served light module on rocketrec's fused operator (the default export).
+
+Built *from* the portable `LightServing` (same fused tables, same tower, same
+preprocessing description), it replaces the ~130 scripted ops of input checks,
+preprocessing and lookups with one call of `torch.ops.rocketrec.light_features`
+(rocketrec.serving.ops; C++ source deploy/cpp/rocketrec_ops.cpp):
+
+    forward(values [N], lengths [I*B], dense [B, C]) -> probabilities [B]
+        x = light_features(...)               # [B, K]: pooled embeddings, then dense
+        sigmoid(tower(x) + log(negative_sample_rate))
+
+    score_candidates(values, lengths, dense [1+M, C]) -> probabilities [M]
+        ctx [1, K], cand [M, Kc], cols [Kc] = light_features_context(...)
+
+The context's share of the first layer is computed once. The tower starts with
+LayerNorm then a Linear W: because the context's and the candidates' columns are
+disjoint, for a merged row x = c + y (c the context's share, y a candidate's):
+
+    sum(x) = sum(c) + sum(y),  sum(x^2) = sum(c^2) + sum(y^2)     (mean, variance)
+    W LN(x) = rstd * (W(g*c) + W(g*y) - mean * W g) + W beta
+
+so `W(g*c)` is one [1, K] x [K, H] product per request and each candidate pays only
+for its own Kc columns. The statistics are summed in float64. Towers of another
+shape (the booster, packaged for comparisons) run on the merged rows.
+"""
+
+import torch
+from torch import nn
+
+from rocketrec.model.towers import LightTower
+from rocketrec.serving.module import LightServing
+from rocketrec.serving.ops import load_library, pack_config
+
+
+class FusedLightServing(nn.Module):
+    """See the module docstring."""
+
+    int8: bool
+    tables: list[torch.Tensor]
+    out_dim: int
+    logit_offset: float
+    split: bool
+    eps: float
+
+    def __init__(self, portable: LightServing) -> None:
+        super().__init__()
+        load_library()  # scripting needs the op's schema
+        icfg, fcfg = pack_config(portable)
+        self.register_buffer("icfg", icfg)
+        self.register_buffer("fcfg", fcfg)
+        self.int8 = portable.int8
+        groups = range(len(portable.group_dims))
+        self.tables = [
+            portable._group(g)[2] if self.int8 else portable._group(g)[1] for g in groups
+        ]
+        self.out_dim = portable.tower_in_dim
+        self.logit_offset = portable.logit_offset
+        self.tower = portable.tower
+        tower = portable.tower
+        self.split = isinstance(tower, LightTower)
+        self.eps = 1e-5
+        if isinstance(tower, LightTower):
+            layers = list(tower.mlp) + [tower.head]
+            first = layers[0]
+            assert isinstance(first, nn.Linear)
+            w = first.weight.detach()  # [H, K]
+            g = tower.norm.weight.detach() if tower.norm.weight is not None else torch.ones(w.shape[1])
+            beta = tower.norm.bias.detach() if tower.norm.bias is not None else torch.zeros(w.shape[1])
+            self.eps = float(tower.norm.eps)
+            wg = w * g  # [H, K]
+            self.register_buffer("wg_t", wg.t().contiguous())  # [K, H]
+            self.register_buffer("wg_sum", wg.sum(1).view(1, -1))  # W g: [1, H]
+            b = first.bias.detach() if first.bias is not None else torch.zeros(w.shape[0])
+            self.register_buffer("b_eff", (w @ beta + b).view(1, -1))  # W beta + b: [1, H]
+            self.rest = nn.Sequential(*layers[1:])
+        else:
+            for name in ("wg_t", "wg_sum", "b_eff"):
+                self.register_buffer(name, torch.zeros(0, 0))
+            self.rest = nn.Sequential()
+
+    def forward(
+        self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
+        """values int64 [N], lengths int64 [I*B], dense float32 [B, C] -> probabilities [B]."""
+        x = torch.ops.rocketrec.light_features(
+            values, lengths, dense, self.icfg, self.fcfg, self.tables, self.int8, self.out_dim
+        )
+        return torch.sigmoid(self.tower(x).view(-1) + self.logit_offset)
+
+    @torch.jit.export
+    def score_candidates(
+        self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
+        """Row 0 = one context, rows 1..M = candidates -> probabilities [M]; equals forward
+        on the M merged rows (module docstring)."""
+        ctx, cand, cols = torch.ops.rocketrec.light_features_context(
+            values, lengths, dense, self.icfg, self.fcfg, self.tables, self.int8
+        )
+        if not self.split:
+            x = ctx.expand(cand.size(0), ctx.size(1)).clone()
+            x.index_copy_(1, cols, cand)
+            return torch.sigmoid(self.tower(x).view(-1) + self.logit_offset)
+        k = float(self.out_dim)
+        c64 = ctx.double()
+        y64 = cand.double()
+        mean = (c64.sum(1) + y64.sum(1)) / k  # [M]
+        var = ((c64 * c64).sum(1) + (y64 * y64).sum(1)) / k - mean * mean
+        rstd = torch.rsqrt(torch.clamp_min(var, 0.0) + self.eps).float().view(-1, 1)
+        pc = torch.mm(ctx, self.wg_t)  # [1, H]: the context's share, once
+        py = torch.mm(cand, self.wg_t.index_select(0, cols))  # [M, H]
+        h = torch.addcmul(self.b_eff, pc + py - mean.float().view(-1, 1) * self.wg_sum, rstd)
+        return torch.sigmoid(self.rest(h).view(-1) + self.logit_offset)

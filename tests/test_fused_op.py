@@ -1,0 +1,265 @@
+"""The fused serving operator (deploy/cpp/rocketrec_ops.cpp) against the reference
+semantics: `rocketrec.model.preprocess.Preprocess` (the training-side torch module) for
+ids (bit for bit) and dense values (<= 1e-6), and the portable serving module for
+scores; hostile rows and randomized rows, fp32 and int8, private twins, both entry
+points; input checks; torch.export; a process without the library."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import test_serving as ts
+from conftest import CROSS_SPEC, TINY_SPEC
+from rocketrec.model.towers import LightTower, ModelConfig
+from rocketrec.serving.fused import FusedLightServing
+from rocketrec.serving.module import LightServing
+from rocketrec.serving.ops import load_library, op_library_entry, pack_config
+from rocketrec.serving.requests import raw_inputs_from_table
+from rocketrec.spec import load_spec, private_table_name
+
+I64 = 1 << 63
+ops = None
+
+
+def setup_module() -> None:
+    global ops
+    load_library()
+    ops = torch.ops.rocketrec
+
+
+def _spec(tmp_path, text: str, name: str):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(text)
+    return load_spec(p)
+
+
+def _serving(spec, int8=False, private=0, seed=0, mlp=(16,)) -> LightServing:
+    g = torch.Generator().manual_seed(seed)
+    tables = {t.name: torch.randn(t.rows, t.dim, generator=g) for t in spec.tables}
+    for t in spec.tables:
+        tables[private_table_name(t.name)] = torch.randn(t.rows, max(private, 4), generator=g)
+    k = sum(spec.table(f.table).dim + private for f in spec.light_sparse) + len(spec.light_dense)
+    tower = LightTower(k, ModelConfig(light_mlp=mlp))
+    with torch.no_grad():
+        for q in tower.parameters():
+            q.copy_(torch.randn(q.shape, generator=g) * 0.5)
+    return LightServing(spec, tables, tower.eval(), int8, private).eval()
+
+
+def _random_inputs(
+    pre, b: int, rng, extreme: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random raw inputs: bags of 0..5 ids over the whole int64 range (some tiny ids),
+    numbers with NaN, exact boundary values and (`extreme`) +-inf and +-1e30."""
+    lengths = rng.integers(0, 6, size=pre.num_ids * b)
+    n = int(lengths.sum())
+    values = rng.integers(-(I64), I64 - 1, size=n, dtype=np.int64, endpoint=True)
+    small = rng.random(n) < 0.3
+    values[small] = rng.integers(-5, 50, size=int(small.sum()))
+    c = len(pre.numeric_inputs)
+    dense = rng.normal(0, 20, size=(b, c)).astype(np.float32)
+    special = np.array([np.nan, 0.0, 0.5, 1.0, 5.0, 100.0, -3.0])
+    if extreme:  # float32 LayerNorm overflows on these: fine for ids, not for scores
+        special = np.concatenate([special, [np.inf, -np.inf, 1e30, -1e30]])
+    mask = rng.random((b, c)) < 0.3
+    dense[mask] = rng.choice(special, size=int(mask.sum()))
+    return (
+        torch.from_numpy(values),
+        torch.from_numpy(lengths.astype(np.int64)),
+        torch.from_numpy(dense),
+    )
+
+
+def _cases(spec, pre, rng):
+    yield raw_inputs_from_table(ts._hostile_rows(), spec) if "user_city" in spec.columns() else None
+    for b in (1, 2, 7, 64):
+        yield _random_inputs(pre, b, rng)
+
+
+@pytest.fixture(params=["crossy", "tiny", "tiny_twins"])
+def model(request, tmp_path):
+    text = CROSS_SPEC if request.param == "crossy" else TINY_SPEC
+    spec = _spec(tmp_path, text, request.param)
+    return spec, _serving(spec, private=8 if request.param == "tiny_twins" else 0)
+
+
+def test_preprocess_op_equals_reference(model):
+    """Ids bit for bit, lengths exactly, dense <= 1e-6, batch and context modes."""
+    spec, m = model
+    pre = m.preprocess
+    icfg, fcfg = pack_config(m)
+    rng = np.random.default_rng(1)
+    for x in _cases(spec, pre, rng):
+        if x is None:
+            continue
+        want = pre(*x)
+        got = ops.preprocess(*x, icfg, fcfg, False)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6, equal_nan=True)
+        if x[2].size(0) >= 2:
+            want = pre.forward_context(*x)
+            got = ops.preprocess(*x, icfg, fcfg, True)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_module_equals_portable(model, int8):
+    spec, _ = model
+    m = _serving(spec, int8=int8, private=model[1].preprocess.twins and 8 or 0)
+    fused = FusedLightServing(m).eval()
+    scripted = torch.jit.freeze(torch.jit.script(fused), preserved_attrs=["score_candidates"])
+    rng = np.random.default_rng(2)
+    with torch.no_grad():
+        for x in _cases(spec, m.preprocess, rng):
+            if x is None:
+                continue
+            want = m(*x)
+            torch.testing.assert_close(fused(*x), want, rtol=0, atol=1e-6, equal_nan=True)
+            torch.testing.assert_close(scripted(*x), want, rtol=0, atol=1e-6, equal_nan=True)
+
+
+def _disjoint(pre, x, context: set[int]):
+    """Make raw inputs [1+M rows] a valid context+candidates request: row 0 keeps only
+    the inputs in `context`, rows 1..M only the others. Returns (request, merged rows)."""
+    values, lengths, dense = x
+    b = dense.size(0)
+    ni = pre.num_ids
+    bags = []
+    pos = 0
+    for i in range(ni):
+        row = []
+        for r in range(b):
+            n = int(lengths[i * b + r])
+            row.append(values[pos : pos + n].tolist())
+            pos += n
+        bags.append(row)
+    req_bags = [
+        [bag if (r == 0) == (i in context) else [] for r, bag in enumerate(row)]
+        for i, row in enumerate(bags)
+    ]
+    d = dense.clone()
+    for j in range(d.size(1)):
+        if (ni + j) in context:
+            d[1:, j] = float("nan")
+        else:
+            d[0, j] = float("nan")
+    merged_bags = [[row[0] + bag for bag in row[1:]] for row in req_bags]
+    md = d[1:].clone()
+    for j in range(d.size(1)):
+        if (ni + j) in context:
+            md[:, j] = d[0, j]
+
+    def pack(bags_, dd):
+        flat = [v for row in bags_ for bag in row for v in bag]
+        lens = [len(bag) for row in bags_ for bag in row]
+        return (
+            torch.tensor(flat, dtype=torch.int64),
+            torch.tensor(lens, dtype=torch.int64),
+            dd.contiguous(),
+        )
+
+    return pack(req_bags, d), pack(merged_bags, md)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_candidates_split_first_layer(model, int8):
+    """score_candidates (context share of the first layer computed once) equals forward on
+    the merged rows, for random context/candidate splits."""
+    spec, m0 = model
+    m = _serving(spec, int8=int8, private=8 if m0.preprocess.twins else 0, mlp=(16, 8))
+    fused = torch.jit.freeze(
+        torch.jit.script(FusedLightServing(m).eval()), preserved_attrs=["score_candidates"]
+    )
+    pre = m.preprocess
+    rng = np.random.default_rng(3)
+    n_in = pre.num_ids + len(pre.numeric_inputs)
+    with torch.no_grad():
+        for trial in range(8):
+            x = _random_inputs(pre, [2, 3, 41][trial % 3], rng, extreme=False)
+            context = {i for i in range(n_in) if rng.random() < 0.5}
+            req, merged = _disjoint(pre, x, context)
+            want = m(*merged)
+            torch.testing.assert_close(fused.score_candidates(*req), want, rtol=0, atol=2e-6, equal_nan=True)
+            torch.testing.assert_close(fused(*merged), want, rtol=0, atol=1e-6, equal_nan=True)
+            torch.testing.assert_close(m.score_candidates(*req), want, rtol=0, atol=2e-6, equal_nan=True)
+
+
+def test_tower_without_hidden_layers(tmp_path):
+    spec = _spec(tmp_path, CROSS_SPEC, "crossy")
+    m = _serving(spec, mlp=())
+    fused = FusedLightServing(m).eval()
+    pre = m.preprocess
+    x = _random_inputs(pre, 9, np.random.default_rng(4))
+    req, merged = _disjoint(pre, x, {0, 1})
+    with torch.no_grad():
+        torch.testing.assert_close(fused.score_candidates(*req), m(*merged), rtol=0, atol=2e-6, equal_nan=True)
+
+
+def test_op_checks_inputs(tmp_path):
+    spec = _spec(tmp_path, CROSS_SPEC, "crossy")
+    m = FusedLightServing(_serving(spec)).eval()
+    pre = _serving(spec).preprocess
+    v, l, d = _random_inputs(pre, 3, np.random.default_rng(5))
+    bad = [
+        ((v, l, d[:, :-1]), "dense must be float32"),
+        ((v, l, d.double()), "dense must be float32"),
+        ((v, l[:-1], d), "lengths must have I\\*B"),
+        ((v.int(), l, d), "1-D int64"),
+        ((v[:-1], l, d), "lengths sum to"),
+        ((torch.cat([v, v[:1]]), l, d), "lengths sum to"),
+    ]
+    neg = l.clone()
+    neg[0] = -1
+    bad.append(((v, neg, d), "non-negative"))
+    for args, msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            m(*args)
+    with pytest.raises(RuntimeError, match="context row and >= 1 candidate"):
+        m.score_candidates(v[:0], torch.zeros(pre.num_ids, dtype=torch.int64), d[:1])
+    icfg, fcfg = pack_config(m0 := _serving(spec))
+    with pytest.raises(RuntimeError, match="icfg"):
+        ops.preprocess(v, l, d, icfg[:-3], fcfg, False)
+    with pytest.raises(RuntimeError, match="format"):
+        ops.preprocess(v, l, d, torch.cat([icfg[:1] + 7, icfg[1:]]), fcfg, False)
+    assert m0 is not None
+
+
+def test_torch_export_runs_the_op(tmp_path):
+    """The op's Meta kernel lets torch.export trace the fused forward; the exported
+    program scores like the module."""
+    spec = _spec(tmp_path, CROSS_SPEC, "crossy")
+    m = _serving(spec)
+    fused = FusedLightServing(m).eval()
+    x = _random_inputs(m.preprocess, 6, np.random.default_rng(6))
+    ep = torch.export.export(fused, x)
+    assert any("rocketrec.light_features" in str(n.target) for n in ep.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(*x), m(*x), rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_missing_library_is_one_clear_error(tmp_path):
+    """A process that cannot find the op library gets an error naming it."""
+    spec = _spec(tmp_path, CROSS_SPEC, "crossy")
+    m = torch.jit.freeze(torch.jit.script(FusedLightServing(_serving(spec)).eval()))
+    path = tmp_path / "fused.pt"
+    import json
+
+    torch.jit.save(m, str(path), _extra_files={"manifest.json": json.dumps({"op_library": op_library_entry()})})
+    code = (
+        "import sys\n"
+        "from rocketrec.serving.ops import load_model\n"
+        "try:\n"
+        f"    load_model({str(path)!r})\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e); sys.exit(3)\n"
+    )
+    env = {"ROCKETREC_OPS_LIBRARY": str(tmp_path / "nope.so"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 3, r.stderr
+    assert "OpsLibraryError" in r.stdout and "librocketrec_ops.so" in r.stdout
