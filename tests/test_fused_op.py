@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+import test_serving as ts
 import torch
 
-import test_serving as ts
 from conftest import CROSS_SPEC, TINY_SPEC
 from rocketrec.model.towers import LightTower, ModelConfig
 from rocketrec.serving.fused import FusedLightServing
@@ -185,9 +185,13 @@ def test_candidates_split_first_layer(model, int8):
             context = {i for i in range(n_in) if rng.random() < 0.5}
             req, merged = _disjoint(pre, x, context)
             want = m(*merged)
-            torch.testing.assert_close(fused.score_candidates(*req), want, rtol=0, atol=2e-6, equal_nan=True)
+            torch.testing.assert_close(
+                fused.score_candidates(*req), want, rtol=0, atol=2e-6, equal_nan=True
+            )
             torch.testing.assert_close(fused(*merged), want, rtol=0, atol=1e-6, equal_nan=True)
-            torch.testing.assert_close(m.score_candidates(*req), want, rtol=0, atol=2e-6, equal_nan=True)
+            torch.testing.assert_close(
+                m.score_candidates(*req), want, rtol=0, atol=2e-6, equal_nan=True
+            )
 
 
 def test_tower_without_hidden_layers(tmp_path):
@@ -198,7 +202,9 @@ def test_tower_without_hidden_layers(tmp_path):
     x = _random_inputs(pre, 9, np.random.default_rng(4))
     req, merged = _disjoint(pre, x, {0, 1})
     with torch.no_grad():
-        torch.testing.assert_close(fused.score_candidates(*req), m(*merged), rtol=0, atol=2e-6, equal_nan=True)
+        torch.testing.assert_close(
+            fused.score_candidates(*req), m(*merged), rtol=0, atol=2e-6, equal_nan=True
+        )
 
 
 def test_op_checks_inputs(tmp_path):
@@ -250,7 +256,9 @@ def test_missing_library_is_one_clear_error(tmp_path):
     path = tmp_path / "fused.pt"
     import json
 
-    torch.jit.save(m, str(path), _extra_files={"manifest.json": json.dumps({"op_library": op_library_entry()})})
+    torch.jit.save(
+        m, str(path), _extra_files={"manifest.json": json.dumps({"op_library": op_library_entry()})}
+    )
     code = (
         "import sys\n"
         "from rocketrec.serving.ops import load_model\n"

@@ -1,16 +1,171 @@
 #include "predictor.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/runtime/static/impl.h>
+#include <dlfcn.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
 
 namespace rocketrec {
 
-Predictor::Predictor(const std::string& path, Limits limits) {
+namespace {
+
+bool ops_registered() {
+  return c10::Dispatcher::singleton().findSchema({"rocketrec::light_features", ""}).has_value();
+}
+
+std::string exe_dir() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return "";
+  std::string p(buf, static_cast<size_t>(n));
+  return p.substr(0, p.rfind('/'));
+}
+
+// manifest.json straight from the archive (readable without the op library).
+std::string peek_manifest(const std::string& path) {
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    for (const auto& name : reader.getAllRecords())
+      if (name == "extra/manifest.json") {
+        auto rec = reader.getRecord(name);
+        return std::string(static_cast<const char*>(std::get<0>(rec).get()), std::get<1>(rec));
+      }
+  } catch (const std::exception&) {
+  }
+  return "";  // torch::jit::load below reports what is wrong with the file
+}
+
+}  // namespace
+
+std::string ensure_ops_library(const std::string& model_path) {
+  if (ops_registered()) return "";
+  std::vector<std::string> tried;
+  std::vector<std::string> candidates;
+  if (const char* env = std::getenv("ROCKETREC_OPS_LIBRARY")) {
+    candidates.push_back(env);  // an explicit choice: nothing else is tried
+  } else {
+    std::string dir = exe_dir();
+    if (!dir.empty()) candidates.push_back(dir + "/" + kOpsLibraryName);
+#ifdef ROCKETREC_OPS_BUILD_PATH
+    candidates.push_back(ROCKETREC_OPS_BUILD_PATH);
+#endif
+  }
+  std::string last_error;
+  for (const auto& c : candidates) {
+    tried.push_back(c);
+    if (::dlopen(c.c_str(), RTLD_NOW | RTLD_GLOBAL) && ops_registered()) return c;
+    const char* err = ::dlerror();
+    last_error = err ? err : "loaded, but it registers no rocketrec::light_features";
+  }
+  std::string where;
+  for (const auto& t : tried) where += (where.empty() ? "" : ", ") + t;
+  throw std::runtime_error(
+      model_path + ": this model runs on rocketrec's fused operator and needs the op library " +
+      kOpsLibraryName + ", which is not loaded (tried: " + (where.empty() ? "nothing" : where) +
+      (last_error.empty() ? "" : "; " + last_error) +
+      "). Link it with -Wl,--no-as-needed, dlopen it before torch::jit::load, or set "
+      "ROCKETREC_OPS_LIBRARY; or export the model with --portable");
+}
+
+// One StaticModule per method and a pool of StaticRuntime (one per concurrent call: a
+// StaticRuntime is not thread-safe, a StaticModule is shared read-only).
+struct StaticMethod {
+  std::unique_ptr<torch::jit::StaticModule> module;
+  std::mutex mu;
+  std::vector<std::unique_ptr<torch::jit::StaticRuntime>> free;
+
+  c10::IValue operator()(std::vector<c10::IValue> in) {
+    std::unique_ptr<torch::jit::StaticRuntime> rt;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!free.empty()) {
+        rt = std::move(free.back());
+        free.pop_back();
+      }
+    }
+    if (!rt) rt = std::make_unique<torch::jit::StaticRuntime>(*module);
+    c10::IValue out = (*rt)(std::move(in), {});
+    std::lock_guard<std::mutex> lock(mu);
+    free.push_back(std::move(rt));
+    return out;
+  }
+};
+
+namespace {
+
+// A frozen module's method graph without its (unused) `self` input, or null.
+std::shared_ptr<torch::jit::Graph> method_graph(torch::jit::script::Module& m, const std::string& name) {
+  auto g = m.get_method(name).graph()->copy();
+  if (g->inputs().empty() || !g->inputs()[0]->type()->cast<c10::ClassType>()) return g;
+  if (g->inputs()[0]->hasUses()) return nullptr;
+  g->eraseInput(0);
+  return g;
+}
+
+std::shared_ptr<StaticMethod> make_static(torch::jit::script::Module& m, const std::string& name) {
+  try {
+    auto sm = std::make_shared<StaticMethod>();
+    if (name == "forward") {
+      sm->module = std::make_unique<torch::jit::StaticModule>(m, /*is_frozen=*/false);
+    } else {
+      auto g = method_graph(m, name);
+      if (!g) return nullptr;
+      sm->module = std::make_unique<torch::jit::StaticModule>(g);
+    }
+    return sm;
+  } catch (const std::exception&) {
+    return nullptr;  // the interpreter runs it
+  }
+}
+
+}  // namespace
+
+std::string Predictor::runtime_of(const std::string& method) const {
+  const auto& sm = method == "forward" ? static_forward_ : static_candidates_;
+  return sm ? "static" : "interpreter";
+}
+
+c10::IValue Predictor::run(const std::shared_ptr<StaticMethod>& sm, const char* method,
+                           std::vector<c10::IValue> in) const {
+  c10::InferenceMode guard;
+  if (sm) return (*sm)(std::move(in));
+  // Module methods are not const in the API, but running one only reads the module
+  auto& m = const_cast<torch::jit::script::Module&>(module_);
+  return m.get_method(method)(std::move(in));
+}
+
+Predictor::Predictor(const std::string& path, Limits limits, Runtime runtime) {
+  const std::string peek = peek_manifest(path);
+  if (!peek.empty()) {
+    auto j = nlohmann::json::parse(peek, nullptr, false);
+    if (!j.is_discarded() && j.is_object() && j.contains("op_library") && j["op_library"].is_object()) {
+      ensure_ops_library(path);
+      const auto& lib = j["op_library"];
+      const int64_t want = lib.value("version", int64_t{-1});
+      const int64_t have = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("rocketrec::version", "")
+                               .typed<int64_t()>()
+                               .call();
+      if (want != have)
+        throw std::runtime_error(path + ": the model needs rocketrec op library version " + std::to_string(want) +
+                                 ", the loaded " + kOpsLibraryName + " is version " + std::to_string(have));
+      ops_library_ = true;
+    }
+  }
   torch::jit::ExtraFilesMap extra{{"manifest.json", ""}};
   try {
     module_ = torch::jit::load(path, c10::nullopt, extra);
   } catch (const std::exception& e) {
     std::string msg = e.what();
+    if (msg.find("rocketrec::") != std::string::npos && !ops_registered())
+      throw std::runtime_error(path + ": the model calls rocketrec's fused operator: load " +
+                               std::string(kOpsLibraryName) + " first (deploy/README.md)");
     throw std::runtime_error(path + ": cannot load TorchScript model: " + msg.substr(0, msg.find('\n')));
   }
   module_.eval();
@@ -22,6 +177,10 @@ Predictor::Predictor(const std::string& path, Limits limits) {
     throw std::runtime_error(path + ": " + e.what());
   }
   has_candidates_ = module_.find_method("score_candidates").has_value();
+  if (runtime == Runtime::kStatic) {
+    static_forward_ = make_static(module_, "forward");
+    if (has_candidates_) static_candidates_ = make_static(module_, "score_candidates");
+  }
 }
 
 std::vector<torch::jit::IValue> Predictor::inputs(const std::vector<Request>& batch) const {
@@ -68,11 +227,7 @@ static std::vector<float> to_vector(const at::Tensor& t) {
 
 std::vector<float> Predictor::predict(const std::vector<Request>& batch) const {
   if (batch.empty()) return {};
-  auto in = inputs(batch);
-  c10::InferenceMode guard;
-  // Module::forward is not const in the API, but running a method only reads the module
-  auto& m = const_cast<torch::jit::script::Module&>(module_);
-  return to_vector(m.forward(std::move(in)).toTensor());
+  return to_vector(run(static_forward_, "forward", inputs(batch)).toTensor());
 }
 
 std::vector<float> Predictor::score(const Request& context, const std::vector<Request>& candidates) const {
@@ -81,9 +236,7 @@ std::vector<float> Predictor::score(const Request& context, const std::vector<Re
     throw RequestError("this model file has no score_candidates entry point (exported by an older rocketrec)");
   auto in = build_inputs(&context, candidates);  // row 0 = the context; checks every shape
   parser_.check_disjoint(context, candidates);
-  c10::InferenceMode guard;
-  auto& m = const_cast<torch::jit::script::Module&>(module_);
-  return to_vector(m.get_method("score_candidates")(std::move(in)).toTensor());
+  return to_vector(run(static_candidates_, "score_candidates", std::move(in)).toTensor());
 }
 
 }  // namespace rocketrec

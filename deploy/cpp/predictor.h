@@ -9,6 +9,8 @@
 #pragma once
 #include <torch/script.h>
 
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -16,16 +18,42 @@
 
 namespace rocketrec {
 
+// The fused operator's library (deploy/cpp/rocketrec_ops.cpp, CMake target rocketrec_ops).
+inline constexpr const char* kOpsLibraryName = "librocketrec_ops.so";
+
+// Makes sure rocketrec's operators are registered: does nothing if the server linked the
+// library (or loaded it), else dlopen()s ROCKETREC_OPS_LIBRARY, or librocketrec_ops.so next
+// to the executable, or this build's copy. Returns the path it loaded ("" if none was
+// needed); throws std::runtime_error naming the library if none loads. The Predictor calls
+// it for models whose manifest has an `op_library`; servers that call torch::jit::load
+// themselves can call it first.
+std::string ensure_ops_library(const std::string& model_path);
+
+// How a Predictor runs the model's methods. kStatic (default): Static Runtime
+// (torch::jit::StaticModule, one per method, with a pool of StaticRuntime instances so
+// that each concurrent call has its own); measured faster than the interpreter on the
+// fused module (deploy/README.md, "Latency"). kInterpreter: the TorchScript interpreter.
+// A method Static Runtime cannot take falls back to the interpreter (runtime_of says).
+enum class Runtime { kStatic, kInterpreter };
+
+struct StaticMethod;  // predictor.cpp
+
 class Predictor {
  public:
   // Throws std::runtime_error with a clear message if the file cannot be loaded or
   // its manifest is missing, not a rocketrec light model, or its hashes disagree.
-  explicit Predictor(const std::string& path, Limits limits = {});
+  explicit Predictor(const std::string& path, Limits limits = {}, Runtime runtime = Runtime::kStatic);
 
   const std::vector<SparseFeatureInfo>& sparse() const { return parser_.sparse(); }
   const std::vector<DenseFeatureInfo>& dense() const { return parser_.dense(); }
   const RequestParser& parser() const { return parser_; }
   const std::string& manifest_text() const { return manifest_text_; }
+  // The loaded TorchScript module (read-only use: e.g. a Static Runtime over it).
+  const torch::jit::script::Module& module() const { return module_; }
+  // "static" or "interpreter": what runs `forward` / `score_candidates`.
+  std::string runtime_of(const std::string& method) const;
+  // Whether the model runs on the fused operator (its manifest names an op_library).
+  bool uses_ops_library() const { return ops_library_; }
 
   // Parse one JSON line of any form (throws RequestError).
   ParsedLine parse(const std::string& line) const { return parser_.parse(line); }
@@ -51,6 +79,9 @@ class Predictor {
   std::string manifest_text_;
   RequestParser parser_;
   bool has_candidates_ = false;
+  bool ops_library_ = false;
+  std::shared_ptr<StaticMethod> static_forward_, static_candidates_;
+  c10::IValue run(const std::shared_ptr<StaticMethod>& sm, const char* method, std::vector<c10::IValue> in) const;
 };
 
 }  // namespace rocketrec

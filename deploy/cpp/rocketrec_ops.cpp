@@ -8,6 +8,8 @@
 //       -> x float32 [B, K]
 //   rocketrec::light_features_context(values, lengths, dense, icfg, fcfg, tables, int8)
 //       -> (context share [1, K], candidate shares [M, Kc], candidate columns int64 [Kc])
+//   rocketrec::light_first_layer_context(values, lengths, dense, icfg, fcfg, tables, int8,
+//       wg_t, wg_sum, b_eff, eps) -> h [M, H]: score_candidates' first layer (see below)
 //   rocketrec::preprocess(values, lengths, dense, icfg, fcfg, context)
 //       -> (rows int64 [N'], lengths int64 [L*B], dense float32 [B, D])
 //   rocketrec::version() -> int
@@ -36,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -129,6 +132,33 @@ Config parse_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
   c.bounds = fcfg.data_ptr<float>();
   c.dense_p = c.bounds + nb;
   return c;
+}
+
+// Parsing allocates a dozen small vectors: done once per distinct icfg per thread (the
+// exported module's icfg is a constant), keyed by its content; fcfg's pointers are per call.
+const Config& cached_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
+  thread_local std::vector<std::pair<std::vector<int64_t>, std::unique_ptr<Config>>> cache;
+  TORCH_CHECK(icfg.dim() == 1 && icfg.scalar_type() == at::kLong && icfg.is_contiguous(),
+              "rocketrec: icfg must be a contiguous 1-D int64 tensor");
+  const int64_t* p = icfg.data_ptr<int64_t>();
+  const size_t n = static_cast<size_t>(icfg.numel());
+  Config* hit = nullptr;
+  for (auto& e : cache)
+    if (e.first.size() == n && std::equal(e.first.begin(), e.first.end(), p)) hit = e.second.get();
+  if (hit == nullptr) {
+    auto c = std::make_unique<Config>(parse_config(icfg, fcfg));
+    if (cache.size() >= 8) cache.erase(cache.begin());
+    cache.emplace_back(std::vector<int64_t>(p, p + n), std::move(c));
+    hit = cache.back().second.get();
+  }
+  // fcfg is checked and re-pointed on every call (its storage may differ)
+  const int64_t nb = hit->Kb > 0 ? hit->bound_start.back() : 0;
+  TORCH_CHECK(fcfg.dim() == 1 && fcfg.scalar_type() == at::kFloat && fcfg.is_contiguous() &&
+                  fcfg.numel() == nb + 6 * hit->D,
+              "rocketrec: fcfg must be a contiguous float32 tensor of ", nb + 6 * hit->D, " entries");
+  hit->bounds = fcfg.data_ptr<float>();
+  hit->dense_p = hit->bounds + nb;
+  return *hit;
 }
 
 // The serving contract's input checks (the same messages as the portable module's).
@@ -305,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& valu
                                                           const at::Tensor& dense,
                                                           const at::Tensor& icfg,
                                                           const at::Tensor& fcfg, bool context) {
-  const Config c = parse_config(icfg, fcfg);
+  const Config& c = cached_config(icfg, fcfg);
   const int64_t B = check_inputs(c, values, lengths, dense);
   TORCH_CHECK(!context || B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
   const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
@@ -324,7 +354,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& valu
   return {out_rows, lens, x};
 }
 
+// out[0..dim) += row (fp32) or scale * q + bias (int8 row-wise); dim is a multiple of 4.
+// Compiled for AVX2 and for the baseline ISA; the loader picks one (GCC target_clones).
+__attribute__((target_clones("avx2", "default"))) void pool_rows(
+    float* out, const uint8_t* base, int64_t stride, const int64_t* rows, int64_t n, int64_t dim,
+    bool int8, int64_t qdim) {
+  constexpr int64_t kAhead = 8;  // prefetch distance: rows are random in large tables
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) __builtin_prefetch(base + rows[i + kAhead] * stride);
+    const uint8_t* row = base + rows[i] * stride;
+    if (int8) {
+      float scale, bias;
+      std::memcpy(&scale, row + qdim, 4);
+      std::memcpy(&bias, row + qdim + 4, 4);
+      for (int64_t j = 0; j < dim; ++j) out[j] += scale * static_cast<float>(row[j]) + bias;
+    } else {
+      const float* e = reinterpret_cast<const float*>(row);
+      for (int64_t j = 0; j < dim; ++j) out[j] += e[j];
+    }
+  }
+}
+
 // Pools every lookup into x [B, K] (embedding columns of each lookup, then the dense ones).
+// Pass 1 computes every table row (as `preprocess` does); pass 2 pools them with prefetch.
 at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
                   const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
   TORCH_CHECK(static_cast<int64_t>(tables.size()) == c.G, "rocketrec: ", c.G, " tables expected, got ",
@@ -346,33 +398,32 @@ at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
     stride[static_cast<size_t>(g)] = t.size(1) * (int8 ? 1 : 4);
     nrows[static_cast<size_t>(g)] = t.size(0);
   }
+  thread_local std::vector<int64_t> rows, bag_end;
+  rows.clear();
+  bag_end.assign(static_cast<size_t>(c.L * B), 0);
+  w.for_each_id([&](int64_t, int64_t, int64_t r) { rows.push_back(r); },
+                [&](int64_t l, int64_t b, int64_t) { bag_end[static_cast<size_t>(l * B + b)] = static_cast<int64_t>(rows.size()); });
   auto x = at::zeros({B, c.K}, at::kFloat);
   float* xp = x.data_ptr<float>();
-  w.for_each_id(
-      [&](int64_t l, int64_t b, int64_t r) {
-        const Lookup& k = c.lookups[static_cast<size_t>(l)];
-        const size_t g = static_cast<size_t>(k.group);
-        TORCH_CHECK(r >= 0 && r < nrows[g], "rocketrec: row ", r, " outside table ", g);
-        float* o = xp + b * c.K + k.col;
-        const uint8_t* row = base[g] + r * stride[g];
-        if (int8) {
-          float scale, bias;
-          std::memcpy(&scale, row + c.group_dim[g], 4);
-          std::memcpy(&bias, row + c.group_dim[g] + 4, 4);
-          for (int64_t j = 0; j < k.dim; ++j) o[j] += scale * static_cast<float>(row[j]) + bias;
-        } else {
-          const float* e = reinterpret_cast<const float*>(row);
-          for (int64_t j = 0; j < k.dim; ++j) o[j] += e[j];
-        }
-      },
-      [&](int64_t l, int64_t b, int64_t n) {  // a bag is complete: mean = sum / length
-        const Lookup& k = c.lookups[static_cast<size_t>(l)];
-        if (k.mean && n > 1) {
-          const float inv = 1.0f / static_cast<float>(n);
-          float* o = xp + b * c.K + k.col;
-          for (int64_t j = 0; j < k.dim; ++j) o[j] *= inv;
-        }
-      });
+  int64_t start = 0;
+  for (int64_t l = 0; l < c.L; ++l) {
+    const Lookup& k = c.lookups[static_cast<size_t>(l)];
+    const size_t g = static_cast<size_t>(k.group);
+    const int64_t lo = start, hi = B > 0 ? bag_end[static_cast<size_t>(l * B + B - 1)] : start;
+    for (int64_t i = lo; i < hi; ++i)  // every row inside this table (a corrupt config cannot read past it)
+      TORCH_CHECK(rows[static_cast<size_t>(i)] >= 0 && rows[static_cast<size_t>(i)] < nrows[g], "rocketrec: row ",
+                  rows[static_cast<size_t>(i)], " outside table ", g);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t end = bag_end[static_cast<size_t>(l * B + b)], n = end - start;
+      float* o = xp + b * c.K + k.col;
+      if (n > 0) pool_rows(o, base[g], stride[g], rows.data() + start, n, k.dim, int8, c.group_dim[g]);
+      if (k.mean && n > 1) {  // mean = sum / length (as the portable module: one multiply)
+        const float inv = 1.0f / static_cast<float>(n);
+        for (int64_t j = 0; j < k.dim; ++j) o[j] *= inv;
+      }
+      start = end;
+    }
+  }
   const float* dp = dense.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) w.dense_row(dp, b, xp + b * c.K + (c.K - c.D));
   return x;
@@ -381,7 +432,7 @@ at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
 at::Tensor light_features(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
                           const at::Tensor& icfg, const at::Tensor& fcfg, at::TensorList tables, bool int8,
                           int64_t out_dim) {
-  const Config c = parse_config(icfg, fcfg);
+  const Config& c = cached_config(icfg, fcfg);
   TORCH_CHECK(out_dim == c.K, "rocketrec: out_dim ", out_dim, " != the config's ", c.K);
   const int64_t B = check_inputs(c, values, lengths, dense);
   const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
@@ -390,17 +441,19 @@ at::Tensor light_features(const at::Tensor& values, const at::Tensor& lengths, c
   return pooled(c, w, dc, tables.vec(), int8, B);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> light_features_context(
-    const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense, const at::Tensor& icfg,
-    const at::Tensor& fcfg, at::TensorList tables, bool int8) {
-  const Config c = parse_config(icfg, fcfg);
+// Context mode: x [1+M, K] (row 0 the context's share, rows 1.. the candidates') and the
+// candidates' columns (every column the context does not give).
+std::pair<at::Tensor, std::vector<int64_t>> context_parts(const at::Tensor& values, const at::Tensor& lengths,
+                                                          const at::Tensor& dense, const at::Tensor& icfg,
+                                                          const at::Tensor& fcfg, at::TensorList tables,
+                                                          bool int8) {
+  const Config& c = cached_config(icfg, fcfg);
   const int64_t B = check_inputs(c, values, lengths, dense);
   TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
   const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
   Work w(c, B, true);
   w.sources(vc, lc, dc);
   at::Tensor x = pooled(c, w, dc, tables.vec(), int8, B);
-  // the candidates' columns: every column the context does not give
   std::vector<uint8_t> ctx_col(static_cast<size_t>(c.K), 0);
   for (const Lookup& k : c.lookups) {
     const int64_t kind = c.out_kind[static_cast<size_t>(k.out)];
@@ -415,15 +468,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> light_features_context(
   std::vector<int64_t> cols;
   for (int64_t j = 0; j < c.K; ++j)
     if (!ctx_col[static_cast<size_t>(j)]) cols.push_back(j);
-  const int64_t kc = static_cast<int64_t>(cols.size()), M = B - 1;
+  return {x, cols};
+}
+
+at::Tensor gather_cols(const at::Tensor& x, const std::vector<int64_t>& cols) {
+  const int64_t K = x.size(1), M = x.size(0) - 1, kc = static_cast<int64_t>(cols.size());
   auto cand = at::empty({M, kc}, at::kFloat);
   const float* xp = x.data_ptr<float>();
   float* cp = cand.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < kc; ++j) cp[m * kc + j] = xp[(m + 1) * c.K + cols[static_cast<size_t>(j)]];
-  auto col_t = at::empty({kc}, at::kLong);
-  if (kc) std::memcpy(col_t.data_ptr<int64_t>(), cols.data(), cols.size() * sizeof(int64_t));
-  return {x.narrow(0, 0, 1), cand, col_t};
+    for (int64_t j = 0; j < kc; ++j) cp[m * kc + j] = xp[(m + 1) * K + cols[static_cast<size_t>(j)]];
+  return cand;
+}
+
+at::Tensor to_tensor(const std::vector<int64_t>& v) {
+  auto t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+  if (!v.empty()) std::memcpy(t.data_ptr<int64_t>(), v.data(), v.size() * sizeof(int64_t));
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> light_features_context(
+    const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense, const at::Tensor& icfg,
+    const at::Tensor& fcfg, at::TensorList tables, bool int8) {
+  auto [x, cols] = context_parts(values, lengths, dense, icfg, fcfg, tables, int8);
+  return {x.narrow(0, 0, 1), gather_cols(x, cols), to_tensor(cols)};
+}
+
+// score_candidates' first layer for a tower that starts LayerNorm(K) -> Linear(K, H):
+// h [M, H] = rstd * (W(g*c) + W(g*y) - mean * W g) + (W beta + b) for each merged row
+// x = c + y (disjoint columns, so sum(x) and sum(x^2) split too; statistics in float64).
+// wg_t = (W * g)^T [K, H], wg_sum = W g [1, H], b_eff = W beta + b [1, H]. The context's
+// product is one [1, K] x [K, H]; each candidate pays for its own Kc columns only.
+at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor& lengths,
+                                     const at::Tensor& dense, const at::Tensor& icfg, const at::Tensor& fcfg,
+                                     at::TensorList tables, bool int8, const at::Tensor& wg_t,
+                                     const at::Tensor& wg_sum, const at::Tensor& b_eff, double eps) {
+  auto [x, cols] = context_parts(values, lengths, dense, icfg, fcfg, tables, int8);
+  const int64_t K = x.size(1), M = x.size(0) - 1;
+  TORCH_CHECK(wg_t.dim() == 2 && wg_t.size(0) == K && wg_t.scalar_type() == at::kFloat,
+              "rocketrec: wg_t must be float32 [", K, ", H]");
+  const int64_t H = wg_t.size(1);
+  TORCH_CHECK(wg_sum.numel() == H && b_eff.numel() == H, "rocketrec: wg_sum and b_eff must have H = ", H,
+              " entries");
+  const at::Tensor ctx = x.narrow(0, 0, 1);
+  const at::Tensor cand = gather_cols(x, cols);
+  const at::Tensor pc = at::mm(ctx, wg_t).contiguous();                                  // [1, H]
+  at::Tensor h = at::mm(cand, wg_t.index_select(0, to_tensor(cols))).contiguous();      // [M, H]
+  const float* cp = ctx.data_ptr<float>();
+  double cs = 0, css = 0;
+  for (int64_t j = 0; j < K; ++j) {
+    cs += cp[j];
+    css += static_cast<double>(cp[j]) * cp[j];
+  }
+  const int64_t kc = cand.size(1);
+  const float* yp = cand.data_ptr<float>();
+  const float* pcp = pc.data_ptr<float>();
+  const at::Tensor ws = wg_sum.contiguous(), be = b_eff.contiguous();
+  const float* wsp = ws.data_ptr<float>();
+  const float* bep = be.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    double s = cs, ss = css;
+    for (int64_t j = 0; j < kc; ++j) {
+      const double v = yp[m * kc + j];
+      s += v;
+      ss += v * v;
+    }
+    const double mean = s / static_cast<double>(K);
+    const double var = std::max(ss / static_cast<double>(K) - mean * mean, 0.0);
+    const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+    const float mf = static_cast<float>(mean);
+    for (int64_t k = 0; k < H; ++k) hp[m * H + k] = (pcp[k] + hp[m * H + k] - mf * wsp[k]) * rstd + bep[k];
+  }
+  return h;
+}
+
+at::Tensor light_first_layer_context_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& dense,
+                                          const at::Tensor&, const at::Tensor&, at::TensorList, bool,
+                                          const at::Tensor& wg_t, const at::Tensor&, const at::Tensor&, double) {
+  return at::empty({dense.size(0) - 1, wg_t.size(1)}, dense.options().dtype(at::kFloat));
 }
 
 // Shape-only kernel (torch.export / FakeTensor): x [B, out_dim].
@@ -445,6 +568,10 @@ TORCH_LIBRARY(rocketrec, m) {
       "light_features_context(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, "
       "Tensor fcfg, Tensor[] tables, bool int8) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "light_first_layer_context(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, "
+      "Tensor fcfg, Tensor[] tables, bool int8, Tensor wg_t, Tensor wg_sum, Tensor b_eff, "
+      "float eps) -> Tensor");
+  m.def(
       "preprocess(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, Tensor fcfg, "
       "bool context) -> (Tensor, Tensor, Tensor)");
   m.def("version() -> int", &rocketrec_ops::version);
@@ -453,7 +580,11 @@ TORCH_LIBRARY(rocketrec, m) {
 TORCH_LIBRARY_IMPL(rocketrec, CPU, m) {
   m.impl("light_features", &rocketrec_ops::light_features);
   m.impl("light_features_context", &rocketrec_ops::light_features_context);
+  m.impl("light_first_layer_context", &rocketrec_ops::light_first_layer_context);
   m.impl("preprocess", &rocketrec_ops::preprocess);
 }
 
-TORCH_LIBRARY_IMPL(rocketrec, Meta, m) { m.impl("light_features", &rocketrec_ops::light_features_meta); }
+TORCH_LIBRARY_IMPL(rocketrec, Meta, m) {
+  m.impl("light_features", &rocketrec_ops::light_features_meta);
+  m.impl("light_first_layer_context", &rocketrec_ops::light_first_layer_context_meta);
+}

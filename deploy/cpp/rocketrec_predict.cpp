@@ -1,6 +1,6 @@
 // rocketrec_predict: score JSON-lines requests with an exported rocketrec light model.
 //
-//   rocketrec_predict MODEL.pt [REQUESTS.jsonl | -] [--batch N] [--keep-going]
+//   rocketrec_predict MODEL.pt [REQUESTS.jsonl | -] [--batch N] [--keep-going] [--runtime static|interpreter]
 //       one probability per line: per one-row request, and per candidate of a
 //       {"context": {...}, "candidates": [...]} request, in order
 //   rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] [--threads T]
@@ -10,6 +10,10 @@
 //   rocketrec_predict --cross-hash ID,ID[,ID...]...    cross ids, one per line
 //   rocketrec_predict MODEL.pt --manifest              print the manifest
 //   rocketrec_predict MODEL.pt --self-test             the API's size checks
+//   rocketrec_predict --bench-math MATH.pt [--seconds S]   the math-only baseline
+//       (benchmarks/bench_serving.py): p50/p99 of its forward on prepared inputs
+//
+// --bench times the default runtime (Static Runtime) and the TorchScript interpreter.
 //
 // Bad input never crashes: one line "rocketrec_predict: error: FILE:LINE: ..." on stderr
 // and exit code 2. With --keep-going a bad line prints "error: ..." in its place on
@@ -23,6 +27,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -43,10 +48,12 @@ int fail(const std::string& msg) {
 }
 
 int usage() {
-  std::cerr << "usage: rocketrec_predict MODEL.pt [REQUESTS.jsonl|-] [--batch N] [--keep-going]\n"
+  std::cerr << "usage: rocketrec_predict MODEL.pt [REQUESTS.jsonl|-] [--batch N] [--keep-going] "
+               "[--runtime static|interpreter]\n"
                "       rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] "
                "[--threads T]\n"
                "       rocketrec_predict MODEL.pt --manifest\n"
+               "       rocketrec_predict --bench-math MATH.pt [--seconds S]\n"
                "       rocketrec_predict --hash STRING...\n"
                "       rocketrec_predict --cross-hash ID,ID[,ID...]...\n";
   return 2;
@@ -99,7 +106,7 @@ std::pair<double, double> time_it(F&& fn, double seconds) {
   return {pct(0.5), pct(0.99)};
 }
 
-int bench(const rocketrec::Predictor& p, double seconds, std::vector<std::string> context, int n_cand,
+int bench(const rocketrec::Predictor& p, const rocketrec::Predictor& pi, double seconds, std::vector<std::string> context, int n_cand,
           int threads) {
   at::set_num_threads(1);
   const size_t n_in = p.sparse().size() + p.dense().size();
@@ -118,11 +125,19 @@ int bench(const rocketrec::Predictor& p, double seconds, std::vector<std::string
   std::vector<bool> not_ctx(n_in);
   for (size_t i = 0; i < n_in; ++i) not_ctx[i] = !in_ctx[i];
   Gen gen{p};
+  // each figure from the default runtime (`p`) and from the TorchScript interpreter (`pi`)
   for (int B : {1, 16, 256}) {
     std::vector<rocketrec::Request> batch;
     for (int b = 0; b < B; ++b) batch.push_back(gen.row(none));
+    auto a = p.predict(batch), c = pi.predict(batch);
+    double rdiff = 0;
+    for (size_t i = 0; i < a.size(); ++i) rdiff = std::max(rdiff, static_cast<double>(std::abs(a[i] - c[i])));
     auto t = time_it([&] { p.predict(batch); }, seconds);
-    std::printf("{\"mode\": \"batch\", \"batch\": %d, \"p50_us\": %.1f, \"p99_us\": %.1f}\n", B, t.first, t.second);
+    auto ti = time_it([&] { pi.predict(batch); }, seconds);
+    std::printf(
+        "{\"mode\": \"batch\", \"batch\": %d, \"runtime\": \"%s\", \"p50_us\": %.1f, \"p99_us\": %.1f, "
+        "\"interpreter_p50_us\": %.1f, \"interpreter_p99_us\": %.1f, \"runtime_max_abs_diff\": %.3g}\n",
+        B, p.runtime_of("forward").c_str(), t.first, t.second, ti.first, ti.second, rdiff);
   }
   // one context x n candidates vs the same merged rows as one batch
   rocketrec::Request ctx = gen.row(not_ctx);
@@ -141,12 +156,15 @@ int bench(const rocketrec::Predictor& p, double seconds, std::vector<std::string
   for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
   auto tc = time_it([&] { p.score(ctx, cands); }, seconds);
   auto tb = time_it([&] { p.predict(merged); }, seconds);
+  auto tci = time_it([&] { pi.score(ctx, cands); }, seconds);
   std::string ctx_names;
   for (const auto& c : context) ctx_names += (ctx_names.empty() ? "" : ",") + c;
   std::printf(
-      "{\"mode\": \"candidates\", \"candidates\": %d, \"context\": \"%s\", \"p50_us\": %.1f, \"p99_us\": %.1f, "
-      "\"batch_p50_us\": %.1f, \"batch_p99_us\": %.1f, \"max_abs_diff\": %.3g}\n",
-      n_cand, ctx_names.c_str(), tc.first, tc.second, tb.first, tb.second, diff);
+      "{\"mode\": \"candidates\", \"candidates\": %d, \"context\": \"%s\", \"runtime\": \"%s\", "
+      "\"p50_us\": %.1f, \"p99_us\": %.1f, \"batch_p50_us\": %.1f, \"batch_p99_us\": %.1f, "
+      "\"interpreter_p50_us\": %.1f, \"max_abs_diff\": %.3g}\n",
+      n_cand, ctx_names.c_str(), p.runtime_of("score_candidates").c_str(), tc.first, tc.second, tb.first,
+      tb.second, tci.first, diff);
   // requests/s: T threads sharing one Predictor vs 1 thread (context+candidates requests)
   auto rps = [&](int t) {
     std::atomic<long> done{0};
@@ -173,6 +191,33 @@ int bench(const rocketrec::Predictor& p, double seconds, std::vector<std::string
   double r1 = rps(1), rt = rps(threads);
   std::printf("{\"mode\": \"threads\", \"threads\": %d, \"rps\": %.1f, \"rps_1\": %.1f, \"ratio\": %.3f}\n", threads,
               rt, r1, rt / r1);
+  return 0;
+}
+
+// --bench-math: a module of the same tower and tables fed already-prepared inputs (table
+// rows, offsets, weights, transformed dense), with `example(b)` returning them for b rows
+// (benchmarks/bench_serving.py writes it): the cost of the math alone.
+int bench_math(const std::string& path, double seconds) {
+  at::set_num_threads(1);
+  torch::jit::script::Module m;
+  try {
+    m = torch::jit::load(path);
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    return fail(path + ": cannot load: " + msg.substr(0, msg.find('\n')));
+  }
+  for (int B : {1, 16, 256}) {
+    auto ex = m.get_method("example")({static_cast<int64_t>(B)}).toTuple()->elements();
+    std::vector<c10::IValue> in(ex.begin(), ex.end());
+    auto t = time_it(
+        [&] {
+          c10::InferenceMode guard;
+          return m.forward(in);
+        },
+        seconds);
+    std::printf("{\"mode\": \"math\", \"batch\": %d, \"p50_us\": %.1f, \"p99_us\": %.1f}\n", B, t.first,
+                t.second);
+  }
   return 0;
 }
 
@@ -234,11 +279,18 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
+  if (args[0] == "--bench-math") {
+    double secs = 1.0;
+    if (args.size() < 2) return fail("--bench-math MATH.pt [--seconds S]");
+    if (args.size() >= 4 && args[2] == "--seconds") secs = std::stod(args[3]);
+    return bench_math(args[1], secs);
+  }
   std::string model = args[0], requests = "-", context;
   bool do_bench = false, manifest = false, keep_going = false, do_self_test = false;
   size_t batch_size = 256;
   double seconds = 1.0;
   int n_cand = 200, threads = 2;
+  rocketrec::Runtime runtime = rocketrec::Runtime::kStatic;
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
     try {
@@ -251,6 +303,11 @@ int main(int argc, char** argv) {
       else if (a == "--context" && i + 1 < args.size()) context = args[++i];
       else if (a == "--candidates" && i + 1 < args.size()) n_cand = std::stoi(args[++i]);
       else if (a == "--threads" && i + 1 < args.size()) threads = std::stoi(args[++i]);
+      else if (a == "--runtime" && i + 1 < args.size()) {
+        const std::string r = args[++i];
+        if (r != "static" && r != "interpreter") return fail("--runtime: static or interpreter, got '" + r + "'");
+        runtime = r == "static" ? rocketrec::Runtime::kStatic : rocketrec::Runtime::kInterpreter;
+      }
       else if (a.rfind("--", 0) == 0) return fail("unknown option " + a);
       else requests = a;
     } catch (const std::exception&) {
@@ -260,12 +317,15 @@ int main(int argc, char** argv) {
   if (batch_size == 0) return fail("--batch must be >= 1");
   if (n_cand < 1 || threads < 1) return fail("--candidates and --threads must be >= 1");
   try {
-    const rocketrec::Predictor p(model);
+    const rocketrec::Predictor p(model, {}, runtime);
     if (manifest) {
       std::cout << p.manifest_text() << std::endl;
       return 0;
     }
-    if (do_bench) return bench(p, seconds, split(context, ','), n_cand, threads);
+    if (do_bench) {
+      const rocketrec::Predictor pi(model, {}, rocketrec::Runtime::kInterpreter);
+      return bench(p, pi, seconds, split(context, ','), n_cand, threads);
+    }
     if (do_self_test) return self_test(p);
     std::ifstream file;
     if (requests != "-") {

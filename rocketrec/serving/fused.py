@@ -20,8 +20,10 @@ disjoint, for a merged row x = c + y (c the context's share, y a candidate's):
     W LN(x) = rstd * (W(g*c) + W(g*y) - mean * W g) + W beta
 
 so `W(g*c)` is one [1, K] x [K, H] product per request and each candidate pays only
-for its own Kc columns. The statistics are summed in float64. Towers of another
-shape (the booster, packaged for comparisons) run on the merged rows.
+for its own Kc columns. `rocketrec::light_first_layer_context` does this inside the
+operator (statistics summed in float64) and returns the first layer's output; the
+rest of the tower runs here. Towers of another shape (the booster, packaged for
+comparisons) run on the merged rows (`light_features_context`).
 """
 
 import torch
@@ -64,8 +66,14 @@ class FusedLightServing(nn.Module):
             first = layers[0]
             assert isinstance(first, nn.Linear)
             w = first.weight.detach()  # [H, K]
-            g = tower.norm.weight.detach() if tower.norm.weight is not None else torch.ones(w.shape[1])
-            beta = tower.norm.bias.detach() if tower.norm.bias is not None else torch.zeros(w.shape[1])
+            g = (
+                tower.norm.weight.detach()
+                if tower.norm.weight is not None
+                else torch.ones(w.shape[1])
+            )
+            beta = (
+                tower.norm.bias.detach() if tower.norm.bias is not None else torch.zeros(w.shape[1])
+            )
             self.eps = float(tower.norm.eps)
             wg = w * g  # [H, K]
             self.register_buffer("wg_t", wg.t().contiguous())  # [K, H]
@@ -93,20 +101,24 @@ class FusedLightServing(nn.Module):
     ) -> torch.Tensor:
         """Row 0 = one context, rows 1..M = candidates -> probabilities [M]; equals forward
         on the M merged rows (module docstring)."""
-        ctx, cand, cols = torch.ops.rocketrec.light_features_context(
-            values, lengths, dense, self.icfg, self.fcfg, self.tables, self.int8
-        )
-        if not self.split:
+        if not self.split:  # another tower shape (the booster, for comparisons): merged rows
+            ctx, cand, cols = torch.ops.rocketrec.light_features_context(
+                values, lengths, dense, self.icfg, self.fcfg, self.tables, self.int8
+            )
             x = ctx.expand(cand.size(0), ctx.size(1)).clone()
             x.index_copy_(1, cols, cand)
             return torch.sigmoid(self.tower(x).view(-1) + self.logit_offset)
-        k = float(self.out_dim)
-        c64 = ctx.double()
-        y64 = cand.double()
-        mean = (c64.sum(1) + y64.sum(1)) / k  # [M]
-        var = ((c64 * c64).sum(1) + (y64 * y64).sum(1)) / k - mean * mean
-        rstd = torch.rsqrt(torch.clamp_min(var, 0.0) + self.eps).float().view(-1, 1)
-        pc = torch.mm(ctx, self.wg_t)  # [1, H]: the context's share, once
-        py = torch.mm(cand, self.wg_t.index_select(0, cols))  # [M, H]
-        h = torch.addcmul(self.b_eff, pc + py - mean.float().view(-1, 1) * self.wg_sum, rstd)
+        h = torch.ops.rocketrec.light_first_layer_context(
+            values,
+            lengths,
+            dense,
+            self.icfg,
+            self.fcfg,
+            self.tables,
+            self.int8,
+            self.wg_t,
+            self.wg_sum,
+            self.b_eff,
+            self.eps,
+        )  # [M, H]: the first layer's output before its activation
         return torch.sigmoid(self.rest(h).view(-1) + self.logit_offset)

@@ -6,7 +6,6 @@ in input order; `features` lists what the model computes from them (crosses,
 bucketized numbers) for reference: a server never computes those itself.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 

@@ -80,7 +80,11 @@ def op_library_entry() -> dict[str, Any]:
         "name": LIBRARY_NAME,
         "namespace": "rocketrec",
         "version": OPS_VERSION,
-        "ops": ["rocketrec::light_features", "rocketrec::light_features_context"],
+        "ops": [
+            "rocketrec::light_features",
+            "rocketrec::light_features_context",
+            "rocketrec::light_first_layer_context",
+        ],
         "load": "link librocketrec_ops.so with -Wl,--no-as-needed, or dlopen it before "
         "torch::jit::load (deploy/README.md); export --portable needs no library",
     }
