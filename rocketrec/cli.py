@@ -33,14 +33,28 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     if a.data:
         from rocketrec.data.reader import ParquetReader
 
-        reader = ParquetReader(a.data, spec, batch_size=4096, shuffle=False)
-        # decode the first batch too: catches bad values (labels, NaN), not only types
-        first = next(iter(reader), None)
+        reader = ParquetReader(a.data, spec, batch_size=65536, shuffle=False, drop_last=False)
         print(
-            f"ok: {' '.join(a.data)}: {len(reader.files)} file(s), {len(reader.units)} row group(s), "
-            f"{reader.total_rows:,} rows; every column present with a usable type"
-            + (f"; first batch of {len(first):,} rows decodes" if first is not None else "")
+            f"ok: {' '.join(a.data)}: {len(reader.files)} file(s), {len(reader.units)} row "
+            f"group(s), {reader.total_rows:,} rows; every column present with a usable type"
         )
+        if reader.schema_notes:  # accepted differences between files, in one line
+            print(
+                f"ok: {len(reader.schema_notes)} column(s) differ in type across files and are "
+                f"read as one type: {'; '.join(reader.schema_notes)}"
+            )
+        # decode every row (or --max-rows): bad values (labels, nulls, inf) name their file
+        limit = reader.total_rows if a.max_rows is None else min(a.max_rows, reader.total_rows)
+        done, t0, last = 0, time.time(), time.time()
+        for batch in reader:
+            done += len(batch)
+            if time.time() - last > 5:
+                rate = done / max(time.time() - t0, 1e-9)
+                print(f"  decoded {done:,} / {limit:,} rows ({rate:,.0f} rows/s)", flush=True)
+                last = time.time()
+            if done >= limit:
+                break
+        print(f"ok: {min(done, limit):,} rows decode (labels 0/1, no bad values)")
     return 0
 
 
@@ -69,29 +83,36 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from rocketrec.config import configs_from_args
     from rocketrec.run_config import resolved_config
     from rocketrec.serving.module import check_exportable
-    from rocketrec.train.checkpoint import latest_checkpoint
-    from rocketrec.train.loop import train
+    from rocketrec.train.checkpoint import latest_checkpoint, log_user_error
+    from rocketrec.train.loop import TrainingDiverged, train
 
     spec = load_spec(a.spec)
     model_cfg, loss_cfg, train_cfg = configs_from_args(a)
     check_exportable(spec, model_cfg, loss_cfg.mode)  # never a run that cannot be served
-    if latest_checkpoint(a.out) is not None and not a.resume:
+    if latest_checkpoint(a.out, verify=False) is not None and not a.resume:
         raise UserError(
             f"{a.out} already holds a run's checkpoints: pass --resume {a.out} to continue it, "
             "or choose a new --out"
         )
     cfg = resolved_config(a._parser, a, getattr(a, "_argv", None))
-    res = train(
-        spec,
-        a.train,
-        a.val,
-        a.out,
-        model_cfg,
-        loss_cfg,
-        train_cfg,
-        resume=a.resume,
-        run_config=cfg,
-    )
+    try:
+        res = train(
+            spec,
+            a.train,
+            a.val,
+            a.out,
+            model_cfg,
+            loss_cfg,
+            train_cfg,
+            resume=a.resume,
+            run_config=cfg,
+        )
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+        # user errors (bad data mid-run, damaged checkpoints, divergence): one line on the
+        # console (main), the traceback in RUN/train.log
+        log_user_error(a.out, e)
+        what = "training diverged: " if isinstance(e, TrainingDiverged) else ""
+        raise UserError(f"{what}{e} (traceback: {a.out}/train.log)") from None
     print(json.dumps({k: v for k, v in res.items()}, default=str))
     return 0
 
@@ -200,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         nargs="+",
         help="Parquet files, directories (Hive partitions too) or globs to check against the spec",
+    )
+    v.add_argument(
+        "--max-rows",
+        type=int,
+        default=None,
+        help="decode at most this many rows (default: every row of every file)",
     )
     v.set_defaults(fn=_cmd_validate)
 
@@ -351,7 +378,7 @@ def _cmd_requests(a: argparse.Namespace) -> int:
             break
     import pyarrow as pa
 
-    table = pa.concat_tables(tables) if tables else None
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
     if table is None or table.num_rows == 0:
         raise UserError(f"{a.data}: no rows")
     if a.candidates:

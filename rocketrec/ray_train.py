@@ -43,8 +43,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from rocketrec.config import configs_from_args
     from rocketrec.spec import spec_from_dict
-    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
-    from rocketrec.train.loop import train
+    from rocketrec.train.checkpoint import (
+        latest_checkpoint,
+        log_user_error,
+        read_meta,
+        verify_checkpoint,
+    )
+    from rocketrec.train.loop import TrainingDiverged, train
 
     quiet_library_noise()
     import torch.distributed as dist
@@ -60,7 +65,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     registered = ray.train.get_checkpoint()
     if registered is not None:
         ref = _checkpoint_of_reference(Path(registered.path))
-        if ref is not None:
+        if ref is not None and verify_checkpoint(ref) is None:  # else the newest intact one
             candidates.append(ref)
     own = latest_checkpoint(args.out)
     if own is not None and read_meta(own).get("run_id") == config["run_id"]:
@@ -85,22 +90,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (Path(tmp) / REF_FILE).write_text(json.dumps({"checkpoint": str(path)}))
             ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    train(
-        spec,
-        args.train,
-        args.val,
-        args.out,
-        model_cfg,
-        loss_cfg,
-        train_cfg,
-        resume=resume,
-        report=report,
-        run_id=config["run_id"],
-        run_config=config.get("run_config"),
-    )
+    marker = Path(args.out) / USER_ERROR_FILE
+    if marker.is_file():  # a user error stopped an earlier attempt: no retry (main says why)
+        return
+    try:
+        train(
+            spec,
+            args.train,
+            args.val,
+            args.out,
+            model_cfg,
+            loss_cfg,
+            train_cfg,
+            resume=resume,
+            report=report,
+            run_id=config["run_id"],
+            run_config=config.get("run_config"),
+        )
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+        # A user error (bad data, a damaged checkpoint, divergence) fails the same way on
+        # every retry: record it for the driver (one line, exit 2; the traceback in
+        # RUN/train.log) and fail this attempt; the restarted group sees the record and
+        # returns at once instead of training again.
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        log_user_error(args.out, e)
+        tmp = marker.with_name(f".{marker.name}.{rank}")
+        what = "training diverged: " if isinstance(e, TrainingDiverged) else ""
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        tmp.write_text(json.dumps({"error": what + first}))
+        os.replace(tmp, marker)
+        raise
 
 
 REF_FILE = "rocketrec_checkpoint.json"
+USER_ERROR_FILE = ".user_error.json"  # RUN/: a worker's user error, for the driver
 
 
 def _checkpoint_of_reference(registered: Path) -> Path | None:
@@ -266,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).resolve()
     from rocketrec.train.checkpoint import latest_checkpoint
 
-    if latest_checkpoint(out) is not None and not a.resume:
+    if latest_checkpoint(out, verify=False) is not None and not a.resume:
         print(
             f"ads_train.py: error: {out} already holds a run's checkpoints: pass --resume {a.out} "
             "to continue it, or choose a new --out",
@@ -302,6 +325,19 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     use_gpu = a.gpus_per_worker > 0
+    # a worker group the cluster can never hold would wait for resources forever: refuse
+    have = ray.cluster_resources()
+    for res, per in (("CPU", a.cpus_per_worker), ("GPU", a.gpus_per_worker)):
+        if per > 0 and a.workers * per > have.get(res, 0) + 1e-9:
+            print(
+                f"ads_train.py: error: --workers {a.workers} x {per:g} {res} per worker needs "
+                f"{a.workers * per:g} {res}, the Ray cluster has {have.get(res, 0):g}: use fewer "
+                f"workers, a smaller --{res.lower()}s-per-worker, or a bigger cluster",
+                file=sys.stderr,
+            )
+            if local:
+                ray.shutdown()
+            return 2
     resources = {"CPU": a.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = a.gpus_per_worker
@@ -326,7 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     t0 = time.time()
+    marker = out / USER_ERROR_FILE
+    marker.unlink(missing_ok=True)
     result = trainer.fit()
+    if marker.is_file():  # a user error in a worker: one line, exit 2, never retried
+        err = json.loads(marker.read_text())["error"]
+        marker.unlink()
+        print(f"ads_train.py: error: {err} (traceback: {out}/train.log)", file=sys.stderr)
+        if local:
+            ray.shutdown()
+        return 2
     if result.error is not None:
         print(f"ads_train.py: training failed: {result.error}", file=sys.stderr)
         return 1

@@ -381,3 +381,179 @@ def test_fuzz_requests_never_crash(predictor, cross_exported, cross_data, tmp_pa
         want += int(v.split("=")[1]) if v.startswith("ok") else 1
     assert len(got) == want
     assert all(g.startswith("error: ") or 0.0 <= float(g) <= 1.0 for g in got)
+
+
+# -- the op library, the minimal server of deploy/README.md, runtimes, portable models ------
+
+
+def _readme_block(lang: str, first_line: str) -> str:
+    text = (ROOT / "deploy" / "README.md").read_text()
+    for block in text.split("```" + lang + "\n")[1:]:
+        code = block.split("```")[0]
+        if code.startswith(first_line):
+            return code
+    raise AssertionError(f"deploy/README.md has no ```{lang} block starting {first_line!r}")
+
+
+@pytest.fixture(scope="module")
+def minimal_server(tmp_path_factory) -> Path:
+    """deploy/README.md's minimal server, built from the README's own two blocks."""
+    src = tmp_path_factory.mktemp("minimal")
+    (src / "minimal_server.cpp").write_text(_readme_block("cpp", "// minimal_server.cpp"))
+    (src / "CMakeLists.txt").write_text(
+        _readme_block("cmake", "# CMakeLists.txt for minimal_server")
+    )
+    b = src / "build"
+    cfg = subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(b),
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    out = subprocess.run(["cmake", "--build", str(b), "-j2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return b / "minimal_server"
+
+
+def _inputs_text(v, l, d) -> str:
+    return "\n".join(
+        [
+            " ".join(map(str, v.tolist())),
+            " ".join(map(str, l.tolist())),
+            " ".join(repr(float(x)) for x in d.reshape(-1).tolist()),
+            str(d.shape[1]),
+        ]
+    )
+
+
+def test_minimal_server_from_readme(minimal_server, predictor, cross_exported, cross_data):
+    """A server written from deploy/README.md alone (libtorch + dlopen of the op library)
+    scores like Python; without the library it fails with one line naming it."""
+    from rocketrec.spec import spec_from_dict
+
+    lib = predictor.parent / "librocketrec_ops.so"
+    assert lib.exists()
+    for name in ("light.pt", "light_int8.pt"):
+        model = cross_exported / name
+        spec = spec_from_dict(read_manifest(model)["spec"])
+        t = pq.read_table(cross_data["val"]).slice(0, 300)
+        from rocketrec.serving.requests import raw_inputs_from_table
+
+        x = raw_inputs_from_table(t, spec)
+        out = subprocess.run(
+            [str(minimal_server), str(model), str(lib)],
+            input=_inputs_text(*x),
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        cpp = torch.tensor([float(s) for s in out.stdout.split()])
+        with torch.no_grad():
+            py = torch.jit.load(str(model))(*x)
+        assert cpp.shape == py.shape == (300,)
+        assert float((cpp - py).abs().max()) <= 1e-6
+    out = subprocess.run(
+        [str(minimal_server), str(cross_exported / "light.pt")],
+        input=_inputs_text(*x),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and "librocketrec_ops.so" in out.stderr, out.stderr
+
+
+def test_predictor_without_op_library_fails_in_one_line(predictor, cross_exported, tmp_path):
+    env = {**os.environ, "ROCKETREC_OPS_LIBRARY": str(tmp_path / "missing" / "librocketrec_ops.so")}
+    out = subprocess.run(
+        [str(predictor), str(cross_exported / "light.pt"), "-"],
+        input="{}\n",
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert "librocketrec_ops.so" in err[0] and "missing" in err[0] and "--portable" in err[0]
+
+
+def test_portable_model_needs_no_library(predictor, cross_exported, cross_data, tmp_path):
+    """export --portable: plain torch ops; C++ (no op library reachable) == Python == fused."""
+    from rocketrec.serving import requests as rq
+
+    model = tmp_path / "portable.pt"
+    rep = export_checkpoint(cross_exported / "run", model, data=cross_data["val"], portable=True)
+    assert rep["portable"] and rep["max_abs_diff"] <= 1e-5
+    man = read_manifest(model)
+    assert man["op_library"] is None and "rocketrec" not in torch.jit.load(str(model)).code
+    grouped, full = _hostile_requests(cross_data["val"], man, 120)
+    lines = full[:40] + grouped
+    env = {**os.environ, "ROCKETREC_OPS_LIBRARY": str(tmp_path / "none.so")}
+    out = subprocess.run(
+        [str(predictor), str(model), "-"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    cpp = [float(s) for s in out.stdout.split()]
+    fused = rq.score_lines(torch.jit.load(str(cross_exported / "light.pt")), lines, man)
+    py = rq.score_lines(torch.jit.load(str(model)), lines, man)
+    assert max(abs(a - b) for a, b in zip(cpp, py)) <= 1e-6
+    assert max(abs(a - b) for a, b in zip(fused, py)) <= 1e-6
+
+
+def test_runtimes_agree(predictor, cross_exported, cross_data, tmp_path):
+    """Static Runtime (default) and the interpreter give the same scores, both entry points."""
+    man = read_manifest(cross_exported / "light.pt")
+    grouped, full = _hostile_requests(cross_data["val"], man, 100)
+    req = tmp_path / "r.jsonl"
+    req.write_text("\n".join(full[:30] + grouped) + "\n")
+    outs = []
+    for rt in ("static", "interpreter"):
+        out = subprocess.run(
+            [str(predictor), str(cross_exported / "light.pt"), str(req), "--runtime", rt],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        outs.append([float(s) for s in out.stdout.split()])
+    assert len(outs[0]) == 130 and max(abs(a - b) for a, b in zip(*outs)) <= 1e-6
+    bad = subprocess.run(
+        [str(predictor), str(cross_exported / "light.pt"), str(req), "--runtime", "jit"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--runtime" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ('{"ad_id": 9}', "expects string ids, got number"),
+        ('{"user_id": 4.5}', "expects int64 ids"),
+        ('{"user_id": 4.0}', "expects int64 ids"),
+        ('{"context": {"user_id": 1}, "candidates": []}', "non-empty list"),
+        ('{"context": {"user_id": 1}, "user_id": 2}', "unexpected key 'user_id'"),
+    ],
+)
+def test_documented_request_cases(predictor, cross_exported, line, needle):
+    """The request cases deploy/README.md documents, in C++ and in Python."""
+    from rocketrec.serving import requests as rq
+
+    out = subprocess.run(
+        [str(predictor), str(cross_exported / "light.pt"), "-"],
+        input=line + "\n",
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and needle in out.stderr, out.stderr
+    man = read_manifest(cross_exported / "light.pt")
+    with pytest.raises(rq.DataError, match=needle.split(",")[0].replace("'", ".")):
+        rq.score_lines(torch.jit.load(str(cross_exported / "light.pt")), [line], man)

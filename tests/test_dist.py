@@ -29,8 +29,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_ranks(script: str, args_of_rank) -> None:
-    """Start 2 gloo ranks of tests/SCRIPT on loopback and require both to succeed."""
+def _run_two_ranks(script: str, args_of_rank, world: int = 2) -> list[str]:
+    """Start `world` gloo ranks of tests/SCRIPT on loopback and require all to succeed."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     env["OMP_NUM_THREADS"] = "1"
     procs = [
@@ -41,10 +41,11 @@ def _run_two_ranks(script: str, args_of_rank) -> None:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for r in range(2)
+        for r in range(world)
     ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    return logs
 
 
 @pytest.mark.parametrize(
@@ -87,7 +88,8 @@ def test_resume_two_worker_checkpoint_with_one_worker(
 
     out = tmp_path / "run"
     _run_two_ranks(
-        "dist_resume.py", lambda r: [str(r), str(tiny_spec_path), tiny_data["train"], str(out)]
+        "dist_resume.py",
+        lambda r: [str(r), "2", str(tiny_spec_path), tiny_data["train"], str(out)],
     )
     two, meta2 = load_unsharded(latest_checkpoint(out))
     assert meta2["world_size"] == 2 and meta2["step"] == 6
@@ -138,3 +140,85 @@ def test_two_workers_train_like_one_with_the_global_batch(tmp_path, tiny_spec_pa
     b = load_unsharded(latest_checkpoint(two))[0].state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), (k, float((a[k] - b[k]).abs().max()))
+
+
+# One table of each kind; t_ctx (50 rows) is the small table the planner makes
+# data-parallel at one world size and fused at another.
+MATRIX = "t_user=row_wise,t_ad=column_wise,t_tag=table_wise,t_ctx=data_parallel"
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_at_another_worker_count_every_kind(
+    tmp_path, tiny_spec_path, tiny_data, before, after
+):
+    """DP/TW/RW/CW tables written by `before` ranks resume on `after` ranks: each table
+    keeps its kind (the saved plan is the first constraint), its weights and optimizer
+    state load (no fresh-state warning), and training goes on."""
+    from rocketrec.serving.export import load_unsharded
+    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
+
+    out = tmp_path / "run"
+    args = [str(tiny_spec_path), tiny_data["train"], str(out)]
+    _run_two_ranks(
+        "dist_resume.py", lambda r: [str(r), str(before), *args, "6", MATRIX], world=before
+    )
+    ck = latest_checkpoint(out)
+    meta = read_meta(ck)
+    assert meta["world_size"] == before and meta["step"] == 6
+    kinds = dict(x.split("=") for x in MATRIX.split(","))
+    assert meta["sharding"] == kinds
+    was, _ = load_unsharded(ck)
+    # resume without any --sharding: the saved kinds hold at the new world size
+    logs = _run_two_ranks(
+        "dist_resume.py", lambda r: [str(r), str(after), *args, "9", "", str(out)], world=after
+    )
+    text = "\n".join(logs)
+    assert "starts fresh" not in text, text[-3000:]
+    ck2 = latest_checkpoint(out)
+    meta2 = read_meta(ck2)
+    assert meta2["world_size"] == after and meta2["step"] == 9 and meta2["sharding"] == kinds
+    now, _ = load_unsharded(ck2)
+    import torch
+
+    for k, v in was.state_dict().items():
+        assert v.shape == now.state_dict()[k].shape
+    assert not torch.equal(
+        was.state_dict()["light.head.weight"], now.state_dict()["light.head.weight"]
+    )
+
+
+def test_resume_with_a_changed_kind_warns_and_goes_on(
+    tmp_path, tiny_spec, tiny_spec_path, tiny_data
+):
+    """--sharding at resume moves a data-parallel table to a fused kind: its optimizer state
+    starts fresh with one warning line naming it; the weights load."""
+    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
+    from rocketrec.train.loop import TrainConfig, train
+
+    out = tmp_path / "run"
+    args = [str(tiny_spec_path), tiny_data["train"], str(out)]
+    _run_two_ranks("dist_resume.py", lambda r: [str(r), "2", *args, "6", MATRIX])
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        train(
+            tiny_spec,
+            tiny_data["train"],
+            None,
+            str(out),
+            small_model(),
+            None,
+            TrainConfig(
+                batch_size=256,
+                max_steps=9,
+                log_every=0,
+                seed=5,
+                sharding={"t_ctx": {"sharding_type": "table_wise"}},
+            ),
+            resume=str(out),
+        )
+    warn = [x for x in buf.getvalue().splitlines() if "starts fresh" in x]
+    assert len(warn) == 1 and "t_ctx" in warn[0], buf.getvalue()[-2000:]
+    assert read_meta(latest_checkpoint(out))["sharding"]["t_ctx"] == "table_wise"

@@ -193,3 +193,42 @@ def test_local_ray_worker_killed_resumes_and_binds_loopback(tmp_path, tiny_spec,
     # the embedded local Ray listened on loopback only
     assert listeners, "no Ray listener seen"
     assert all(_is_loopback(a) for a in listeners), listeners
+
+
+def test_user_error_in_workers_exits_2_without_retries(tmp_path, tiny_spec_path, tiny_data):
+    """Divergence inside Ray workers: one line, exit 2, the traceback in RUN/train.log, and
+    no second training attempt (a restarted group sees the recorded error and stops)."""
+    run = tmp_path / "div"
+    r = subprocess.run(
+        [
+            sys.executable, str(ROOT / "jobs" / "ads_train.py"), "--spec", str(tiny_spec_path),
+            "--train", tiny_data["train"], "--out", str(run), "--workers", "2",
+            "--batch-size", "256", "--max-steps", "20", "--dense-lr", "1e12",
+            "--sparse-lr", "1e12", "--max-failures", "2", "--no-export", "--local-cpus", "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    err = [x for x in r.stderr.splitlines() if x.startswith("ads_train.py:")]
+    assert len(err) == 1 and "training diverged" in err[0], r.stderr[-3000:]
+    assert "Traceback" in (run / "train.log").read_text()
+    assert not (run / ".user_error.json").exists()
+    # trained once, not once per retry: one recorded error per rank at most
+    assert (run / "train.log").read_text().count("error: Traceback") <= 2
+
+
+def test_worker_group_the_cluster_cannot_hold_is_refused(tmp_path, tiny_spec_path, tiny_data):
+    r = subprocess.run(
+        [
+            sys.executable, str(ROOT / "jobs" / "ads_train.py"), "--spec", str(tiny_spec_path),
+            "--train", tiny_data["train"], "--out", str(tmp_path / "run"), "--workers", "6",
+            "--cpus-per-worker", "1", "--batch-size", "256", "--local-cpus", "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    err = [x for x in r.stderr.splitlines() if x.startswith("ads_train.py:")]
+    assert r.returncode == 2 and len(err) == 1 and "needs 6 CPU" in err[0], r.stderr[-3000:]

@@ -48,7 +48,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rocketrec.data.batch import Batch, DataError, Decoded, check_schema, decode_table
+from rocketrec.data.batch import (
+    Batch,
+    DataError,
+    Decoded,
+    check_schema,
+    conform,
+    decode_table,
+    unify_schemas,
+)
 from rocketrec.hashing import fnv1a64
 from rocketrec.spec import FeatureSpec
 
@@ -188,6 +196,7 @@ class ParquetReader:
         self._lock = threading.Lock()
         self.max_files_open_seen = 0
         checked: set[str] = set()
+        schemas: dict[str, pa.Schema] = {}
         for fi, f in enumerate(self.files):
             try:
                 if self.fs.get_file_info(f).size == 0:
@@ -197,6 +206,7 @@ class ParquetReader:
             except (OSError, ValueError) as e:
                 raise DataError(f"{f}: cannot read as Parquet: {e}") from None
             schema = md.schema.to_arrow_schema()
+            schemas[f] = schema
             key = schema.to_string()
             if key not in checked:  # thousands of files usually share a few schemas
                 check_schema(schema, spec, f)
@@ -210,6 +220,9 @@ class ParquetReader:
                 first += rows
         if not self.units:
             raise DataError(f"{_show(path)}: no rows in any Parquet file")
+        # files whose column types differ (real logs widen types over time): each file is
+        # read with its own schema and cast to one type per column (rocketrec.data.batch)
+        self.target_types, self.schema_notes = unify_schemas(schemas, spec)
         self.teacher_column = teacher_column
         self.columns = spec.columns() + ([teacher_column] if teacher_column else [])
         if negative_sample_rate < 1.0:
@@ -360,6 +373,8 @@ class ParquetReader:
         if u not in cache:
             cache.clear()  # keep one unit: a unit split over two windows is read once
             t = self._file(u.file).read_row_group(u.row_group, columns=self.columns)
+            if self.target_types:
+                t = conform(t, self.target_types, self.files[u.file])
             if self.negative_sample_rate < 1.0:
                 t = t.filter(pa.array(self.keep_mask(u, self._labels_of(t, u))))
             cache[u] = t
@@ -388,7 +403,14 @@ class ParquetReader:
             start = end
             if start >= hi:
                 break
-        table = parts[0][1] if len(parts) == 1 else pa.concat_tables([t for _, t in parts])
+        table = (
+            parts[0][1]
+            if len(parts) == 1
+            else pa.concat_tables(
+                [t for _, t in parts],
+                promote_options="default",  # nullability may differ
+            )
+        )
         files = list(dict.fromkeys(self.files[p.unit.file] for p, _ in parts))
         try:
             block = decode_table(table, self.spec, files[0], self.teacher_column)

@@ -341,3 +341,12 @@ def shard_model(
         sharders=[sharder],  # type: ignore[list-item]
         data_parallel_wrapper=wrapper,
     )
+
+
+def sharding_kinds(dmp: DistributedModelParallel) -> dict[str, str]:
+    """{table: sharding type} of a sharded model's plan (saved with every checkpoint)."""
+    out: dict[str, str] = {}
+    for module_plan in dmp.plan.plan.values():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            out[table] = str(ps.sharding_type)
+    return out

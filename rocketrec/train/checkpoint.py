@@ -5,12 +5,22 @@ Layout under <out>/checkpoints/:
         .metadata, __*_*.distcp   DCP: model (sharded tables too) and the fused table optimizer
         dense_optim.pt      the dense optimizer (replicated: rank 0 writes it)
         meta.json           step, phase, epoch, every rank's reader state, spec, configs
+        files.json          every other file's size and CRC-32, written last
     latest                  name of the newest finished checkpoint
 
 Every rank writes into `.tmp-step_000100/`; after a barrier rank 0 renames it
 and then replaces `latest` (write to a temp file, fsync, rename). A crash at
 any point leaves `latest` naming a complete checkpoint. DCP reshards on load,
 so a checkpoint loads under another world size.
+
+Verification: `files.json` records each file's size and CRC-32 when the
+checkpoint is written. `latest_checkpoint` (used by resume, the automatic
+restart after a worker failure, warm start and export) verifies the newest
+checkpoint and, if a file is missing, truncated or altered, warns in one line
+and falls back to the newest intact one; if none is intact it raises
+`CheckpointDamaged` naming each checkpoint and its first bad file. Older
+checkpoints are deleted only after the new one is complete, so the last intact
+one is never removed while writing.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,17 +53,128 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under root (a run dir or its checkpoints/ dir)."""
+FILES = "files.json"
+_BLOCK = 8 << 20
+
+
+class CheckpointDamaged(ValueError):
+    """No intact checkpoint where one was expected (the message names each bad file)."""
+
+
+def log_user_error(out: str | Path | None, err: BaseException) -> None:
+    """Append a user error's full traceback to RUN/train.log (the console gets one line)."""
+    import traceback
+
+    if not out or "://" in str(out):
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with open(Path(out) / "train.log", "a") as f:
+            f.write("error: " + "".join(traceback.format_exception(err)))
+    except OSError:
+        pass
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_file_list(ckpt: Path) -> None:
+    """files.json: size and CRC-32 of every file of the checkpoint directory."""
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != FILES:
+            files[str(p.relative_to(ckpt))] = {"bytes": p.stat().st_size, "crc32": _crc32(p)}
+    _atomic_write_text(ckpt / FILES, json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(ckpt: str | Path) -> str | None:
+    """None if every file listed in files.json is there with its size and CRC-32; else
+    what is wrong, in a few words. A checkpoint without files.json (written before
+    verification existed) is accepted if its meta.json reads."""
+    ckpt = Path(ckpt)
+    try:
+        json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable ({e.__class__.__name__})"
+    if not (ckpt / FILES).is_file():
+        return None
+    try:
+        listed = json.loads((ckpt / FILES).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{FILES} unreadable ({e.__class__.__name__})"
+    for name, want in listed.items():
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size:,} bytes, {want['bytes']:,} when written"
+    for name, want in listed.items():  # sizes first (cheap), then contents
+        if _crc32(ckpt / name) != want["crc32"]:
+            return f"{name} differs from when it was written (CRC-32)"
+    return None
+
+
+def _candidates(cand: Path) -> list[Path]:
+    """Finished checkpoints under a checkpoints/ dir, newest first (`latest` first)."""
+    out: list[Path] = []
+    p = cand / "latest"
+    if p.is_file():
+        named = cand / p.read_text().strip()
+        if (named / "meta.json").is_file():
+            out.append(named)
+    steps = sorted(
+        (d for d in cand.glob("step_*") if d.is_dir() and (d / "meta.json").is_file()),
+        key=lambda d: (int(json.loads((d / "meta.json").read_text()).get("step", -1))
+                       if _meta_ok(d) else -1, d.name),
+        reverse=True,
+    )  # fmt: skip
+    out += [d for d in steps if d not in out]
+    return out
+
+
+def _meta_ok(d: Path) -> bool:
+    try:
+        json.loads((d / "meta.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def latest_checkpoint(root: str | Path, verify: bool = True) -> Path | None:
+    """The newest intact checkpoint under root (a run dir, its checkpoints/ dir, or one
+    checkpoint dir); None if there is none at all. With `verify`, damaged ones are
+    skipped with one warning line each; CheckpointDamaged if every one is damaged."""
     root = Path(root)
     for cand in (root, root / "checkpoints"):
-        if (cand / "meta.json").is_file():
+        if (cand / "meta.json").is_file() and not (cand / "latest").exists():
+            if verify and (why := verify_checkpoint(cand)) is not None:
+                raise CheckpointDamaged(f"checkpoint {cand} is damaged: {why}")
             return cand
-        p = cand / "latest"
-        if p.is_file():
-            step_dir = cand / p.read_text().strip()
-            if (step_dir / "meta.json").is_file():
-                return step_dir
+        found = _candidates(cand)
+        if not found:
+            continue
+        if not verify:
+            return found[0]
+        bad: list[str] = []
+        for ck in found:
+            why = verify_checkpoint(ck)
+            if why is None:
+                if bad:
+                    print(
+                        f"rocketrec: warning: skipping damaged checkpoint(s) {'; '.join(bad)}; "
+                        f"using {ck}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                return ck
+            bad.append(f"{ck.name} ({why})")
+        raise CheckpointDamaged(f"{cand}: no intact checkpoint: {'; '.join(bad)}")
     return None
 
 
@@ -86,6 +209,8 @@ def save_checkpoint(
         _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
     _barrier()
     if rank == 0:
+        write_file_list(tmp)  # every rank's files are complete here
+    if rank == 0:
         os.replace(tmp, final)
         _atomic_write_text(root / "latest", name)
         done = sorted(p for p in root.glob("step_*") if p.is_dir())
@@ -104,6 +229,88 @@ def load_checkpoint(
     dcp.load(state, checkpoint_id=str(path))
     dense = torch.load(path / "dense_optim.pt", weights_only=False)
     return dense, meta
+
+
+# -- sharding kinds across resumes ----------------------------------------------------
+
+_KEEPABLE = ("table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel")
+
+
+def _fused_tables(path: Path) -> set[str]:
+    """Tables whose optimizer state the checkpoint holds in the fused optimizer."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    out = set()
+    for k in keys:
+        if k.startswith("sparse_optim.state.") and ".embedding_bags." in k:
+            out.add(k.split(".embedding_bags.", 1)[1].split(".", 1)[0])
+    return out
+
+
+def saved_sharding(path: Path) -> dict[str, str]:
+    """The sharding kind of each table in a checkpoint: from meta.json (`sharding`), or,
+    for checkpoints written before it was recorded, data_parallel for the tables without
+    fused optimizer state (the others are left to the planner)."""
+    meta = read_meta(path)
+    kinds = meta.get("sharding")
+    if isinstance(kinds, dict):
+        return {t: k for t, k in kinds.items() if k in _KEEPABLE}
+    from rocketrec.spec import private_table_name, spec_from_dict
+
+    spec = spec_from_dict(meta["spec"])
+    names = [t.name for t in spec.tables]
+    if meta.get("model_config", {}).get("light_private_dim"):
+        names += [private_table_name(t) for t in names]
+    fused = _fused_tables(path)
+    if not fused:  # e.g. a plain SGD run without optimizer state: nothing to infer
+        return {}
+    return {t: "data_parallel" for t in names if t not in fused}
+
+
+def changed_kind_tables(
+    path: Path, sparse_state: dict[str, Any], saved: dict[str, str], dmp: Any
+) -> list[str]:
+    """Tables fused now whose optimizer state the checkpoint does not hold (they were
+    data-parallel when it was written), in table order."""
+    if not sparse_state:
+        return []
+    fused_then = _fused_tables(path)
+    now = _state_tables(sparse_state)
+    return sorted(t for t in now if t not in fused_then and saved.get(t) == "data_parallel")
+
+
+def _state_tables(sparse_state: dict[str, Any]) -> set[str]:
+    out = set()
+    for k in _flat_keys(sparse_state):
+        if ".embedding_bags." in k:
+            out.add(k.split(".embedding_bags.", 1)[1].split(".", 1)[0])
+    return out
+
+
+def _flat_keys(d: Any, prefix: str = "") -> list[str]:
+    if isinstance(d, dict):
+        out: list[str] = []
+        for k, v in d.items():
+            out += _flat_keys(v, f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")]
+
+
+def drop_table_state(sparse_state: dict[str, Any], tables: list[str]) -> dict[str, Any]:
+    """sparse_state without the entries of `tables` (they keep their fresh state)."""
+    if not tables:
+        return sparse_state
+
+    def keep(key: str) -> bool:
+        return not any(f"embedding_bags.{t}." in key + "." for t in tables)
+
+    def walk(d: Any, prefix: str) -> Any:
+        if not isinstance(d, dict):
+            return d
+        return {k: walk(v, f"{prefix}{k}.") for k, v in d.items() if keep(f"{prefix}{k}")}
+
+    return walk(sparse_state, "")
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -41,14 +41,17 @@ from rocketrec.data.batch import Batch
 from rocketrec.data.reader import ParquetReader
 from rocketrec.model.loss import LossConfig, PhasePlan, plan_phases
 from rocketrec.model.model import ModelConfig, RocketModel
-from rocketrec.parallel.sharding import init_distributed, shard_model
+from rocketrec.parallel.sharding import init_distributed, shard_model, sharding_kinds
 from rocketrec.parallel.tables import block_views, init_tables, release_free_memory
 from rocketrec.spec import FeatureSpec
 from rocketrec.train.checkpoint import (
+    changed_kind_tables,
+    drop_table_state,
     latest_checkpoint,
     load_checkpoint,
     read_meta,
     save_checkpoint,
+    saved_sharding,
 )
 from rocketrec.train.metrics import base_rate_logloss, tower_metrics
 from rocketrec.train.task import RocketTrainTask, TrainingDiverged  # noqa: F401 - re-exported
@@ -149,6 +152,7 @@ class _Run:
         report: Report | None,
         run_id: str | None = None,
         run_config: dict[str, Any] | None = None,
+        resume_from: Path | None = None,
     ) -> None:
         self.spec, self.model_cfg, self.loss_cfg, self.cfg = spec, model_cfg, loss_cfg, cfg
         self.out = Path(out_dir)
@@ -165,12 +169,18 @@ class _Run:
         # shards, then each row gets its plan-independent initial values.
         model = RocketModel(spec, model_cfg, self.env.device, table_device=torch.device("meta"))
         self.model = model
+        # Resume: the checkpoint's sharding kinds are the first constraint (the planner
+        # picks another kind for a small table at another world size, which would move its
+        # optimizer state between the fused and the dense optimizer); --sharding overrides.
+        self.saved_kinds = saved_sharding(resume_from) if resume_from is not None else {}
+        constraints = {t: {"sharding_type": k} for t, k in self.saved_kinds.items()}
+        constraints.update({t: dict(c) for t, c in cfg.sharding.items()})
         self.dmp = shard_model(
             model,
             self.env,
             cfg.sparse_optimizer,
             cfg.sparse_lr,
-            cfg.sharding,
+            constraints,
             # rocket runs both towers every step: every dense parameter gets a gradient
             find_unused_parameters=loss_cfg.mode != "rocket",
         )
@@ -288,6 +298,7 @@ class _Run:
             "loss_config": asdict(self.loss_cfg),
             "train_config": asdict(self.cfg),
             "metrics": metrics or (self.history[-1] if self.history else {}),
+            "sharding": sharding_kinds(self.dmp),  # resume keeps these kinds
             "versions": {"torch": torch.__version__},
             "run_config": self.run_config,
         }
@@ -307,9 +318,21 @@ class _Run:
 
     def resume(self, path: Path) -> None:
         state = self._state()
+        # A table whose kind changed (--sharding at resume) between data-parallel (state in
+        # the dense optimizer) and fused (state in the fused optimizer) cannot take the
+        # saved optimizer state: it starts fresh, with one warning line per table.
+        fresh = changed_kind_tables(path, state["sparse_optim"], self.saved_kinds, self.dmp)
+        now_kinds = sharding_kinds(self.dmp)
+        changed = sorted(
+            t for t, k in self.saved_kinds.items() if now_kinds.get(t, k) != k
+        )  # every table whose kind differs from the checkpoint's (--sharding at resume)
+        dp_moved = [
+            t for t in changed if "data_parallel" in (self.saved_kinds[t], now_kinds.get(t))
+        ]
+        to_load = {**state, "sparse_optim": drop_table_state(state["sparse_optim"], fresh)}
         # DCP fills the block views in place, i.e. the live shards: it reads one saved
         # block at a time, never a whole table, whatever world size wrote it.
-        dense, meta = load_checkpoint(path, block_views(state))
+        dense, meta = load_checkpoint(path, block_views(to_load))
         self.dmp.load_state_dict(state["model"])
         self.dmp.fused_optimizer.load_state_dict(state["sparse_optim"])
         self.step = int(meta["step"])
@@ -323,7 +346,25 @@ class _Run:
             self.phase_idx = len(self.phases) - 1
             _log(f"resume: {path} is a finished run; continuing it under the new step/epoch budget")
         self.dense_opt = self._make_dense_opt(self.phases[self.phase_idx])
-        self.dense_opt.load_state_dict(dense)
+        dense_fresh = False
+        try:
+            self.dense_opt.load_state_dict(dense)
+        except ValueError:  # a data-parallel table came or went (a changed sharding kind)
+            dense_fresh = True
+        for t in changed:  # one line per table whose kind changed
+            extra = ""
+            if t in dp_moved:
+                extra = "; its optimizer state starts fresh" + (
+                    " (so does the towers' dense optimizer state)" if dense_fresh else ""
+                )
+            _log(
+                f"resume: warning: table '{t}' changed sharding kind "
+                f"({self.saved_kinds[t]} -> {now_kinds.get(t)}){extra}"
+            )
+        if dense_fresh and not dp_moved:
+            _log(
+                "resume: warning: the dense optimizer's parameters changed; its state starts fresh"
+            )
         if int(meta["world_size"]) == self.world:
             self.train_reader.load_state_dict(meta["readers"][self.rank])
             self.trained_pos = int(meta["readers"][self.rank]["pos"])
@@ -702,6 +743,7 @@ def train(
         report,
         run_id,
         run_config,
+        resume_from=ck,
     )
     if run.rank == 0 and run_config is not None:
         from rocketrec.run_config import write_resolved
