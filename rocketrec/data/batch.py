@@ -334,10 +334,11 @@ def column_roles(spec: FeatureSpec) -> dict[str, str]:
     roles: dict[str, str] = {spec.label_column: "number"}
     if spec.weight_column:
         roles[spec.weight_column] = "number"
-    for f in [*spec.dense, *spec.bucket_features]:
-        roles.setdefault(f.column, "number")
+    numeric: list[DenseFeature | SparseFeature] = [*spec.dense, *spec.bucket_features]
+    for f in numeric:
+        roles.setdefault(str(f.column), "number")
     for g in spec.id_features:
-        roles[g.column] = "ids" if g.kind == "list" else "id"
+        roles[str(g.column)] = "ids" if g.kind == "list" else "id"
     if spec.group_column:
         roles.setdefault(spec.group_column, "group")
     return roles
