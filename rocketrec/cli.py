@@ -1,4 +1,4 @@
-"""`rocketrec` console command: synth, validate, train, export, predict.
+"""`rocketrec` console command: synth, validate, train, export, predict, evaluate, compare.
 
 User errors (bad spec, bad data, bad flags, missing files) print one line,
 `rocketrec: error: ...`, and exit 2; no traceback. Bugs still raise.
@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rocketrec.data.batch import DataError
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train, _parser=t)
 
     add_serving_commands(sub)
+    add_eval_commands(sub)
     return p
 
 
@@ -405,6 +407,65 @@ def _cmd_requests(a: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+# -- offline evaluation -----------------------------------------------------------------
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from rocketrec.evaluate import evaluate_model, format_report, reliability_plot
+
+    if a.rows is not None and a.rows < 1:
+        raise UserError(f"--rows must be >= 1, got {a.rows}")
+    rep = evaluate_model(a.model, a.data, a.spec, a.group, a.rows, quiet=a.quiet)
+    print(format_report(rep))
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rep, indent=1, default=str))
+        png = Path(a.plot) if a.plot else out.with_suffix(".png")
+        reliability_plot(rep, png)
+        print(f"wrote {out} and {png}")
+    elif a.plot:
+        reliability_plot(rep, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from rocketrec.evaluate import compare_runs, format_comparison
+
+    rows = compare_runs(a.runs, a.data, a.rows, quiet=a.quiet)
+    print(json.dumps(rows, indent=1, default=str) if a.json else format_comparison(rows))
+    return 0
+
+
+def add_eval_commands(sub: Any) -> None:
+    e = sub.add_parser(
+        "evaluate",
+        help="score an exported light.pt or a run/checkpoint on Parquet logs (AUC, GAUC, "
+        "logloss, NE, calibration, reliability by decile)",
+    )
+    e.add_argument("model", help="exported light.pt, or a run directory / checkpoint")
+    e.add_argument("--data", nargs="+", required=True, help="Parquet files, directories or globs")
+    e.add_argument(
+        "--spec", default=None, help="spec for the data's columns (default: the model's)"
+    )
+    e.add_argument("--group", default=None, help="group column for GAUC (default: the spec's)")
+    e.add_argument("--rows", type=int, default=None, help="evaluate the first N rows only")
+    e.add_argument("--out", default=None, help="report JSON (and a reliability PNG beside it)")
+    e.add_argument("--plot", default=None, help="reliability diagram PNG")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
+    e.set_defaults(fn=_cmd_evaluate)
+    c = sub.add_parser("compare", help="runs side by side (settings, speed, per-tower metrics)")
+    c.add_argument("runs", nargs="+", help="run directories (the first is the baseline)")
+    c.add_argument(
+        "--data", nargs="+", default=None, help="evaluate every run on these rows (same rows)"
+    )
+    c.add_argument("--rows", type=int, default=None, help="with --data: the first N rows only")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(fn=_cmd_compare)
 
 
 def add_serving_commands(sub: Any) -> None:

@@ -211,6 +211,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="with --init-from: allow tables with fewer rows (keep the first) or another dim (fresh)",
     )
     g.add_argument(
+        "--no-tensorboard",
+        action="store_true",
+        help="do not write TensorBoard event files under RUN/tb/ (written by default)",
+    )
+    g.add_argument(
         "--teacher-column",
         default=None,
         help="experiments: probability column used as soft label by --mode perfect_teacher",
@@ -257,6 +262,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, T
         seed=a.seed,
         sharding=dict(a.sharding),
         teacher_column=a.teacher_column,
+        tensorboard=not getattr(a, "no_tensorboard", False),
     )
     if loss.mode == "perfect_teacher" and not train.teacher_column:
         raise ValueError("--mode perfect_teacher needs --teacher-column (a probability column)")

@@ -486,6 +486,27 @@ def decode_table(
     return Decoded(dense, ids, labels, weights, keys, teacher, group)
 
 
+def decode_targets(
+    table: pa.Table, spec: FeatureSpec, source: str
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Labels float32 [n], weights float32 [n] or None, group ids int64 [n] or None (the
+    same decoding as decode_table: evaluation of exported models reads only these)."""
+    labels = _decode_labels(
+        _column(table, spec.label_column, "label", source), spec.label_column, source
+    )
+    weights = None
+    if spec.weight_column:
+        weights = _decode_weights(
+            _column(table, spec.weight_column, "weight", source), spec.weight_column, source
+        )
+    group = None
+    if spec.group_column:
+        group = _decode_group(
+            _column(table, spec.group_column, "group", source), spec.group_column, source
+        )
+    return labels, weights, group
+
+
 def decode_inputs(
     table: pa.Table,
     id_features: list[SparseFeature],

@@ -55,6 +55,7 @@ from rocketrec.train.checkpoint import (
 )
 from rocketrec.train.metrics import base_rate_logloss, tower_metrics
 from rocketrec.train.task import RocketTrainTask, TrainingDiverged  # noqa: F401 - re-exported
+from rocketrec.train.tracking import Tracker
 from rocketrec.train.train_config import TrainConfig  # noqa: F401 - re-exported
 
 for _name in ("torchrec.distributed.planner", "torchrec.distributed"):
@@ -232,6 +233,7 @@ class _Run:
             [p for p in dense_params if id(p) not in booster_ids | light_ids],
         ]
         self.metrics_path = self.out / "metrics.jsonl"
+        self.tracker = Tracker(self.out, cfg.tensorboard and self.rank == 0)
 
     # -- optimizers --------------------------------------------------------------
     def _trainable_dense(self, plan: PhasePlan) -> list[torch.nn.Parameter]:
@@ -459,6 +461,7 @@ class _Run:
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            self.tracker.log(rec)
             if "base_logloss" in rec:
                 parts = []
                 for t in ("booster", "light"):
@@ -587,6 +590,11 @@ class _Run:
                                 "step": self.step,
                                 "phase": phase,
                                 **{f"train_{k}": v for k, v in terms.items()},
+                                "train_examples_per_s": rate,
+                                "train_lr_dense": self.dense_opt.param_groups[0]["lr"]
+                                if self.dense_opt.param_groups
+                                else cfg.dense_lr,
+                                "train_lr_sparse": cfg.sparse_lr,
                             }
                         )
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -628,6 +636,7 @@ class _Run:
         final["rows_seen"] = self.rows_seen
         final["rows_unused"] = self.rows_unused
         self._record(final)
+        self.tracker.close()
         path = self.save(final)
         _log(
             f"done: {self.step} steps, {self.rows_seen:,} rows trained on "
@@ -640,6 +649,7 @@ class _Run:
 
 # TrainConfig fields a resumed run may change: the budget, cadence and step mechanics
 RESUME_MAY_CHANGE = (
+    "tensorboard",
     "epochs",
     "max_steps",
     "eval_every",

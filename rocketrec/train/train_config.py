@@ -39,6 +39,7 @@ class TrainConfig:
     # keep every click and this share of non-clicks (training data only); evaluation and
     # the exported model correct the probabilities: logit + log(rate)
     negative_sample_rate: float = 1.0
+    tensorboard: bool = True  # event files under RUN/tb/ (rank 0)
 
     def __post_init__(self) -> None:
         for k in ("batch_size", "epochs"):
