@@ -334,10 +334,12 @@ def main() -> None:
             f"ratio {'Static Runtime / interpreter p50, batch ' + str(b):<44} "
             f"{lb[b]['p50_us'] / lb[b]['interpreter_p50_us']:6.2f}"
         )
-    print(
-        f"ratio {'candidates: Static Runtime / interpreter p50':<44} "
-        f"{c['p50_us'] / c['interpreter_p50_us']:6.2f}"
-    )
+    if c.get("static_p50_us", -1) > 0:
+        print(
+            f"ratio {'candidates: Static Runtime / interpreter p50':<44} "
+            f"{c['static_p50_us'] / c['interpreter_p50_us']:6.2f}  (the Predictor runs "
+            f"score_candidates on: {c['runtime']})"
+        )
     print(
         f"light file: fp32 {r_fp['bytes']:,} bytes, int8 {r_q['bytes']:,} bytes "
         f"({r_fp['bytes'] / r_q['bytes']:.2f}x smaller); booster fp32 {r_b['bytes']:,} bytes"

@@ -516,7 +516,7 @@ def test_runtimes_agree(predictor, cross_exported, cross_data, tmp_path):
     req = tmp_path / "r.jsonl"
     req.write_text("\n".join(full[:30] + grouped) + "\n")
     outs = []
-    for rt in ("static", "interpreter"):
+    for rt in ("static", "interpreter", "static-all"):
         out = subprocess.run(
             [str(predictor), str(cross_exported / "light.pt"), str(req), "--runtime", rt],
             capture_output=True,
@@ -524,7 +524,9 @@ def test_runtimes_agree(predictor, cross_exported, cross_data, tmp_path):
         )
         assert out.returncode == 0, out.stderr
         outs.append([float(s) for s in out.stdout.split()])
-    assert len(outs[0]) == 130 and max(abs(a - b) for a, b in zip(*outs)) <= 1e-6
+    assert len(outs[0]) == 130
+    for other in outs[1:]:
+        assert max(abs(a - b) for a, b in zip(outs[0], other)) <= 1e-6
     bad = subprocess.run(
         [str(predictor), str(cross_exported / "light.pt"), str(req), "--runtime", "jit"],
         capture_output=True,

@@ -177,10 +177,9 @@ Predictor::Predictor(const std::string& path, Limits limits, Runtime runtime) {
     throw std::runtime_error(path + ": " + e.what());
   }
   has_candidates_ = module_.find_method("score_candidates").has_value();
-  if (runtime == Runtime::kStatic) {
-    static_forward_ = make_static(module_, "forward");
-    if (has_candidates_) static_candidates_ = make_static(module_, "score_candidates");
-  }
+  if (runtime != Runtime::kInterpreter) static_forward_ = make_static(module_, "forward");
+  if (runtime == Runtime::kStaticAll && has_candidates_)
+    static_candidates_ = make_static(module_, "score_candidates");
 }
 
 std::vector<torch::jit::IValue> Predictor::inputs(const std::vector<Request>& batch) const {

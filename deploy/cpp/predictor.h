@@ -29,12 +29,14 @@ inline constexpr const char* kOpsLibraryName = "librocketrec_ops.so";
 // themselves can call it first.
 std::string ensure_ops_library(const std::string& model_path);
 
-// How a Predictor runs the model's methods. kStatic (default): Static Runtime
-// (torch::jit::StaticModule, one per method, with a pool of StaticRuntime instances so
-// that each concurrent call has its own); measured faster than the interpreter on the
-// fused module (deploy/README.md, "Latency"). kInterpreter: the TorchScript interpreter.
-// A method Static Runtime cannot take falls back to the interpreter (runtime_of says).
-enum class Runtime { kStatic, kInterpreter };
+// How a Predictor runs the model's methods. kStatic (default): `forward` on Static Runtime
+// (torch::jit::StaticModule, with a pool of StaticRuntime instances so that each
+// concurrent call has its own), `score_candidates` on the TorchScript interpreter: each
+// where it measured faster on the fused module (deploy/README.md, "Latency").
+// kInterpreter: both on the interpreter. kStaticAll: both on Static Runtime (for
+// comparisons). A method Static Runtime cannot take falls back to the interpreter
+// (runtime_of says which runs).
+enum class Runtime { kStatic, kInterpreter, kStaticAll };
 
 struct StaticMethod;  // predictor.cpp
 

@@ -354,24 +354,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& valu
   return {out_rows, lens, x};
 }
 
-// out[0..dim) += row (fp32) or scale * q + bias (int8 row-wise); dim is a multiple of 4.
-// Compiled for AVX2 and for the baseline ISA; the loader picks one (GCC target_clones).
-__attribute__((target_clones("avx2", "default"))) void pool_rows(
-    float* out, const uint8_t* base, int64_t stride, const int64_t* rows, int64_t n, int64_t dim,
-    bool int8, int64_t qdim) {
+// One lookup over all B rows: out row b, columns [col, col + dim), += the rows of bag b
+// (bags end at bag_end[b], starting at `start`), then mean = sum / length (one multiply,
+// as the portable module). fp32 rows, or int8 row-wise (scale * q + bias). Compiled for
+// AVX2 and for the baseline ISA; the loader picks one (GCC target_clones).
+__attribute__((target_clones("avx2", "default"))) void pool_lookup(
+    float* x, int64_t K, int64_t col, int64_t dim, bool mean, int64_t B, const int64_t* bag_end,
+    int64_t start, const int64_t* rows, const uint8_t* base, int64_t stride, bool int8, int64_t qdim) {
   constexpr int64_t kAhead = 8;  // prefetch distance: rows are random in large tables
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) __builtin_prefetch(base + rows[i + kAhead] * stride);
-    const uint8_t* row = base + rows[i] * stride;
-    if (int8) {
-      float scale, bias;
-      std::memcpy(&scale, row + qdim, 4);
-      std::memcpy(&bias, row + qdim + 4, 4);
-      for (int64_t j = 0; j < dim; ++j) out[j] += scale * static_cast<float>(row[j]) + bias;
-    } else {
-      const float* e = reinterpret_cast<const float*>(row);
-      for (int64_t j = 0; j < dim; ++j) out[j] += e[j];
+  const int64_t last = B > 0 ? bag_end[B - 1] : start;
+  for (int64_t b = 0; b < B; ++b) {
+    float* out = x + b * K + col;
+    const int64_t end = bag_end[b];
+    for (int64_t i = start; i < end; ++i) {
+      if (i + kAhead < last) __builtin_prefetch(base + rows[i + kAhead] * stride);
+      const uint8_t* row = base + rows[i] * stride;
+      if (int8) {
+        float scale, bias;
+        std::memcpy(&scale, row + qdim, 4);
+        std::memcpy(&bias, row + qdim + 4, 4);
+        for (int64_t j = 0; j < dim; ++j) out[j] += scale * static_cast<float>(row[j]) + bias;
+      } else {
+        const float* e = reinterpret_cast<const float*>(row);
+        for (int64_t j = 0; j < dim; ++j) out[j] += e[j];
+      }
     }
+    if (mean && end - start > 1) {
+      const float inv = 1.0f / static_cast<float>(end - start);
+      for (int64_t j = 0; j < dim; ++j) out[j] *= inv;
+    }
+    start = end;
   }
 }
 
@@ -403,26 +415,21 @@ at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
   bag_end.assign(static_cast<size_t>(c.L * B), 0);
   w.for_each_id([&](int64_t, int64_t, int64_t r) { rows.push_back(r); },
                 [&](int64_t l, int64_t b, int64_t) { bag_end[static_cast<size_t>(l * B + b)] = static_cast<int64_t>(rows.size()); });
+  // rows come out of `id mod rows` + the lookup's offset: checking each lookup's range
+  // once bounds every row (a corrupt config cannot read past a table)
+  for (const Lookup& k : c.lookups)
+    TORCH_CHECK(k.offset >= 0 && k.offset + k.rows <= nrows[static_cast<size_t>(k.group)] &&
+                    k.dim <= c.group_dim[static_cast<size_t>(k.group)],
+                "rocketrec: a lookup's rows lie outside table ", k.group);
   auto x = at::zeros({B, c.K}, at::kFloat);
   float* xp = x.data_ptr<float>();
   int64_t start = 0;
   for (int64_t l = 0; l < c.L; ++l) {
     const Lookup& k = c.lookups[static_cast<size_t>(l)];
     const size_t g = static_cast<size_t>(k.group);
-    const int64_t lo = start, hi = B > 0 ? bag_end[static_cast<size_t>(l * B + B - 1)] : start;
-    for (int64_t i = lo; i < hi; ++i)  // every row inside this table (a corrupt config cannot read past it)
-      TORCH_CHECK(rows[static_cast<size_t>(i)] >= 0 && rows[static_cast<size_t>(i)] < nrows[g], "rocketrec: row ",
-                  rows[static_cast<size_t>(i)], " outside table ", g);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t end = bag_end[static_cast<size_t>(l * B + b)], n = end - start;
-      float* o = xp + b * c.K + k.col;
-      if (n > 0) pool_rows(o, base[g], stride[g], rows.data() + start, n, k.dim, int8, c.group_dim[g]);
-      if (k.mean && n > 1) {  // mean = sum / length (as the portable module: one multiply)
-        const float inv = 1.0f / static_cast<float>(n);
-        for (int64_t j = 0; j < k.dim; ++j) o[j] *= inv;
-      }
-      start = end;
-    }
+    pool_lookup(xp, c.K, k.col, k.dim, k.mean != 0, B, bag_end.data() + l * B, start, rows.data(),
+                base[g], stride[g], int8, c.group_dim[g]);
+    start = B > 0 ? bag_end[static_cast<size_t>(l * B + B - 1)] : start;
   }
   const float* dp = dense.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) w.dense_row(dp, b, xp + b * c.K + (c.K - c.D));

@@ -1,6 +1,6 @@
 // rocketrec_predict: score JSON-lines requests with an exported rocketrec light model.
 //
-//   rocketrec_predict MODEL.pt [REQUESTS.jsonl | -] [--batch N] [--keep-going] [--runtime static|interpreter]
+//   rocketrec_predict MODEL.pt [REQUESTS.jsonl | -] [--batch N] [--keep-going] [--runtime static|interpreter|static-all]
 //       one probability per line: per one-row request, and per candidate of a
 //       {"context": {...}, "candidates": [...]} request, in order
 //   rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] [--threads T]
@@ -49,7 +49,7 @@ int fail(const std::string& msg) {
 
 int usage() {
   std::cerr << "usage: rocketrec_predict MODEL.pt [REQUESTS.jsonl|-] [--batch N] [--keep-going] "
-               "[--runtime static|interpreter]\n"
+               "[--runtime static|interpreter|static-all]\n"
                "       rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] "
                "[--threads T]\n"
                "       rocketrec_predict MODEL.pt --manifest\n"
@@ -106,7 +106,8 @@ std::pair<double, double> time_it(F&& fn, double seconds) {
   return {pct(0.5), pct(0.99)};
 }
 
-int bench(const rocketrec::Predictor& p, const rocketrec::Predictor& pi, double seconds, std::vector<std::string> context, int n_cand,
+int bench(const rocketrec::Predictor& p, const rocketrec::Predictor& pi, const rocketrec::Predictor* pa,
+          double seconds, std::vector<std::string> context, int n_cand,
           int threads) {
   at::set_num_threads(1);
   const size_t n_in = p.sparse().size() + p.dense().size();
@@ -157,14 +158,16 @@ int bench(const rocketrec::Predictor& p, const rocketrec::Predictor& pi, double 
   auto tc = time_it([&] { p.score(ctx, cands); }, seconds);
   auto tb = time_it([&] { p.predict(merged); }, seconds);
   auto tci = time_it([&] { pi.score(ctx, cands); }, seconds);
+  std::pair<double, double> tcs{-1, -1};
+  if (pa) tcs = time_it([&] { pa->score(ctx, cands); }, seconds);
   std::string ctx_names;
   for (const auto& c : context) ctx_names += (ctx_names.empty() ? "" : ",") + c;
   std::printf(
       "{\"mode\": \"candidates\", \"candidates\": %d, \"context\": \"%s\", \"runtime\": \"%s\", "
       "\"p50_us\": %.1f, \"p99_us\": %.1f, \"batch_p50_us\": %.1f, \"batch_p99_us\": %.1f, "
-      "\"interpreter_p50_us\": %.1f, \"max_abs_diff\": %.3g}\n",
+      "\"interpreter_p50_us\": %.1f, \"static_p50_us\": %.1f, \"max_abs_diff\": %.3g}\n",
       n_cand, ctx_names.c_str(), p.runtime_of("score_candidates").c_str(), tc.first, tc.second, tb.first,
-      tb.second, tci.first, diff);
+      tb.second, tci.first, tcs.first, diff);
   // requests/s: T threads sharing one Predictor vs 1 thread (context+candidates requests)
   auto rps = [&](int t) {
     std::atomic<long> done{0};
@@ -305,8 +308,11 @@ int main(int argc, char** argv) {
       else if (a == "--threads" && i + 1 < args.size()) threads = std::stoi(args[++i]);
       else if (a == "--runtime" && i + 1 < args.size()) {
         const std::string r = args[++i];
-        if (r != "static" && r != "interpreter") return fail("--runtime: static or interpreter, got '" + r + "'");
-        runtime = r == "static" ? rocketrec::Runtime::kStatic : rocketrec::Runtime::kInterpreter;
+        if (r != "static" && r != "interpreter" && r != "static-all")
+          return fail("--runtime: static, interpreter or static-all, got '" + r + "'");
+        runtime = r == "static"        ? rocketrec::Runtime::kStatic
+                  : r == "interpreter" ? rocketrec::Runtime::kInterpreter
+                                       : rocketrec::Runtime::kStaticAll;
       }
       else if (a.rfind("--", 0) == 0) return fail("unknown option " + a);
       else requests = a;
@@ -324,7 +330,8 @@ int main(int argc, char** argv) {
     }
     if (do_bench) {
       const rocketrec::Predictor pi(model, {}, rocketrec::Runtime::kInterpreter);
-      return bench(p, pi, seconds, split(context, ','), n_cand, threads);
+      const rocketrec::Predictor pa(model, {}, rocketrec::Runtime::kStaticAll);
+      return bench(p, pi, &pa, seconds, split(context, ','), n_cand, threads);
     }
     if (do_self_test) return self_test(p);
     std::ifstream file;
