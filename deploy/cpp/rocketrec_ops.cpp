@@ -42,22 +42,16 @@
 #include <string>
 #include <vector>
 
+#include "rocketrec_hash.h"
+
 namespace rocketrec_ops {
 
 constexpr int64_t kOpsVersion = 1;    // bump on any change of semantics or signatures
 constexpr int64_t kConfigFormat = 1;  // icfg/fcfg layout
 
-constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;
+constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;  // rocketrec_hash.h's constants
 constexpr uint64_t kFnvPrime = 0x100000001b3ULL;
-
-inline uint64_t fmix64(uint64_t h) {
-  h ^= h >> 33;
-  h *= 0xff51afd7ed558ccdULL;
-  h ^= h >> 33;
-  h *= 0xc4ceb9fe1a85ec53ULL;
-  h ^= h >> 33;
-  return h;
-}
+using rocketrec::fmix64;  // the cross hash's finalizer, shared with the predictor
 
 // The model description, parsed from icfg / fcfg (a few dozen numbers, parsed per call).
 struct Lookup {

@@ -459,14 +459,7 @@ def decode_table(
     """
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
-    labels = _decode_labels(
-        _column(table, spec.label_column, "label", source), spec.label_column, source
-    )
-    weights = None
-    if spec.weight_column:
-        weights = _decode_weights(
-            _column(table, spec.weight_column, "weight", source), spec.weight_column, source
-        )
+    labels, weights, group = decode_targets(table, spec, source)
     numeric: list[DenseFeature | SparseFeature] = [*spec.dense, *spec.bucket_features]
     dense, ids = decode_inputs(table, spec.id_features, numeric, source)
     teacher = None
@@ -477,11 +470,6 @@ def decode_table(
         teacher = col.cast(pa.float32()).to_numpy(zero_copy_only=False)
         if not ((teacher > 0) & (teacher < 1)).all():
             raise DataError(f"{source}: teacher column '{teacher_column}' must lie in (0, 1)")
-    group = None
-    if spec.group_column:
-        group = _decode_group(
-            _column(table, spec.group_column, "group", source), spec.group_column, source
-        )
     keys = tuple(f.name for f in spec.id_features)
     return Decoded(dense, ids, labels, weights, keys, teacher, group)
 
