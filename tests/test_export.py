@@ -155,3 +155,21 @@ def test_export_with_light_private_tables(tmp_path, tiny_spec, tiny_data):
     assert m["light_private_dim"] == 4
     q = export_checkpoint(tmp_path / "run", tmp_path / "q.pt", int8=True, data=tiny_data["val"])
     assert q["max_abs_diff"] <= export.INT8_TOL
+
+
+def test_cli_export_booster_and_portable_flags(tmp_path, trained):
+    """The flags the job's messages name exist: --booster (comparisons) and --portable."""
+    from rocketrec.cli import main
+
+    assert (
+        main(["export", "--checkpoint", str(trained), "--out", str(tmp_path / "b.pt"), "--booster"])
+        == 0
+    )
+    assert read_manifest(tmp_path / "b.pt")["tower"] == "booster"
+    assert (
+        main(
+            ["export", "--checkpoint", str(trained), "--out", str(tmp_path / "p.pt"), "--portable"]
+        )
+        == 0
+    )
+    assert read_manifest(tmp_path / "p.pt")["op_library"] is None
