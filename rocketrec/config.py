@@ -216,6 +216,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="do not write TensorBoard event files under RUN/tb/ (written by default)",
     )
     g.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="also log metrics, the config and the exported model to MLflow (e.g. "
+        "file:///shared/mlruns or http://mlflow:5000); needs the mlflow package",
+    )
+    g.add_argument(
         "--teacher-column",
         default=None,
         help="experiments: probability column used as soft label by --mode perfect_teacher",
@@ -263,6 +269,7 @@ def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, T
         sharding=dict(a.sharding),
         teacher_column=a.teacher_column,
         tensorboard=not getattr(a, "no_tensorboard", False),
+        mlflow_uri=getattr(a, "mlflow_uri", None),
     )
     if loss.mode == "perfect_teacher" and not train.teacher_column:
         raise ValueError("--mode perfect_teacher needs --teacher-column (a probability column)")

@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
             f"[rocketrec] exported {rep['out']}: parity max |diff| {rep['max_abs_diff']:.3g}",
             flush=True,
         )
+        from rocketrec.train.tracking import log_model_artifact
+
+        log_model_artifact(out, a.mlflow_uri, out / "light.pt")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"[rocketrec] done in {train_s:.1f}s: {out}", flush=True)
     if local:

@@ -136,3 +136,41 @@ def test_no_tensorboard_flag(tmp_path, cross_spec, cross_data):
         TrainConfig(batch_size=512, max_steps=2, log_every=1, tensorboard=False),
     )
     assert not (tmp_path / "r" / "tb").exists()
+
+
+def test_mlflow_file_store(tmp_path, cross_spec, cross_data, capfd):
+    """--mlflow-uri: the same metrics and the resolved config go to an MLflow run (a local
+    file store here); the exported model is added as an artifact; a tracking failure is one
+    warning and training goes on."""
+    import os
+
+    from conftest import small_model
+    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.tracking import MLFLOW_RUN_FILE, log_model_artifact
+
+    uri = (tmp_path / "mlruns").as_uri()
+    run = tmp_path / "r"
+    cfg = TrainConfig(batch_size=512, max_steps=4, log_every=2, mlflow_uri=uri)
+    train(cross_spec, cross_data["train"], cross_data["val"], str(run), small_model(), None, cfg)
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run_id = (run / MLFLOW_RUN_FILE).read_text().strip()
+    got = client.get_run(run_id)
+    assert got.data.params["train.batch_size"] == "512"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4]
+    assert client.get_metric_history(run_id, "eval_light/auc")[-1].step == 4
+    model = tmp_path / "light.pt"
+    model.write_bytes(b"model")
+    log_model_artifact(run, uri, model)
+    assert [a.path for a in client.list_artifacts(run_id)] == ["light.pt"]
+    # a tracking URI that cannot work: one warning, the run completes
+    capfd.readouterr()
+    bad = TrainConfig(batch_size=512, max_steps=2, log_every=1, mlflow_uri="bogus-scheme://x")
+    res = train(
+        cross_spec, cross_data["train"], None, str(tmp_path / "b"), small_model(), None, bad
+    )
+    assert res["steps"] == 2
+    warn = [x for x in capfd.readouterr().err.splitlines() if "MLflow" in x]
+    assert len(warn) == 1 and "tracking is off" in warn[0]

@@ -233,7 +233,13 @@ class _Run:
             [p for p in dense_params if id(p) not in booster_ids | light_ids],
         ]
         self.metrics_path = self.out / "metrics.jsonl"
-        self.tracker = Tracker(self.out, cfg.tensorboard and self.rank == 0)
+        self.tracker = Tracker(
+            self.out,
+            cfg.tensorboard,
+            cfg.mlflow_uri,
+            {"run_config": run_config or {}, "train": asdict(cfg), "loss": asdict(loss_cfg)},
+            active=self.rank == 0,
+        )
 
     # -- optimizers --------------------------------------------------------------
     def _trainable_dense(self, plan: PhasePlan) -> list[torch.nn.Parameter]:
@@ -650,6 +656,7 @@ class _Run:
 # TrainConfig fields a resumed run may change: the budget, cadence and step mechanics
 RESUME_MAY_CHANGE = (
     "tensorboard",
+    "mlflow_uri",
     "epochs",
     "max_steps",
     "eval_every",

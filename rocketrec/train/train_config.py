@@ -40,6 +40,7 @@ class TrainConfig:
     # the exported model correct the probabilities: logit + log(rate)
     negative_sample_rate: float = 1.0
     tensorboard: bool = True  # event files under RUN/tb/ (rank 0)
+    mlflow_uri: str | None = None  # MLflow tracking URI (rank 0); None = off
 
     def __post_init__(self) -> None:
         for k in ("batch_size", "epochs"):
