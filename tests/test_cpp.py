@@ -490,7 +490,7 @@ def test_portable_model_needs_no_library(predictor, cross_exported, cross_data, 
     rep = export_checkpoint(cross_exported / "run", model, data=cross_data["val"], portable=True)
     assert rep["portable"] and rep["max_abs_diff"] <= 1e-5
     man = read_manifest(model)
-    assert man["op_library"] is None and "rocketrec" not in torch.jit.load(str(model)).code
+    assert man["op_library"] is None and "ops.rocketrec" not in torch.jit.load(str(model)).code
     grouped, full = _hostile_requests(cross_data["val"], man, 120)
     lines = full[:40] + grouped
     env = {**os.environ, "ROCKETREC_OPS_LIBRARY": str(tmp_path / "none.so")}
