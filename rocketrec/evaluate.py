@@ -9,8 +9,9 @@
   files into one copy of the model, never more than the checkpoint holds),
 
 streaming the data (pyarrow, one batch at a time; a progress line with rows/s
-and ETA) and keeping only each row's score, label, weight and group (about 9-21
-bytes a row, for exact AUC). It reports per tower: rows, AUC, GAUC (spec
+and ETA) and keeping only each row's score, label, weight and group (~26 bytes
+a row measured, and ~150 bytes a row for a moment while the metrics sort the
+scores: exact AUC; docs/daily_loop.md has the figures). It reports per tower: rows, AUC, GAUC (spec
 `group` or `--group`), logloss, NE, calibration, and calibration by
 predicted-probability decile. The metrics are `rocketrec.train.metrics`, the
 training run's own, on calibrated probabilities (a negative-sampled model:
