@@ -417,7 +417,11 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     if a.rows is not None and a.rows < 1:
         raise UserError(f"--rows must be >= 1, got {a.rows}")
-    rep = evaluate_model(a.model, a.data, a.spec, a.group, a.rows, quiet=a.quiet)
+    if a.exact_rows < 1:
+        raise UserError(f"--exact-rows must be >= 1, got {a.exact_rows}")
+    rep = evaluate_model(
+        a.model, a.data, a.spec, a.group, a.rows, quiet=a.quiet, exact_rows=a.exact_rows
+    )
     print(format_report(rep))
     if a.out:
         out = Path(a.out)
@@ -456,6 +460,12 @@ def add_eval_commands(sub: Any) -> None:
     e.add_argument("--out", default=None, help="report JSON (and a reliability PNG beside it)")
     e.add_argument("--plot", default=None, help="reliability diagram PNG")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
+    e.add_argument(
+        "--exact-rows",
+        type=int,
+        default=5_000_000,
+        help="exact metrics up to this many rows; beyond, bounded histograms (no GAUC)",
+    )
     e.set_defaults(fn=_cmd_evaluate)
     c = sub.add_parser("compare", help="runs side by side (settings, speed, per-tower metrics)")
     c.add_argument("runs", nargs="+", help="run directories (the first is the baseline)")

@@ -9,9 +9,12 @@
   files into one copy of the model, never more than the checkpoint holds),
 
 streaming the data (pyarrow, one batch at a time; a progress line with rows/s
-and ETA) and keeping only each row's score, label, weight and group (~26 bytes
-a row measured, and ~150 bytes a row for a moment while the metrics sort the
-scores: exact AUC; docs/daily_loop.md has the figures). It reports per tower: rows, AUC, GAUC (spec
+and ETA). Memory is bounded: up to `exact_rows` rows (default 5M) each row's
+score, label, weight and group are kept for exact metrics (~26 bytes a row,
+~150 for a moment while the metrics sort them); past that, per-tower
+histograms of the logit (65,536 bins) give AUC and the deciles, streamed sums
+give logloss, NE and calibration exactly, and GAUC is not computed
+(docs/daily_loop.md has the figures). It reports per tower: rows, AUC, GAUC (spec
 `group` or `--group`), logloss, NE, calibration, and calibration by
 predicted-probability decile. The metrics are `rocketrec.train.metrics`, the
 training run's own, on calibrated probabilities (a negative-sampled model:
@@ -45,17 +48,108 @@ from rocketrec.train.metrics import tower_metrics
 BUCKETS = 10
 
 
-class _Scores:
-    """Per-tower logits, labels, weights and groups, appended batch by batch."""
+EXACT_ROWS = 5_000_000  # scores kept for exact AUC up to this many rows (~130 MB)
+HIST_BINS = 1 << 16  # beyond: per-tower histograms of the logit over [-HIST_Z, HIST_Z]
+HIST_Z = 32.0
 
-    def __init__(self, towers: Sequence[str]) -> None:
+
+class _Hist:
+    """Bounded per-tower state: weighted histograms of the logit per label, and exact
+    streamed sums for logloss, calibration and the base rate."""
+
+    def __init__(self) -> None:
+        self.pos = np.zeros(HIST_BINS)
+        self.neg = np.zeros(HIST_BINS)
+        self.p_sum = np.zeros(HIST_BINS)  # weighted sum of probabilities per bin
+        self.ll = self.w = self.wy = self.wp = 0.0
+
+    def add(self, z: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> None:
+        z = z.astype(np.float64)
+        ww = np.ones_like(z) if w is None else w.astype(np.float64)
+        y = y.astype(np.float64)
+        p = 1.0 / (1.0 + np.exp(-z))
+        pc = np.clip(p, 1e-7, 1 - 1e-7)
+        self.ll += float((ww * -(y * np.log(pc) + (1 - y) * np.log(1 - pc))).sum())
+        self.w += float(ww.sum())
+        self.wy += float((ww * y).sum())
+        self.wp += float((ww * p).sum())
+        i = np.clip(((z + HIST_Z) / (2 * HIST_Z) * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
+        self.pos += np.bincount(i, weights=ww * y, minlength=HIST_BINS)
+        self.neg += np.bincount(i, weights=ww * (1 - y), minlength=HIST_BINS)
+        self.p_sum += np.bincount(i, weights=ww * p, minlength=HIST_BINS)
+
+    def metrics(self) -> dict[str, Any]:
+        P, N = self.pos.sum(), self.neg.sum()
+        below = np.concatenate([[0.0], np.cumsum(self.neg)[:-1]])
+        auc = (
+            float((self.pos * (below + 0.5 * self.neg)).sum() / (P * N))
+            if P and N
+            else float("nan")
+        )
+        ctr = self.wy / self.w
+        ll = self.ll / self.w
+        c = min(max(ctr, 1e-7), 1 - 1e-7)
+        base = -(ctr * np.log(c) + (1 - ctr) * np.log(1 - c))
+        out: dict[str, Any] = {
+            "auc": auc,
+            "logloss": ll,
+            "calibration": (self.wp / self.w) / ctr if ctr > 0 else float("nan"),
+            "ne": ll / base if base > 0 else float("nan"),
+            "auc_method": f"histogram of {HIST_BINS} logit bins",
+        }
+        # deciles of the predicted probability from the histogram's cumulative weight
+        tot = self.pos + self.neg
+        cum = np.cumsum(tot)
+        edges = np.searchsorted(cum, np.linspace(0, cum[-1], BUCKETS + 1)[1:-1])
+        buckets = []
+        for lo, hi in zip(np.r_[0, edges], np.r_[edges, HIST_BINS]):
+            wsum = tot[lo:hi].sum()
+            if wsum <= 0:
+                continue
+            pred = float(self.p_sum[lo:hi].sum() / wsum)
+            obs = float(self.pos[lo:hi].sum() / wsum)
+            buckets.append(
+                {
+                    "rows": float(wsum),
+                    "predicted": pred,
+                    "observed": obs,
+                    "calibration": pred / obs if obs > 0 else float("nan"),
+                }
+            )
+        out["buckets"] = buckets
+        return out
+
+
+class _Scores:
+    """Per-tower logits, labels, weights and groups, appended batch by batch: exact up to
+    `exact_rows` rows; past that, bounded histograms (AUC to ~1e-4, logloss, NE and
+    calibration still exact; GAUC not computed)."""
+
+    def __init__(self, towers: Sequence[str], exact_rows: int = EXACT_ROWS) -> None:
         self.towers = list(towers)
+        self.exact_rows = exact_rows
+        self.rows = 0
         self.z: dict[str, list[np.ndarray]] = {t: [] for t in towers}
         self.y: list[np.ndarray] = []
         self.w: list[np.ndarray] = []
         self.g: list[np.ndarray] = []
+        self.hist: dict[str, _Hist] | None = None
+
+    def _to_hist(self) -> None:
+        self.hist = {t: _Hist() for t in self.towers}
+        y = np.concatenate(self.y)
+        w = np.concatenate(self.w) if self.w else None
+        for t in self.towers:
+            self.hist[t].add(np.concatenate(self.z[t]), y, w)
+        self.z = {t: [] for t in self.towers}
+        self.y, self.w, self.g = [], [], []
 
     def add(self, logits: dict[str, np.ndarray], y, w, g) -> None:  # type: ignore[no-untyped-def]
+        self.rows += len(y)
+        if self.hist is not None:
+            for t in self.towers:
+                self.hist[t].add(logits[t], y, w)
+            return
         for t in self.towers:
             self.z[t].append(logits[t].astype(np.float32))
         self.y.append(y.astype(np.uint8))
@@ -63,15 +157,22 @@ class _Scores:
             self.w.append(w.astype(np.float32))
         if g is not None:
             self.g.append(g.astype(np.int64))
+        if self.rows > self.exact_rows:
+            self._to_hist()
 
     def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rows": int(self.rows), "towers": {}}
+        if self.hist is not None:
+            for t in self.towers:
+                out["towers"][t] = self.hist[t].metrics()
+            return out
         y = np.concatenate(self.y).astype(np.float64) if self.y else np.zeros(0)
         w = np.concatenate(self.w).astype(np.float64) if self.w else None
         g = np.concatenate(self.g) if self.g else None
-        out: dict[str, Any] = {"rows": int(len(y)), "towers": {}}
         for t in self.towers:
             z = np.concatenate(self.z[t]).astype(np.float64)
             m: dict[str, Any] = dict(tower_metrics(y, z, w, g)) if len(y) else {}
+            m["auc_method"] = "exact"
             m["buckets"] = _buckets(y, z, w)
             out["towers"][t] = m
         return out
@@ -172,6 +273,7 @@ def evaluate_model(
     rows: int | None = None,
     batch_rows: int = 8192,
     quiet: bool = False,
+    exact_rows: int = EXACT_ROWS,
 ) -> dict[str, Any]:
     """Evaluate an exported light.pt or a run/checkpoint on Parquet logs (module docstring).
     Raises ValueError / DataError (one line) on a model/data mismatch."""
@@ -181,9 +283,11 @@ def evaluate_model(
     limit = rows if rows is not None else _total_rows(data)
     t0 = time.time()
     if _is_export(path):
-        rep = _evaluate_export(path, data, spec_path, group, limit, batch_rows, quiet)
+        rep = _evaluate_export(path, data, spec_path, group, limit, batch_rows, quiet, exact_rows)
     elif path.is_dir():
-        rep = _evaluate_checkpoint(path, data, spec_path, group, limit, batch_rows, quiet)
+        rep = _evaluate_checkpoint(
+            path, data, spec_path, group, limit, batch_rows, quiet, exact_rows
+        )
     else:
         raise ValueError(f"{model}: not a rocketrec export (light.pt) nor a run directory")
     rep.update(model=str(model), data=[data] if isinstance(data, str) else list(data))
@@ -191,7 +295,9 @@ def evaluate_model(
     return rep
 
 
-def _evaluate_export(path, data, spec_path, group, limit, batch_rows, quiet) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _evaluate_export(
+    path, data, spec_path, group, limit, batch_rows, quiet, exact_rows
+) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     from rocketrec.serving.ops import load_model, read_manifest_raw
     from rocketrec.serving.requests import raw_inputs_from_table
 
@@ -212,7 +318,7 @@ def _evaluate_export(path, data, spec_path, group, limit, batch_rows, quiet) -> 
         | {str(getattr(f, "column", "")) for f in light if getattr(f, "column", None)}
     )
     module = load_model(path)
-    scores = _Scores(["light"])
+    scores = _Scores(["light"], exact_rows)
     prog = _Progress(limit, quiet=quiet)
     for f, t in _tables(data, cols, batch_rows):
         if prog.done >= limit:
@@ -234,7 +340,9 @@ def _evaluate_export(path, data, spec_path, group, limit, batch_rows, quiet) -> 
     return rep
 
 
-def _evaluate_checkpoint(path, data, spec_path, group, limit, batch_rows, quiet) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _evaluate_checkpoint(
+    path, data, spec_path, group, limit, batch_rows, quiet, exact_rows
+) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     from rocketrec.data.reader import ParquetReader
     from rocketrec.serving.export import load_unsharded
     from rocketrec.train.checkpoint import latest_checkpoint
@@ -258,7 +366,7 @@ def _evaluate_checkpoint(path, data, spec_path, group, limit, batch_rows, quiet)
     # the run's batch size: the towers see the same batches as the run's own evaluation
     batch_rows = int(meta.get("train_config", {}).get("batch_size", batch_rows))
     reader = ParquetReader(data, spec, batch_rows, shuffle=False, drop_last=False)
-    scores = _Scores(towers)
+    scores = _Scores(towers, exact_rows)
     prog = _Progress(min(limit, reader.total_rows), quiet=quiet)
     with torch.inference_mode():
         for b in reader:

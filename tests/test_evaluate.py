@@ -174,3 +174,19 @@ def test_mlflow_file_store(tmp_path, cross_spec, cross_data, capfd):
     assert res["steps"] == 2
     warn = [x for x in capfd.readouterr().err.splitlines() if "MLflow" in x]
     assert len(warn) == 1 and "tracking is off" in warn[0]
+
+
+def test_bounded_mode_past_exact_rows(runs, cross_data):
+    """Past --exact-rows the state is bounded histograms: AUC close to the exact one,
+    logloss, NE and calibration still exact, deciles from the histogram."""
+    exact = evaluate_model(runs / "a", cross_data["val"], quiet=True)
+    hist = evaluate_model(runs / "a", cross_data["val"], quiet=True, exact_rows=300)
+    assert hist["rows"] == exact["rows"]
+    for t in ("booster", "light"):
+        e, h = exact["towers"][t], hist["towers"][t]
+        assert e["auc_method"] == "exact" and h["auc_method"].startswith("histogram")
+        assert abs(h["auc"] - e["auc"]) <= 1e-3, (h["auc"], e["auc"])
+        for k in ("logloss", "ne", "calibration"):
+            assert h[k] == pytest.approx(e[k], rel=1e-9), k
+        assert 1 <= len(h["buckets"]) <= 10
+        assert sum(b["rows"] for b in h["buckets"]) == pytest.approx(hist["rows"])
