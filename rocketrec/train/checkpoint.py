@@ -130,20 +130,19 @@ def _candidates(cand: Path) -> list[Path]:
             out.append(named)
     steps = sorted(
         (d for d in cand.glob("step_*") if d.is_dir() and (d / "meta.json").is_file()),
-        key=lambda d: (int(json.loads((d / "meta.json").read_text()).get("step", -1))
-                       if _meta_ok(d) else -1, d.name),
+        key=lambda d: (_step_of(d), d.name),
         reverse=True,
-    )  # fmt: skip
+    )
     out += [d for d in steps if d not in out]
     return out
 
 
-def _meta_ok(d: Path) -> bool:
+def _step_of(d: Path) -> int:
+    """The checkpoint's step (-1 if its meta.json does not read: it sorts last)."""
     try:
-        json.loads((d / "meta.json").read_text())
-        return True
+        return int(json.loads((d / "meta.json").read_text()).get("step", -1))
     except (OSError, ValueError):
-        return False
+        return -1
 
 
 def latest_checkpoint(root: str | Path, verify: bool = True) -> Path | None:
@@ -269,7 +268,7 @@ def saved_sharding(path: Path) -> dict[str, str]:
 
 
 def changed_kind_tables(
-    path: Path, sparse_state: dict[str, Any], saved: dict[str, str], dmp: Any
+    path: Path, sparse_state: dict[str, Any], saved: dict[str, str]
 ) -> list[str]:
     """Tables fused now whose optimizer state the checkpoint does not hold (they were
     data-parallel when it was written), in table order."""

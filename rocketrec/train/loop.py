@@ -329,7 +329,7 @@ class _Run:
         # A table whose kind changed (--sharding at resume) between data-parallel (state in
         # the dense optimizer) and fused (state in the fused optimizer) cannot take the
         # saved optimizer state: it starts fresh, with one warning line per table.
-        fresh = changed_kind_tables(path, state["sparse_optim"], self.saved_kinds, self.dmp)
+        fresh = changed_kind_tables(path, state["sparse_optim"], self.saved_kinds)
         now_kinds = sharding_kinds(self.dmp)
         changed = sorted(
             t for t, k in self.saved_kinds.items() if now_kinds.get(t, k) != k

@@ -135,18 +135,16 @@ class Tracker:
                 self.mlflow = None
 
     def close(self) -> None:
-        if self.mlflow is not None:
-            try:
-                self.mlflow.end_run()
-            except Exception:
-                pass
-            self.mlflow = None
-        if self.writer is not None:
-            try:
-                self.writer.close()
-            except Exception:
-                pass
-            self.writer = None
+        import contextlib
+
+        for closer in (
+            self.mlflow.end_run if self.mlflow is not None else None,
+            self.writer.close if self.writer is not None else None,
+        ):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer()
+        self.mlflow = self.writer = None
 
 
 def log_model_artifact(out: Path, mlflow_uri: str | None, model: Path) -> None:
