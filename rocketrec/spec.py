@@ -13,9 +13,9 @@ Schema (documented with examples in feature_specs/README.md):
     label: {column: click}
     weight: {column: w}                  # optional
     tables:
-      - {name: items, rows: 100000, dim: 16, pooling: sum}
+      - {name: ads, rows: 100000, dim: 16, pooling: sum}
     sparse:
-      - {name: ad_id, column: ad_id, dtype: int64, kind: scalar, table: items, max_ids: 1}
+      - {name: ad_id, column: ad_id, dtype: int64, kind: scalar, table: ads, max_ids: 1}
     dense:
       - {name: price, column: price, fill: 0.0, transform: log1p}
     light:
@@ -177,6 +177,16 @@ class FeatureSpec:
 
 
 PRIVATE_SUFFIX = "__light"
+
+
+def _table_name_ok(name: str) -> bool:
+    """A table name must be usable as a key of TorchRec's ModuleDict of tables: no '.',
+    not an attribute of nn.ModuleDict ('items', 'keys', 'values', 'forward', ...)."""
+    if not name or "." in name:
+        return False
+    import torch
+
+    return not hasattr(torch.nn.ModuleDict(), name)
 
 
 def private_table_name(table: str) -> str:
@@ -343,6 +353,12 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
         where = f"table '{tname}'"
         if any(x.name == tname for x in tables):
             raise ctx.fail(where, "duplicate table name")
+        if not _table_name_ok(tname):
+            raise ctx.fail(
+                where,
+                f"field 'name': '{tname}' cannot name a table (TorchRec keeps tables in a "
+                "torch ModuleDict, where it is taken or holds a '.'), e.g. use 'items_table'",
+            )
         pooling = _choice(ctx, where, obj, "pooling", POOLINGS) if "pooling" in obj else "sum"
         dim = _int(ctx, where, obj, "dim", 1)
         if dim % 4:

@@ -301,3 +301,24 @@ def test_criteo_spec_validates_against_sample():
     )
     assert r.returncode == 0, r.stderr
     assert "10,181 rows" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["items", "keys", "forward", "a.b"])
+def test_table_names_torchrec_cannot_hold(tmp_path, name):
+    """A table named like a ModuleDict attribute (or with a '.') would crash every worker
+    at sharding time: refused in the spec, naming the table and the field."""
+    from rocketrec.spec import SpecError, load_spec
+
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        f"""
+version: 1
+name: s
+label: {{column: y}}
+tables: [{{name: "{name}", rows: 10, dim: 4}}]
+sparse: [{{name: f, column: f, table: "{name}"}}]
+light: {{features: [f]}}
+"""
+    )
+    with pytest.raises(SpecError, match=rf"table '{name}'.*field 'name'"):
+        load_spec(p)
