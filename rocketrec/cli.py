@@ -11,16 +11,12 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from rocketrec.cli_models import UserError, add_eval_commands, add_serving_commands  # noqa: E402
 from rocketrec.data.batch import DataError
 from rocketrec.quiet import quiet_library_noise
 from rocketrec.spec import SpecError, load_spec
-
-
-class UserError(Exception):
-    pass
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
@@ -80,41 +76,24 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
-    from rocketrec.config import configs_from_args
-    from rocketrec.run_config import resolved_config
-    from rocketrec.serving.module import check_exportable
-    from rocketrec.train.checkpoint import latest_checkpoint, log_user_error
-    from rocketrec.train.loop import TrainingDiverged, train
+def _cmd_train(job: Any) -> int:
+    """`rocketrec train`: the same job as jobs/ads_train.py, in this process (no Ray)."""
+    from rocketrec.runs import finish_run, prepare_run
+    from rocketrec.train.checkpoint import log_user_error
+    from rocketrec.train.loop import TrainingDiverged, train_job
 
-    spec = load_spec(a.spec)
-    model_cfg, loss_cfg, train_cfg = configs_from_args(a)
-    check_exportable(spec, model_cfg, loss_cfg.mode)  # never a run that cannot be served
-    if latest_checkpoint(a.out, verify=False) is not None and not a.resume:
-        raise UserError(
-            f"{a.out} already holds a run's checkpoints: pass --resume {a.out} to continue it, "
-            "or choose a new --out"
-        )
-    cfg = resolved_config(a._parser, a, getattr(a, "_argv", None))
+    spec = prepare_run(job)  # every check, then RUN/config.yaml
+    t0 = time.time()
     try:
-        res = train(
-            spec,
-            a.train,
-            a.val,
-            a.out,
-            model_cfg,
-            loss_cfg,
-            train_cfg,
-            resume=a.resume,
-            run_config=cfg,
-        )
+        res = train_job(job, spec)
     except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         # user errors (bad data mid-run, damaged checkpoints, divergence): one line on the
         # console (main), the traceback in RUN/train.log
-        log_user_error(a.out, e)
+        log_user_error(job.data.out, e)
         what = "training diverged: " if isinstance(e, TrainingDiverged) else ""
-        raise UserError(f"{what}{e} (traceback: {a.out}/train.log)") from None
-    print(json.dumps({k: v for k, v in res.items()}, default=str))
+        raise UserError(f"{what}{e} (traceback: {job.data.out}/train.log)") from None
+    finish_run(job, res, time.time() - t0, say=lambda m: print(m, flush=True))
+    print(json.dumps(res, default=str))  # the last line: the final metrics
     return 0
 
 
@@ -270,10 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GB per worker (default on cpu: this machine's RAM / workers; needed for cuda)",
     )
-    from rocketrec.config import _sharding
+    from rocketrec.config import sharding_arg
     from rocketrec.parallel.sharding import SPARSE_OPTIMIZERS
 
-    pl.add_argument("--sharding", type=_sharding, default={}, help="as for training")
+    pl.add_argument("--sharding", type=sharding_arg, default={}, help="as for training")
     pl.add_argument("--sparse-optimizer", choices=SPARSE_OPTIMIZERS, default="rowwise_adagrad")
     pl.add_argument("--light-private-dim", type=int, default=0, help="as for training")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
@@ -283,269 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     from rocketrec.config import add_train_args
 
     add_train_args(t)
-    t.set_defaults(fn=_cmd_train, _parser=t)
+    t.set_defaults(fn=_cmd_train)
 
     add_serving_commands(sub)
     add_eval_commands(sub)
     return p
 
 
-# -- serving: export, predict, requests -------------------------------------------------
-
-
-def _cmd_export(a: argparse.Namespace) -> int:
-    from rocketrec.serving.export import export_checkpoint
-
-    t = time.time()
-    rep = export_checkpoint(
-        a.checkpoint,
-        a.out,
-        int8=a.int8,
-        data=a.data,
-        rows=a.rows,
-        booster=a.booster,
-        portable=a.portable,
-    )
-    kind = ("int8" if rep["int8"] else "fp32") + (
-        ", portable" if rep["portable"] else ", fused op: needs librocketrec_ops.so"
-    )
-    print(
-        f"exported {rep['out']} ({rep['bytes']:,} bytes, {kind}): "
-        f"parity max |diff| {rep['max_abs_diff']:.3g} <= {rep['tolerance']:g} on "
-        f"{rep['rows_checked']} held-out rows; {time.time() - t:.1f}s"
-    )
-    return 0
-
-
-def _load_model(path: str):  # type: ignore[no-untyped-def]
-    from rocketrec.serving.manifest import read_manifest
-    from rocketrec.serving.ops import load_model
-
-    try:
-        return load_model(path), read_manifest(path)
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise UserError(f"{path}: cannot load the model: {msg[0] if msg else e}") from None
-
-
-def _cmd_predict(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from rocketrec.serving.requests import score_lines
-
-    model, manifest = _load_model(a.model)
-    src = a.requests
-    if src != "-" and not Path(src).is_file():
-        raise UserError(f"{src}: no such file")
-    name = "<stdin>" if src == "-" else src
-    raw = sys.stdin.buffer.read() if src == "-" else Path(src).read_bytes()
-    lines = []
-    for ln, b in enumerate(raw.split(b"\n"), 1):
-        try:
-            lines.append(b.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{name}:{ln}: not valid UTF-8 ({e.reason})") from None
-    for x in score_lines(model, lines, manifest, name):
-        print(f"{x:.9g}")
-    return 0
-
-
-def _cmd_requests(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import pyarrow.parquet as pq
-
-    from rocketrec.data.reader import list_parquet_files
-    from rocketrec.serving import requests as rq
-
-    if a.rows < 1:
-        raise UserError(f"--rows must be >= 1, got {a.rows}")
-    if a.candidates is not None and a.candidates < 1:
-        raise UserError(f"--candidates must be >= 1, got {a.candidates}")
-    _, manifest = _load_model(a.model)
-    fs, files = list_parquet_files(a.data)
-    inputs = manifest["sparse_features"] + manifest["dense_features"]
-    cols = sorted({f["column"] for f in inputs})
-    tables = []
-    n = 0
-    for f in files:  # row groups in order, across files, until --rows rows
-        pf = pq.ParquetFile(fs.open_input_file(f))
-        for rg in range(pf.metadata.num_row_groups):
-            if n >= a.rows:
-                break
-            t = pf.read_row_group(rg, columns=cols).slice(0, a.rows - n)
-            tables.append(t)
-            n += t.num_rows
-        if n >= a.rows:
-            break
-    import pyarrow as pa
-
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
-    if table is None or table.num_rows == 0:
-        raise UserError(f"{a.data}: no rows")
-    if a.candidates:
-        context = a.context.split(",") if a.context else rq.default_context(manifest)
-        lines, full = rq.candidate_requests_from_table(table, manifest, a.candidates, context)
-        print(
-            f"rocketrec: context inputs: {', '.join(context)}; {len(lines)} request(s) of up to "
-            f"{a.candidates} candidates",
-            file=sys.stderr,
-        )
-        if a.full_rows:
-            Path(a.full_rows).write_text("\n".join(full) + "\n")
-    else:
-        lines = rq.requests_from_table(table, manifest)
-    text = "\n".join(lines) + "\n"
-    if a.out == "-":
-        print(text, end="")
-    else:
-        Path(a.out).write_text(text)
-        print(f"wrote {len(lines)} requests to {a.out}")
-    if n < a.rows:
-        print(
-            f"rocketrec: note: {a.data} holds only {n} rows: used {n} of the {a.rows} asked for",
-            file=sys.stderr,
-        )
-    return 0
-
-
-# -- offline evaluation -----------------------------------------------------------------
-
-
-def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from rocketrec.evaluate import evaluate_model, format_report, reliability_plot
-
-    if a.rows is not None and a.rows < 1:
-        raise UserError(f"--rows must be >= 1, got {a.rows}")
-    if a.exact_rows < 1:
-        raise UserError(f"--exact-rows must be >= 1, got {a.exact_rows}")
-    rep = evaluate_model(
-        a.model, a.data, a.spec, a.group, a.rows, quiet=a.quiet, exact_rows=a.exact_rows
-    )
-    print(format_report(rep))
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rep, indent=1, default=str))
-        png = Path(a.plot) if a.plot else out.with_suffix(".png")
-        reliability_plot(rep, png)
-        print(f"wrote {out} and {png}")
-    elif a.plot:
-        reliability_plot(rep, a.plot)
-        print(f"wrote {a.plot}")
-    return 0
-
-
-def _cmd_compare(a: argparse.Namespace) -> int:
-    from rocketrec.evaluate import compare_runs, format_comparison
-
-    rows = compare_runs(a.runs, a.data, a.rows, quiet=a.quiet)
-    print(json.dumps(rows, indent=1, default=str) if a.json else format_comparison(rows))
-    return 0
-
-
-def add_eval_commands(sub: Any) -> None:
-    e = sub.add_parser(
-        "evaluate",
-        help="score an exported light.pt or a run/checkpoint on Parquet logs (AUC, GAUC, "
-        "logloss, NE, calibration, reliability by decile)",
-    )
-    e.add_argument("model", help="exported light.pt, or a run directory / checkpoint")
-    e.add_argument("--data", nargs="+", required=True, help="Parquet files, directories or globs")
-    e.add_argument(
-        "--spec", default=None, help="spec for the data's columns (default: the model's)"
-    )
-    e.add_argument("--group", default=None, help="group column for GAUC (default: the spec's)")
-    e.add_argument("--rows", type=int, default=None, help="evaluate the first N rows only")
-    e.add_argument("--out", default=None, help="report JSON (and a reliability PNG beside it)")
-    e.add_argument("--plot", default=None, help="reliability diagram PNG")
-    e.add_argument("--quiet", action="store_true", help="no progress lines")
-    e.add_argument(
-        "--exact-rows",
-        type=int,
-        default=5_000_000,
-        help="exact metrics up to this many rows; beyond, bounded histograms (no GAUC)",
-    )
-    e.set_defaults(fn=_cmd_evaluate)
-    c = sub.add_parser("compare", help="runs side by side (settings, speed, per-tower metrics)")
-    c.add_argument("runs", nargs="+", help="run directories (the first is the baseline)")
-    c.add_argument(
-        "--data", nargs="+", default=None, help="evaluate every run on these rows (same rows)"
-    )
-    c.add_argument("--rows", type=int, default=None, help="with --data: the first N rows only")
-    c.add_argument("--json", action="store_true", help="print JSON")
-    c.add_argument("--quiet", action="store_true", help="no progress lines")
-    c.set_defaults(fn=_cmd_compare)
-
-
-def add_serving_commands(sub: Any) -> None:
-    e = sub.add_parser("export", help="export the light tower to TorchScript for C++ serving")
-    e.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
-    e.add_argument("--out", required=True, help="output file, e.g. light.pt")
-    e.add_argument("--int8", action="store_true", help="row-wise int8 tables")
-    e.add_argument("--data", default=None, help="Parquet for the parity check (default: synthetic)")
-    e.add_argument("--rows", type=int, default=2048, help="held-out rows for the parity check")
-    e.add_argument(
-        "--portable",
-        action="store_true",
-        help="plain torch ops only (no rocketrec op library needed by the server; slower)",
-    )
-    e.add_argument(
-        "--booster",
-        action="store_true",
-        help="package the booster instead (all features; for latency comparisons only)",
-    )
-    e.set_defaults(fn=_cmd_export)
-    p = sub.add_parser(
-        "predict",
-        help="score JSON-lines requests (one-row or context+candidates) with an exported model",
-    )
-    p.add_argument("--model", required=True, help="exported .pt file")
-    p.add_argument("--requests", required=True, help="JSON-lines file, or - for stdin")
-    p.set_defaults(fn=_cmd_predict)
-    r = sub.add_parser("requests", help="write JSON-lines requests for a model from Parquet rows")
-    r.add_argument(
-        "--model", required=True, help="exported .pt file (its manifest names the inputs)"
-    )
-    r.add_argument("--data", required=True, help="Parquet file, directory or glob")
-    r.add_argument("--rows", type=int, default=16, help="how many rows")
-    r.add_argument(
-        "--candidates",
-        type=int,
-        default=None,
-        help="write context+candidates requests: rows in groups of N, one context each",
-    )
-    r.add_argument(
-        "--context",
-        default=None,
-        help="with --candidates: comma-separated inputs given in the context (from the "
-        "group's first row; default: the inputs whose name mentions 'user')",
-    )
-    r.add_argument(
-        "--full-rows",
-        default=None,
-        help="with --candidates: also write the equivalent one-row requests to this file",
-    )
-    r.add_argument("--out", default="-", help="output file, or - for stdout")
-    r.set_defaults(fn=_cmd_requests)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_noise()
     parser = build_parser()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = list(sys.argv[1:] if argv is None else argv)
-        if args and args[0] == "train":
-            from rocketrec.run_config import apply_config
+        if args and args[0] == "train":  # one JobConfig: defaults < --config < flags
+            from rocketrec.config import parse_job
 
             sub = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr,index]
-            apply_config(sub, args[1:])
-    except ValueError as e:
-        print(f"rocketrec: error: {e}", file=sys.stderr)
-        return 2
-    a = parser.parse_args(argv)
-    a._argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+            return _cmd_train(parse_job(sub, args[1:], ray=False))
+        a = parser.parse_args(args)
         return int(a.fn(a) or 0)
     except (SpecError, DataError, UserError, FileNotFoundError) as e:
         print(f"rocketrec: error: {e}", file=sys.stderr)

@@ -1,18 +1,24 @@
-"""Command-line flags for training, shared by `rocketrec train` and jobs/ads_train.py.
+"""Command-line flags of a training job, shared by `rocketrec train` and jobs/ads_train.py,
+and the one place they become a JobConfig (rocketrec.train.job):
 
-Flags are parsed once into the typed configs (ModelConfig, LossConfig,
-TrainConfig); their __post_init__ checks reject bad values with a message
-naming the flag's field.
+    job = parse_job(parser, argv, ray=...)    defaults < --config YAML < flags
+
+Flag groups are the JobConfig's sections (data, method = loss, model, training =
+train, Ray = ray); the sections' dataclasses reject bad values with a message
+naming the field, and `JobConfig.check(spec)` what needs the spec.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from rocketrec.model.loss import HINTS, MODES, LossConfig
 from rocketrec.model.model import ModelConfig
 from rocketrec.parallel.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
+from rocketrec.train.job import JobConfig, RayConfig, job_from_values
 from rocketrec.train.train_config import TrainConfig
 
 
@@ -40,7 +46,7 @@ def _on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
-def _sharding(text: str) -> dict[str, dict[str, str]]:
+def sharding_arg(text: str) -> dict[str, dict[str, str]]:
     """'items=row_wise,users=table_wise' or a JSON object {table: {sharding_type: ...}}."""
     text = text.strip()
     if not text:
@@ -69,10 +75,18 @@ def _sharding(text: str) -> dict[str, dict[str, str]]:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every flag of a training job but Ray's (see `add_ray_args`)."""
     from rocketrec.run_config import add_config_arg
 
-    d_t, d_l, d_m = TrainConfig(), LossConfig(), ModelConfig()
     add_config_arg(p)
+    _data_args(p)
+    _method_args(p)
+    _model_args(p)
+    _train_args(p)
+    _run_args(p)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--spec", required=True, help="feature spec YAML (see feature_specs/README.md)")
     g.add_argument(
@@ -86,6 +100,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--val", default=None, nargs="+", help="validation Parquet, as --train (metrics per tower)"
     )
     g.add_argument("--out", required=True, help="run directory: metrics, checkpoints, export, plot")
+    g.add_argument(
+        "--no-export", action="store_true", help="do not export light.pt at the end of the run"
+    )
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    d_l = LossConfig()
     g = p.add_argument_group("method (Rocket Launching)")
     g.add_argument(
         "--mode",
@@ -123,6 +144,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="scale in [0,1] on the light losses' gradient into the shared tables "
         "(1 = the paper, 0 = light reads detached embeddings)",
     )
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    d_m = ModelConfig()
     g = p.add_argument_group("model")
     g.add_argument("--booster-mlp", type=_sizes, default=d_m.booster_mlp, help="e.g. 256,128,64")
     g.add_argument("--cross-layers", type=int, default=d_m.cross_layers, help="DCN-v2 cross layers")
@@ -142,6 +167,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d_m.shared_bottom,
         help="optional dense MLP shared by both towers, e.g. 64,32",
     )
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    d_t = TrainConfig()
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d_t.epochs)
     g.add_argument(
@@ -190,11 +219,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="pipeline: TorchRec's TrainPipelineSparseDist (one path for CPU and CUDA); "
         "plain: forward/backward/step in order",
     )
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """More of the `training` group: logging, seeds, sharding, resume and warm start."""
+    d_t = TrainConfig()
+    g = next(x for x in p._action_groups if x.title == "training")
     g.add_argument("--log-every", type=int, default=d_t.log_every)
     g.add_argument("--seed", type=int, default=d_t.seed)
     g.add_argument(
         "--sharding",
-        type=_sharding,
+        type=sharding_arg,
         default={},
         help="per-table constraints: 'table=row_wise,other=table_wise' or JSON",
     )
@@ -228,49 +263,48 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def configs_from_args(a: argparse.Namespace) -> tuple[ModelConfig, LossConfig, TrainConfig]:
-    model = ModelConfig(
-        cross_layers=a.cross_layers,
-        cross_rank=a.cross_rank,
-        booster_mlp=tuple(a.booster_mlp),
-        light_mlp=tuple(a.light_mlp),
-        shared_bottom=tuple(a.shared_bottom),
-        light_private_dim=a.light_private_dim,
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    d = RayConfig()
+    g = p.add_argument_group("Ray")
+    g.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (ranks)")
+    g.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=d.cpus_per_worker,
+        help="fractional CPUs leave room for Ray's own tasks on small machines",
     )
-    loss = LossConfig(
-        mode=a.mode,
-        hint=a.hint,
-        hint_weight=a.hint_weight,
-        temperature=a.temperature,
-        gradient_block=a.gradient_block,
-        light_shared_grad_scale=a.light_shared_grad_scale,
+    g.add_argument(
+        "--gpus-per-worker", type=float, default=d.gpus_per_worker, help="1 on GPU nodes (nccl)"
     )
-    train = TrainConfig(
-        batch_size=a.batch_size,
-        epochs=a.epochs,
-        max_steps=a.max_steps,
-        dense_optimizer=a.dense_optimizer,
-        dense_lr=a.dense_lr,
-        sparse_optimizer=a.sparse_optimizer,
-        sparse_lr=a.sparse_lr,
-        warmup_steps=a.warmup_steps,
-        grad_clip=a.grad_clip,
-        eval_every=a.eval_every,
-        eval_batches=a.eval_batches,
-        checkpoint_every=a.checkpoint_every,
-        keep_checkpoints=a.keep_checkpoints,
-        shuffle_buffer=a.shuffle_buffer,
-        negative_sample_rate=a.negative_sample_rate,
-        step_path=a.step_path,
-        init_from=a.init_from,
-        init_from_allow_shrink=a.init_from_allow_shrink,
-        log_every=a.log_every,
-        seed=a.seed,
-        sharding=dict(a.sharding),
-        teacher_column=a.teacher_column,
-        tensorboard=not getattr(a, "no_tensorboard", False),
-        mlflow_uri=getattr(a, "mlflow_uri", None),
+    g.add_argument(
+        "--max-failures",
+        type=int,
+        default=d.max_failures,
+        help="restarts of the worker group from the last registered checkpoint",
     )
-    if loss.mode == "perfect_teacher" and not train.teacher_column:
-        raise ValueError("--mode perfect_teacher needs --teacher-column (a probability column)")
-    return model, loss, train
+    g.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else local)")
+    g.add_argument("--local-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
+    g.add_argument(
+        "--verbose", action="store_true", help="keep Ray's and the libraries' own log lines"
+    )
+
+
+def _abs(v: str) -> str:
+    return v if "://" in v else str(Path(v).resolve())
+
+
+def parse_job(p: argparse.ArgumentParser, argv: list[str] | None, ray: bool) -> JobConfig:
+    """Defaults < `--config` YAML (or RUN/config.yaml on --resume) < flags -> JobConfig.
+    Paths become absolute (workers may start elsewhere). Raises ValueError (ConfigError)
+    naming the file, key or flag; argparse exits 2 on a bad flag."""
+    from rocketrec.run_config import apply_config, run_meta
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    apply_config(p, argv)
+    a = vars(p.parse_args(argv))
+    a["train"] = [_abs(v) for v in a["train"]]
+    a["val"] = [_abs(v) for v in a["val"]] if a["val"] else None
+    for k in ("spec", "out", "resume", "init_from"):
+        if a.get(k):
+            a[k] = _abs(a[k])
+    return job_from_values(a, ray=ray, run=run_meta(argv))

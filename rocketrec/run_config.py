@@ -10,9 +10,10 @@ Every key is a flag's name with `_` (`--batch-size` is `train.batch_size`);
 the sections are the flags' groups in `--help`. Unknown sections or keys are
 errors naming the file and the key, with a "did you mean". Values go through
 the same checks as flags (types, choices, the config dataclasses'
-`__post_init__`). The resolved config (every flag's final value) is written
-to RUN/config.yaml with the rocketrec version, the git commit (when there is
-one) and the command line; `--config RUN/config.yaml --out NEW` reruns it.
+`__post_init__`). The resolved job config (rocketrec.train.job.JobConfig.to_dict(): every
+flag's final value) is written once to RUN/config.yaml with the rocketrec
+version, the git commit (when there is one) and the command line;
+`--config RUN/config.yaml --out NEW` reruns it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SECTION_OF_GROUP = {
     "training": "train",
     "Ray": "ray",
 }
+MOVED = {("ray", "no_export"): "data"}  # (section, key) -> the key's section now
 META_KEY = "run"  # written by rocketrec: version, git commit, command line (ignored on read)
 
 
@@ -110,6 +112,11 @@ def load_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: section '{sec}' must be a mapping of keys")
         for key, value in body.items():
+            if (sec, key) in MOVED:  # a key that moved to another section: still read
+                sec_of_key = MOVED[(sec, key)]
+                if sec_of_key in secs:
+                    out[key] = _convert(secs[sec_of_key][key], value, f"{path}: {sec}.{key}")
+                continue
             actions = secs[sec]
             if key not in actions:
                 hint = difflib.get_close_matches(str(key), list(actions), n=1)
@@ -143,11 +150,6 @@ def apply_config(p: argparse.ArgumentParser, argv: list[str] | None) -> str | No
     return path
 
 
-def parse_with_config(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    apply_config(p, argv)
-    return p.parse_args(argv)
-
-
 def add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
@@ -171,25 +173,15 @@ def _git_commit() -> str | None:
         return None
 
 
-def resolved_config(
-    p: argparse.ArgumentParser, a: argparse.Namespace, argv: list[str] | None = None
-) -> dict[str, Any]:
-    """Every flag's final value by section, plus where it came from."""
+def run_meta(argv: list[str] | None = None) -> dict[str, Any]:
+    """Where a job came from: the rocketrec version, git commit and command line."""
     from rocketrec import __version__
 
-    out: dict[str, Any] = {}
-    for sec, actions in _sections(p).items():
-        body = {}
-        for dest in actions:
-            v = getattr(a, dest, None)
-            body[dest] = list(v) if isinstance(v, tuple) else v
-        out[sec] = body
-    out[META_KEY] = {
+    return {
         "rocketrec": __version__,
         "git_commit": _git_commit(),
         "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
     }
-    return out
 
 
 def write_resolved(path: Path, cfg: dict[str, Any]) -> None:

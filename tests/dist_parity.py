@@ -15,7 +15,7 @@ from rocketrec.data.reader import ParquetReader  # noqa: E402
 from rocketrec.model.loss import LossConfig  # noqa: E402
 from rocketrec.model.model import ModelConfig  # noqa: E402
 from rocketrec.spec import load_spec  # noqa: E402
-from rocketrec.train.loop import TrainConfig, _Run  # noqa: E402
+from rocketrec.train.loop import TrainConfig, train  # noqa: E402
 
 B = 256 // world_i
 
@@ -37,6 +37,4 @@ spec = load_spec(spec_path)
 assert spec.weight_column, "the parity check needs sample weights"
 cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
 tc = TrainConfig(batch_size=B, max_steps=steps_i, log_every=0, seed=2, step_path="plain")
-run = _Run(spec, data, None, out, cfg, LossConfig(), tc, None)
-run.train_reader = EveryWth(data, spec, B, 0, 1, shuffle=False)
-run.run()
+train(spec, EveryWth(data, spec, B, 0, 1, shuffle=False), None, out, cfg, LossConfig(), tc)

@@ -41,7 +41,8 @@ def main() -> None:
     os.environ.update(RANK=rank, WORLD_SIZE="2", LOCAL_RANK=rank)
     from rocketrec.model.model import ModelConfig
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, _Run
+    from rocketrec.train.loop import TrainConfig, run
+    from rocketrec.train.trainer import Trainer
 
     spec = load_spec(spec_path)
     cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
@@ -56,24 +57,24 @@ def main() -> None:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     probe = MaxTensor()
     with probe:
-        run = _Run(spec, data, None, out, cfg, ModelLossDefaults(), tc, None)
+        t = Trainer(spec, cfg, ModelLossDefaults(), tc, out, data)
         if len(sys.argv) > 7:  # resume an existing run
             from rocketrec.train.checkpoint import latest_checkpoint
 
-            run.resume(latest_checkpoint(out))
+            t.resume(latest_checkpoint(out))
         local = {}
-        for k, v in run.dmp.state_dict().items():
+        for k, v in t.dmp.state_dict().items():
             if hasattr(v, "local_shards"):
                 local[k] = sum(s.tensor.numel() for s in v.local_shards())
         opt = 0
-        for st in run.dmp.fused_optimizer.state_dict()["state"].values():
+        for st in t.dmp.fused_optimizer.state_dict()["state"].values():
             for v in st.values():
                 if hasattr(v, "local_shards"):
                     opt = max(opt, max((s.tensor.numel() for s in v.local_shards()), default=0))
         if sys.argv[6] == "init":
-            run.save()  # the initial state, untrained
+            t.save()  # the initial state, untrained
         else:
-            run.run()
+            run(t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open(report, "w") as f:
         json.dump(

@@ -33,8 +33,8 @@ def _grads(loss, params):
 
 
 def _with_scale(m, scale):
-    m.set_plan(light_shared_grad_scale=scale)
-    return m
+    """The model called with the light losses' gradient scale (the phase plan's)."""
+    return lambda dense, sparse: m(dense, sparse, light_shared_grad_scale=scale)
 
 
 def _booster_only(m):
@@ -93,8 +93,7 @@ def test_light_shared_grad_scale(model_and_batch):
     cfg = LossConfig(hint="kd", hint_weight=1.0)
 
     def light_terms(scale):
-        m.set_plan(light_shared_grad_scale=scale)
-        out = m(b.dense, b.sparse)
+        out = m(b.dense, b.sparse, light_shared_grad_scale=scale)
         _, _ = rocket_loss(out.booster, out.light, b.labels, b.weights, cfg)
         return bce(out.light, b.labels, b.weights) + hint_loss(
             out.light, out.booster.detach(), "kd", 2.0, b.weights
@@ -398,8 +397,7 @@ def test_light_private_tables_keep_the_booster_identical(tmp_path, tiny_spec, ti
     torch.manual_seed(0)
     m = RocketModel(tiny_spec, priv)
     b = next(iter(ParquetReader(tiny_data["train"], tiny_spec, 128, shuffle=False)))
-    m.set_plan(light_shared_grad_scale=0.0)
-    out = m(b.dense, b.sparse)
+    out = m(b.dense, b.sparse, light_shared_grad_scale=0.0)
     all_tables = [(n, p) for n, p in m.named_parameters() if "ebc." in n]
     g_shared = _grads(bce(out.light, b.labels, None), all_tables)
     assert all(torch.count_nonzero(g) == 0 for n, g in g_shared.items() if n.startswith("ebc."))
@@ -528,7 +526,8 @@ def test_warm_start_from_a_run_with_a_changed_spec(tmp_path, tiny_spec, tiny_spe
 
     from rocketrec.parallel.tables import full_table_init
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, _Run, train
+    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.trainer import Trainer
     from rocketrec.train.warm_start import WarmStartError
 
     cfg = small_model()
@@ -560,9 +559,7 @@ def test_warm_start_from_a_run_with_a_changed_spec(tmp_path, tiny_spec, tiny_spe
     )
     spec2 = load_spec(grown)
     tc = TrainConfig(batch_size=128, max_steps=5, log_every=0, seed=4, init_from=str(old_run))
-    run = _Run(
-        spec2, tiny_data["train"], None, str(tmp_path / "today"), cfg, LossConfig(), tc, None
-    )
+    run = Trainer(spec2, cfg, LossConfig(), tc, str(tmp_path / "today"), tiny_data["train"])
     run.warm_start(str(old_run))
     sd = run.dmp.state_dict()
 

@@ -23,29 +23,21 @@ files are opened when first needed, at most `max_open_files` at a time
 (least recently used closed first), and a rank only opens the files of its
 own row range.
 
-Paths: one or several files, directories (recursive, so Hive-style partition
-folders such as `logs/date=2026-11-26/part-0.parquet` work) or globs;
-`scheme://` URIs go through pyarrow's filesystem layer. Files whose name
-starts with `_` or `.` (`_SUCCESS`, `_metadata`, `_common_metadata`, hidden
-files, as petastorm and Spark write them) are ignored; so are empty files and
-files with no row group.
+Paths: files, directories (Hive partitions too) or globs (rocketrec.data.files).
 """
 
 from __future__ import annotations
 
-import glob as globlib
-import os
 import queue
 import random
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rocketrec.data.batch import (
@@ -57,73 +49,9 @@ from rocketrec.data.batch import (
     decode_table,
     unify_schemas,
 )
+from rocketrec.data.files import list_parquet_files, show_paths
 from rocketrec.hashing import fnv1a64
 from rocketrec.spec import FeatureSpec
-
-
-def _ignored(name: str) -> bool:
-    base = os.path.basename(name.rstrip("/"))
-    return base.startswith("_") or base.startswith(".")
-
-
-def list_parquet_files(paths: str | Sequence[str]) -> tuple[pafs.FileSystem, list[str]]:
-    """Resolve files, directories or globs (one or several) to a list of data files:
-    each path's files sorted, paths in the order given, duplicates dropped."""
-    if isinstance(paths, str):
-        paths = [paths]
-    if not paths:
-        raise DataError("no data path given")
-    fs: pafs.FileSystem | None = None
-    out: list[str] = []
-    for p in paths:
-        pfs, files = _list_one(p)
-        if fs is not None and type(pfs) is not type(fs):
-            raise DataError(f"{p}: all data paths must be on the same file system")
-        fs = pfs
-        out.extend(files)
-    assert fs is not None
-    return fs, list(dict.fromkeys(out))
-
-
-def _list_one(path: str) -> tuple[pafs.FileSystem, list[str]]:
-    """Resolve a file, directory or glob to a sorted list of data files."""
-    if "://" in path:
-        fs, root = pafs.FileSystem.from_uri(path)
-    else:
-        fs, root = pafs.LocalFileSystem(), os.path.abspath(path)
-        if any(c in path for c in "*?["):
-            # a glob may match files or folders (e.g. Hive partitions `date=2026-11-2*`)
-            files: list[str] = []
-            for m in sorted(globlib.glob(root, recursive=True)):
-                if _ignored(m):
-                    continue
-                if os.path.isfile(m):
-                    files.append(m)
-                elif os.path.isdir(m):
-                    files.extend(_list_dir(fs, m))
-            if not files:
-                raise DataError(f"{path}: no Parquet files match this pattern")
-            return fs, files
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{path}: no such file or directory")
-    if info.type == pafs.FileType.File:
-        return fs, [root]
-    files = _list_dir(fs, root)
-    if not files:
-        raise DataError(f"{path}: directory holds no data files")
-    return fs, files
-
-
-def _list_dir(fs: pafs.FileSystem, root: str) -> list[str]:
-    sel = pafs.FileSelector(root, recursive=True)
-    return sorted(
-        i.path
-        for i in fs.get_file_info(sel)
-        if i.type == pafs.FileType.File
-        and not any(_ignored(part) for part in os.path.relpath(i.path, root).split(os.sep))
-    )
-
 
 _MASK64 = (1 << 64) - 1
 DEFAULT_SHUFFLE_BUFFER = 65536  # rows; about 20 MB of decoded ads_ctr rows
@@ -190,11 +118,32 @@ class ParquetReader:
         self.prefetch = max(1, prefetch)
         self.max_open_files = max(1, max_open_files)
         self.fs, self.files = list_parquet_files(path)
-        self.units: list[Unit] = []
         self._md: dict[int, pq.FileMetaData] = {}
         self._open: OrderedDict[int, tuple[pq.ParquetFile, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.max_files_open_seen = 0
+        self.units, schemas = self._scan(spec)
+        if not self.units:
+            raise DataError(f"{show_paths(path)}: no rows in any Parquet file")
+        # files whose column types differ (real logs widen types over time): each file is
+        # read with its own schema and cast to one type per column (rocketrec.data.batch)
+        self.target_types, self.schema_notes = unify_schemas(schemas, spec)
+        self.teacher_column = teacher_column
+        self.columns = spec.columns() + ([teacher_column] if teacher_column else [])
+        if negative_sample_rate < 1.0:
+            # units count the rows they keep: one pass over the label column, files closed
+            self.units = [u for u in (self._sampled(u) for u in self.units) if u.rows]
+            self.close()  # the scan's files; reading reopens them lazily
+            if not self.units:
+                raise DataError(f"{show_paths(path)}: no rows left after negative downsampling")
+        self.epoch = 0
+        self._pos = 0  # rows of this rank's epoch stream already consumed
+        self._trained_pos = 0  # ... and trained on (see `take`)
+        self._handed: deque[int] = deque()  # position after each batch `take` handed out
+
+    def _scan(self, spec: FeatureSpec) -> tuple[list[Unit], dict[str, pa.Schema]]:
+        """Read every file's footer once (then close it): its row groups and schema."""
+        units: list[Unit] = []
         checked: set[str] = set()
         schemas: dict[str, pa.Schema] = {}
         for fi, f in enumerate(self.files):
@@ -216,23 +165,9 @@ class ParquetReader:
             for rg in range(md.num_row_groups):
                 rows = md.row_group(rg).num_rows
                 if rows:
-                    self.units.append(Unit(fi, rg, rows, first))
+                    units.append(Unit(fi, rg, rows, first))
                 first += rows
-        if not self.units:
-            raise DataError(f"{_show(path)}: no rows in any Parquet file")
-        # files whose column types differ (real logs widen types over time): each file is
-        # read with its own schema and cast to one type per column (rocketrec.data.batch)
-        self.target_types, self.schema_notes = unify_schemas(schemas, spec)
-        self.teacher_column = teacher_column
-        self.columns = spec.columns() + ([teacher_column] if teacher_column else [])
-        if negative_sample_rate < 1.0:
-            # units count the rows they keep: one pass over the label column, files closed
-            self.units = [u for u in (self._sampled(u) for u in self.units) if u.rows]
-            self.close()  # the scan's files; reading reopens them lazily
-            if not self.units:
-                raise DataError(f"{_show(path)}: no rows left after negative downsampling")
-        self.epoch = 0
-        self._pos = 0  # rows of this rank's epoch stream already consumed
+        return units, schemas
 
     # -- plan ------------------------------------------------------------------
     def _order(self, epoch: int) -> list[Unit]:
@@ -259,10 +194,6 @@ class ParquetReader:
                 break
         return out
 
-    def units_for(self, epoch: int, rank: int | None = None) -> list[Unit]:
-        """Units this rank reads from (whole or in part) in `epoch`."""
-        return [p.unit for p in self.pieces_for(epoch, rank)]
-
     def rows_for(self, epoch: int, rank: int | None = None) -> int:
         lo, hi = self._bounds(self.rank if rank is None else rank)
         return hi - lo
@@ -280,28 +211,22 @@ class ParquetReader:
         return sum(u.rows for u in self.units)
 
     # -- state -----------------------------------------------------------------
+    # what a reader's position depends on: a saved state must match them to be loaded
+    _STATE_KEYS = (
+        "seed",
+        "world_size",
+        "batch_size",
+        "shuffle_buffer",
+        "total_rows",
+        "negative_sample_rate",
+    )
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "pos": self._pos,
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "shuffle_buffer": self.shuffle_buffer,
-            "total_rows": self.total_rows,
-            "negative_sample_rate": self.negative_sample_rate,
-        }
+        keys = {k: getattr(self, k) for k in self._STATE_KEYS}
+        return {"epoch": self.epoch, "pos": self._pos, "rank": self.rank, **keys}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in (
-            "seed",
-            "world_size",
-            "batch_size",
-            "shuffle_buffer",
-            "total_rows",
-            "negative_sample_rate",
-        ):
+        for k in self._STATE_KEYS:
             if k in state and state.get(k) != getattr(self, k):
                 raise ValueError(
                     f"reader state was saved with {k}={state.get(k)}, this reader has "
@@ -310,11 +235,46 @@ class ParquetReader:
         if "pos" not in state:
             raise ValueError("reader state from an older rocketrec (no 'pos'): cannot resume it")
         self.epoch = int(state["epoch"])
-        self._pos = int(state["pos"])
+        self._pos = self._trained_pos = int(state["pos"])
+        self._handed.clear()
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning."""
-        self.epoch, self._pos = epoch, 0
+        self.epoch, self._pos, self._trained_pos = epoch, 0, 0
+        self._handed.clear()
+
+    # -- the training stream: epochs and the position after the last *trained* batch --
+    def take(self, n: int) -> Generator[Batch, None, None]:
+        """At most `n` batches of the current epoch. The step path may read ahead of
+        training (TorchRec's pipeline does): `mark_trained()` after each trained batch
+        moves the position a checkpoint keeps (`trained_state`)."""
+        it = iter(self)
+        try:
+            for _ in range(n):
+                b = next(it, None)
+                if b is None:
+                    return
+                self._handed.append(self._pos)
+                yield b
+        finally:
+            it.close()  # never exhausts the epoch: `next_epoch` moves on explicitly
+
+    def mark_trained(self) -> None:
+        """The oldest batch handed out by `take` is trained: resume after it."""
+        self._trained_pos = self._handed.popleft()
+
+    def trained_state(self) -> dict[str, Any]:
+        """state_dict() at the last trained batch (what a checkpoint saves)."""
+        return {**self.state_dict(), "pos": self._trained_pos}
+
+    def next_epoch(self, epoch: int | None = None) -> None:
+        """Start the next epoch (or `epoch`) from its beginning."""
+        self.set_epoch(self.epoch + 1 if epoch is None else epoch)
+
+    def rows_unused(self, epoch: int, n_batches: int) -> int:
+        """Rows of `epoch` no step trains on when every rank stops after `n_batches`."""
+        used = n_batches * self.batch_size
+        return sum(max(0, self.rows_for(epoch, r) - used) for r in range(self.world_size))
 
     # -- reading ---------------------------------------------------------------
     def _file(self, fi: int) -> pq.ParquetFile:
@@ -488,7 +448,3 @@ class ParquetReader:
                     pass
             t.join()
             self.close()  # files are reopened lazily by the next epoch
-
-
-def _show(path: str | Sequence[str]) -> str:
-    return path if isinstance(path, str) else ", ".join(path)

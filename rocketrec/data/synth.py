@@ -284,3 +284,16 @@ def synth(spec: FeatureSpec, out_dir: str, cfg: SynthConfig, progress: bool = Fa
         os.replace(tmp, path)
         paths.append(path)
     return paths
+
+
+def heldout_table(spec: FeatureSpec, data: str | list[str] | None, rows: int) -> pa.Table:
+    """Rows to check an export on: the first `rows` of `data`'s first row group, or
+    synthetic rows of the spec when no data is given."""
+    if data:
+        from rocketrec.data.files import list_parquet_files
+
+        fs, files = list_parquet_files(data)
+        pf = pq.ParquetFile(fs.open_input_file(files[0]))
+        return pf.read_row_group(0, columns=spec.columns()).slice(0, rows)
+    gen = Generator(spec, SynthConfig(rows=rows, seed=12345))
+    return gen.table(np.random.default_rng(12345), rows)

@@ -28,6 +28,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from rocketrec.model.init import init_tables
 from rocketrec.model.preprocess import Preprocess
 from rocketrec.model.towers import (  # noqa: F401 - re-exported
     BoosterTower,
@@ -37,8 +38,35 @@ from rocketrec.model.towers import (  # noqa: F401 - re-exported
     mlp,
     scale_grad,
 )
-from rocketrec.parallel.tables import init_tables
 from rocketrec.spec import FeatureSpec, private_table_name
+
+
+def _bag(name: str, dim: int, rows: int, pooling: str, features: list[str]) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(
+        name=name,
+        embedding_dim=dim,
+        num_embeddings=rows,
+        feature_names=features,
+        pooling=PoolingType.SUM if pooling == "sum" else PoolingType.MEAN,
+    )
+
+
+def _private_ebc(
+    spec: FeatureSpec, dim: int, device: torch.device
+) -> EmbeddingBagCollection | None:
+    """Light-only tables (`light_private_dim` > 0): one per table the light tower reads."""
+    if dim <= 0:
+        return None
+    by_light_table: dict[str, list[str]] = {}
+    for f in spec.light_sparse:
+        by_light_table.setdefault(f.table, []).append(f.name)
+    return _ebc(
+        [
+            _bag(private_table_name(t), dim, spec.table(t).rows, spec.table(t).pooling, names)
+            for t, names in by_light_table.items()
+        ],
+        device,
+    )
 
 
 def _ebc(tables: list[EmbeddingBagConfig], device: torch.device) -> EmbeddingBagCollection:
@@ -66,7 +94,7 @@ class RocketModel(nn.Module):
         """Tables on `table_device` (default: `device`); `meta` for DMP to materialize shards.
 
         Off `meta`, tables get the plan-independent per-row init of `table_seed`
-        (rocketrec.parallel.tables). Tables never consume the global RNG, so the
+        (rocketrec.model.init). Tables never consume the global RNG, so the
         towers' initial weights are the same whatever device the tables are on.
         """
         super().__init__()
@@ -77,16 +105,7 @@ class RocketModel(nn.Module):
         for f in spec.sparse:
             by_table.setdefault(f.table, []).append(f.name)
         self.ebc = _ebc(
-            [
-                EmbeddingBagConfig(
-                    name=t.name,
-                    embedding_dim=t.dim,
-                    num_embeddings=t.rows,
-                    feature_names=by_table[t.name],
-                    pooling=PoolingType.SUM if t.pooling == "sum" else PoolingType.MEAN,
-                )
-                for t in spec.tables
-            ],
+            [_bag(t.name, t.dim, t.rows, t.pooling, by_table[t.name]) for t in spec.tables],
             table_device,
         )
         self.preprocess = Preprocess(spec).to(device)
@@ -116,32 +135,12 @@ class RocketModel(nn.Module):
             dense_out if self.light_uses_bottom else len(self.light_dense_idx)
         )
         # optional light-only embedding part: one private table per table the light tower uses
-        self.light_ebc: EmbeddingBagCollection | None = None
-        if cfg.light_private_dim > 0:
-            by_light_table: dict[str, list[str]] = {}
-            for f in spec.light_sparse:
-                by_light_table.setdefault(f.table, []).append(f.name)
-            self.light_ebc = _ebc(
-                [
-                    EmbeddingBagConfig(
-                        name=private_table_name(t),
-                        embedding_dim=cfg.light_private_dim,
-                        num_embeddings=spec.table(t).rows,
-                        feature_names=names,
-                        pooling=PoolingType.SUM
-                        if spec.table(t).pooling == "sum"
-                        else PoolingType.MEAN,
-                    )
-                    for t, names in by_light_table.items()
-                ],
-                table_device,
-            )
-            light_in += cfg.light_private_dim * len(self.light_sparse)
+        self.light_ebc = _private_ebc(spec, cfg.light_private_dim, table_device)
+        light_in += cfg.light_private_dim * len(self.light_sparse)
         self.booster = BoosterTower(booster_in, cfg).to(device)
         self.light = LightTower(light_in, cfg).to(device)
         if self.bottom is not None:
             self.bottom.to(device)
-        self.set_plan()  # both towers, full light gradient into the shared layers
         if table_device.type != "meta":
             init_tables(self.state_dict(), table_seed)
 
@@ -154,24 +153,32 @@ class RocketModel(nn.Module):
             keys=self.preprocess.sparse_outputs, values=rows, lengths=lengths
         )
 
-    def set_plan(
-        self, run_booster: bool = True, run_light: bool = True, light_shared_grad_scale: float = 1.0
-    ) -> None:
-        """Which towers `forward` runs and the light losses' gradient scale into the shared
-        layers: decided once per training phase (rocketrec.model.loss.PhasePlan), never
-        per call, so `forward` takes no run flags."""
-        self.run_booster = run_booster
-        self.run_light = run_light
-        self.light_shared_grad_scale = light_shared_grad_scale
+    def forward(
+        self,
+        numeric: torch.Tensor,
+        sparse: KeyedJaggedTensor,
+        run_booster: bool = True,
+        run_light: bool = True,
+        light_shared_grad_scale: float = 1.0,
+    ) -> RocketOutput:
+        """Raw inputs (Batch.dense, Batch.sparse) -> RocketOutput(logits [B] or None).
 
-    def forward(self, numeric: torch.Tensor, sparse: KeyedJaggedTensor) -> RocketOutput:
-        """Raw inputs (Batch.dense, Batch.sparse) -> RocketOutput(logits [B] or None)."""
-        return self.forward_features(*self.features(numeric, sparse))
+        Which towers run and the light losses' gradient scale into the shared layers
+        come from the caller (the train task applies its phase's PhasePlan); the model
+        holds no run state."""
+        return self.forward_features(
+            *self.features(numeric, sparse), run_booster, run_light, light_shared_grad_scale
+        )
 
-    def forward_features(self, dense: torch.Tensor, bucketed: KeyedJaggedTensor) -> RocketOutput:
+    def forward_features(
+        self,
+        dense: torch.Tensor,
+        bucketed: KeyedJaggedTensor,
+        run_booster: bool = True,
+        run_light: bool = True,
+        light_shared_grad_scale: float = 1.0,
+    ) -> RocketOutput:
         """Preprocessed inputs (see `features`) -> RocketOutput(logits [B] or None)."""
-        run_booster, run_light = self.run_booster, self.run_light
-        light_shared_grad_scale = self.light_shared_grad_scale
         pooled = self.ebc(bucketed).to_dict()  # by key, never by position
         dense_repr = self.bottom(dense) if self.bottom is not None else dense
         z_b = z_l = None

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rocketrec.spec import FeatureSpec
+from rocketrec.spec import DenseFeature, FeatureSpec
 
 # The hash constants of rocketrec.hashing as int64 literals (TorchScript needs literals in
 # the code; tests check them): FNV offset -3750763034362895579, FNV prime 1099511628211,
@@ -186,6 +186,11 @@ class Preprocess(nn.Module):
         self._buffer("lookup_index", torch.arange(len(outs), dtype=torch.int64))
         self.twins = False
         self.has_offsets = False
+
+        self._dense_buffers(dense)
+
+    def _dense_buffers(self, dense: list[DenseFeature]) -> None:
+        """Fill values and transforms of the dense outputs, as [1, D] rows."""
 
         def col(vals: list[float]) -> torch.Tensor:
             return torch.tensor(vals, dtype=torch.float32).reshape(1, len(vals))

@@ -18,6 +18,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,9 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+if TYPE_CHECKING:
+    from rocketrec.spec import FeatureSpec
 
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
@@ -350,3 +354,28 @@ def sharding_kinds(dmp: DistributedModelParallel) -> dict[str, str]:
         for table, ps in module_plan.items():  # type: ignore[union-attr]
             out[table] = str(ps.sharding_type)
     return out
+
+
+def check_sharding(
+    constraints: Mapping[str, Any], spec: FeatureSpec, light_private_dim: int = 0
+) -> None:
+    """Check per-table sharding constraints against the spec before anything starts:
+    every table named exists (private light tables too), every value is a mapping with
+    known keys and a known sharding type. Errors name the table."""
+    from rocketrec.spec import private_table_name
+
+    names = {t.name for t in spec.tables}
+    if light_private_dim:
+        names |= {private_table_name(f.table) for f in spec.light_sparse}
+    for table, c in constraints.items():
+        if not isinstance(c, Mapping):
+            raise ValueError(f"--sharding: '{table}' must map to {{sharding_type: ...}}, got {c!r}")
+        if table not in names:
+            raise ValueError(
+                f"--sharding: unknown table '{table}' (spec '{spec.name}' has "
+                f"{', '.join(sorted(names))})"
+            )
+    try:
+        _constraints(constraints, names)
+    except ValueError as e:
+        raise ValueError(f"--sharding: {e}") from None

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rocketrec.data.batch import decode_table
+from rocketrec.data.synth import heldout_table
 from rocketrec.serving.manifest import build_manifest
 from rocketrec.serving.module import (
     BlockHook,
@@ -34,7 +35,13 @@ from rocketrec.serving.module import (
 )
 from rocketrec.serving.ops import op_library_entry
 from rocketrec.serving.requests import raw_inputs_from_table
-from rocketrec.spec import PRIVATE_SUFFIX, FeatureSpec, private_table_name, spec_from_dict
+from rocketrec.spec import PRIVATE_SUFFIX, FeatureSpec, private_table_name
+from rocketrec.train.checkpoint import (  # noqa: F401 - load_towers/load_unsharded re-exported
+    CheckpointTables,
+    latest_checkpoint,
+    load_towers,
+    load_unsharded,
+)
 
 FP32_TOL = 1e-5
 INT8_TOL = 2e-2  # max |p_int8 - p_fp32|; row-wise int8 keeps ~1/255 of each row's range
@@ -71,52 +78,6 @@ def _copy_tower(tower: nn.Module) -> nn.Module:
     for p in t.parameters():
         p.requires_grad_(False)
     return t
-
-
-# -- from a checkpoint ------------------------------------------------------------
-
-
-def load_towers(ckpt: Path) -> tuple[Any, dict[str, Any]]:
-    """The RocketModel of a checkpoint with its dense parts loaded and its tables on `meta`.
-
-    Tables stay out of memory: read them block by block with `CheckpointTables`.
-    """
-    import torch.distributed.checkpoint as dcp
-
-    from rocketrec.model.model import ModelConfig, RocketModel
-    from rocketrec.parallel.tables import table_of_key
-    from rocketrec.train.checkpoint import read_meta
-
-    meta = read_meta(ckpt)
-    spec = spec_from_dict(meta["spec"], source=f"{ckpt}/meta.json")
-    mc = meta["model_config"]
-    model_cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()})  # type: ignore[arg-type]
-    model = RocketModel(spec, model_cfg, table_device=torch.device("meta"))
-    dense = {k: v for k, v in model.state_dict().items() if table_of_key(k) is None}
-    dcp.load({"model": dense}, checkpoint_id=str(ckpt))
-    model.load_state_dict(dense, strict=False)
-    model.eval()
-    return model, meta
-
-
-def load_unsharded(ckpt: Path) -> tuple[Any, dict[str, Any]]:
-    """The whole unsharded RocketModel of a checkpoint (small tables: tests, tools)."""
-    from rocketrec.model.model import RocketModel
-    from rocketrec.parallel.tables import table_of_key
-    from rocketrec.train.checkpoint import CheckpointTables
-
-    towers, meta = load_towers(ckpt)
-    model = RocketModel(towers.spec, towers.cfg)
-    sd, dense = model.state_dict(), towers.state_dict()
-    ct = CheckpointTables(ckpt)
-    with torch.no_grad():
-        for k, v in sd.items():
-            if table_of_key(k) is None:
-                v.copy_(dense[k])
-            else:
-                v.copy_(ct.full(f"model.{k}"))
-    model.eval()
-    return model, meta
 
 
 class _RowCollector:
@@ -214,20 +175,74 @@ def _reference_scores(
     return torch.sigmoid(z + logit_offset)
 
 
-def _heldout_table(spec: FeatureSpec, data: str | None, rows: int) -> pa.Table:
-    from rocketrec.data.reader import list_parquet_files
+def _write_gated(
+    box: list[Any],
+    manifest: dict[str, Any],
+    out: Path,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ref: torch.Tensor,
+    int8: bool,
+) -> tuple[float, float]:
+    """Save the scripted module in `box` to a temp file, load it back, score `inputs`;
+    rename onto `out` only if the scores match `ref` (the parity gate). Returns
+    (max |diff|, tolerance). `box` is emptied once saved, so that the in-memory tables
+    are freed before the file is loaded back."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        torch.jit.save(
+            box[0], str(tmp), _extra_files={"manifest.json": json.dumps(manifest, indent=1)}
+        )
+        box.clear()  # free the in-memory tables before loading the file back
+        gc.collect()
+        loaded = torch.jit.load(str(tmp))
+        with torch.no_grad():
+            got = loaded(*inputs)
+        diff = float((got - ref).abs().max())
+        tol = INT8_TOL if int8 else FP32_TOL
+        if not diff <= tol:
+            raise ValueError(
+                f"parity gate failed: exported module differs from the training model by {diff:.3g} "
+                f"(> {tol:g}) on {len(ref)} held-out rows; nothing written to {out}"
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return diff, tol
 
-    if data:
-        fs, files = list_parquet_files(data)
-        import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(fs.open_input_file(files[0]))
-        t = pf.read_row_group(0, columns=spec.columns())
-        return t.slice(0, rows)
-    from rocketrec.data.synth import Generator, SynthConfig
+def _what_to_export(model: Any, booster: bool) -> tuple[FeatureSpec, nn.Module]:
+    """(the served spec, the tower): the light tower, or the booster on every feature."""
+    spec: FeatureSpec = model.spec
+    if not booster:
+        check_exportable(spec, model.cfg, "rocket")  # the checks training starts with
+        return spec, model.light
+    # comparison only: the booster on every feature, packaged the same way
+    spec = replace(spec, light_features=tuple(spec.sparse_names + spec.dense_names))
+    if model.bottom is not None:
+        raise ValueError("--booster export does not support shared_bottom")
+    check_servable(spec)
+    return spec, _BoosterHead(model.booster)
 
-    gen = Generator(spec, SynthConfig(rows=rows, seed=12345))
-    return gen.table(np.random.default_rng(12345), rows)
+
+def _table_sources(
+    model: Any, spec: FeatureSpec, ct: CheckpointTables, booster: bool
+) -> tuple[dict[str, TableSource], int]:
+    """Only the tables the exported tower reads, each streamed block by block."""
+    tables = list(dict.fromkeys(f.table for f in spec.light_sparse))
+    sources: dict[str, TableSource] = {
+        t: partial(ct.row_blocks, f"model.ebc.embedding_bags.{t}.weight") for t in tables
+    }
+    if booster or model.light_ebc is None:
+        return sources, 0
+    for t in tables:
+        name = private_table_name(t)
+        sources[name] = partial(ct.row_blocks, f"model.light_ebc.embedding_bags.{name}.weight")
+    return sources, int(model.cfg.light_private_dim)
 
 
 def export_checkpoint(
@@ -238,46 +253,25 @@ def export_checkpoint(
     rows: int = 2048,
     booster: bool = False,
     portable: bool = False,
+    heldout: pa.Table | None = None,
 ) -> dict[str, Any]:
     """Export; returns a report. Writes nothing unless the parity gate passes. The module
-    runs on rocketrec's fused operator unless `portable` (rocketrec.serving.fused)."""
-    from rocketrec.train.checkpoint import latest_checkpoint
+    runs on rocketrec's fused operator unless `portable` (rocketrec.serving.fused).
 
+    The parity gate scores `heldout` (rows in the spec's columns, from the caller);
+    without it, the first `rows` rows of `data` (or synthetic rows when no data)."""
     ck = latest_checkpoint(checkpoint)
     if ck is None:
         raise FileNotFoundError(f"{checkpoint}: no complete checkpoint found")
-    from rocketrec.train.checkpoint import CheckpointTables
-
     model, meta = load_towers(ck)  # tables stay on disk until streamed below
     if not booster and meta.get("loss_config", {}).get("mode") == "booster_only":
         raise ValueError(
             f"{ck}: a booster_only run trained no light tower; export --booster packages the "
             "booster (for comparisons)"
         )
-    spec: FeatureSpec = model.spec
-    if booster:
-        # comparison only: the booster on every feature, packaged the same way
-        spec = replace(spec, light_features=tuple(spec.sparse_names + spec.dense_names))
-        tower = _BoosterHead(model.booster)
-        if model.bottom is not None:
-            raise ValueError("--booster export does not support shared_bottom")
-        check_servable(spec)
-    else:
-        check_exportable(spec, model.cfg, "rocket")  # the checks training starts with
-        tower = model.light
-    ct = CheckpointTables(ck)
-    # only the tables the exported tower reads are gathered, one at a time, block by block
-    sources: dict[str, TableSource] = {
-        t: partial(ct.row_blocks, f"model.ebc.embedding_bags.{t}.weight")
-        for t in dict.fromkeys(f.table for f in spec.light_sparse)
-    }
-    private_dim = 0
-    if not booster and model.light_ebc is not None:
-        private_dim = model.cfg.light_private_dim
-        for t in dict.fromkeys(f.table for f in spec.light_sparse):
-            name = private_table_name(t)
-            sources[name] = partial(ct.row_blocks, f"model.light_ebc.embedding_bags.{name}.weight")
-    table = _heldout_table(model.spec, data, rows)
+    spec, tower = _what_to_export(model, booster)
+    sources, private_dim = _table_sources(model, spec, CheckpointTables(ck), booster)
+    table = heldout if heldout is not None else heldout_table(model.spec, data, rows)
     batch = decode_table(table, model.spec, "<held-out>").to_batch()
     needed, dense, kjt, collector = _lookups(model, batch, list(sources))
     rate = float(meta.get("train_config", {}).get("negative_sample_rate", 1.0))
@@ -308,32 +302,10 @@ def export_checkpoint(
         },
     )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        torch.jit.save(
-            scripted, str(tmp), _extra_files={"manifest.json": json.dumps(manifest, indent=1)}
-        )
-        del scripted  # free the in-memory tables before loading the file back
-        gc.collect()
-        loaded = torch.jit.load(str(tmp))
-        values, lengths, dense = raw_inputs_from_table(table, spec)
-        with torch.no_grad():
-            got = loaded(values, lengths, dense)
-        diff = float((got - ref).abs().max())
-        tol = INT8_TOL if int8 else FP32_TOL
-        if not diff <= tol:
-            raise ValueError(
-                f"parity gate failed: exported module differs from the training model by {diff:.3g} "
-                f"(> {tol:g}) on {len(ref)} held-out rows; nothing written to {out}"
-            )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    box = [scripted]
+    del scripted
+    inputs = raw_inputs_from_table(table, spec)
+    diff, tol = _write_gated(box, manifest, out, inputs, ref, int8)
     return {
         "out": str(out),
         "checkpoint": str(ck),

@@ -73,6 +73,92 @@ def check_exportable(spec: FeatureSpec, model_cfg: Any, mode: str) -> None:
     check_servable(spec, model_cfg.light_private_dim)
 
 
+Feat = tuple[str, str, int, int, str]  # name, table, rows, dim, pooling
+
+
+def _looked_up(spec: FeatureSpec, outputs: list[str], private_dim: int) -> list[Feat]:
+    """The features looked up, in preprocess order (then their private twins)."""
+    sp = {f.name: f for f in spec.sparse}
+    feats: list[Feat] = []
+    for n in outputs:
+        t = spec.table(sp[n].table)
+        feats.append((n, t.name, t.rows, t.dim, t.pooling))
+    if private_dim > 0:
+        feats += [
+            (private_table_name(n), private_table_name(t), r, private_dim, p)
+            for n, t, r, _, p in list(feats)
+        ]
+    return feats
+
+
+def _group_dims(feats: list[Feat]) -> list[int]:
+    """One fused table per dim; or, when padding the smaller dims' tables to the largest
+    dim costs at most PAD_WASTE more table memory, one table (one lookup call)."""
+    dims = sorted({f[3] for f in feats})
+    if len(dims) > MAX_DIM_GROUPS:
+        raise ValueError(f"the exported tower uses more than {MAX_DIM_GROUPS} embedding dims")
+    sizes = {t: (r, d) for _, t, r, d, _ in feats}
+    total = sum(r * d for r, d in sizes.values())
+    waste = sum(r * (dims[-1] - d) for r, d in sizes.values())
+    return dims[-1:] if len(dims) > 1 and waste <= PAD_WASTE * total else dims
+
+
+def _fused_table(
+    tables: Mapping[str, TableSource],
+    placed: dict[str, int],
+    rows: int,
+    d: int,
+    int8: bool,
+    on_block: BlockHook | None,
+) -> torch.Tensor:
+    """A fused table filled block by block (never a second copy of a table): fp32, or
+    row-wise int8 (prepacked with per-row scale and bias); a table of a smaller dim is
+    stored zero-padded to d."""
+    width = int(torch.ops.quantized.embedding_bag_byte_prepack(torch.zeros(1, d)).shape[1])
+    w = torch.empty(rows, width, dtype=torch.uint8) if int8 else torch.empty(rows, d)
+    for name, base in placed.items():
+        for r0, blk in _row_blocks(tables[name]):
+            blk = blk.detach().float().cpu().contiguous()
+            if on_block is not None:
+                on_block(name, r0, blk)
+            if blk.shape[1] < d:
+                blk = torch.nn.functional.pad(blk, (0, d - blk.shape[1]))
+            dst = w[base + r0 : base + r0 + blk.shape[0]]
+            dst.copy_(torch.ops.quantized.embedding_bag_byte_prepack(blk) if int8 else blk)
+            del blk
+    return w
+
+
+def _columns(
+    spec: FeatureSpec,
+    outputs: list[str],
+    feats: list[Feat],
+    members: list[list[int]],
+    dims: list[int],
+) -> tuple[dict[str, int], int, list[int], int]:
+    """Tower input columns: the training model's order = spec order of the shared
+    features, then their twins (same order), then dense. Returns (first column of each
+    feature, sparse columns, for each training column its column after the group
+    concat, the padded width of the concat)."""
+    order = [f.name for f in spec.sparse if f.name in set(outputs)]
+    if len(feats) > len(outputs):  # private twins
+        order += [private_table_name(n) for n in order]
+    fdim = {f[0]: f[3] for f in feats}
+    start, col = {}, 0
+    for n in order:
+        start[n] = col
+        col += fdim[n]
+    inverse = [0] * col
+    pos = 0
+    for g, m in enumerate(members):
+        for i in m:
+            n = feats[i][0]
+            for c in range(fdim[n]):
+                inverse[start[n] + c] = pos + c
+            pos += dims[g]  # padded width
+    return start, col, inverse, pos
+
+
 class LightServing(nn.Module):
     """See the module docstring."""
 
@@ -126,29 +212,10 @@ class LightServing(nn.Module):
         self.num_dense = len(pre.numeric_inputs)
         self.logit_offset = float(np.log(negative_sample_rate))
         self.int8 = int8
-        # the features looked up, in preprocess order (then their private twins)
-        sp = {f.name: f for f in spec.sparse}
-        feats: list[tuple[str, str, int, int, str]] = []  # name, table, rows, dim, pooling
-        for n in pre.sparse_outputs:
-            t = spec.table(sp[n].table)
-            feats.append((n, t.name, t.rows, t.dim, t.pooling))
+        feats = _looked_up(spec, pre.sparse_outputs, private_dim)
         self.twins = private_dim > 0
-        if self.twins:
-            feats += [
-                (private_table_name(n), private_table_name(t), r, private_dim, p)
-                for n, t, r, _, p in list(feats)
-            ]
         self.num_features = len(feats)
-        dims = sorted({f[3] for f in feats})
-        if len(dims) > MAX_DIM_GROUPS:
-            raise ValueError(f"the exported tower uses more than {MAX_DIM_GROUPS} embedding dims")
-        # one fused table per dim; or, when padding the smaller dims' tables to the largest
-        # dim costs at most PAD_WASTE more table memory, one table (one lookup call)
-        sizes = {t: (r, d) for _, t, r, d, _ in feats}
-        total = sum(r * d for r, d in sizes.values())
-        waste = sum(r * (dims[-1] - d) for r, d in sizes.values())
-        if len(dims) > 1 and waste <= PAD_WASTE * total:
-            dims = dims[-1:]
+        dims = _group_dims(feats)
         self.group_dims = dims
         feature_offset = [0] * len(feats)
         group_of = [0] * len(feats)
@@ -165,21 +232,7 @@ class LightServing(nn.Module):
                 feature_offset[i] = placed[tname]
                 group_of[i] = g
                 members[g].append(i)
-            # fused tables, filled block by block (never a second copy of a table):
-            # fp32, or row-wise int8 (prepacked with per-row scale and bias); a table of a
-            # smaller dim is stored zero-padded to d
-            width = int(torch.ops.quantized.embedding_bag_byte_prepack(torch.zeros(1, d)).shape[1])
-            w = torch.empty(offset, width, dtype=torch.uint8) if int8 else torch.empty(offset, d)
-            for name, base in placed.items():
-                for r0, blk in _row_blocks(tables[name]):
-                    blk = blk.detach().float().cpu().contiguous()
-                    if on_block is not None:
-                        on_block(name, r0, blk)
-                    if blk.shape[1] < d:
-                        blk = torch.nn.functional.pad(blk, (0, d - blk.shape[1]))
-                    dst = w[base + r0 : base + r0 + blk.shape[0]]
-                    dst.copy_(torch.ops.quantized.embedding_bag_byte_prepack(blk) if int8 else blk)
-                    del blk
+            w = _fused_table(tables, placed, offset, d, int8, on_block)
             self.register_buffer(f"table_fp32_{g}", torch.zeros(0, 0) if int8 else w)
             self.register_buffer(
                 f"table_int8_{g}", w if int8 else torch.zeros(0, 0, dtype=torch.uint8)
@@ -196,28 +249,11 @@ class LightServing(nn.Module):
         is_mean = [f[4] == "mean" for f in feats]
         self.register_buffer("is_mean", torch.tensor(is_mean, dtype=torch.bool))
         self.group_has_mean = [any(is_mean[i] for i in m) for m in members]
-        # tower input columns: the training model's order = spec order of the shared
-        # features, then their twins (same order), then dense
-        order = [f.name for f in spec.sparse if f.name in set(pre.sparse_outputs)]
-        if self.twins:
-            order += [private_table_name(n) for n in order]
-        fdim = {f[0]: f[3] for f in feats}
-        start, col = {}, 0
-        for n in order:
-            start[n] = col
-            col += fdim[n]
-        inverse = [0] * col  # for each training column, its column after the group concat
-        pos = 0
-        for g, m in enumerate(members):
-            for i in m:
-                n = feats[i][0]
-                for c in range(fdim[n]):
-                    inverse[start[n] + c] = pos + c
-                pos += dims[g]  # padded width
+        start, col, inverse, pos = _columns(spec, pre.sparse_outputs, feats, members, dims)
         self.reorder = inverse != list(range(pos))
         # the fused operator's layout (rocketrec.serving.ops): per lookup, (the tower input's
         # first column, the feature's dim), in lookup order; then the dense columns
-        self.lookup_layout = [(start[f[0]], fdim[f[0]]) for f in feats]
+        self.lookup_layout = [(start[f[0]], f[3]) for f in feats]
         self.feature_pooling = is_mean
         self.tower_in_dim = col + len(pre.dense_outputs)
         self.register_buffer("col_perm", torch.tensor(inverse, dtype=torch.int64))

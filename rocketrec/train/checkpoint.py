@@ -38,6 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from rocketrec.model.model import ModelConfig, RocketModel
+from rocketrec.parallel.tables import table_of_key
+from rocketrec.spec import spec_from_dict
+
 
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -232,85 +236,6 @@ def load_checkpoint(
 
 # -- sharding kinds across resumes ----------------------------------------------------
 
-_KEEPABLE = ("table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel")
-
-
-def _fused_tables(path: Path) -> set[str]:
-    """Tables whose optimizer state the checkpoint holds in the fused optimizer."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    out = set()
-    for k in keys:
-        if k.startswith("sparse_optim.state.") and ".embedding_bags." in k:
-            out.add(k.split(".embedding_bags.", 1)[1].split(".", 1)[0])
-    return out
-
-
-def saved_sharding(path: Path) -> dict[str, str]:
-    """The sharding kind of each table in a checkpoint: from meta.json (`sharding`), or,
-    for checkpoints written before it was recorded, data_parallel for the tables without
-    fused optimizer state (the others are left to the planner)."""
-    meta = read_meta(path)
-    kinds = meta.get("sharding")
-    if isinstance(kinds, dict):
-        return {t: k for t, k in kinds.items() if k in _KEEPABLE}
-    from rocketrec.spec import private_table_name, spec_from_dict
-
-    spec = spec_from_dict(meta["spec"])
-    names = [t.name for t in spec.tables]
-    if meta.get("model_config", {}).get("light_private_dim"):
-        names += [private_table_name(t) for t in names]
-    fused = _fused_tables(path)
-    if not fused:  # e.g. a plain SGD run without optimizer state: nothing to infer
-        return {}
-    return {t: "data_parallel" for t in names if t not in fused}
-
-
-def changed_kind_tables(
-    path: Path, sparse_state: dict[str, Any], saved: dict[str, str]
-) -> list[str]:
-    """Tables fused now whose optimizer state the checkpoint does not hold (they were
-    data-parallel when it was written), in table order."""
-    if not sparse_state:
-        return []
-    fused_then = _fused_tables(path)
-    now = _state_tables(sparse_state)
-    return sorted(t for t in now if t not in fused_then and saved.get(t) == "data_parallel")
-
-
-def _state_tables(sparse_state: dict[str, Any]) -> set[str]:
-    out = set()
-    for k in _flat_keys(sparse_state):
-        if ".embedding_bags." in k:
-            out.add(k.split(".embedding_bags.", 1)[1].split(".", 1)[0])
-    return out
-
-
-def _flat_keys(d: Any, prefix: str = "") -> list[str]:
-    if isinstance(d, dict):
-        out: list[str] = []
-        for k, v in d.items():
-            out += _flat_keys(v, f"{prefix}{k}.")
-        return out
-    return [prefix.rstrip(".")]
-
-
-def drop_table_state(sparse_state: dict[str, Any], tables: list[str]) -> dict[str, Any]:
-    """sparse_state without the entries of `tables` (they keep their fresh state)."""
-    if not tables:
-        return sparse_state
-
-    def keep(key: str) -> bool:
-        return not any(f"embedding_bags.{t}." in key + "." for t in tables)
-
-    def walk(d: Any, prefix: str) -> Any:
-        if not isinstance(d, dict):
-            return d
-        return {k: walk(v, f"{prefix}{k}.") for k, v in d.items() if keep(f"{prefix}{k}")}
-
-    return walk(sparse_state, "")
-
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "meta.json").read_text())
@@ -405,3 +330,39 @@ class CheckpointTables:
         for r0, blk in self.row_blocks(fqn):
             out[r0 : r0 + blk.shape[0]] = blk
         return out
+
+
+# -- the model of a checkpoint ------------------------------------------------------------
+
+
+def load_towers(ckpt: Path) -> tuple[Any, dict[str, Any]]:
+    """The RocketModel of a checkpoint with its dense parts loaded and its tables on `meta`.
+
+    Tables stay out of memory: read them block by block with `CheckpointTables`.
+    """
+    meta = read_meta(ckpt)
+    spec = spec_from_dict(meta["spec"], source=f"{ckpt}/meta.json")
+    mc = meta["model_config"]
+    model_cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()})  # type: ignore[arg-type]
+    model = RocketModel(spec, model_cfg, table_device=torch.device("meta"))
+    dense = {k: v for k, v in model.state_dict().items() if table_of_key(k) is None}
+    dcp.load({"model": dense}, checkpoint_id=str(ckpt))
+    model.load_state_dict(dense, strict=False)
+    model.eval()
+    return model, meta
+
+
+def load_unsharded(ckpt: Path) -> tuple[Any, dict[str, Any]]:
+    """The whole unsharded RocketModel of a checkpoint (small tables: tests, tools)."""
+    towers, meta = load_towers(ckpt)
+    model = RocketModel(towers.spec, towers.cfg)
+    sd, dense = model.state_dict(), towers.state_dict()
+    ct = CheckpointTables(ckpt)
+    with torch.no_grad():
+        for k, v in sd.items():
+            if table_of_key(k) is None:
+                v.copy_(dense[k])
+            else:
+                v.copy_(ct.full(f"model.{k}"))
+    model.eval()
+    return model, meta

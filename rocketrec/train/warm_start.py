@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from rocketrec.parallel.tables import local_pieces, table_of_key
-from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint
+from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint, load_towers
 
 
 class WarmStartError(ValueError):
@@ -50,8 +50,6 @@ def warm_start(
 ) -> list[Change]:
     """Fill `state` (the DMP state dict: tables as ShardedTensors or replicas) and
     `dense_params` (name -> live tensor of every non-table parameter) from `source`."""
-    from rocketrec.serving.export import load_towers
-
     ck = latest_checkpoint(source)
     if ck is None:
         raise FileNotFoundError(f"--init-from {source}: no complete checkpoint found there")
@@ -135,3 +133,15 @@ def format_changes(changes: list[Change], source: str | Path) -> str:
         counts[c.status] = counts.get(c.status, 0) + 1
     lines.append("  " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def warm_start_model(model: Any, state: dict[str, Any], source: str, allow_shrink: bool) -> str:
+    """Warm-start a RocketModel (its DMP state dict `state`) from `source`; returns the
+    table of changes to print."""
+    dense: dict[str, torch.Tensor] = {}
+    for prefix in ("booster", "light", "bottom"):
+        mod = getattr(model, prefix)
+        if mod is not None:
+            for n, p in mod.state_dict(keep_vars=True).items():
+                dense[f"{prefix}.{n}"] = p.data
+    return format_changes(warm_start(state, dense, source, allow_shrink), source)

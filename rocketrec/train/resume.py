@@ -1,0 +1,305 @@
+"""Resume: what a checkpoint must match, and a run's state saved into and restored from it.
+
+    check_resume_compatible(meta, spec, model_cfg, loss_cfg, train_cfg, where)
+    save_run(trainer, metrics) -> Path        every rank; rank 0 renames it into place
+    resume_run(trainer, path)                 model, both optimizers, counters, readers
+
+A resumed run keeps its spec, model, loss and every training setting outside
+RESUME_MAY_CHANGE (budget, cadence, step mechanics); anything else is refused
+in one line naming the field and both values.
+
+Sharding kinds: the checkpoint's kind of each table is the first constraint of
+the resumed run's plan (`saved_sharding`), so a small table the planner would
+make data-parallel at one world size and fused at another keeps its kind and
+its optimizer state. Where the kind must change (--sharding at resume) the
+table's optimizer state starts fresh with one warning line naming it.
+Reader positions are per rank: at another world size the interrupted epoch
+restarts from its beginning (one line says so).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from rocketrec.model.loss import LossConfig
+from rocketrec.model.model import ModelConfig
+from rocketrec.parallel.sharding import sharding_kinds
+from rocketrec.parallel.tables import block_views, release_free_memory
+from rocketrec.spec import FeatureSpec, private_table_name, spec_from_dict
+from rocketrec.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from rocketrec.train.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from rocketrec.train.trainer import Trainer
+
+# TrainConfig fields a resumed run may change: the budget, cadence and step mechanics
+RESUME_MAY_CHANGE = (
+    "tensorboard",
+    "mlflow_uri",
+    "epochs",
+    "max_steps",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "sharding",
+    "step_path",
+    "dense_lr",
+    "sparse_lr",
+    "warmup_steps",
+    "grad_clip",
+    "init_from",
+    "init_from_allow_shrink",
+)
+
+_KEEPABLE = ("table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel")
+
+
+class ResumeMismatch(ValueError):
+    """--resume with settings that would change the run's model or objective."""
+
+
+def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            d = _first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else (path, a, b)
+
+
+def check_resume_compatible(
+    meta: dict[str, Any],
+    spec: FeatureSpec,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    where: str,
+) -> None:
+    """Refuse, in one line naming the field and both values, a resume that changes the
+    spec, the model, the loss or a training setting outside RESUME_MAY_CHANGE."""
+    tc_old = {k: v for k, v in meta.get("train_config", {}).items() if k not in RESUME_MAY_CHANGE}
+    tc_new = {k: v for k, v in asdict(train_cfg).items() if k not in RESUME_MAY_CHANGE}
+    tc_old = {k: v for k, v in tc_old.items() if k in tc_new}  # fields added since: defaults
+    for section, old, new in (
+        ("spec", meta.get("spec"), spec.to_dict()),
+        ("model", meta.get("model_config"), asdict(model_cfg)),
+        ("loss", meta.get("loss_config"), asdict(loss_cfg)),
+        ("train", tc_old, tc_new),
+    ):
+        d = _first_difference(json.loads(json.dumps(old)), json.loads(json.dumps(new)), "")
+        if d:
+            field_, was, now = d
+            raise ResumeMismatch(
+                f"--resume {where}: {section} setting '{field_}' was {was!r} in the run, "
+                f"now {now!r}; resume with the run's settings (epochs, steps and cadence may "
+                "change), or start a new run with --out"
+            )
+
+
+# -- sharding kinds across a resume ----------------------------------------------------
+
+
+def _fused_tables(path: Path) -> set[str]:
+    """Tables whose optimizer state the checkpoint holds in the fused optimizer."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    out = set()
+    for k in keys:
+        if k.startswith("sparse_optim.state.") and ".embedding_bags." in k:
+            out.add(k.split(".embedding_bags.", 1)[1].split(".", 1)[0])
+    return out
+
+
+def saved_sharding(path: Path) -> dict[str, str]:
+    """The sharding kind of each table in a checkpoint: from meta.json (`sharding`), or,
+    for checkpoints written before it was recorded, data_parallel for the tables without
+    fused optimizer state (the others are left to the planner)."""
+    meta = read_meta(path)
+    kinds = meta.get("sharding")
+    if isinstance(kinds, dict):
+        return {t: k for t, k in kinds.items() if k in _KEEPABLE}
+    spec = spec_from_dict(meta["spec"])
+    names = [t.name for t in spec.tables]
+    if meta.get("model_config", {}).get("light_private_dim"):
+        names += [private_table_name(t) for t in names]
+    fused = _fused_tables(path)
+    if not fused:  # e.g. a plain SGD run without optimizer state: nothing to infer
+        return {}
+    return {t: "data_parallel" for t in names if t not in fused}
+
+
+def changed_kind_tables(
+    path: Path, sparse_state: dict[str, Any], saved: dict[str, str]
+) -> list[str]:
+    """Tables fused now whose optimizer state the checkpoint does not hold (they were
+    data-parallel when it was written), in table order."""
+    if not sparse_state:
+        return []
+    fused_then = _fused_tables(path)
+    now = _state_tables(sparse_state)
+    return sorted(t for t in now if t not in fused_then and saved.get(t) == "data_parallel")
+
+
+def _state_tables(sparse_state: dict[str, Any]) -> set[str]:
+    out = set()
+    for k in _flat_keys(sparse_state):
+        if ".embedding_bags." in k:
+            out.add(k.split(".embedding_bags.", 1)[1].split(".", 1)[0])
+    return out
+
+
+def _flat_keys(d: Any, prefix: str = "") -> list[str]:
+    if isinstance(d, dict):
+        out: list[str] = []
+        for k, v in d.items():
+            out += _flat_keys(v, f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")]
+
+
+def drop_table_state(sparse_state: dict[str, Any], tables: list[str]) -> dict[str, Any]:
+    """sparse_state without the entries of `tables` (they keep their fresh state)."""
+    if not tables:
+        return sparse_state
+
+    def keep(key: str) -> bool:
+        return not any(f"embedding_bags.{t}." in key + "." for t in tables)
+
+    def walk(d: Any, prefix: str) -> Any:
+        if not isinstance(d, dict):
+            return d
+        return {k: walk(v, f"{prefix}{k}.") for k, v in d.items() if keep(f"{prefix}{k}")}
+
+    return walk(sparse_state, "")
+
+
+# -- a run's state in a checkpoint -------------------------------------------------------
+
+
+def _live_state(t: Trainer) -> dict[str, Any]:
+    """Live state for DCP: sharded tensors as block views (bounded chunks on disk)."""
+    return {"model": t.dmp.state_dict(), "sparse_optim": t.dmp.fused_optimizer.state_dict()}
+
+
+def save_run(t: Trainer, metrics: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint of the run (every rank); reports it to Ray when asked to."""
+    readers: list[Any] = [None] * t.world
+    if t.world > 1:
+        dist.all_gather_object(readers, t.train_reader.trained_state())
+    else:
+        readers = [t.train_reader.trained_state()]
+    p = t.progress
+    meta: dict[str, Any] = {
+        "step": p.step,
+        "run_id": t.run_id,
+        "phase_idx": p.phase_idx,
+        "phase_start": p.phase_start,
+        "epoch_step": p.epoch_step,
+        "rows_seen": p.rows_seen,
+        "rows_unused": p.rows_unused,
+        "world_size": t.world,
+        "readers": readers,
+        "spec": t.spec.to_dict(),
+        "model_config": asdict(t.model_cfg),
+        "loss_config": asdict(t.loss_cfg),
+        "train_config": asdict(t.cfg),
+        "metrics": metrics or t.log.last(),
+        "sharding": sharding_kinds(t.dmp),  # resume keeps these kinds
+        "versions": {"torch": torch.__version__},
+        "run_config": t.run_config,
+    }
+    path = save_checkpoint(
+        t.out,
+        p.step,
+        block_views(_live_state(t)),
+        t.dense_opt.state_dict(),
+        meta,
+        t.cfg.keep_checkpoints,
+    )
+    release_free_memory()
+    t.log.line(f"checkpoint: {path}")
+    if t.report is not None:
+        t.report({"step": p.step, **(meta["metrics"] or {})}, path)
+    return path
+
+
+def _kind_changes(t: Trainer, path: Path, state: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(tables whose saved fused optimizer state cannot be loaded, every table whose kind
+    differs from the checkpoint's)."""
+    fresh = changed_kind_tables(path, state["sparse_optim"], t.saved_kinds)
+    now = sharding_kinds(t.dmp)
+    changed = sorted(k for k, v in t.saved_kinds.items() if now.get(k, v) != v)
+    return fresh, changed
+
+
+def resume_run(t: Trainer, path: Path) -> None:
+    """Load model, optimizers, counters and reader positions from checkpoint `path`."""
+    state = _live_state(t)
+    fresh, changed = _kind_changes(t, path, state)
+    now_kinds = sharding_kinds(t.dmp)
+    dp_moved = [k for k in changed if "data_parallel" in (t.saved_kinds[k], now_kinds.get(k))]
+    to_load = {**state, "sparse_optim": drop_table_state(state["sparse_optim"], fresh)}
+    # DCP fills the block views in place, i.e. the live shards: it reads one saved
+    # block at a time, never a whole table, whatever world size wrote it.
+    dense, meta = load_checkpoint(path, block_views(to_load))
+    t.dmp.load_state_dict(state["model"])
+    t.dmp.fused_optimizer.load_state_dict(state["sparse_optim"])
+    p = t.progress
+    for k in ("step", "phase_idx", "phase_start", "epoch_step", "rows_seen", "rows_unused"):
+        setattr(p, k, int(meta.get(k, 0)))
+    if p.phase_idx >= len(t.phases):
+        # a finished run: continue its last phase if the new budget allows more steps
+        p.phase_idx = len(t.phases) - 1
+        t.log.line(
+            f"resume: {path} is a finished run; continuing it under the new step/epoch budget"
+        )
+    t.dense_opt = t.make_dense_opt(t.phases[p.phase_idx])
+    dense_fresh = False
+    try:
+        t.dense_opt.load_state_dict(dense)
+    except ValueError:  # a data-parallel table came or went (a changed sharding kind)
+        dense_fresh = True
+    for k in changed:  # one line per table whose kind changed
+        extra = ""
+        if k in dp_moved:
+            extra = "; its optimizer state starts fresh" + (
+                " (so does the towers' dense optimizer state)" if dense_fresh else ""
+            )
+        t.log.line(
+            f"resume: warning: table '{k}' changed sharding kind "
+            f"({t.saved_kinds[k]} -> {now_kinds.get(k)}){extra}"
+        )
+    if dense_fresh and not dp_moved:
+        t.log.line(
+            "resume: warning: the dense optimizer's parameters changed; its state starts fresh"
+        )
+    if int(meta["world_size"]) == t.world:
+        t.train_reader.load_state_dict(meta["readers"][t.rank])
+    else:
+        # DCP resharded the model; reader positions are per rank and cannot be
+        # split again, so the interrupted epoch restarts from its beginning.
+        epoch = int(meta["readers"][0]["epoch"])
+        t.train_reader.next_epoch(epoch)
+        p.epoch_step = 0
+        t.log.line(
+            f"resume: world size {meta['world_size']} -> {t.world}: epoch {epoch} restarts "
+            "from its beginning (its examples before the checkpoint are seen again)"
+        )
+    release_free_memory()
+    t.log.line(f"resumed from {path} at step {p.step}")

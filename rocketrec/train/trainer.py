@@ -1,0 +1,208 @@
+"""One training run's live state, built once per run (every rank):
+
+    t = Trainer(spec, model_cfg, loss_cfg, cfg, out, train_reader, val_reader)
+    t.resume(path) | t.warm_start(source)      optional
+    rocketrec.train.loop.run(t)                the step and phase loop
+
+Holds the model (tables born sharded: built on `meta`, DMP materializes this
+rank's shards, each row gets its plan-independent initial values), the dense
+optimizer, the readers, the run's counters (`Progress`) and its log (`RunLog`).
+Saving and resuming live in rocketrec.train.resume, evaluation in
+rocketrec.train.evaluation, warm start in rocketrec.train.warm_start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from rocketrec.data.reader import ParquetReader
+from rocketrec.model.loss import LossConfig, PhasePlan, plan_phases
+from rocketrec.model.model import ModelConfig, RocketModel
+from rocketrec.parallel.sharding import init_distributed, shard_model
+from rocketrec.parallel.tables import init_tables, release_free_memory
+from rocketrec.spec import FeatureSpec
+from rocketrec.train import resume as resume_mod
+from rocketrec.train.evaluation import evaluate
+from rocketrec.train.runlog import RunLog
+from rocketrec.train.steps import DenseStep
+from rocketrec.train.task import RocketTrainTask
+from rocketrec.train.tracking import Tracker
+from rocketrec.train.train_config import TrainConfig
+from rocketrec.train.warm_start import warm_start_model
+
+for _name in ("torchrec.distributed.planner", "torchrec.distributed"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+Report = Callable[[dict[str, Any], Path | None], None]
+
+
+@dataclass
+class Progress:
+    """The run's counters (saved in every checkpoint, restored on resume)."""
+
+    step: int = 0
+    phase_idx: int = 0
+    phase_start: int = 0  # step at which the current phase began
+    epoch_step: int = 0  # steps done in the current epoch
+    rows_seen: int = 0
+    rows_unused: int = 0  # rows of finished epochs no step trained on
+    loop_seconds: float = 0.0  # time in steps (forward/backward/update) only
+
+
+def train_reader(spec: FeatureSpec, path: Any, cfg: TrainConfig, rank: int, world: int) -> Any:
+    """The training reader of a run. Sharded embeddings need the same batch size on every
+    rank: each rank's short last batch is dropped (counted in rows_unused)."""
+    return ParquetReader(
+        path,
+        spec,
+        cfg.batch_size,
+        rank,
+        world,
+        seed=cfg.seed,
+        shuffle=True,
+        drop_last=True,
+        teacher_column=cfg.teacher_column,
+        shuffle_buffer=cfg.shuffle_buffer,
+        negative_sample_rate=cfg.negative_sample_rate,
+    )
+
+
+def val_reader(spec: FeatureSpec, path: Any, cfg: TrainConfig, rank: int, world: int) -> Any:
+    """The validation reader: its short last batch is padded, never dropped."""
+    if not path:
+        return None
+    return ParquetReader(path, spec, cfg.batch_size, rank, world, shuffle=False, pad_last=True)
+
+
+class Trainer:
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        cfg: TrainConfig,
+        out: str | Path,
+        train_data: Any,
+        val_data: Any = None,
+        report: Report | None = None,
+        run_id: str | None = None,
+        run_config: dict[str, Any] | None = None,
+        resume_from: Path | None = None,
+    ) -> None:
+        """train_data / val_data: Parquet paths, or readers made for this rank."""
+        self.spec, self.model_cfg, self.loss_cfg, self.cfg = spec, model_cfg, loss_cfg, cfg
+        self.out, self.report, self.run_id = Path(out), report, run_id
+        self.run_config = run_config  # the resolved job config, kept in every checkpoint
+        self.env = init_distributed()
+        self.rank, self.world = self.env.rank, self.env.world_size
+        params = {"run_config": run_config or {}, "train": asdict(cfg), "loss": asdict(loss_cfg)}
+        tracker = Tracker(self.out, cfg.tensorboard, cfg.mlflow_uri, params, self.rank == 0)
+        self.log = RunLog(self.out, self.rank == 0, tracker)
+        torch.manual_seed(cfg.seed)
+        # Resume: the checkpoint's sharding kinds are the first constraint (see resume.py)
+        self.saved_kinds = resume_mod.saved_sharding(resume_from) if resume_from else {}
+        self.model, self.dmp = self._build()
+        self.train_reader = (
+            train_data
+            if isinstance(train_data, ParquetReader)
+            else train_reader(spec, train_data, cfg, self.rank, self.world)
+        )
+        self.val_reader = (
+            val_data
+            if isinstance(val_data, ParquetReader)
+            else val_reader(spec, val_data, cfg, self.rank, self.world)
+        )
+        self.phases: list[PhasePlan] = plan_phases(loss_cfg)  # decided once, used everywhere
+        # towers some phase trains: single-tower modes evaluate and export only theirs
+        self.trained_towers: set[str] = {
+            t for p in self.phases for t in ("booster", "light") if t in p.trains
+        }
+        self.progress = Progress()
+        self.dense_opt = self.make_dense_opt(self.phases[0])
+
+    def _build(self) -> tuple[RocketModel, Any]:
+        model = RocketModel(
+            self.spec, self.model_cfg, self.env.device, table_device=torch.device("meta")
+        )
+        constraints = {t: {"sharding_type": k} for t, k in self.saved_kinds.items()}
+        constraints.update({t: dict(c) for t, c in self.cfg.sharding.items()})
+        dmp = shard_model(
+            model,
+            self.env,
+            self.cfg.sparse_optimizer,
+            self.cfg.sparse_lr,
+            constraints,
+            # rocket runs both towers every step: every dense parameter gets a gradient
+            find_unused_parameters=self.loss_cfg.mode != "rocket",
+        )
+        init_tables(dmp.state_dict(), self.cfg.seed)
+        release_free_memory()
+        return model, dmp
+
+    # -- the step's parts ----------------------------------------------------------
+    def _groups(self) -> dict[int, str]:
+        group = {id(p): "booster" for p in self.model.booster.parameters()}
+        group.update({id(p): "light" for p in self.model.light.parameters()})
+        return group
+
+    def _dense_params(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters())]
+
+    def make_dense_opt(self, plan: PhasePlan) -> torch.optim.Optimizer:
+        """The dense optimizer of a phase: the parameters it trains (DP tables included)."""
+        group = self._groups()
+        params = [
+            p
+            for p in self._dense_params()
+            if p.requires_grad and group.get(id(p), "shared") in plan.trains
+        ]
+        if self.cfg.dense_optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.cfg.dense_lr)
+        return torch.optim.Adagrad(params, lr=self.cfg.dense_lr)
+
+    def dense_step(self) -> DenseStep:
+        group = self._groups()
+        params = self._dense_params()
+        # clipped per tower: the light tower's gradients never rescale the booster's
+        clip_groups = [
+            [p for p in params if group.get(id(p), "shared") == g]
+            for g in ("booster", "light", "shared")
+        ]
+        p = self.progress
+        return DenseStep(self.dense_opt, clip_groups, self.cfg, lambda: p.step - p.phase_start)
+
+    def task(self, plan: PhasePlan) -> RocketTrainTask:
+        return RocketTrainTask(
+            self.dmp, self.loss_cfg, plan, self.world, lambda: self.progress.step
+        )
+
+    # -- around the loop -----------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        return evaluate(
+            self.dmp,
+            self.val_reader,
+            self.trained_towers,
+            self.progress.step,
+            self.env.device,
+            self.cfg.eval_batches,
+            self.cfg.negative_sample_rate,
+        )
+
+    def save(self, metrics: dict[str, Any] | None = None) -> Path:
+        return resume_mod.save_run(self, metrics)
+
+    def resume(self, path: Path) -> None:
+        resume_mod.resume_run(self, path)
+
+    def warm_start(self, source: str) -> None:
+        """Start from another run's weights (see rocketrec.train.warm_start)."""
+        allow = self.cfg.init_from_allow_shrink
+        self.log.line(warm_start_model(self.model, self.dmp.state_dict(), source, allow))
+        release_free_memory()
