@@ -75,6 +75,11 @@ class Batch(Pipelineable):
             self.group,  # evaluation only: stays on the CPU
         )
 
+    def to_proxy_tuple(self, model: Any) -> Any:
+        """TorchRec's train pipeline traces the model with these `concrete_args`: the
+        model says which Batch field feeds each of its inputs (RocketModel.trace_inputs)."""
+        return model.trace_inputs()
+
     def record_stream(self, stream: Any) -> None:
         """TrainPipelineSparseDist (CUDA): the batch is used on another stream."""
         for t in (self.dense, self.labels, self.weights, self.teacher):

@@ -22,6 +22,7 @@ ceiling of what any teacher's soft labels can add.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,11 +106,14 @@ def rocket_loss(
     phase: str | None = None,
     teacher: torch.Tensor | None = None,
     w_norm: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    as_tensors: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Return (total loss, every term as a float). phase: None or 'teacher'/'student'.
 
     teacher: probabilities [B] for mode perfect_teacher. w_norm: denominator of the
-    weighted means instead of this batch's weight sum (see `_wmean`)."""
+    weighted means instead of this batch's weight sum (see `_wmean`). as_tensors: the
+    terms as detached 0-dim tensors (no host sync; the training step reads them only
+    on logging steps)."""
     mode = cfg.mode
     if mode == "perfect_teacher":
         if teacher is None:
@@ -135,8 +139,10 @@ def rocket_loss(
         (cfg.hint_weight * v if k == "hint" else v for k, v in terms.items()),
         torch.zeros((), device=labels.device),
     )
-    out = {k: float(v.detach()) for k, v in terms.items()}
-    out["loss"] = float(total.detach())
+    out: dict[str, Any] = {k: v.detach() for k, v in terms.items()}
+    out["loss"] = total.detach()
+    if not as_tensors:
+        out = {k: float(v) for k, v in out.items()}
     return total, out
 
 

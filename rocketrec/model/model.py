@@ -20,7 +20,7 @@ position: a sharded EBC may return its keys in another order.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -75,6 +75,25 @@ def _ebc(tables: list[EmbeddingBagConfig], device: torch.device) -> EmbeddingBag
         return EmbeddingBagCollection(tables=tables, device=device)
 
 
+class Featurize(nn.Module):
+    """Raw batch fields -> (dense [B, D] processed, KJT of table rows of every sparse
+    feature): the preprocessing as TorchRec's train pipeline runs it, a step ahead and
+    beside the embedding input distribution (`pipeline_postproc=True`). It has no
+    trainable parameters, is called with batch fields (Batch.dense, Batch.sparse) and
+    returns the KJT the sharded collection reads."""
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+
+    def forward(
+        self, numeric: torch.Tensor, sparse: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+        rows, lengths, dense = self.preprocess(sparse.values(), sparse.lengths(), numeric)
+        kjt = KeyedJaggedTensor(keys=self.preprocess.sparse_outputs, values=rows, lengths=lengths)
+        return dense, kjt
+
+
 class RocketOutput(NamedTuple):
     booster: torch.Tensor | None  # logits [B], None when not computed
     light: torch.Tensor | None  # logits [B], None when not computed
@@ -109,6 +128,7 @@ class RocketModel(nn.Module):
             table_device,
         )
         self.preprocess = Preprocess(spec).to(device)
+        self.featurize = Featurize(self.preprocess)  # the same module, as the pipeline calls it
         dims = {f.name: spec.table(f.table).dim for f in spec.sparse}
         n_dense = len(spec.dense)
         self.light_dense_idx: list[int] = [spec.dense_names.index(f.name) for f in spec.light_dense]
@@ -148,10 +168,23 @@ class RocketModel(nn.Module):
         self, numeric: torch.Tensor, sparse: KeyedJaggedTensor
     ) -> tuple[torch.Tensor, KeyedJaggedTensor]:
         """Raw inputs -> (dense [B, D] processed, KJT of table rows of every sparse feature)."""
-        rows, lengths, dense = self.preprocess(sparse.values(), sparse.lengths(), numeric)
-        return dense, KeyedJaggedTensor(
-            keys=self.preprocess.sparse_outputs, values=rows, lengths=lengths
-        )
+        out: tuple[torch.Tensor, KeyedJaggedTensor] = self.featurize(numeric, sparse)
+        return out
+
+    def trace_inputs(self) -> dict[str, Any]:
+        """`concrete_args` of TorchRec's fx trace of `forward` (the train pipeline's
+        rewrite, via Batch.to_proxy_tuple): the raw inputs as placeholders naming their
+        Batch field, so that the pipeline finds `featurize`'s arguments in the batch;
+        the plan arguments fixed (the trace only locates the sharded modules' inputs)."""
+        from torch.fx._symbolic_trace import PHWithMeta
+
+        return {
+            "numeric": PHWithMeta(ph_key="dense"),
+            "sparse": PHWithMeta(ph_key="sparse"),
+            "run_booster": True,
+            "run_light": True,
+            "light_shared_grad_scale": 1.0,
+        }
 
     def forward(
         self,
@@ -166,9 +199,8 @@ class RocketModel(nn.Module):
         Which towers run and the light losses' gradient scale into the shared layers
         come from the caller (the train task applies its phase's PhasePlan); the model
         holds no run state."""
-        return self.forward_features(
-            *self.features(numeric, sparse), run_booster, run_light, light_shared_grad_scale
-        )
+        f = self.featurize(numeric, sparse)  # indexed, not unpacked: TorchRec fx-traces this
+        return self.forward_features(f[0], f[1], run_booster, run_light, light_shared_grad_scale)
 
     def forward_features(
         self,

@@ -42,7 +42,7 @@ from rocketrec.train.resume import (  # noqa: F401 - re-exported
     check_resume_compatible,
 )
 from rocketrec.train.runlog import eta
-from rocketrec.train.steps import make_steps
+from rocketrec.train.steps import attach, detach, make_steps, pipelined
 from rocketrec.train.task import TrainingDiverged  # noqa: F401 - re-exported
 from rocketrec.train.train_config import TrainConfig  # noqa: F401 - re-exported
 from rocketrec.train.trainer import Report, Trainer
@@ -63,8 +63,10 @@ class _Rate:
         return rate, step_s
 
 
-def _log_step(t: Trainer, plan: PhasePlan, terms: dict[str, float], rate: _Rate, total: int):  # type: ignore[no-untyped-def]
+def _log_step(t: Trainer, plan: PhasePlan, terms: dict[str, Any], rate: _Rate, total: int) -> None:
     p, cfg = t.progress, t.cfg
+    t.guard.check(t.world, f"at step {p.step}")
+    terms = {k: float(v) for k, v in terms.items()}  # the step's only host syncs
     ex_s, step_s = rate.mark()
     t.log.line(
         f"step {p.step}/{total} epoch {t.train_reader.epoch} {plan.phase or t.loss_cfg.mode} "
@@ -114,10 +116,20 @@ def _epoch(t: Trainer, plan: PhasePlan, rate: _Rate, total: int) -> bool:
         p.rows_seen += n_rows * t.world
         if cfg.log_every and p.step % cfg.log_every == 0:
             _log_step(t, plan, terms, rate, total)
+        if p.step == 1 + p.phase_start and cfg.step_path == "pipeline":
+            mods, post = pipelined(steps)
+            t.log.line(
+                f"pipeline: TorchRec pipelines {', '.join(mods) or 'no sharded module'} "
+                f"(input distribution) and {', '.join(post) or 'no module'} (preprocessing)"
+            )
         if cfg.eval_every and p.step % cfg.eval_every == 0:
+            detach(steps)  # evaluation calls the model's own forwards
+            t.guard.check(t.world, f"at step {p.step}")
             t.log.record(t.evaluate())
+            attach(steps)
         if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
             t.save()
+    detach(steps)  # the model's own forwards again (the next epoch builds a new pipeline)
     data.close()  # stop the reader thread
     if cfg.max_steps and p.step - p.phase_start >= cfg.max_steps:
         return False
@@ -151,6 +163,7 @@ def run(t: Trainer) -> dict[str, Any]:
             p.epoch_step = 0
             p.phase_start = p.step
             t.dense_opt = t.make_dense_opt(t.phases[p.phase_idx])
+    t.guard.check(t.world, f"at step {p.step}")
     final = t.evaluate()
     final["train_seconds"] = time.time() - t0
     final["step_seconds"] = p.loop_seconds  # forward/backward/update only (no I/O, eval)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.train_pipeline.utils import _override_input_dist_forwards
 
 from rocketrec.data.batch import Batch
 from rocketrec.train.train_config import TrainConfig
@@ -52,25 +51,6 @@ class DenseStep:
         self.opt.step()
 
 
-class _SparseDistPipeline(TrainPipelineSparseDist):  # type: ignore[misc,type-arg]
-    """TrainPipelineSparseDist without the fx rewrite of the model.
-
-    TorchRec's rewrite pipelines a sharded module only when its input is a field
-    of the batch; rocketrec bucketizes raw ids inside the model (so training and
-    the exported model cannot disagree), so no sharded module qualifies and the
-    rewrite would only fail. The pipeline still owns the step (batch
-    prefetch and device copy on its own stream, forward, backward, optimizer);
-    the sharded modules run their input distribution in the forward.
-    """
-
-    def _pipeline_model(self, batch: Any, context: Any, pipelined_forward: Any = None) -> None:
-        self._pipelined_modules: list[Any] = []
-        self._original_forwards: list[Any] = []
-        self._pipelined_postprocs: list[Any] = []
-        self.start_sparse_data_dist(batch, context)
-        self._original_kjt_dist_forwards = _override_input_dist_forwards([])
-
-
 class PlainSteps:
     """The plain step path (no pipeline), with TrainPipelineSparseDist's interface."""
 
@@ -92,4 +72,35 @@ def make_steps(
     """The step path `path` ("pipeline" or "plain") for one epoch of one phase."""
     if path == "plain":
         return PlainSteps(task, opt, device)
-    return _SparseDistPipeline(dmp, opt, device, custom_model_fwd=task)  # type: ignore[arg-type]
+    # TorchRec rewrites the model: the sharded tables' input distribution and the
+    # preprocessing (RocketModel.featurize, a parameter-free postproc module fed by batch
+    # fields) run for the next batch while this one computes
+    return TrainPipelineSparseDist(
+        dmp,
+        opt,  # type: ignore[arg-type]
+        device,
+        custom_model_fwd=task,  # type: ignore[arg-type]
+        pipeline_postproc=True,
+    )
+
+
+def detach(steps: Any) -> None:
+    """Give the model its own forwards back (evaluation, the end of an epoch); the
+    pipeline re-attaches itself on its next step (`attach`)."""
+    if isinstance(steps, TrainPipelineSparseDist):
+        steps.detach()
+
+
+def attach(steps: Any) -> None:
+    if isinstance(steps, TrainPipelineSparseDist):
+        steps.attach()
+
+
+def pipelined(steps: Any) -> tuple[list[str], list[str]]:
+    """(sharded modules, postproc modules) TorchRec's rewrite pipelined, by name."""
+    if not isinstance(steps, TrainPipelineSparseDist):
+        return [], []
+    model = steps._model.module if hasattr(steps._model, "module") else steps._model
+    names = {id(m): n for n, m in model.named_modules()}
+    mods = [names.get(id(m), type(m).__name__) for m in steps._pipelined_modules]
+    return mods, [p.fqn for p in steps._pipelined_postprocs]

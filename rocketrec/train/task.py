@@ -6,9 +6,11 @@
 The phase (which towers run, the loss terms, the gradient scale) comes from the
 `PhasePlan` the task is built with: the task applies it on every call (the model
 holds no run state); `forward` stores nothing.
-Before the loss is returned its finiteness is agreed by every rank: a NaN/inf
-loss raises `TrainingDiverged` before backward, i.e. before the tables' fused
-optimizer would apply it.
+The step makes no host sync: the loss terms stay tensors (the loop reads them on
+logging steps) and the loss's finiteness is recorded on the device
+(`DivergenceGuard`) and checked by the loop at its sync points, before any
+checkpoint: a NaN/inf loss stops the run with `TrainingDiverged` naming the first
+bad step, and every checkpoint on disk predates it.
 """
 
 from __future__ import annotations
@@ -41,12 +43,35 @@ def weight_norm(w: torch.Tensor | None, world: int) -> torch.Tensor | None:
     return total[0] / world
 
 
-def all_finite(loss: torch.Tensor, world: int) -> bool:
-    """Whether the loss is finite on every rank (all ranks agree on stopping)."""
-    ok = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0])
-    if world > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() == 1.0)
+class DivergenceGuard:
+    """Whether every step's loss was finite, kept on the device: recording costs no host
+    sync, so the step runs without one. The loop checks it at its sync points (logging,
+    evaluation, before a checkpoint, the end), all ranks together: a non-finite loss
+    stops the run there with TrainingDiverged naming the first bad step, and no
+    checkpoint is ever written after it (the last one stays intact)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        now = torch.full((), step, dtype=torch.int64, device=self.device)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), now, self.first_bad)
+
+    def check(self, world: int, where: str) -> None:
+        """Raise TrainingDiverged if a recorded loss was not finite on any rank."""
+        never = torch.iinfo(torch.int64).max
+        first = torch.where(self.first_bad < 0, never, self.first_bad).reshape(1).cpu()
+        if world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step = int(first.item())
+        if step != never:
+            raise TrainingDiverged(
+                f"loss is not finite at step {step} (finite up to step {step - 1}); stopped "
+                f"{where}, before writing any checkpoint after it. The last checkpoint is "
+                "intact: lower the learning rates or check the data, then --resume."
+            )
 
 
 class RocketTrainTask(nn.Module):
@@ -57,6 +82,7 @@ class RocketTrainTask(nn.Module):
         plan: PhasePlan,
         world: int,
         step_of: Callable[[], int],
+        guard: DivergenceGuard,
     ) -> None:
         """model: the (DMP-wrapped) RocketModel; plan: the phase it trains."""
         super().__init__()
@@ -65,9 +91,10 @@ class RocketTrainTask(nn.Module):
         self.plan = plan
         self.world = world
         self._step_of = step_of
+        self.guard = guard
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[dict[str, float], int]]:
-        """batch -> (loss [], (every loss term as a float, rows in the batch))."""
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[dict[str, Any], int]]:
+        """batch -> (loss [], (every loss term as a 0-dim tensor, rows in the batch))."""
         p = self.plan
         out = self.model(batch.dense, batch.sparse, p.run_booster, p.run_light, p.shared_grad_scale)
         loss, terms = rocket_loss(
@@ -79,13 +106,9 @@ class RocketTrainTask(nn.Module):
             self.plan.phase,
             batch.teacher,
             weight_norm(batch.weights, self.world),
+            as_tensors=True,
         )
-        if not all_finite(loss, self.world):  # before backward: the tables update inside it
-            raise TrainingDiverged(
-                f"loss is {terms['loss']} at step {self._step_of()} ({terms}); stopped before "
-                "applying it. The last checkpoint is intact: lower the learning rates "
-                "or check the data, then --resume."
-            )
+        self.guard.record(loss, self._step_of() + 1)  # no host sync: checked by the loop
         return loss, (terms, len(batch))
 
     def extra_repr(self) -> str:

@@ -32,7 +32,7 @@ from rocketrec.train import resume as resume_mod
 from rocketrec.train.evaluation import evaluate
 from rocketrec.train.runlog import RunLog
 from rocketrec.train.steps import DenseStep
-from rocketrec.train.task import RocketTrainTask
+from rocketrec.train.task import DivergenceGuard, RocketTrainTask
 from rocketrec.train.tracking import Tracker
 from rocketrec.train.train_config import TrainConfig
 from rocketrec.train.warm_start import warm_start_model
@@ -125,6 +125,7 @@ class Trainer:
             t for p in self.phases for t in ("booster", "light") if t in p.trains
         }
         self.progress = Progress()
+        self.guard = DivergenceGuard(self.env.device)  # every step's loss finite? (on device)
         self.dense_opt = self.make_dense_opt(self.phases[0])
 
     def _build(self) -> tuple[RocketModel, Any]:
@@ -163,9 +164,12 @@ class Trainer:
             for p in self._dense_params()
             if p.requires_grad and group.get(id(p), "shared") in plan.trains
         ]
+        # fused kernels keep the step counters on the device: no host sync per parameter
+        # (Adagrad's fused kernel is CPU-only; on CUDA it runs the foreach path)
+        cpu = self.env.device.type == "cpu"
         if self.cfg.dense_optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.cfg.dense_lr)
-        return torch.optim.Adagrad(params, lr=self.cfg.dense_lr)
+            return torch.optim.Adam(params, lr=self.cfg.dense_lr, fused=bool(params))
+        return torch.optim.Adagrad(params, lr=self.cfg.dense_lr, fused=cpu and bool(params))
 
     def dense_step(self) -> DenseStep:
         group = self._groups()
@@ -180,7 +184,7 @@ class Trainer:
 
     def task(self, plan: PhasePlan) -> RocketTrainTask:
         return RocketTrainTask(
-            self.dmp, self.loss_cfg, plan, self.world, lambda: self.progress.step
+            self.dmp, self.loss_cfg, plan, self.world, lambda: self.progress.step, self.guard
         )
 
     # -- around the loop -----------------------------------------------------------
@@ -196,6 +200,7 @@ class Trainer:
         )
 
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
+        self.guard.check(self.world, f"at step {self.progress.step}")  # never save a NaN step
         return resume_mod.save_run(self, metrics)
 
     def resume(self, path: Path) -> None:
