@@ -36,8 +36,24 @@ PY
 ss -ltn >"$OUT/ports.txt" 2>&1
 timeout 600 ray job submit --address http://127.0.0.1:$DPORT -- \
   "$BIN/python" "$ROOT/jobs/ads_train.py" --spec "$SPEC" --train "$TRAIN" --val "$VAL" --out "$OUT/run" \
-  --workers 2 --batch-size 256 --epochs 1 --checkpoint-every 10 --eval-every 10 --log-every 5 >"$OUT/job.log" 2>&1
+  --workers 2 --batch-size 256 --epochs 1 --checkpoint-every 10 --eval-every 10 --log-every 5 \
+  --sharding t_user=row_wise,t_ad=column_wise,t_tag=table_wise,t_ctx=data_parallel >"$OUT/job.log" 2>&1
 rc=$?
+cp "$OUT/run/summary.json" "$OUT/summary_2workers.json" 2>/dev/null || true
+# resume the finished run at another worker count, through the job API: 2 -> 1 -> 2
+# (its settings come from RUN/config.yaml; each table keeps its sharding kind)
+if [ $rc -eq 0 ]; then
+  timeout 600 ray job submit --address http://127.0.0.1:$DPORT -- \
+    "$BIN/python" "$ROOT/jobs/ads_train.py" --resume "$OUT/run" --workers 1 --epochs 2 \
+    --no-export >"$OUT/resume1.log" 2>&1
+  rc=$?
+fi
+if [ $rc -eq 0 ]; then
+  timeout 600 ray job submit --address http://127.0.0.1:$DPORT -- \
+    "$BIN/python" "$ROOT/jobs/ads_train.py" --resume "$OUT/run" --workers 2 --epochs 3 \
+    --no-export >"$OUT/resume2.log" 2>&1
+  rc=$?
+fi
 ss -ltn >>"$OUT/ports.txt" 2>&1
 echo "job_rc=$rc"
 exit $rc

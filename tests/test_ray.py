@@ -75,9 +75,21 @@ def test_two_node_cluster_job_submit(tmp_path, tiny_spec_path, tiny_data):
     run = out / "run"
     for name in ("metrics.jsonl", "light.pt", "curves.png", "summary.json", "checkpoints/latest"):
         assert (run / name).exists(), name
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((out / "summary_2workers.json").read_text())
     assert summary["workers"] == 2 and summary["export"]["max_abs_diff"] <= 1e-5
     assert "light_auc" in summary["metrics"]
+    # resumed through the job API at 1 worker, then at 2 again: every table (DP, TW, RW,
+    # CW) keeps its kind and its optimizer state; each epoch restarts at the new count
+    steps = [summary["metrics"]["steps"]]
+    for name, (was, now) in (("resume1.log", (2, 1)), ("resume2.log", (1, 2))):
+        log = (out / name).read_text()
+        assert re.search(r"Job '\S+' succeeded", log), log[-3000:]
+        assert f"resume: world size {was} -> {now}" in log, log[-3000:]
+        assert "changed sharding kind" not in log and "starts fresh" not in log, log[-3000:]
+        steps.append(int(re.findall(r"done: (\d+) steps", log)[-1]))
+    final = json.loads((run / "summary.json").read_text())
+    assert final["workers"] == 2 and final["metrics"]["steps"] == steps[-1]
+    assert steps[0] < steps[1] < steps[2], steps  # each resume trained one more epoch
     assert "step 5" in job_log  # progress streamed to the job log
     addrs = _listening((out / "ports.txt").read_text())
     assert addrs

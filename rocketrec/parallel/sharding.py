@@ -102,10 +102,21 @@ def _sparse_optimizer(name: str) -> type[torch.optim.Optimizer]:
     )
 
 
+# What the planner may choose for a table nobody constrained: every kind but
+# data-parallel. A data-parallel table is a dense parameter, trained by the towers'
+# optimizer (Adam, lr 1e-3) instead of the tables' fused one (row-wise Adagrad, lr
+# 0.15): the planner would pick it for a small table at some worker counts and not at
+# others, so the same job would train that table differently on 1 and on 2 workers
+# (benchmarks/worker_parity.py). `--sharding table=data_parallel` still asks for it.
+PLANNER_KINDS = tuple(t for t in SHARDING_TYPES if t != "data_parallel")
+
+
 def _constraints(
     constraints: Mapping[str, Mapping[str, str]] | None, table_names: set[str]
 ) -> dict[str, ParameterConstraints]:
-    pc: dict[str, ParameterConstraints] = {}
+    pc: dict[str, ParameterConstraints] = {
+        t: ParameterConstraints(sharding_types=list(PLANNER_KINDS)) for t in table_names
+    }
     for table, c in (constraints or {}).items():
         if table not in table_names:
             raise ValueError(f"sharding constraint names unknown table '{table}'")
