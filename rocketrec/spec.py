@@ -24,6 +24,7 @@ Schema (documented with examples in feature_specs/README.md):
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +186,11 @@ def _table_name_ok(name: str) -> bool:
     return not hasattr(torch.nn.ModuleDict(), name)
 
 
+def float32(x: float) -> float:
+    """x rounded to float32 (as the model compares numbers)."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
 def private_table_name(table: str) -> str:
     """Name of the light tower's private table beside shared table `table` (and of a
     light feature's private twin)."""
@@ -203,4 +209,4 @@ def _sparse_dict(f: SparseFeature) -> dict[str, Any]:
 
 
 # parsing lives in rocketrec.spec_parse (one parser per section); re-exported here
-from rocketrec.spec_parse import float32, load_spec, spec_from_dict  # noqa: E402, F401
+from rocketrec.spec_parse import load_spec, spec_from_dict  # noqa: E402, F401

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from rocketrec.spec import (
     SpecError,
     TableSpec,
     _table_name_ok,
+    float32,
 )
 
 
@@ -53,11 +53,6 @@ def _loader() -> Any:
         yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping
     )
     return UniqueKeyLoader
-
-
-def float32(x: float) -> float:
-    """x rounded to float32 (as the model compares numbers)."""
-    return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
 class _Ctx:
@@ -216,6 +211,21 @@ def _where(kind: str, i: int, f: Any) -> str:
     return f"feature '{name}'" if isinstance(name, str) and name.strip() else f"{kind}[{i}]"
 
 
+def _entry(
+    ctx: _Ctx,
+    at: tuple[str, int, Any],
+    names: _Names,
+    allowed: tuple[str, ...],
+    required: tuple[str, ...],
+) -> tuple[dict[str, Any], str, str]:
+    """One feature entry `at` = (section, index, raw): (its keys checked, its new name,
+    'feature NAME' for messages)."""
+    kind, i, f = at
+    obj = _check_keys(ctx, _where(kind, i, f), f, allowed, required)
+    fname = names.new(f"{kind}[{i}]", obj)
+    return obj, fname, f"feature '{fname}'"
+
+
 _SPARSE_KEY_KINDS = {  # key -> kinds that take it
     "column": ("scalar", "list", "bucketize"),
     "dtype": ID_KINDS,
@@ -269,15 +279,13 @@ def _boundaries(ctx: _Ctx, where: str, obj: dict[str, Any], table: TableSpec) ->
 def _sparse_one(
     ctx: _Ctx, i: int, f: Any, tables: dict[str, TableSpec], names: _Names
 ) -> SparseFeature:
-    obj = _check_keys(
+    obj, fname, where = _entry(
         ctx,
-        _where("sparse", i, f),
-        f,
+        ("sparse", i, f),
+        names,
         ("name", "column", "table", "dtype", "kind", "max_ids", "inputs", "boundaries"),
         ("name", "table"),
     )
-    fname = names.new(f"sparse[{i}]", obj)
-    where = f"feature '{fname}'"
     tname = _str(ctx, where, obj, "table")
     if tname not in tables:
         hint = difflib.get_close_matches(tname, list(tables), n=1)
@@ -335,15 +343,13 @@ def _parse_sparse(
 
 
 def _dense_one(ctx: _Ctx, i: int, f: Any, names: _Names) -> DenseFeature:
-    obj = _check_keys(
+    obj, fname, where = _entry(
         ctx,
-        _where("dense", i, f),
-        f,
+        ("dense", i, f),
+        names,
         ("name", "column", "fill", "transform", "min", "max", "mean", "std"),
         ("name", "column"),
     )
-    fname = names.new(f"dense[{i}]", obj)
-    where = f"feature '{fname}'"
     transform = _choice(ctx, where, obj, "transform", TRANSFORMS) if "transform" in obj else "none"
     params = {k: _float(ctx, where, obj, k) for k in ("min", "max", "mean", "std") if k in obj}
     wanted = {"clip": ("min", "max"), "standardize": ("mean", "std")}.get(transform, ())
