@@ -28,8 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from rocketrec.data.reader import ParquetReader
 from rocketrec.model.loss import LossConfig, PhasePlan
 from rocketrec.model.model import ModelConfig
@@ -214,8 +212,7 @@ def train(
         return run(t)
     finally:
         sys.stdout.flush()
-        if t.env.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        t.env.close()
 
 
 def train_job(
