@@ -82,7 +82,7 @@ def _cmd_train(job: Any) -> int:
     from rocketrec.train.checkpoint import log_user_error
     from rocketrec.train.loop import TrainingDiverged, train_job
 
-    spec = prepare_run(job)  # every check, then RUN/config.yaml
+    spec, job = prepare_run(job)  # every check, then RUN/config.yaml
     t0 = time.time()
     try:
         res = train_job(job, spec)

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from rocketrec.model.loss import HINTS, MODES, LossConfig
 from rocketrec.model.model import ModelConfig
@@ -82,8 +83,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _data_args(p)
     _method_args(p)
     _model_args(p)
-    _train_args(p)
-    _run_args(p)
+    _run_args(_train_args(p))
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -169,7 +169,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser) -> Any:
     d_t = TrainConfig()
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d_t.epochs)
@@ -219,12 +219,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="pipeline: TorchRec's TrainPipelineSparseDist (one path for CPU and CUDA); "
         "plain: forward/backward/step in order",
     )
+    return g
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
+def _run_args(g: Any) -> None:
     """More of the `training` group: logging, seeds, sharding, resume and warm start."""
     d_t = TrainConfig()
-    g = next(x for x in p._action_groups if x.title == "training")
     g.add_argument("--log-every", type=int, default=d_t.log_every)
     g.add_argument("--seed", type=int, default=d_t.seed)
     g.add_argument(

@@ -41,6 +41,7 @@ import torch
 
 from rocketrec.data.batch import DataError, decode_targets
 from rocketrec.data.reader import list_parquet_files
+from rocketrec.model.loss import LossConfig, trained_towers
 from rocketrec.spec import FeatureSpec, load_spec, spec_from_dict
 from rocketrec.train.metrics import tower_metrics
 
@@ -279,13 +280,13 @@ def evaluate_model(
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"{model}: no such file or directory")
-    limit = rows if rows is not None else _total_rows(data)
     t0 = time.time()
     if _is_export(path):
+        limit = rows if rows is not None else _total_rows(data)
         rep = _evaluate_export(path, data, spec_path, group, limit, batch_rows, quiet, exact_rows)
     elif path.is_dir():
         rep = _evaluate_checkpoint(
-            path, data, spec_path, group, limit, batch_rows, quiet, exact_rows
+            path, data, spec_path, group, rows, batch_rows, quiet, exact_rows
         )
     else:
         raise ValueError(f"{model}: not a rocketrec export (light.pt) nor a run directory")
@@ -356,15 +357,18 @@ def _evaluate_checkpoint(
             raise ValueError(f"{spec_path}: its features differ from the checkpoint's spec ({ck})")
         spec = other
     spec = _with_group(spec, group)
-    mode = meta.get("loss_config", {}).get("mode", "rocket")
-    towers = {"booster_only": ["booster"], "light_only": ["light"]}.get(mode, ["booster", "light"])
+    saved = meta.get("loss_config", {})
+    towers = trained_towers(
+        LossConfig(**{k: saved[k] for k in LossConfig.__dataclass_fields__ if k in saved})
+    )
     rate = float(meta.get("train_config", {}).get("negative_sample_rate", 1.0))
     offset = float(np.log(rate))
     # the run's batch size: the towers see the same batches as the run's own evaluation
     batch_rows = int(meta.get("train_config", {}).get("batch_size", batch_rows))
     reader = ParquetReader(data, spec, batch_rows, shuffle=False, drop_last=False)
+    limit = reader.total_rows if limit is None else min(limit, reader.total_rows)
     scores = _Scores(towers, exact_rows)
-    prog = _Progress(min(limit, reader.total_rows), quiet=quiet)
+    prog = _Progress(limit, quiet=quiet)
     with torch.inference_mode():
         for b in reader:
             n = min(len(b), limit - prog.done)

@@ -104,11 +104,13 @@ def _restart_point(job: Any, run_id: str) -> str | None:
         ref = _checkpoint_of_reference(Path(registered.path))
         if ref is not None and verify_checkpoint(ref) is None:  # else the newest intact one
             candidates.append(ref)
-    own = latest_checkpoint(job.data.out)
+    own = latest_checkpoint(job.data.out, verify=False)
     if own is not None and read_meta(own).get("run_id") == run_id:
-        candidates.append(own)
+        own = latest_checkpoint(job.data.out)  # this run's own: the newest intact one
+        if own is not None and read_meta(own).get("run_id") == run_id:
+            candidates.append(own)
     if not candidates:
-        return job.resume  # type: ignore[no-any-return]
+        return job.resume  # type: ignore[no-any-return]  # verified by the driver
     best = max(candidates, key=lambda c: int(read_meta(c)["step"]))
     print(
         f"[rocketrec] restarting from checkpoint {best} (step {read_meta(best)['step']})",
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         job = parse_job(build_parser(), argv, ray=True)  # defaults < --config < flags
-        spec = prepare_run(job)  # every check before Ray starts; then RUN/config.yaml
+        spec, job = prepare_run(job)  # every check before Ray starts; then RUN/config.yaml
     except (SpecError, DataError, ValueError, FileNotFoundError) as e:
         return _error(str(e))
     out, rc = Path(job.data.out), job.ray

@@ -1,6 +1,7 @@
 """What both entry points do before and after training, once:
 
-    spec = prepare_run(job)          the start-up checks, then RUN/config.yaml (written once)
+    spec, job = prepare_run(job)     the start-up checks, then RUN/config.yaml (written once);
+                                     --resume resolved to the checkpoint it verified
     ... train (in this process: rocketrec train; on Ray workers: jobs/ads_train.py) ...
     summary = finish_run(job, metrics, seconds)
                                      RUN/curves.png, RUN/light.pt (unless --no-export),
@@ -15,6 +16,7 @@ or any worker starts.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,10 @@ def _check_data(job: JobConfig, spec: FeatureSpec) -> None:
         ParquetReader(list(job.data.val), spec, bs, shuffle=False).close()
 
 
-def prepare_run(job: JobConfig) -> FeatureSpec:
-    """Check everything a run needs before it starts; write RUN/config.yaml; return the spec."""
+def prepare_run(job: JobConfig) -> tuple[FeatureSpec, JobConfig]:
+    """Check everything a run needs before it starts; write RUN/config.yaml. Returns the
+    spec and the job as it will run: `resume` resolved to the newest intact checkpoint,
+    verified here once (its files' checksums), so no process verifies it again."""
     spec = load_spec(job.data.spec)
     job.check(spec)  # sharding: tables and kinds
     if not job.data.no_export:
@@ -53,6 +57,7 @@ def prepare_run(job: JobConfig) -> FeatureSpec:
         if ck is None:
             raise FileNotFoundError(f"--resume {job.resume}: no complete checkpoint found there")
         check_resume_compatible(read_meta(ck), spec, job.model, job.loss, job.train, str(ck))
+        job = replace(job, resume=str(ck))
     elif latest_checkpoint(out, verify=False) is not None:
         raise ValueError(
             f"{job.data.out} already holds a run's checkpoints: pass --resume {job.data.out} "
@@ -61,7 +66,7 @@ def prepare_run(job: JobConfig) -> FeatureSpec:
     _check_data(job, spec)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(out / "config.yaml", job.to_dict())  # every check passed: record it
-    return spec
+    return spec, job
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> bool:

@@ -180,3 +180,10 @@ def plan_phases(cfg: LossConfig) -> list[PhasePlan]:
         # the light tower alone trains its tables
         return [PhasePlan(None, False, True, 1.0, frozenset({"light", "shared"}))]
     return [PhasePlan(None, True, True, s, frozenset({"booster", "light", "shared"}))]
+
+
+def trained_towers(cfg: LossConfig) -> list[str]:
+    """The towers some phase of this run trains, booster first: a single-tower mode's
+    other tower is untrained noise, so evaluation and reports leave it out."""
+    trains = {t for plan in plan_phases(cfg) for t in plan.trains}
+    return [t for t in ("booster", "light") if t in trains]

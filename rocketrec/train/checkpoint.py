@@ -168,17 +168,17 @@ def latest_checkpoint(root: str | Path, verify: bool = True) -> Path | None:
         for ck in found:
             why = verify_checkpoint(ck)
             if why is None:
-                msg = f"skipping damaged checkpoint(s) {'; '.join(bad)}; using {ck}"
-                if bad and msg not in _WARNED:  # once per process (start-up checks look too)
-                    _WARNED.add(msg)
-                    print(f"rocketrec: warning: {msg}", file=sys.stderr, flush=True)
+                if bad:
+                    print(
+                        f"rocketrec: warning: skipping damaged checkpoint(s) {'; '.join(bad)}; "
+                        f"using {ck}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 return ck
             bad.append(f"{ck.name} ({why})")
         raise CheckpointDamaged(f"{cand}: no intact checkpoint: {'; '.join(bad)}")
     return None
-
-
-_WARNED: set[str] = set()  # damaged-checkpoint warnings this process has printed
 
 
 def save_checkpoint(

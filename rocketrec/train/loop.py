@@ -189,14 +189,17 @@ def train(
     report: Report | None = None,
     run_id: str | None = None,
     run_config: dict[str, Any] | None = None,
+    verified: bool = False,
 ) -> dict[str, Any]:
-    """Train; returns the final validation metrics. `resume`: a run dir or checkpoint dir.
-    `run_config`: the resolved job config, kept in every checkpoint's meta.json."""
+    """Train; returns the final validation metrics. `resume`: a run dir or checkpoint dir
+    (the newest intact checkpoint is used); with `verified`, the checkpoint itself, its
+    files already checked by the caller. `run_config`: the resolved job config, kept in
+    every checkpoint's meta.json."""
     model_cfg, loss_cfg = model_cfg or ModelConfig(), loss_cfg or LossConfig()
     train_cfg = train_cfg or TrainConfig()
     ck: Path | None = None
     if resume:
-        ck = latest_checkpoint(resume)
+        ck = Path(resume) if verified else latest_checkpoint(resume)
         if ck is None:
             raise FileNotFoundError(f"--resume {resume}: no complete checkpoint found there")
         check_resume_compatible(read_meta(ck), spec, model_cfg, loss_cfg, train_cfg, str(ck))
@@ -222,8 +225,9 @@ def train_job(
     report: Report | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """train() of a JobConfig (rocketrec train, and every Ray worker of ads_train.py).
-    `resume` overrides the job's own (a restarted worker group's newest checkpoint)."""
+    """train() of a JobConfig that went through rocketrec.runs.prepare_run (rocketrec
+    train, and every Ray worker of ads_train.py): its `resume` is a checkpoint already
+    verified. `resume` overrides it (a restarted worker group's newest verified one)."""
     return train(
         spec,
         list(job.data.train),
@@ -236,4 +240,5 @@ def train_job(
         report=report,
         run_id=run_id,
         run_config=job.to_dict(),
+        verified=True,
     )

@@ -239,20 +239,14 @@ def save_run(t: Trainer, metrics: dict[str, Any] | None = None) -> Path:
     return path
 
 
-def _kind_changes(t: Trainer, path: Path, state: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(tables whose saved fused optimizer state cannot be loaded, every table whose kind
-    differs from the checkpoint's)."""
-    fresh = changed_kind_tables(path, state["sparse_optim"], t.saved_kinds)
-    now = sharding_kinds(t.dmp)
-    changed = sorted(k for k, v in t.saved_kinds.items() if now.get(k, v) != v)
-    return fresh, changed
-
-
 def resume_run(t: Trainer, path: Path) -> None:
     """Load model, optimizers, counters and reader positions from checkpoint `path`."""
     state = _live_state(t)
-    fresh, changed = _kind_changes(t, path, state)
+    # tables fused now whose optimizer state the checkpoint does not hold, and every table
+    # whose kind differs from the checkpoint's (--sharding at resume)
+    fresh = changed_kind_tables(path, state["sparse_optim"], t.saved_kinds)
     now_kinds = sharding_kinds(t.dmp)
+    changed = sorted(k for k, v in t.saved_kinds.items() if now_kinds.get(k, v) != v)
     dp_moved = [k for k in changed if "data_parallel" in (t.saved_kinds[k], now_kinds.get(k))]
     to_load = {**state, "sparse_optim": drop_table_state(state["sparse_optim"], fresh)}
     # DCP fills the block views in place, i.e. the live shards: it reads one saved

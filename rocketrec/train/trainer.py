@@ -23,7 +23,7 @@ import torch
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from rocketrec.data.reader import ParquetReader
-from rocketrec.model.loss import LossConfig, PhasePlan, plan_phases
+from rocketrec.model.loss import LossConfig, PhasePlan, plan_phases, trained_towers
 from rocketrec.model.model import ModelConfig, RocketModel
 from rocketrec.parallel.sharding import init_distributed, shard_model
 from rocketrec.parallel.tables import init_tables, release_free_memory
@@ -120,10 +120,7 @@ class Trainer:
             else val_reader(spec, val_data, cfg, self.rank, self.world)
         )
         self.phases: list[PhasePlan] = plan_phases(loss_cfg)  # decided once, used everywhere
-        # towers some phase trains: single-tower modes evaluate and export only theirs
-        self.trained_towers: set[str] = {
-            t for p in self.phases for t in ("booster", "light") if t in p.trains
-        }
+        self.trained_towers = set(trained_towers(loss_cfg))  # the others: not evaluated
         self.progress = Progress()
         self.guard = DivergenceGuard(self.env.device)  # every step's loss finite? (on device)
         self.dense_opt = self.make_dense_opt(self.phases[0])
