@@ -121,12 +121,36 @@ def _sparse_optimizer(name: str) -> type[torch.optim.Optimizer]:
 # (benchmarks/worker_parity.py). `--sharding table=data_parallel` still asks for it.
 PLANNER_KINDS = tuple(t for t in SHARDING_TYPES if t != "data_parallel")
 
+# Kinds whose weights and optimizer state have the same global shape whatever the world
+# size (row-wise optimizer state: one value per row; column-wise keeps one per row *per
+# column shard*), so a checkpoint's table moves between them exactly (DCP reshards it).
+MOVABLE_KINDS = ("table_wise", "row_wise")
+
+
+def planner_kinds(world_size: int) -> tuple[str, ...]:
+    """What the planner may choose for an unconstrained table at `world_size` workers.
+
+    On one worker every kind puts the whole table on the one rank; table-wise does so
+    without row-wise's bucketizing and splits of every batch's ids (~1.5 ms of a 30 ms
+    step in benchmarks/bench_train.py, where the planner would pick row-wise)."""
+    return ("table_wise",) if world_size == 1 else PLANNER_KINDS
+
 
 def _constraints(
-    constraints: Mapping[str, Mapping[str, str]] | None, table_names: set[str]
+    constraints: Mapping[str, Mapping[str, str]] | None,
+    table_names: set[str],
+    world_size: int = 2,
+    allowed: Mapping[str, tuple[str, ...]] | None = None,
 ) -> dict[str, ParameterConstraints]:
+    """ParameterConstraints per table: the user's `constraints` ({table: {sharding_type,
+    compute_kernel}}) win; else the kinds `allowed` (a resumed checkpoint's); else the
+    planner's kinds at `world_size`."""
     pc: dict[str, ParameterConstraints] = {
-        t: ParameterConstraints(sharding_types=list(PLANNER_KINDS)) for t in table_names
+        t: ParameterConstraints(
+            sharding_types=list((allowed or {}).get(t) or planner_kinds(world_size)),
+            compute_kernels=["dense"] if (allowed or {}).get(t) == ("data_parallel",) else None,
+        )
+        for t in table_names
     }
     for table, c in (constraints or {}).items():
         if table not in table_names:
@@ -297,13 +321,15 @@ def plan_tables(
     sparse_lr: float = 0.05,
     constraints: Mapping[str, Mapping[str, str]] | None = None,
     pg: dist.ProcessGroup | None = None,
+    allowed: Mapping[str, tuple[str, ...]] | None = None,
 ) -> ShardingPlan:
     """Plan the tables' sharding (collectively when `pg` is given); a plan that does not
-    fit `memory_per_worker` raises PlanDoesNotFit naming the need and the memory."""
+    fit `memory_per_worker` raises PlanDoesNotFit naming the need and the memory.
+    `allowed`: kinds per table a resumed checkpoint permits (`constraints` win)."""
     from torchrec.distributed.planner.types import PlannerError
 
     names = prepare_tables(model, sparse_optimizer, sparse_lr)
-    pc = _constraints(constraints, names)
+    pc = _constraints(constraints, names, world_size, allowed)
     planner = make_planner(world_size, device_type, memory_per_worker, pc)
     sharder = sharder_for(device_type)
     try:
@@ -340,11 +366,13 @@ def shard_model(
     sparse_lr: float = 0.05,
     constraints: Mapping[str, Mapping[str, str]] | None = None,
     find_unused_parameters: bool = True,
+    allowed: Mapping[str, tuple[str, ...]] | None = None,
 ) -> DistributedModelParallel:
     """Plan and shard the tables (built on `meta`: DMP materializes only local shards);
     tables get a fused in-backward optimizer.
 
     constraints: {table: {"sharding_type": ..., "compute_kernel": ...}} from the job config.
+    allowed: {table: kinds} a resumed checkpoint permits (see train/resume.py).
     The planner is capped at the worker's real memory, so a spec that cannot fit fails here,
     with a clear error, before any shard is allocated.
     """
@@ -359,6 +387,7 @@ def shard_model(
         sparse_lr,
         constraints,
         pg,
+        allowed,
     )
     sharder = sharder_for(env.device.type)
     # The towers' dense parameters are replicated with DDP. Single-tower modes and

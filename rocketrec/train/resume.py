@@ -9,10 +9,15 @@ RESUME_MAY_CHANGE (budget, cadence, step mechanics); anything else is refused
 in one line naming the field and both values.
 
 Sharding kinds: the checkpoint's kind of each table is the first constraint of
-the resumed run's plan (`saved_sharding`), so a small table the planner would
+the resumed run's plan (`allowed_kinds`), so a small table the planner would
 make data-parallel at one world size and fused at another keeps its kind and
-its optimizer state. Where the kind must change (--sharding at resume) the
-table's optimizer state starts fresh with one warning line naming it.
+its optimizer state. Table-wise and row-wise are one class: their weights and
+optimizer state have the same global shape, so the planner may move a table
+between them (DCP reshards it exactly; one line says so); a one-worker run is
+table-wise, a row-wise table resumed on one worker becomes table-wise. Column-
+wise and data-parallel tables keep their kind. Where the kind must change
+otherwise (--sharding at resume) the optimizer state of a table that moves
+between fused and data-parallel starts fresh with one warning line naming it.
 Reader positions are per rank: at another world size the interrupted epoch
 restarts from its beginning (one line says so).
 """
@@ -29,7 +34,7 @@ import torch.distributed as dist
 
 from rocketrec.model.loss import LossConfig
 from rocketrec.model.model import ModelConfig
-from rocketrec.parallel.sharding import sharding_kinds
+from rocketrec.parallel.sharding import MOVABLE_KINDS, planner_kinds, sharding_kinds
 from rocketrec.parallel.tables import block_views, release_free_memory
 from rocketrec.spec import FeatureSpec, private_table_name, spec_from_dict
 from rocketrec.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
@@ -144,6 +149,13 @@ def saved_sharding(path: Path) -> dict[str, str]:
     return {t: "data_parallel" for t in names if t not in fused}
 
 
+def allowed_kinds(saved: dict[str, str], world_size: int) -> dict[str, tuple[str, ...]]:
+    """The kinds each saved table may take at `world_size`: its own, or, for table-wise
+    and row-wise (MOVABLE_KINDS), whichever of them the planner would choose there."""
+    movable = tuple(k for k in planner_kinds(world_size) if k in MOVABLE_KINDS)
+    return {t: movable if k in MOVABLE_KINDS else (k,) for t, k in saved.items()}
+
+
 def changed_kind_tables(
     path: Path, sparse_state: dict[str, Any], saved: dict[str, str]
 ) -> list[str]:
@@ -247,6 +259,8 @@ def resume_run(t: Trainer, path: Path) -> None:
     fresh = changed_kind_tables(path, state["sparse_optim"], t.saved_kinds)
     now_kinds = sharding_kinds(t.dmp)
     changed = sorted(k for k, v in t.saved_kinds.items() if now_kinds.get(k, v) != v)
+    moved = [k for k in changed if {t.saved_kinds[k], now_kinds.get(k)} <= set(MOVABLE_KINDS)]
+    changed = [k for k in changed if k not in moved]
     dp_moved = [k for k in changed if "data_parallel" in (t.saved_kinds[k], now_kinds.get(k))]
     to_load = {**state, "sparse_optim": drop_table_state(state["sparse_optim"], fresh)}
     # DCP fills the block views in place, i.e. the live shards: it reads one saved
@@ -269,6 +283,12 @@ def resume_run(t: Trainer, path: Path) -> None:
         t.dense_opt.load_state_dict(dense)
     except ValueError:  # a data-parallel table came or went (a changed sharding kind)
         dense_fresh = True
+    if moved:
+        t.log.line(
+            "resume: "
+            + ", ".join(f"{k} {t.saved_kinds[k]} -> {now_kinds[k]}" for k in moved)
+            + f" at world size {t.world} (weights and optimizer state moved across)"
+        )
     for k in changed:  # one line per table whose kind changed
         extra = ""
         if k in dp_moved:

@@ -129,16 +129,15 @@ class Trainer:
         model = RocketModel(
             self.spec, self.model_cfg, self.env.device, table_device=torch.device("meta")
         )
-        constraints = {t: {"sharding_type": k} for t, k in self.saved_kinds.items()}
-        constraints.update({t: dict(c) for t, c in self.cfg.sharding.items()})
         dmp = shard_model(
             model,
             self.env,
             self.cfg.sparse_optimizer,
             self.cfg.sparse_lr,
-            constraints,
+            {t: dict(c) for t, c in self.cfg.sharding.items()},
             # rocket runs both towers every step: every dense parameter gets a gradient
             find_unused_parameters=self.loss_cfg.mode != "rocket",
+            allowed=resume_mod.allowed_kinds(self.saved_kinds, self.world),
         )
         init_tables(dmp.state_dict(), self.cfg.seed)
         release_free_memory()
