@@ -161,7 +161,8 @@ def math_module(run: str, out: Path) -> Path:
     with torch.no_grad():  # the baseline computes what the light module computes
         for ex in examples.values():
             assert m(*ex).shape[0] == ex[3].shape[0]
-    scripted = torch.jit.freeze(torch.jit.script(m), preserved_attrs=["example"])
+    # tables stay attributes, as in the export (rocketrec.serving.export.script_serving)
+    scripted = torch.jit.freeze(torch.jit.script(m), preserved_attrs=["example", "table"])
     torch.jit.save(scripted, str(out))
     return out
 

@@ -67,8 +67,15 @@ def script_serving(
 
         m = FusedLightServing(m)  # type: ignore[arg-type]
     m.eval()
-    # freezing inlines the weights and constants: fewer attribute lookups per call
-    return torch.jit.freeze(torch.jit.script(m), preserved_attrs=["score_candidates"])
+    # freezing inlines the weights and constants: fewer attribute lookups per call. Not
+    # the tables: a frozen constant lives as long as the process (TorchScript's
+    # compilation unit keeps the frozen graph), so every export would leak its tables
+    # and the parity gate's load-back would hold them twice; as attributes they are the
+    # module's, freed with it.
+    tables = [n for n, _ in m.named_buffers() if n.startswith("table_")]
+    if isinstance(getattr(m, "tables", None), list):
+        tables.append("tables")
+    return torch.jit.freeze(torch.jit.script(m), preserved_attrs=["score_candidates", *tables])
 
 
 def _copy_tower(tower: nn.Module) -> nn.Module:
