@@ -116,5 +116,31 @@ def test_divergence_cli_exit_2(tmp_path, tiny_spec_path, tiny_data):
     assert out.returncode == 2, out.stderr[-2000:]
     err = [x for x in out.stderr.strip().splitlines() if x.startswith("rocketrec:")]
     assert len(err) == 1 and "diverged" in err[0].lower(), out.stderr[-2000:]
+    assert "No checkpoint was written" in err[0], err[0]
     assert "Traceback" not in out.stderr
     assert "Traceback" in (out_dir / "train.log").read_text()
+
+
+def test_divergence_after_a_checkpoint_names_it(tmp_path, tiny_spec_path, tiny_data):
+    """A run that diverges after its last checkpoint says which one to resume from, and
+    writes none after the bad step."""
+    from rocketrec.train.checkpoint import latest_checkpoint
+
+    out_dir = tmp_path / "run"
+    base = [
+        sys.executable, "-m", "rocketrec.cli", "train", "--spec", str(tiny_spec_path),
+        "--train", tiny_data["train"], "--out", str(out_dir), "--batch-size", "512",
+        "--no-export",
+    ]  # fmt: skip
+    ok = subprocess.run(base + ["--max-steps", "4"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    good = latest_checkpoint(out_dir)
+    cmd = [
+        sys.executable, "-m", "rocketrec.cli", "train", "--resume", str(out_dir),
+        "--max-steps", "12", "--dense-lr", "1e12", "--sparse-lr", "1e12",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    err = [x for x in out.stderr.strip().splitlines() if x.startswith("rocketrec:")]
+    assert len(err) == 1 and f"The last checkpoint ({good}) is intact" in err[0], err
+    assert latest_checkpoint(out_dir) == good

@@ -63,7 +63,7 @@ class _Rate:
 
 def _log_step(t: Trainer, plan: PhasePlan, terms: dict[str, Any], rate: _Rate, total: int) -> None:
     p, cfg = t.progress, t.cfg
-    t.guard.check(t.world, f"at step {p.step}")
+    t.check_finite()
     terms = {k: float(v) for k, v in terms.items()}  # the step's only host syncs
     ex_s, step_s = rate.mark()
     t.log.line(
@@ -122,7 +122,7 @@ def _epoch(t: Trainer, plan: PhasePlan, rate: _Rate, total: int) -> bool:
             )
         if cfg.eval_every and p.step % cfg.eval_every == 0:
             detach(steps)  # evaluation calls the model's own forwards
-            t.guard.check(t.world, f"at step {p.step}")
+            t.check_finite()
             t.log.record(t.evaluate())
             attach(steps)
         if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
@@ -161,7 +161,7 @@ def run(t: Trainer) -> dict[str, Any]:
             p.epoch_step = 0
             p.phase_start = p.step
             t.dense_opt = t.make_dense_opt(t.phases[p.phase_idx])
-    t.guard.check(t.world, f"at step {p.step}")
+    t.check_finite()
     final = t.evaluate()
     final["train_seconds"] = time.time() - t0
     final["step_seconds"] = p.loop_seconds  # forward/backward/update only (no I/O, eval)

@@ -59,18 +59,27 @@ class DivergenceGuard:
         now = torch.full((), step, dtype=torch.int64, device=self.device)
         self.first_bad = torch.where(bad & (self.first_bad < 0), now, self.first_bad)
 
-    def check(self, world: int, where: str) -> None:
-        """Raise TrainingDiverged if a recorded loss was not finite on any rank."""
+    def check(self, world: int, where: str, last: Any = None) -> None:
+        """Raise TrainingDiverged if a recorded loss was not finite on any rank; `last`:
+        the run's newest checkpoint or a function finding it (the message says where to
+        resume from), if any."""
         never = torch.iinfo(torch.int64).max
         first = torch.where(self.first_bad < 0, never, self.first_bad).reshape(1).cpu()
         if world > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
         step = int(first.item())
         if step != never:
+            last = last() if callable(last) else last
+            then = (
+                f"The last checkpoint ({last}) is intact: lower the learning rates or check "
+                "the data, then --resume."
+                if last
+                else "No checkpoint was written: lower the learning rates or check the data "
+                "and start again."
+            )
             raise TrainingDiverged(
                 f"loss is not finite at step {step} (finite up to step {step - 1}); stopped "
-                f"{where}, before writing any checkpoint after it. The last checkpoint is "
-                "intact: lower the learning rates or check the data, then --resume."
+                f"{where}, before writing any checkpoint after it. {then}"
             )
 
 

@@ -195,8 +195,16 @@ class Trainer:
             self.cfg.negative_sample_rate,
         )
 
+    def check_finite(self) -> None:
+        """Stop (TrainingDiverged) if a step's loss since the last check was not finite."""
+        from rocketrec.train.checkpoint import latest_checkpoint
+
+        self.guard.check(
+            self.world, f"at step {self.progress.step}", lambda: latest_checkpoint(self.out)
+        )
+
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
-        self.guard.check(self.world, f"at step {self.progress.step}")  # never save a NaN step
+        self.check_finite()  # never save a NaN step
         return resume_mod.save_run(self, metrics)
 
     def resume(self, path: Path) -> None:
