@@ -72,10 +72,10 @@ def script_serving(
     # compilation unit keeps the frozen graph), so every export would leak its tables
     # and the parity gate's load-back would hold them twice; as attributes they are the
     # module's, freed with it.
-    tables = [n for n, _ in m.named_buffers() if n.startswith("table_")]
+    keep = [n for n, _ in m.named_buffers() if n.startswith("table_")]
     if isinstance(getattr(m, "tables", None), list):
-        tables.append("tables")
-    return torch.jit.freeze(torch.jit.script(m), preserved_attrs=["score_candidates", *tables])
+        keep.append("tables")
+    return torch.jit.freeze(torch.jit.script(m), preserved_attrs=["score_candidates", *keep])
 
 
 def _copy_tower(tower: nn.Module) -> nn.Module:
