@@ -29,6 +29,7 @@ from rocketrec.parallel.sharding import init_distributed, shard_model
 from rocketrec.parallel.tables import init_tables, release_free_memory
 from rocketrec.spec import FeatureSpec
 from rocketrec.train import resume as resume_mod
+from rocketrec.train.checkpoint import latest_checkpoint
 from rocketrec.train.evaluation import evaluate
 from rocketrec.train.runlog import RunLog
 from rocketrec.train.steps import DenseStep
@@ -197,8 +198,6 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Stop (TrainingDiverged) if a step's loss since the last check was not finite."""
-        from rocketrec.train.checkpoint import latest_checkpoint
-
         self.guard.check(
             self.world, f"at step {self.progress.step}", lambda: latest_checkpoint(self.out)
         )
