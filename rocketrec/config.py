@@ -231,7 +231,8 @@ def _run_args(g: Any) -> None:
         "--sharding",
         type=sharding_arg,
         default={},
-        help="per-table constraints: 'table=row_wise,other=table_wise' or JSON",
+        help="per-table constraints: 'table=row_wise,other=table_wise' or JSON (others: "
+        "the planner's choice, never data_parallel; table_wise on one worker)",
     )
     g.add_argument("--resume", default=None, help="continue from this run or checkpoint directory")
     g.add_argument(
