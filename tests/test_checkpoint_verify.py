@@ -144,3 +144,30 @@ def test_divergence_after_a_checkpoint_names_it(tmp_path, tiny_spec_path, tiny_d
     err = [x for x in out.stderr.strip().splitlines() if x.startswith("rocketrec:")]
     assert len(err) == 1 and f"The last checkpoint ({good}) is intact" in err[0], err
     assert latest_checkpoint(out_dir) == good
+
+
+def test_optimizer_state_of_another_shape_is_found(tmp_path, tiny_spec, tiny_data):
+    """Row-wise optimizer state under column-wise sharding holds one value per row per
+    column shard: resume compares each table's saved and live optimizer-state shapes and
+    starts a reshaped table's state fresh (with a warning) instead of loading part of it."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from conftest import train_small
+    from rocketrec.train.checkpoint import latest_checkpoint
+    from rocketrec.train.resume import reshaped_state_tables
+
+    train_small(tiny_spec, tiny_data, tmp_path / "run", steps=3, val=False)
+    ck = latest_checkpoint(tmp_path / "run")
+    md = FileSystemReader(str(ck)).read_metadata().state_dict_metadata
+    live: dict = {"state": {}}
+    for key, m in md.items():
+        if key.startswith("sparse_optim.state.") and ".embedding_bags." in key:
+            param, state = key[len("sparse_optim.state.") :].rsplit(".", 2)[0], key.rsplit(".", 2)
+            table = param.split(".embedding_bags.", 1)[1].split(".", 1)[0]
+            shape = tuple(m.size)
+            if table == "t_ad":  # as if now column-wise in two shards
+                shape = (shape[0] * 2, *shape[1:])
+            live["state"].setdefault(param, {})[f"{state[1]}.{state[2]}"] = torch.zeros(shape)
+    assert "t_ad" in {k.split(".")[2] for k in live["state"]}, sorted(live["state"])
+    assert reshaped_state_tables(ck, live) == ["t_ad"]

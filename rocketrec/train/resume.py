@@ -17,7 +17,9 @@ between them (DCP reshards it exactly; one line says so); a one-worker run is
 table-wise, a row-wise table resumed on one worker becomes table-wise. Column-
 wise and data-parallel tables keep their kind. Where the kind must change
 otherwise (--sharding at resume) the optimizer state of a table that moves
-between fused and data-parallel starts fresh with one warning line naming it.
+between fused and data-parallel, or whose state changes shape (column-wise
+row-wise state: one value per row per column shard), starts fresh with one
+warning line naming it.
 Reader positions are per rank: at another world size the interrupted epoch
 restarts from its beginning (one line says so).
 """
@@ -168,6 +170,33 @@ def changed_kind_tables(
     return sorted(t for t in now if t not in fused_then and saved.get(t) == "data_parallel")
 
 
+def reshaped_state_tables(path: Path, sparse_state: dict[str, Any]) -> list[str]:
+    """Tables whose optimizer state has another global shape in the checkpoint than in
+    the live state: row-wise state under column-wise sharding holds one value per row
+    *per column shard*, so it cannot be moved to another kind or shard count exactly."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    out = set()
+    for key, value in _flat_items(sparse_state, "sparse_optim."):
+        md = saved.get(key)
+        size = getattr(md, "size", None)
+        if size is None or not hasattr(value, "size") or ".embedding_bags." not in key:
+            continue
+        if tuple(size) != tuple(value.size()):
+            out.add(key.split(".embedding_bags.", 1)[1].split(".", 1)[0])
+    return sorted(out)
+
+
+def _flat_items(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(d, dict):
+        out: list[tuple[str, Any]] = []
+        for k, v in d.items():
+            out += _flat_items(v, f"{prefix}{k}.")
+        return out
+    return [(prefix.rstrip("."), d)]
+
+
 def _state_tables(sparse_state: dict[str, Any]) -> set[str]:
     out = set()
     for k in _flat_keys(sparse_state):
@@ -176,13 +205,8 @@ def _state_tables(sparse_state: dict[str, Any]) -> set[str]:
     return out
 
 
-def _flat_keys(d: Any, prefix: str = "") -> list[str]:
-    if isinstance(d, dict):
-        out: list[str] = []
-        for k, v in d.items():
-            out += _flat_keys(v, f"{prefix}{k}.")
-        return out
-    return [prefix.rstrip(".")]
+def _flat_keys(d: Any) -> list[str]:
+    return [k for k, _ in _flat_items(d)]
 
 
 def drop_table_state(sparse_state: dict[str, Any], tables: list[str]) -> dict[str, Any]:
@@ -262,6 +286,8 @@ def resume_run(t: Trainer, path: Path) -> None:
     moved = [k for k in changed if {t.saved_kinds[k], now_kinds.get(k)} <= set(MOVABLE_KINDS)]
     changed = [k for k in changed if k not in moved]
     dp_moved = [k for k in changed if "data_parallel" in (t.saved_kinds[k], now_kinds.get(k))]
+    reshaped = reshaped_state_tables(path, state["sparse_optim"])  # e.g. column-wise -> other
+    fresh = sorted(set(fresh) | set(reshaped))
     to_load = {**state, "sparse_optim": drop_table_state(state["sparse_optim"], fresh)}
     # DCP fills the block views in place, i.e. the live shards: it reads one saved
     # block at a time, never a whole table, whatever world size wrote it.
@@ -295,9 +321,16 @@ def resume_run(t: Trainer, path: Path) -> None:
             extra = "; its optimizer state starts fresh" + (
                 " (so does the towers' dense optimizer state)" if dense_fresh else ""
             )
+        elif k in reshaped:
+            extra = "; its optimizer state starts fresh (its shape changed with the kind)"
         t.log.line(
             f"resume: warning: table '{k}' changed sharding kind "
             f"({t.saved_kinds[k]} -> {now_kinds.get(k)}){extra}"
+        )
+    for k in (k for k in reshaped if k not in changed):  # the same kind, other shards
+        t.log.line(
+            f"resume: warning: table '{k}': its optimizer state's shape changed with its "
+            "shards; it starts fresh"
         )
     if dense_fresh and not dp_moved:
         t.log.line(
