@@ -145,10 +145,11 @@ def _constraints(
     """ParameterConstraints per table: the user's `constraints` ({table: {sharding_type,
     compute_kernel}}) win; else the kinds `allowed` (a resumed checkpoint's); else the
     planner's kinds at `world_size`."""
+    allowed = allowed or {}
     pc: dict[str, ParameterConstraints] = {
         t: ParameterConstraints(
-            sharding_types=list((allowed or {}).get(t) or planner_kinds(world_size)),
-            compute_kernels=["dense"] if (allowed or {}).get(t) == ("data_parallel",) else None,
+            sharding_types=list(allowed.get(t) or planner_kinds(world_size)),
+            compute_kernels=["dense"] if allowed.get(t) == ("data_parallel",) else None,
         )
         for t in table_names
     }

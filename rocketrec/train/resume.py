@@ -126,11 +126,7 @@ def _fused_tables(path: Path) -> set[str]:
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    out = set()
-    for k in keys:
-        if k.startswith("sparse_optim.state.") and ".embedding_bags." in k:
-            out.add(k.split(".embedding_bags.", 1)[1].split(".", 1)[0])
-    return out
+    return {t for k in keys if k.startswith("sparse_optim.state.") and (t := _table_of(k))}
 
 
 def saved_sharding(path: Path) -> dict[str, str]:
@@ -158,33 +154,29 @@ def allowed_kinds(saved: dict[str, str], world_size: int) -> dict[str, tuple[str
     return {t: movable if k in MOVABLE_KINDS else (k,) for t, k in saved.items()}
 
 
-def changed_kind_tables(
-    path: Path, sparse_state: dict[str, Any], saved: dict[str, str]
-) -> list[str]:
-    """Tables fused now whose optimizer state the checkpoint does not hold (they were
-    data-parallel when it was written), in table order."""
-    if not sparse_state:
-        return []
-    fused_then = _fused_tables(path)
-    now = _state_tables(sparse_state)
-    return sorted(t for t in now if t not in fused_then and saved.get(t) == "data_parallel")
+def _table_of(key: str) -> str | None:
+    """The table of a state key (`...embedding_bags.<table>.weight...`), if any."""
+    return (
+        key.split(".embedding_bags.", 1)[1].split(".", 1)[0] if ".embedding_bags." in key else None
+    )
 
 
-def reshaped_state_tables(path: Path, sparse_state: dict[str, Any]) -> list[str]:
-    """Tables whose optimizer state has another global shape in the checkpoint than in
-    the live state: row-wise state under column-wise sharding holds one value per row
-    *per column shard*, so it cannot be moved to another kind or shard count exactly."""
+def stale_state_tables(path: Path, sparse_state: dict[str, Any]) -> list[str]:
+    """Tables whose live (fused) optimizer state the checkpoint cannot fill exactly: it
+    lacks the state (the table was data-parallel when written) or holds it in another
+    global shape (row-wise state under column-wise sharding holds one value per row *per
+    column shard*, so it depends on the kind and the shard count)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     out = set()
     for key, value in _flat_items(sparse_state, "sparse_optim."):
-        md = saved.get(key)
-        size = getattr(md, "size", None)
-        if size is None or not hasattr(value, "size") or ".embedding_bags." not in key:
+        table = _table_of(key)
+        if table is None or not hasattr(value, "size"):
             continue
-        if tuple(size) != tuple(value.size()):
-            out.add(key.split(".embedding_bags.", 1)[1].split(".", 1)[0])
+        size = getattr(saved.get(key), "size", None)
+        if size is None or tuple(size) != tuple(value.size()):
+            out.add(table)
     return sorted(out)
 
 
@@ -195,18 +187,6 @@ def _flat_items(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
             out += _flat_items(v, f"{prefix}{k}.")
         return out
     return [(prefix.rstrip("."), d)]
-
-
-def _state_tables(sparse_state: dict[str, Any]) -> set[str]:
-    out = set()
-    for k in _flat_keys(sparse_state):
-        if ".embedding_bags." in k:
-            out.add(k.split(".embedding_bags.", 1)[1].split(".", 1)[0])
-    return out
-
-
-def _flat_keys(d: Any) -> list[str]:
-    return [k for k, _ in _flat_items(d)]
 
 
 def drop_table_state(sparse_state: dict[str, Any], tables: list[str]) -> dict[str, Any]:
@@ -278,16 +258,14 @@ def save_run(t: Trainer, metrics: dict[str, Any] | None = None) -> Path:
 def resume_run(t: Trainer, path: Path) -> None:
     """Load model, optimizers, counters and reader positions from checkpoint `path`."""
     state = _live_state(t)
-    # tables fused now whose optimizer state the checkpoint does not hold, and every table
-    # whose kind differs from the checkpoint's (--sharding at resume)
-    fresh = changed_kind_tables(path, state["sparse_optim"], t.saved_kinds)
+    # tables whose optimizer state starts fresh: fused now and data-parallel then, or
+    # reshaped (column-wise); and every table whose kind differs from the checkpoint's
+    fresh = stale_state_tables(path, state["sparse_optim"])
     now_kinds = sharding_kinds(t.dmp)
     changed = sorted(k for k, v in t.saved_kinds.items() if now_kinds.get(k, v) != v)
     moved = [k for k in changed if {t.saved_kinds[k], now_kinds.get(k)} <= set(MOVABLE_KINDS)]
     changed = [k for k in changed if k not in moved]
     dp_moved = [k for k in changed if "data_parallel" in (t.saved_kinds[k], now_kinds.get(k))]
-    reshaped = reshaped_state_tables(path, state["sparse_optim"])  # e.g. column-wise -> other
-    fresh = sorted(set(fresh) | set(reshaped))
     to_load = {**state, "sparse_optim": drop_table_state(state["sparse_optim"], fresh)}
     # DCP fills the block views in place, i.e. the live shards: it reads one saved
     # block at a time, never a whole table, whatever world size wrote it.
@@ -321,13 +299,13 @@ def resume_run(t: Trainer, path: Path) -> None:
             extra = "; its optimizer state starts fresh" + (
                 " (so does the towers' dense optimizer state)" if dense_fresh else ""
             )
-        elif k in reshaped:
+        elif k in fresh:
             extra = "; its optimizer state starts fresh (its shape changed with the kind)"
         t.log.line(
             f"resume: warning: table '{k}' changed sharding kind "
             f"({t.saved_kinds[k]} -> {now_kinds.get(k)}){extra}"
         )
-    for k in (k for k in reshaped if k not in changed):  # the same kind, other shards
+    for k in (k for k in fresh if k not in changed):  # the same kind, other shards
         t.log.line(
             f"resume: warning: table '{k}': its optimizer state's shape changed with its "
             "shards; it starts fresh"
