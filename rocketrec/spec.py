@@ -20,6 +20,13 @@ Schema (documented with examples in feature_specs/README.md):
       - {name: price, column: price, fill: 0.0, transform: log1p}
     light:
       features: [ad_id, price]
+    teacher: {column: pctr, kind: probability}   # optional: a logged production score
+
+Sequences (kind: sequence) are a user's behaviour history: a list column of ids,
+newest first, of which the first `max_len` are kept (the most recent). `query`
+names the candidate-side feature whose embedding attends over the history in the
+booster (same table, or a table of the same dim). Every feature of a table a
+sequence uses is looked up unpooled through TorchRec's EmbeddingCollection.
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ from typing import Any
 SPEC_VERSION = 1
 POOLINGS = ("sum", "mean")
 SPARSE_DTYPES = ("int64", "string")
-SPARSE_KINDS = ("scalar", "list", "cross", "bucketize")
-ID_KINDS: tuple[str, ...] = ("scalar", "list")  # kinds read from an id column
+SPARSE_KINDS = ("scalar", "list", "cross", "bucketize", "sequence")
+ID_KINDS: tuple[str, ...] = ("scalar", "list", "sequence")  # kinds read from an id column
+LIST_KINDS: tuple[str, ...] = ("list", "sequence")  # kinds read from a list column
+TEACHER_KINDS = ("probability", "logit")
 TRANSFORMS = ("none", "log1p", "clip", "standardize")
 
 
@@ -57,6 +66,10 @@ class SparseFeature:
     each of `inputs` (other sparse features), every combination of their bags.
     kind bucketize: a numeric `column` cut at `boundaries`; id 0 = null/NaN,
     id i + 1 = the number i of boundaries <= x (compared in float32).
+    kind sequence: a list `column` of ids, newest first; `max_ids` holds the spec's
+    `max_len` (the first, most recent ids are kept); `query` names the candidate-side
+    feature that attends over it in the booster. The light tower, if it lists a
+    sequence, reads it as a mean-pooled bag.
     All of them are computed inside the model (rocketrec.model.preprocess).
     """
 
@@ -68,6 +81,12 @@ class SparseFeature:
     max_ids: int | None = None  # keep at most this many ids per example (list/cross features)
     inputs: tuple[str, ...] | None = None  # kind cross: the crossed features, in order
     boundaries: tuple[float, ...] | None = None  # kind bucketize: strictly increasing
+    query: str | None = None  # kind sequence: the feature attending over the history
+
+    @property
+    def is_list(self) -> bool:
+        """Read from a list column (multi-hot bags and sequences)."""
+        return self.kind in LIST_KINDS
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,10 @@ class FeatureSpec:
     light_features: tuple[str, ...]
     source: str = field(default="<memory>", compare=False)
     group_column: str | None = None  # e.g. the user id: evaluation reports grouped AUC
+    # a logged production score (probability or logit) the light tower distils from;
+    # never an input of either tower and never served
+    teacher_column: str | None = None
+    teacher_kind: str = "probability"
 
     # -- derived views ---------------------------------------------------------
     @property
@@ -114,6 +137,32 @@ class FeatureSpec:
     def id_features(self) -> list[SparseFeature]:
         """Sparse features read from an id column (kind scalar or list)."""
         return [f for f in self.sparse if f.kind in ID_KINDS]
+
+    @property
+    def sequences(self) -> list[SparseFeature]:
+        return [f for f in self.sparse if f.kind == "sequence"]
+
+    @property
+    def sequence_tables(self) -> list[str]:
+        """Tables a sequence uses, in spec order: held by the EmbeddingCollection."""
+        used = {f.table for f in self.sequences}
+        return [t.name for t in self.tables if t.name in used]
+
+    @property
+    def unpooled_features(self) -> list[SparseFeature]:
+        """Every feature of a sequence table (looked up unpooled, then pooled or attended)."""
+        tables = set(self.sequence_tables)
+        return [f for f in self.sparse if f.table in tables]
+
+    @property
+    def pooled_features(self) -> list[SparseFeature]:
+        """Features looked up by the EmbeddingBagCollection (tables without sequences)."""
+        tables = set(self.sequence_tables)
+        return [f for f in self.sparse if f.table not in tables]
+
+    def pooling(self, f: SparseFeature) -> str:
+        """How feature `f` is pooled into a bag: a sequence read as a bag is a mean."""
+        return "mean" if f.kind == "sequence" else self.table(f.table).pooling
 
     @property
     def bucket_features(self) -> list[SparseFeature]:
@@ -170,6 +219,8 @@ class FeatureSpec:
             d["weight"] = {"column": self.weight_column}
         if self.group_column:
             d["group"] = {"column": self.group_column}
+        if self.teacher_column:
+            d["teacher"] = {"column": self.teacher_column, "kind": self.teacher_kind}
         return d
 
 
@@ -202,6 +253,8 @@ def _sparse_dict(f: SparseFeature) -> dict[str, Any]:
     for k, v in vars(f).items():
         if v is None or (k == "column" and f.kind == "cross"):
             continue
+        if k == "max_ids" and f.kind == "sequence":
+            k = "max_len"
         if k == "dtype" and f.kind not in ID_KINDS:
             continue
         d[k] = list(v) if isinstance(v, tuple) else v

@@ -17,6 +17,7 @@ from rocketrec.spec import (
     SPARSE_DTYPES,
     SPARSE_KINDS,
     SPEC_VERSION,
+    TEACHER_KINDS,
     TRANSFORMS,
     DenseFeature,
     FeatureSpec,
@@ -137,7 +138,18 @@ def _parse_top(ctx: _Ctx, raw: Any) -> dict[str, Any]:
         ctx,
         "",
         raw,
-        ("version", "name", "label", "weight", "group", "tables", "sparse", "dense", "light"),
+        (
+            "version",
+            "name",
+            "label",
+            "weight",
+            "group",
+            "teacher",
+            "tables",
+            "sparse",
+            "dense",
+            "light",
+        ),
         ("version", "label", "tables", "sparse"),
     )
     version = _int(ctx, "", top, "version", 1)
@@ -227,11 +239,13 @@ def _entry(
 
 
 _SPARSE_KEY_KINDS = {  # key -> kinds that take it
-    "column": ("scalar", "list", "bucketize"),
+    "column": ("scalar", "list", "bucketize", "sequence"),
     "dtype": ID_KINDS,
     "max_ids": ("scalar", "list", "cross"),
     "inputs": ("cross",),
     "boundaries": ("bucketize",),
+    "max_len": ("sequence",),
+    "query": ("sequence",),
 }
 
 
@@ -283,7 +297,18 @@ def _sparse_one(
         ctx,
         ("sparse", i, f),
         names,
-        ("name", "column", "table", "dtype", "kind", "max_ids", "inputs", "boundaries"),
+        (
+            "name",
+            "column",
+            "table",
+            "dtype",
+            "kind",
+            "max_ids",
+            "inputs",
+            "boundaries",
+            "max_len",
+            "query",
+        ),
         ("name", "table"),
     )
     tname = _str(ctx, where, obj, "table")
@@ -297,15 +322,23 @@ def _sparse_one(
             raise ctx.fail(where, f"field '{key}' does not apply to kind '{kind}'")
     if kind != "cross" and "column" not in obj:
         raise ctx.fail(where, "field 'column' is required")
+    if kind == "sequence":
+        for key in ("max_len", "query"):
+            if obj.get(key) is None:
+                raise ctx.fail(where, f"field '{key}' is required by kind 'sequence'")
+        max_ids: int | None = _int(ctx, where, obj, "max_len", 1)
+    else:
+        max_ids = _int(ctx, where, obj, "max_ids", 1) if obj.get("max_ids") is not None else None
     return SparseFeature(
         name=fname,
         column=_str(ctx, where, obj, "column") if kind != "cross" else "",
         table=tname,
         dtype=_choice(ctx, where, obj, "dtype", SPARSE_DTYPES) if "dtype" in obj else "int64",
         kind=kind,
-        max_ids=_int(ctx, where, obj, "max_ids", 1) if obj.get("max_ids") is not None else None,
+        max_ids=max_ids,
         inputs=_cross_inputs(ctx, where, obj) if kind == "cross" else None,
         boundaries=_boundaries(ctx, where, obj, tables[tname]) if kind == "bucketize" else None,
+        query=_str(ctx, where, obj, "query") if kind == "sequence" else None,
     )
 
 
@@ -333,6 +366,12 @@ def _parse_sparse(
                     f"feature '{f.name}'",
                     f"field 'inputs': '{x}' is itself a cross (list its inputs instead)",
                 )
+            if src.kind == "sequence":
+                raise ctx.fail(
+                    f"feature '{f.name}'",
+                    f"field 'inputs': '{x}' is a sequence (crosses take bags, not histories)",
+                )
+    _check_sequences(ctx, sparse, by_name, by_table)
     if not sparse:
         raise ctx.fail("", "field 'sparse' must list at least one feature")
     used = {f.table for f in sparse}
@@ -340,6 +379,61 @@ def _parse_sparse(
         if t.name not in used:
             raise ctx.fail(f"table '{t.name}'", "no sparse feature uses this table")
     return sparse
+
+
+def _check_sequences(
+    ctx: _Ctx,
+    sparse: list[SparseFeature],
+    by_name: dict[str, SparseFeature],
+    by_table: dict[str, TableSpec],
+) -> None:
+    """A sequence's query is a candidate-side sparse feature of the same table or of a
+    table of the same dim; every table a sequence uses has one dim (TorchRec's
+    EmbeddingCollection holds them all and requires it)."""
+    seqs = [f for f in sparse if f.kind == "sequence"]
+    for f in seqs:
+        where = f"feature '{f.name}'"
+        q = by_name.get(str(f.query))
+        if q is None:
+            hint = difflib.get_close_matches(str(f.query), list(by_name), n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ctx.fail(where, f"field 'query': no sparse feature named '{f.query}'{extra}")
+        if q.kind == "sequence":
+            raise ctx.fail(
+                where, f"field 'query': '{q.name}' is a sequence; name a candidate-side feature"
+            )
+        qd, sd = by_table[q.table].dim, by_table[f.table].dim
+        if q.table != f.table and qd != sd:
+            raise ctx.fail(
+                where,
+                f"field 'query': '{q.name}' reads table '{q.table}' (dim {qd}), the sequence "
+                f"reads table '{f.table}' (dim {sd}): a query needs the same table or the "
+                "same dim",
+            )
+    dims = {by_table[f.table].dim: f for f in seqs}
+    if len(dims) > 1:
+        a, b = sorted(dims)[:2]
+        raise ctx.fail(
+            f"feature '{dims[b].name}'",
+            f"field 'table': sequence tables must share one dim (TorchRec's "
+            f"EmbeddingCollection), got {a} ('{dims[a].table}') and {b} ('{dims[b].table}')",
+        )
+
+
+def _parse_teacher(ctx: _Ctx, top: dict[str, Any], taken: set[str]) -> tuple[str | None, str]:
+    """(column, kind) of the optional logged teacher score."""
+    if top.get("teacher") is None:
+        return None, "probability"
+    obj = _check_keys(ctx, "teacher", top["teacher"], ("column", "kind"), ("column",))
+    column = _str(ctx, "teacher", obj, "column")
+    kind = _choice(ctx, "teacher", obj, "kind", TEACHER_KINDS) if "kind" in obj else "probability"
+    if column in taken:
+        raise ctx.fail(
+            "teacher",
+            f"field 'column': '{column}' is already the label, weight or a feature's column "
+            "(a teacher score is never an input)",
+        )
+    return column, kind
 
 
 def _dense_one(ctx: _Ctx, i: int, f: Any, names: _Names) -> DenseFeature:
@@ -411,6 +505,8 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
     names = _Names(ctx)
     sparse = _parse_sparse(ctx, top, tables, names)
     dense = _parse_dense(ctx, top, names)
+    taken = {label, weight, group} | {f.column for f in [*sparse, *dense] if f.column}
+    teacher_column, teacher_kind = _parse_teacher(ctx, top, {c for c in taken if c})
     return FeatureSpec(
         name=_str(ctx, "", top, "name") if "name" in top else Path(source).stem,
         version=int(top["version"]),
@@ -422,6 +518,8 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
         light_features=_parse_light(ctx, top, sparse, dense),
         source=source,
         group_column=group,
+        teacher_column=teacher_column,
+        teacher_kind=teacher_kind,
     )
 
 

@@ -254,10 +254,10 @@ def _decode_sparse(col: pa.Array, f: SparseFeature, source: str) -> tuple[np.nda
             f"{source}: column '{f.column}' (sparse feature '{f.name}') is a list ({t}); "
             "the spec says kind scalar (use kind: list for multi-hot)"
         )
-    if f.kind == "list" and not is_list:
+    if f.is_list and not is_list:
         raise DataError(
             f"{source}: column '{f.column}' (sparse feature '{f.name}') is {t}, not a list; "
-            "the spec says kind list"
+            f"the spec says kind {f.kind}"
         )
     if not is_list:
         valid = col.is_valid().to_numpy(zero_copy_only=False)

@@ -58,7 +58,7 @@ def column_roles(spec: FeatureSpec) -> dict[str, str]:
     for f in numeric:
         roles.setdefault(str(f.column), "number")
     for g in spec.id_features:
-        roles[str(g.column)] = "ids" if g.kind == "list" else "id"
+        roles[str(g.column)] = "ids" if g.is_list else "id"
     if spec.group_column:
         roles.setdefault(spec.group_column, "group")
     return roles

@@ -13,7 +13,7 @@ import torch
 
 from rocketrec.hashing import CROSS_TEST_VECTORS, FNV_OFFSET, FNV_PRIME, TEST_VECTORS
 from rocketrec.model.preprocess import Preprocess
-from rocketrec.spec import FeatureSpec, SparseFeature
+from rocketrec.spec import ID_KINDS, FeatureSpec, SparseFeature
 
 FORMAT = "rocketrec-light/2"
 FORMATS_READ = ("rocketrec-light/1", "rocketrec-light/2")
@@ -26,11 +26,11 @@ def _sparse_entry(spec: FeatureSpec, f: SparseFeature) -> dict[str, Any]:
         d["inputs"] = list(f.inputs or ())
     else:
         d["column"] = f.column
-    if f.kind in ("scalar", "list"):
+    if f.kind in ID_KINDS:
         d["dtype"] = f.dtype
     if f.kind == "bucketize":
         d["boundaries"] = list(f.boundaries or ())
-    d.update(max_ids=f.max_ids, table=t.name, rows=t.rows, dim=t.dim, pooling=t.pooling)
+    d.update(max_ids=f.max_ids, table=t.name, rows=t.rows, dim=t.dim, pooling=spec.pooling(f))
     return d
 
 

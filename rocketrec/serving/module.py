@@ -82,7 +82,7 @@ def _looked_up(spec: FeatureSpec, outputs: list[str], private_dim: int) -> list[
     feats: list[Feat] = []
     for n in outputs:
         t = spec.table(sp[n].table)
-        feats.append((n, t.name, t.rows, t.dim, t.pooling))
+        feats.append((n, t.name, t.rows, t.dim, spec.pooling(sp[n])))
     if private_dim > 0:
         feats += [
             (private_table_name(n), private_table_name(t), r, private_dim, p)
