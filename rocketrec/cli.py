@@ -56,9 +56,11 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 
 
 def _cmd_synth(a: argparse.Namespace) -> int:
-    from rocketrec.data.synth import SynthConfig, synth
+    from rocketrec.data.synth import SynthConfig, SynthReport, synth
 
     spec = load_spec(a.spec)
+    if not a.teacher_noise >= 0:
+        raise UserError(f"--teacher-noise must be >= 0, got {a.teacher_noise}")
     cfg = SynthConfig(
         rows=a.rows,
         seed=a.seed,
@@ -68,11 +70,15 @@ def _cmd_synth(a: argparse.Namespace) -> int:
         ctr=a.ctr,
         label_noise=a.label_noise,
         true_ctr_column=a.true_ctr_column,
+        teacher_noise=a.teacher_noise,
     )
     t = time.time()
-    paths = synth(spec, a.out, cfg, progress=not a.quiet)
+    report = SynthReport()
+    paths = synth(spec, a.out, cfg, progress=not a.quiet, report=report)
     dt = time.time() - t
     print(f"wrote {a.rows:,} rows to {len(paths)} file(s) under {a.out} in {dt:.1f}s")
+    for line in report.lines():  # Bayes AUC (and without the sequences), teacher AUC
+        print(line)
     return 0
 
 
@@ -229,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--true-ctr-column",
         default=None,
         help="also write the true click probability in this column (never a feature)",
+    )
+    s.add_argument(
+        "--teacher-noise",
+        type=float,
+        default=1.0,
+        help="the spec's teacher column: true logit + N(0, s^2) (0 = a perfect teacher)",
     )
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_synth)

@@ -18,6 +18,7 @@ from typing import Any
 
 from rocketrec.model.loss import HINTS, MODES, LossConfig
 from rocketrec.model.model import ModelConfig
+from rocketrec.model.towers import ATTENTIONS
 from rocketrec.parallel.sharding import SHARDING_TYPES, SPARSE_OPTIMIZERS
 from rocketrec.train.job import JobConfig, RayConfig, job_from_values
 from rocketrec.train.train_config import TrainConfig
@@ -144,6 +145,19 @@ def _method_args(p: argparse.ArgumentParser) -> None:
         help="scale in [0,1] on the light losses' gradient into the shared tables "
         "(1 = the paper, 0 = light reads detached embeddings)",
     )
+    g.add_argument(
+        "--teacher-lambda",
+        type=float,
+        default=d_l.teacher_lambda,
+        help="weight of the hint towards the spec's logged teacher score (teacher: in the "
+        "spec), in every mode; 0 = off",
+    )
+    g.add_argument(
+        "--teacher-booster",
+        type=_on_off,
+        default=d_l.teacher_booster,
+        help="on: the booster also distils from the logged teacher (default off)",
+    )
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -160,6 +174,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d_m.light_private_dim,
         help="dim of a light-only embedding part beside the shared tables (0 = none)",
+    )
+    g.add_argument(
+        "--attention",
+        choices=ATTENTIONS,
+        default=d_m.attention,
+        help="how the booster reads a behaviour sequence: softmax = DIN's activation unit "
+        "with a masked softmax, din = its raw weights, mean = mean pooling",
+    )
+    g.add_argument(
+        "--attention-mlp",
+        type=_sizes,
+        default=d_m.attention_mlp,
+        help="hidden sizes of the attention's activation unit, e.g. 32",
     )
     g.add_argument(
         "--shared-bottom",

@@ -199,6 +199,8 @@ class FeatureSpec:
             cols.append(self.weight_column)
         if self.group_column and self.group_column not in cols:
             cols.append(self.group_column)
+        if self.teacher_column:
+            cols.append(self.teacher_column)
         for column in [f.column for f in self.sparse] + [f.column for f in self.dense]:
             if column and column not in cols:
                 cols.append(column)

@@ -307,6 +307,41 @@ def _decode_weights(col: pa.Array, name: str, source: str) -> np.ndarray:
     return w
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    """Probabilities (float64) -> logits float32, clamped to [1e-6, 1 - 1e-6] first."""
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p)).astype(np.float32)
+
+
+def decode_teacher(table: pa.Table, column: str, kind: str, source: str) -> np.ndarray:
+    """A logged teacher score column -> logits float32 [B], NaN where the score is null.
+    kind probability: numbers in [0, 1]; kind logit: finite numbers. Anything else
+    (NaN included: a null is how a missing score is written) names file and column."""
+    col = _column(table, column, f"teacher score ({kind})", source)
+    if not (_is_numeric(col.type) or pa.types.is_null(col.type)):
+        raise DataError(
+            f"{source}: teacher column '{column}' has type {col.type}; expected numbers "
+            f"(a {kind} per row, null where production logged none)"
+        )
+    x = col.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    v = x[valid]
+    if kind == "probability":
+        bad = ~((v >= 0) & (v <= 1))
+        want = "probabilities in [0, 1]"
+    else:
+        bad = ~np.isfinite(v)
+        want = "finite logits"
+    if bad.any():
+        raise DataError(
+            f"{source}: teacher column '{column}' must hold {want} or null; "
+            f"{int(bad.sum())} value(s) are not (e.g. {v[bad][0]!r})"
+        )
+    out = np.full(len(x), np.nan, np.float32)
+    out[valid] = _logit(v) if kind == "probability" else v.astype(np.float32)
+    return out
+
+
 def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> None:
     """Check every spec column exists with a usable type (no data read)."""
     empty = schema.empty_table()
@@ -324,7 +359,9 @@ def decode_table(
     """Arrow table -> Decoded numpy block. Raises DataError naming file and column.
 
     teacher_column: optional probability column (e.g. synth's true CTR) used as a soft
-    label by the `perfect_teacher` experiment mode; never a feature.
+    label by the `perfect_teacher` experiment mode; never a feature. Without it, the
+    spec's logged teacher column, if any. Either way `teacher` holds logits (float32
+    [B], NaN where a logged score is null).
     """
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
@@ -336,9 +373,12 @@ def decode_table(
         col = _column(table, teacher_column, "teacher probability", source)
         if not pa.types.is_floating(col.type) or col.null_count:
             raise DataError(f"{source}: teacher column '{teacher_column}' must be non-null floats")
-        teacher = col.cast(pa.float32()).to_numpy(zero_copy_only=False)
-        if not ((teacher > 0) & (teacher < 1)).all():
+        p = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        if not ((p > 0) & (p < 1)).all():
             raise DataError(f"{source}: teacher column '{teacher_column}' must lie in (0, 1)")
+        teacher = _logit(p)
+    elif spec.teacher_column:
+        teacher = decode_teacher(table, spec.teacher_column, spec.teacher_kind, source)
     keys = tuple(f.name for f in spec.id_features)
     return Decoded(dense, ids, labels, weights, keys, teacher, group)
 

@@ -54,6 +54,8 @@ def column_roles(spec: FeatureSpec) -> dict[str, str]:
     roles: dict[str, str] = {spec.label_column: "number"}
     if spec.weight_column:
         roles[spec.weight_column] = "number"
+    if spec.teacher_column:
+        roles[spec.teacher_column] = "number"
     numeric: list[DenseFeature | SparseFeature] = [*spec.dense, *spec.bucket_features]
     for f in numeric:
         roles.setdefault(str(f.column), "number")

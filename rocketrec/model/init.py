@@ -22,7 +22,15 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from rocketrec.hashing import fnv1a64
 
-_TABLE_PREFIXES = ("ebc.embedding_bags.", "light_ebc.embedding_bags.")
+_TABLE_PREFIXES = ("ebc.embedding_bags.", "light_ebc.embedding_bags.", "ec.embeddings.")
+
+
+def table_weight_key(spec: Any, table: str) -> str:
+    """The state-dict key of shared table `table`'s weight: a sequence table lives in the
+    EmbeddingCollection (`ec`), every other one in the EmbeddingBagCollection (`ebc`)."""
+    if table in spec.sequence_tables:
+        return f"ec.embeddings.{table}.weight"
+    return f"ebc.embedding_bags.{table}.weight"
 
 
 INIT_BLOCK_ROWS = 65536  # part of the init contract: changing it changes initial weights

@@ -17,6 +17,11 @@ shared tables not trained). Means are weighted by the sample weights if given.
 perfect_teacher (experiments only): the light tower alone, with BCE + hint against
 a known click probability (synth's true CTR column) instead of a booster: the
 ceiling of what any teacher's soft labels can add.
+
+Logged teacher (the spec's `teacher:` column, e.g. production's pCTR): in every mode
+the light tower also distils from it, `teacher_lambda * hint(z_l, teacher)`, with the
+configured hint and temperature (`teacher_booster`: the booster too, off by default).
+The teacher is a constant; rows whose score is missing (NaN here) skip the term.
 """
 
 from __future__ import annotations
@@ -39,8 +44,14 @@ class LossConfig:
     temperature: float = 2.0  # kd only
     gradient_block: bool = True
     light_shared_grad_scale: float = 1.0  # 0 = light losses never reach shared tables
+    # a logged teacher score (the spec's `teacher:` column): its hint's weight, and
+    # whether the booster also distils from it
+    teacher_lambda: float = 1.0
+    teacher_booster: bool = False
 
     def __post_init__(self) -> None:
+        if not self.teacher_lambda >= 0:
+            raise ValueError(f"teacher_lambda must be >= 0, got {self.teacher_lambda}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.hint not in HINTS:
@@ -110,16 +121,20 @@ def rocket_loss(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Return (total loss, every term as a float). phase: None or 'teacher'/'student'.
 
-    teacher: probabilities [B] for mode perfect_teacher. w_norm: denominator of the
-    weighted means instead of this batch's weight sum (see `_wmean`). as_tensors: the
-    terms as detached 0-dim tensors (no host sync; the training step reads them only
-    on logging steps)."""
+    teacher: teacher logits [B] (NaN = no score for that row): the target of mode
+    perfect_teacher, else a logged teacher both towers may distil from (`teacher_lambda`).
+    w_norm: denominator of the weighted means instead of this batch's weight sum (see
+    `_wmean`). as_tensors: the terms as detached 0-dim tensors (no host sync; the
+    training step reads them only on logging steps)."""
     mode = cfg.mode
+    logged = None
     if mode == "perfect_teacher":
         if teacher is None:
             raise ValueError("mode perfect_teacher needs a teacher probability column")
-        z_b = torch.logit(teacher.clamp(1e-6, 1 - 1e-6))  # a constant target
+        z_b = teacher  # a constant target
         mode = "student"
+    elif teacher is not None and cfg.teacher_lambda > 0:
+        logged = teacher
     if mode == "teacher_student":
         mode = "booster_only" if phase in (None, "teacher") else "student"
     terms: dict[str, torch.Tensor] = {}
@@ -135,8 +150,21 @@ def rocket_loss(
         # hint never reaches booster-only parameters (in 'student' the booster is frozen)
         target = z_b.detach() if (cfg.gradient_block or mode == "student") else z_b
         terms["hint"] = hint_loss(z_l, target, cfg.hint, cfg.temperature, weights, w_norm)
+    if logged is not None:
+        # rows with a score only; the teacher is data, so nothing flows back into it
+        has = ~torch.isnan(logged)
+        w_t = has.to(labels.dtype) * (weights if weights is not None else 1.0)
+        t = torch.where(has, logged, torch.zeros_like(logged))
+        if mode in ("rocket", "light_only", "student"):
+            assert z_l is not None
+            terms["teacher"] = hint_loss(z_l, t, cfg.hint, cfg.temperature, w_t)
+        if cfg.teacher_booster and mode in ("rocket", "booster_only"):
+            assert z_b is not None
+            terms["teacher_booster"] = hint_loss(z_b, t, cfg.hint, cfg.temperature, w_t)
+    scale = {"hint": cfg.hint_weight, "teacher": cfg.teacher_lambda}
+    scale["teacher_booster"] = cfg.teacher_lambda
     total = sum(
-        (cfg.hint_weight * v if k == "hint" else v for k, v in terms.items()),
+        (scale.get(k, 1.0) * v for k, v in terms.items()),
         torch.zeros((), device=labels.device),
     )
     out: dict[str, Any] = {k: v.detach() for k, v in terms.items()}

@@ -3,12 +3,19 @@
     raw inputs: id bags (KJT, keys = the spec's id features), numbers [B, C] (NaN = missing)
         -> Preprocess: max_ids, crosses, bucketizing, id mod rows; fill + transforms
            (rocketrec.model.preprocess: the same module runs in the exported model)
-        -> EmbeddingBagCollection (all tables; sharded by DMP later)  -> pooled[f]: [B, d_f]
-    booster: concat(pooled[all], dense_repr)    -> LayerNorm -> low-rank DCN-v2 cross x L
+        -> EmbeddingBagCollection (tables without sequences; sharded by DMP later)
+               -> pooled[f]: [B, d_f]
+        -> EmbeddingCollection (tables a sequence uses; unpooled, sharded the same way)
+               -> sequences: keys [B, L_s, d] + mask [B, L_s]; other features of those
+                  tables pooled here by their table's pooling -> pooled[f]: [B, d]
+    booster: concat(pooled[f] or, for a sequence s, TargetAttention(pooled[query_s],
+             keys_s, mask_s), dense_repr) -> LayerNorm -> low-rank DCN-v2 cross x L
              -> MLP -> Linear -> z_b [B]
     light:   concat(pooled[light], light dense) -> LayerNorm -> MLP -> Linear -> z_l [B]
+             (a sequence the light tower lists is a mean-pooled bag, as served)
 
-Legend: B batch, D dense features, d_f embedding dim of feature f.
+Legend: B batch, D dense features, d_f embedding dim of feature f, L_s a sequence's
+max_len.
 
 The light tower reads the shared tables through `scale_grad(x, s)`:
 forward is the identity, backward multiplies the light losses' gradient into
@@ -24,17 +31,18 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from rocketrec.model.init import init_tables
-from rocketrec.model.preprocess import Preprocess
+from rocketrec.model.preprocess import Preprocess, bag_positions
 from rocketrec.model.towers import (  # noqa: F401 - re-exported
     BoosterTower,
     LightTower,
     LowRankCross,
     ModelConfig,
+    TargetAttention,
     mlp,
     scale_grad,
 )
@@ -73,6 +81,56 @@ def _ebc(tables: list[EmbeddingBagConfig], device: torch.device) -> EmbeddingBag
     """An EBC that draws nothing from the global RNG (its values are set per row later)."""
     with torch.random.fork_rng(devices=[]):
         return EmbeddingBagCollection(tables=tables, device=device)
+
+
+def _ec(spec: FeatureSpec, device: torch.device) -> EmbeddingCollection | None:
+    """The sequence tables (and every other feature of them), looked up unpooled."""
+    if not spec.sequence_tables:
+        return None
+    configs = []
+    for name in spec.sequence_tables:
+        t = spec.table(name)
+        feats = [f.name for f in spec.unpooled_features if f.table == name]
+        configs.append(
+            EmbeddingConfig(
+                name=name, embedding_dim=t.dim, num_embeddings=t.rows, feature_names=feats
+            )
+        )
+    with torch.random.fork_rng(devices=[]):
+        return EmbeddingCollection(tables=configs, device=device)
+
+
+def jagged_rows(jt: JaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of each value [N], position of each value in its row [N]) of a jagged tensor."""
+    lengths = jt.lengths()
+    n = jt.values().shape[0]
+    rows = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=n
+    )
+    return rows, bag_positions(rows, lengths)
+
+
+def pool_jagged(jt: JaggedTensor, mean: bool) -> torch.Tensor:
+    """Unpooled embeddings (values [N, d], lengths [B]) -> sum or mean per row [B, d];
+    an empty row gives 0, as TorchRec's bags and the serving module do."""
+    values, lengths = jt.values(), jt.lengths()
+    rows, _ = jagged_rows(jt)
+    out = torch.zeros(lengths.numel(), values.shape[1], dtype=values.dtype, device=values.device)
+    out = out.index_add(0, rows, values)
+    if mean:
+        out = out / lengths.clamp_min(1).to(values.dtype).unsqueeze(1)
+    return out
+
+
+def pad_jagged(jt: JaggedTensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpooled embeddings -> (keys [B, L, d] zero-padded, mask [B, L] True on items)."""
+    values, lengths = jt.values(), jt.lengths()
+    rows, pos = jagged_rows(jt)
+    b = lengths.numel()
+    keys = torch.zeros(b, max_len, values.shape[1], dtype=values.dtype, device=values.device)
+    keys = keys.index_put((rows, pos), values)
+    mask = torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return keys, mask
 
 
 class Featurize(nn.Module):
@@ -121,12 +179,33 @@ class RocketModel(nn.Module):
         device = device or torch.device("cpu")
         table_device = table_device or device
         by_table: dict[str, list[str]] = {}
-        for f in spec.sparse:
+        for f in spec.pooled_features:
             by_table.setdefault(f.table, []).append(f.name)
-        self.ebc = _ebc(
-            [_bag(t.name, t.dim, t.rows, t.pooling, by_table[t.name]) for t in spec.tables],
-            table_device,
+        bag_tables = [t for t in spec.tables if t.name in by_table]
+        self.ebc: EmbeddingBagCollection | None = (
+            _ebc(
+                [_bag(t.name, t.dim, t.rows, t.pooling, by_table[t.name]) for t in bag_tables],
+                table_device,
+            )
+            if bag_tables
+            else None
         )
+        # sequence tables: unpooled lookups; (name, pool as mean) of their bag features,
+        # (name, max_len, query) of their sequences
+        self.ec = _ec(spec, table_device)
+        self.unpooled_bags = [
+            (f.name, spec.pooling(f) == "mean")
+            for f in spec.unpooled_features
+            if f.kind != "sequence" or f.name in spec.light_features
+        ]
+        self.sequences = [(f.name, int(f.max_ids or 0), str(f.query)) for f in spec.sequences]
+        self.sequence_names = {f.name for f in spec.sequences}
+        self.attention = nn.ModuleDict(
+            {
+                f.name: TargetAttention(spec.table(f.table).dim, cfg.attention_mlp, cfg.attention)
+                for f in spec.sequences
+            }
+        ).to(device)
         self.preprocess = Preprocess(spec).to(device)
         self.featurize = Featurize(self.preprocess)  # the same module, as the pipeline calls it
         dims = {f.name: spec.table(f.table).dim for f in spec.sparse}
@@ -155,6 +234,14 @@ class RocketModel(nn.Module):
             dense_out if self.light_uses_bottom else len(self.light_dense_idx)
         )
         # optional light-only embedding part: one private table per table the light tower uses
+        if cfg.light_private_dim and any(
+            f.kind == "sequence" and spec.table(f.table).pooling != "mean"
+            for f in spec.light_sparse
+        ):
+            raise ValueError(
+                "light_private_dim: the light tower reads a sequence whose table pools by sum; "
+                "its private twin would pool differently: give that table pooling: mean"
+            )
         self.light_ebc = _private_ebc(spec, cfg.light_private_dim, table_device)
         light_in += cfg.light_private_dim * len(self.light_sparse)
         self.booster = BoosterTower(booster_in, cfg).to(device)
@@ -211,18 +298,38 @@ class RocketModel(nn.Module):
         light_shared_grad_scale: float = 1.0,
     ) -> RocketOutput:
         """Preprocessed inputs (see `features`) -> RocketOutput(logits [B] or None)."""
-        pooled = self.ebc(bucketed).to_dict()  # by key, never by position
+        # by key, never by position; each collection picks its own features of `bucketed`
+        # (plain dicts filled by name: TorchRec's fx trace cannot iterate its outputs)
+        pooled = self.ebc(bucketed).to_dict() if self.ebc is not None else {}
+        emb: dict[str, torch.Tensor] = {}
+        seq_jt: dict[str, JaggedTensor] = {}
+        if self.ec is not None:
+            seq_jt = self.ec(bucketed)
+            for name, mean in self.unpooled_bags:
+                emb[name] = pool_jagged(seq_jt[name], mean)
+        for name in self.spec.sparse_names:
+            if name not in emb and name not in self.sequence_names:
+                emb[name] = pooled[name]
         dense_repr = self.bottom(dense) if self.bottom is not None else dense
         z_b = z_l = None
         if run_booster:
+            attended: dict[str, torch.Tensor] = {}
+            for name, max_len, query in self.sequences:
+                # booster only: the candidate's embedding attends over the history
+                keys, mask = pad_jagged(seq_jt[name], max_len)
+                attended[name] = self.attention[name](emb[query], keys, mask)
             z_b = self.booster(
-                torch.cat([pooled[n] for n in self.spec.sparse_names] + [dense_repr], 1)
+                torch.cat(
+                    [attended[n] if n in attended else emb[n] for n in self.spec.sparse_names]
+                    + [dense_repr],
+                    1,
+                )
             )
         if run_light:
             # the scale sets how much of the light losses' gradient reaches the shared layers
             parts = [
                 scale_grad(
-                    torch.cat([pooled[n] for n in self.light_sparse], 1), light_shared_grad_scale
+                    torch.cat([emb[n] for n in self.light_sparse], 1), light_shared_grad_scale
                 )
             ]
             if self.light_ebc is not None:

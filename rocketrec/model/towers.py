@@ -2,6 +2,7 @@
 
 BoosterTower: LayerNorm -> low-rank DCN-v2 cross layers -> MLP -> Linear -> logit
 LightTower:   LayerNorm -> MLP -> Linear -> logit
+TargetAttention: DIN's activation unit over a behaviour sequence (booster only)
 scale_grad:   identity forward, gradient x scale backward
 """
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+ATTENTIONS = ("softmax", "din", "mean")
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,17 @@ class ModelConfig:
     # >0: each light feature also reads a private table of this dim, trained by the light
     # losses only (a light-only embedding part beside the shared tables)
     light_private_dim: int = 0
+    # how the booster reads a behaviour sequence (kind: sequence) given its query:
+    # softmax = DIN's activation unit, weights normalised by a masked softmax;
+    # din = the unit's raw weights (DIN's paper, no normalisation); mean = mean pooling
+    attention: str = "softmax"
+    attention_mlp: tuple[int, ...] = (32,)  # hidden sizes of the activation unit
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(
+                f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}"
+            )
         if self.light_private_dim < 0 or self.light_private_dim % 4:
             raise ValueError(
                 f"light_private_dim must be 0 or a positive multiple of 4 (fbgemm's embedding "
@@ -32,7 +44,7 @@ class ModelConfig:
             )
         if self.cross_layers < 0 or self.cross_rank < 1:
             raise ValueError("cross_layers must be >= 0 and cross_rank >= 1")
-        for name in ("booster_mlp", "light_mlp", "shared_bottom"):
+        for name in ("booster_mlp", "light_mlp", "shared_bottom", "attention_mlp"):
             if any(int(x) < 1 for x in getattr(self, name)):
                 raise ValueError(f"{name}: every layer size must be >= 1")
 
@@ -106,3 +118,37 @@ class LightTower(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, K_light] -> logits [B]."""
         return self.head(self.mlp(self.norm(x))).squeeze(-1)
+
+
+class TargetAttention(nn.Module):
+    """DIN's activation unit (Zhou et al., KDD 2018): the candidate's embedding q attends
+    over a behaviour sequence k_1..k_L.
+
+        q [B, d], keys [B, L, d], mask [B, L] (True = a real item, False = padding)
+        score_i = MLP([q, k_i, q - k_i, q * k_i]) -> [B, L]
+        softmax: w = masked softmax(score)   din: w = score (raw)   mean: w = 1 / length
+        out = sum_i w_i k_i -> [B, d]   (an empty history gives 0)
+    """
+
+    def __init__(self, dim: int, hidden: tuple[int, ...], kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.unit: nn.Module | None = None
+        if kind != "mean":
+            body, out = mlp(4 * dim, hidden)
+            self.unit = nn.Sequential(body, nn.Linear(out, 1))
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(keys.dtype)  # [B, L]
+        if self.unit is None:
+            w = m / m.sum(1, keepdim=True).clamp_min(1.0)
+        else:
+            qq = q.unsqueeze(1).expand_as(keys)
+            score = self.unit(torch.cat([qq, keys, qq - keys, qq * keys], -1)).squeeze(-1)
+            if self.kind == "softmax":
+                # finite fill, then x mask: a row with no history gets weights 0 (no NaN,
+                # which -inf would give in the forward and the backward)
+                w = torch.softmax(score.masked_fill(~mask, -1e9), 1) * m
+            else:
+                w = score * m
+        return torch.bmm(w.unsqueeze(1), keys).squeeze(1)

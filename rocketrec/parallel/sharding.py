@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import ShardingType
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import (
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
     from rocketrec.spec import FeatureSpec
 
 SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel")
+# Kinds a sequence table (TorchRec EmbeddingCollection, unpooled lookups) may take here:
+# the stock EC sharder offers no table_column_wise, and data_parallel failed on CPU/gloo
+# in a probe (`split_with_sizes` inside its DDP wrapper).
+SEQUENCE_SHARDING_TYPES = ("table_wise", "column_wise", "row_wise")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
@@ -176,7 +181,17 @@ def _constraints(
 
 
 def _ebcs(model: nn.Module) -> list[nn.Module]:
-    return [m for m in (model.ebc, getattr(model, "light_ebc", None)) if m is not None]  # type: ignore[misc]
+    """Every table collection of the model: the shared bags, the light tower's private
+    bags, the sequence tables (EmbeddingCollection); absent ones left out."""
+    names = ("ebc", "light_ebc", "ec")
+    return [m for m in (getattr(model, n, None) for n in names) if m is not None]
+
+
+def table_configs(collection: nn.Module) -> list[Any]:
+    """The table configs of an EmbeddingBagCollection or an EmbeddingCollection."""
+    if hasattr(collection, "embedding_bag_configs"):
+        return list(collection.embedding_bag_configs())  # type: ignore[operator]
+    return list(collection.embedding_configs())  # type: ignore[operator]
 
 
 def prepare_tables(model: nn.Module, sparse_optimizer: str, sparse_lr: float) -> set[str]:
@@ -188,7 +203,7 @@ def prepare_tables(model: nn.Module, sparse_optimizer: str, sparse_lr: float) ->
     names: set[str] = set()
     for ebc in _ebcs(model):  # shared tables and the light tower's private tables, if any
         apply_optimizer_in_backward(opt_cls, ebc.parameters(), kwargs)  # type: ignore[operator,arg-type]
-        names |= {c.name for c in ebc.embedding_bag_configs()}  # type: ignore[operator]
+        names |= {c.name for c in table_configs(ebc)}
     return names
 
 
@@ -234,8 +249,10 @@ def make_planner(
     )
 
 
-def sharder_for(device_type: str) -> EmbeddingBagCollectionSharder:
-    return CPUShardingSharder() if device_type == "cpu" else EmbeddingBagCollectionSharder()
+def sharders_for(device_type: str) -> list[Any]:
+    """Sharders of the bag tables and of the sequence tables (EmbeddingCollection)."""
+    bags = CPUShardingSharder() if device_type == "cpu" else EmbeddingBagCollectionSharder()
+    return [bags, EmbeddingCollectionSharder()]
 
 
 @dataclass(frozen=True)
@@ -254,7 +271,7 @@ def describe_plan(plan: ShardingPlan, model: nn.Module) -> list[ShardInfo]:
     dims = {
         c.name: (c.num_embeddings, c.embedding_dim)
         for ebc in _ebcs(model)
-        for c in ebc.embedding_bag_configs()  # type: ignore[operator]
+        for c in table_configs(ebc)
     }
     for _path, module_plan in plan.plan.items():
         for table, ps in module_plan.items():  # type: ignore[attr-defined]
@@ -332,17 +349,17 @@ def plan_tables(
     names = prepare_tables(model, sparse_optimizer, sparse_lr)
     pc = _constraints(constraints, names, world_size, allowed)
     planner = make_planner(world_size, device_type, memory_per_worker, pc)
-    sharder = sharder_for(device_type)
+    sharders = sharders_for(device_type)
     try:
         if pg is not None:
-            plan = planner.collective_plan(model, [sharder], pg)  # type: ignore[arg-type]
+            plan = planner.collective_plan(model, sharders, pg)
         else:
-            plan = planner.plan(model, [sharder])  # type: ignore[arg-type]
+            plan = planner.plan(model, sharders)
     except PlannerError as e:
         need = sum(
             c.num_embeddings * c.embedding_dim * 4
             for ebc in _ebcs(model)
-            for c in ebc.embedding_bag_configs()  # type: ignore[operator]
+            for c in table_configs(ebc)
         )
         raise PlanDoesNotFit(
             f"the tables ({need / 1e9:.2f} GB of fp32 weights, plus optimizer state) do not fit "
@@ -390,7 +407,6 @@ def shard_model(
         pg,
         allowed,
     )
-    sharder = sharder_for(env.device.type)
     # The towers' dense parameters are replicated with DDP. Single-tower modes and
     # teacher_student leave some parameters without gradients in some steps: only they
     # need DDP's search for unused parameters (an extra pass over the graph each step).
@@ -407,7 +423,7 @@ def shard_model(
         module=model,
         device=env.device,
         plan=plan,
-        sharders=[sharder],  # type: ignore[list-item]
+        sharders=sharders_for(env.device.type),
         data_parallel_wrapper=wrapper,
     )
 
@@ -444,3 +460,10 @@ def check_sharding(
         _constraints(constraints, names)
     except ValueError as e:
         raise ValueError(f"--sharding: {e}") from None
+    for table in spec.sequence_tables:
+        st = (constraints.get(table) or {}).get("sharding_type")
+        if st is not None and st not in SEQUENCE_SHARDING_TYPES:
+            raise ValueError(
+                f"--sharding: '{table}' holds a sequence (unpooled lookups): its sharding "
+                f"type must be one of {', '.join(SEQUENCE_SHARDING_TYPES)}, got {st!r}"
+            )

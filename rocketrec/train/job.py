@@ -124,7 +124,7 @@ def job_from_values(
     """A JobConfig from flag-named values (argparse's namespace, or a flattened
     serialized config). Missing keys take the sections' defaults."""
     v = dict(values)
-    for k in ("booster_mlp", "light_mlp", "shared_bottom", "train", "val"):
+    for k in ("booster_mlp", "light_mlp", "shared_bottom", "attention_mlp", "train", "val"):
         if v.get(k) is not None:
             v[k] = tuple(v[k])
     train = _pick(TrainConfig, v)

@@ -154,11 +154,16 @@ def allowed_kinds(saved: dict[str, str], world_size: int) -> dict[str, tuple[str
     return {t: movable if k in MOVABLE_KINDS else (k,) for t, k in saved.items()}
 
 
+_COLLECTION_MARKS = (".embedding_bags.", ".embeddings.")  # bag tables, sequence tables
+
+
 def _table_of(key: str) -> str | None:
-    """The table of a state key (`...embedding_bags.<table>.weight...`), if any."""
-    return (
-        key.split(".embedding_bags.", 1)[1].split(".", 1)[0] if ".embedding_bags." in key else None
-    )
+    """The table of a state key (`...embedding_bags.<table>.weight...`, or
+    `...embeddings.<table>...` for a sequence table), if any."""
+    for mark in _COLLECTION_MARKS:
+        if mark in key:
+            return key.split(mark, 1)[1].split(".", 1)[0]
+    return None
 
 
 def stale_state_tables(path: Path, sparse_state: dict[str, Any]) -> list[str]:
@@ -195,7 +200,7 @@ def drop_table_state(sparse_state: dict[str, Any], tables: list[str]) -> dict[st
         return sparse_state
 
     def keep(key: str) -> bool:
-        return not any(f"embedding_bags.{t}." in key + "." for t in tables)
+        return _table_of(key + ".") not in tables
 
     def walk(d: Any, prefix: str) -> Any:
         if not isinstance(d, dict):
