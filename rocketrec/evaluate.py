@@ -368,6 +368,8 @@ def _evaluate_checkpoint(
     reader = ParquetReader(data, spec, batch_rows, shuffle=False, drop_last=False)
     limit = reader.total_rows if limit is None else min(limit, reader.total_rows)
     scores = _Scores(towers, exact_rows)
+    # the logged teacher's own metrics, on the same rows (those with a score)
+    teacher = _Scores(["teacher"], exact_rows) if spec.teacher_column else None
     prog = _Progress(limit, quiet=quiet)
     with torch.inference_mode():
         for b in reader:
@@ -380,9 +382,21 @@ def _evaluate_checkpoint(
             w = b.weights[:n].numpy() if b.weights is not None and spec.weight_column else None
             g = b.group[:n].numpy() if b.group is not None and spec.group_column else None
             scores.add(z, y, w, g)
+            if teacher is not None and b.teacher is not None:
+                zt = b.teacher[:n].double().numpy()
+                k = ~np.isnan(zt)
+                teacher.add(
+                    {"teacher": zt[k]},
+                    y[k],
+                    None if w is None else w[k],
+                    None if g is None else g[k],
+                )
             prog.update(n)
     reader.close()
     rep = scores.report()
+    if teacher is not None:
+        t_rep = teacher.report()
+        rep["towers"]["teacher"] = {**t_rep["towers"]["teacher"], "rows": t_rep["rows"]}
     rep.update(
         kind="checkpoint", checkpoint=str(ck), step=meta.get("step"), negative_sample_rate=rate
     )

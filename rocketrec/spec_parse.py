@@ -505,7 +505,8 @@ def spec_from_dict(raw: Any, source: str = "<memory>") -> FeatureSpec:
     names = _Names(ctx)
     sparse = _parse_sparse(ctx, top, tables, names)
     dense = _parse_dense(ctx, top, names)
-    taken = {label, weight, group} | {f.column for f in [*sparse, *dense] if f.column}
+    taken = {label, weight, group} | {f.column for f in sparse if f.column}
+    taken |= {f.column for f in dense}
     teacher_column, teacher_kind = _parse_teacher(ctx, top, {c for c in taken if c})
     return FeatureSpec(
         name=_str(ctx, "", top, "name") if "name" in top else Path(source).stem,

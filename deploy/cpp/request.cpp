@@ -140,7 +140,8 @@ RequestParser RequestParser::from_manifest(const std::string& text, Limits limit
       SparseFeatureInfo info;
       info.name = f["name"].get<std::string>();
       info.is_string = f.contains("dtype") && f["dtype"] == "string";
-      info.is_list = f.contains("kind") && f["kind"] == "list";
+      // a sequence the light tower reads is a list of ids, newest first (a mean-pooled bag)
+      info.is_list = f.contains("kind") && (f["kind"] == "list" || f["kind"] == "sequence");
       if (f.contains("max_ids") && f["max_ids"].is_number_integer()) info.max_ids = f["max_ids"].get<int64_t>();
       sparse.push_back(std::move(info));
     }

@@ -18,7 +18,7 @@ struct RequestError : std::runtime_error {
 struct SparseFeatureInfo {
   std::string name;
   bool is_string = false;  // string ids are hashed with fnv1a64
-  bool is_list = false;    // kind list (multi-hot)
+  bool is_list = false;    // kind list (multi-hot) or sequence
   int64_t max_ids = 0;     // 0 = no cap (the model truncates; informational here)
 };
 

@@ -111,7 +111,7 @@ class SynthConfig:
     true_ctr_column: str | None = None
     n_pairs: int = 24
     teacher_noise: float = 1.0  # sd of the teacher's logit noise (0: a perfect teacher)
-    seq_weight: float = 1.5  # weight of the (standardised) best-match sequence term
+    seq_weight: float = 2.0  # weight of the (standardised) best-match sequence term
 
 
 def _salt(name: str) -> int:
@@ -554,7 +554,8 @@ class Generator:
             if self.spec.teacher_kind == "probability":
                 with np.errstate(over="ignore"):
                     tp = 1 / (1 + np.exp(-tz))
-                lo, hi = np.float32(1e-7), np.nextafter(np.float32(1), np.float32(0))
+                # strictly inside (0, 1) in float32 (clips only logits beyond about +-17/-87)
+                lo, hi = np.finfo(np.float32).tiny, np.nextafter(np.float32(1), np.float32(0))
                 score = np.clip(tp, lo, hi).astype(np.float32)
             else:
                 score = tz.astype(np.float32)

@@ -25,6 +25,7 @@ from torch import nn
 
 from rocketrec.data.batch import decode_table
 from rocketrec.data.synth import heldout_table
+from rocketrec.model.init import table_weight_key
 from rocketrec.serving.manifest import build_manifest
 from rocketrec.serving.module import (
     BlockHook,
@@ -156,12 +157,18 @@ def _reference_scores(
     )
     ref = RocketModel(compact_spec, model.cfg)
     ref.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if not k.startswith(("ebc.", "light_ebc."))},
+        {
+            k: v
+            for k, v in model.state_dict().items()
+            if not k.startswith(("ebc.", "light_ebc.", "ec."))
+        },
         strict=False,
     )
     with torch.no_grad():
-        for ebc in (ref.ebc, ref.light_ebc):
-            for name, bag in ebc.embedding_bags.items() if ebc is not None else []:
+        for coll, attr in ((ref.ebc, "embedding_bags"), (ref.light_ebc, "embedding_bags")) + (
+            (ref.ec, "embeddings"),
+        ):
+            for name, bag in getattr(coll, attr).items() if coll is not None else []:
                 bag.weight.zero_()
                 if name in rows.rows:
                     bag.weight[: rows.rows[name].shape[0]] = rows.rows[name]
@@ -232,6 +239,12 @@ def _what_to_export(model: Any, booster: bool) -> tuple[FeatureSpec, nn.Module]:
     spec = replace(spec, light_features=tuple(spec.sparse_names + spec.dense_names))
     if model.bottom is not None:
         raise ValueError("--booster export does not support shared_bottom")
+    if spec.sequences:
+        raise ValueError(
+            "--booster export: the booster's target attention over sequences ("
+            + ", ".join(f.name for f in spec.sequences)
+            + ") has no serving module yet; only the light tower is exported"
+        )
     check_servable(spec)
     return spec, _BoosterHead(model.booster)
 
@@ -242,7 +255,7 @@ def _table_sources(
     """Only the tables the exported tower reads, each streamed block by block."""
     tables = list(dict.fromkeys(f.table for f in spec.light_sparse))
     sources: dict[str, TableSource] = {
-        t: partial(ct.row_blocks, f"model.ebc.embedding_bags.{t}.weight") for t in tables
+        t: partial(ct.row_blocks, f"model.{table_weight_key(spec, t)}") for t in tables
     }
     if booster or model.light_ebc is None:
         return sources, 0

@@ -37,12 +37,13 @@ def _filler(reader: ParquetReader) -> Batch:
 def _score(
     dmp: Any, reader: ParquetReader, world: int, device: torch.device, max_batches: int
 ) -> list[np.ndarray]:
-    """[labels, weights, booster logits, light logits, groups] of this rank's rows."""
+    """[labels, weights, booster logits, light logits, groups, logged teacher logits
+    (NaN = none)] of this rank's rows."""
     reader.set_epoch(0)
     n = max(reader.batches_per_epoch(0, r) for r in range(world))
     if max_batches:
         n = min(n, max_batches)
-    cols: list[list[np.ndarray]] = [[], [], [], [], []]
+    cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
     it = iter(reader)
     filler = None
     for _ in range(n):
@@ -61,8 +62,10 @@ def _score(
         cols[3].append(out.light[:k].float().cpu().numpy())
         if b.group is not None:
             cols[4].append(b.group[:k].numpy())
+        if b.teacher is not None:
+            cols[5].append(b.teacher[:k].numpy())
     it.close()  # stop reading: the reader thread ends, the rest is never decoded
-    empty = [np.zeros(0, np.float32)] * 4 + [np.zeros(0, np.int64)]
+    empty = [np.zeros(0, np.float32)] * 4 + [np.zeros(0, np.int64), np.zeros(0, np.float32)]
     return [np.concatenate(c) if c else e for c, e in zip(cols, empty, strict=True)]
 
 
@@ -88,8 +91,8 @@ def evaluate(
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, local)
-        local = [np.concatenate([g[k] for g in gathered]) for k in range(5)]
-    y, w, b_logits, l_logits, groups = local
+        local = [np.concatenate([g[k] for g in gathered]) for k in range(6)]
+    y, w, b_logits, l_logits, groups, t_logits = local
     offset = float(np.log(negative_sample_rate))
     spec = reader.spec
     w_arg = w if spec.weight_column else None
@@ -99,6 +102,15 @@ def evaluate(
         if name in towers:  # a single-tower mode: the other tower is untrained noise
             for k, v in tower_metrics(y, z, w_arg, g_arg).items():
                 res[f"{name}_{k}"] = v
+    if spec.teacher_column and len(t_logits) == len(y):
+        # the logged teacher on the same rows (those with a score); no downsampling offset:
+        # production scored the real traffic
+        k = ~np.isnan(t_logits)
+        if k.any():
+            for name, v in tower_metrics(
+                y[k], t_logits[k], None if w_arg is None else w_arg[k], None
+            ).items():
+                res[f"teacher_{name}"] = v
     res["base_logloss"] = base_rate_logloss(y, w_arg)
     res["ctr"] = float(np.average(y, weights=w_arg))
     return res
