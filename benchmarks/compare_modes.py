@@ -17,6 +17,21 @@ standard deviation; a difference within 2 standard errors is labelled noise.
 Writes OUT/results.json (every run), OUT/table.md and OUT/chart.png, plus the
 C++ serving latency of the light tower and the booster (batch 1 and 256).
 Nothing is tuned on the test folds: every variant runs with fixed settings.
+
+The measure of the method's payoff, printed per run and summarised with its spread
+over seeds: the share of the booster-light gap a variant's light tower closes,
+
+    gap closed = (light AUC of the variant - light_only's) / (booster_only's - light_only's)
+
+paired per (fold, seed). Sequence and teacher variants (a spec with `kind: sequence`
+features and a `teacher:` column, e.g. feature_specs/ads_seq.yaml): booster_only_mean /
+booster_only_din (the booster's attention against mean pooling and DIN's raw weights),
+light_only_teacher (plain distillation from the logged score), rocket_kd_teacher
+(booster and logged teacher together), light_seq_mean / rocket_kd_light_seq (the light
+tower also reads the sequences as mean-pooled bags), perfect_teacher (the true click
+probability as the teacher: the ceiling). Every other variant runs with
+teacher_lambda 0, so the logged score teaches only where a variant says so.
+`--teacher-noise` sets the logged teacher's quality in synthetic data.
 """
 
 from __future__ import annotations
@@ -54,6 +69,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "light_shared_grad_scale": 0.0,
     },
     "light_only_private8": {"mode": "light_only", "light_private_dim": 8},
+    # behaviour sequences: the booster's reading of them (attention vs pooling)
+    "booster_only_mean": {"mode": "booster_only", "attention": "mean"},
+    "booster_only_din": {"mode": "booster_only", "attention": "din"},
+    # a logged production teacher (the spec's teacher column)
+    "light_only_teacher": {"mode": "light_only", "hint": "kd", "teacher_lambda": 1.0},
+    "rocket_kd_teacher": {"hint": "kd", "hint_weight": 1.0, "teacher_lambda": 1.0},
+    # the light tower also reads the sequences, mean-pooled (as the fused op serves them)
+    "light_seq_mean": {"mode": "light_only", "light_add_sequences": True},
+    "rocket_kd_light_seq": {"hint": "kd", "hint_weight": 1.0, "light_add_sequences": True},
+    # the ceiling: the true click probability as the teacher (synthetic data only)
+    "perfect_teacher": {"mode": "perfect_teacher", "hint": "kd", "hint_weight": 1.0},
 }
 DEFAULT_VARIANTS = [
     "light_only",
@@ -66,7 +92,21 @@ DEFAULT_VARIANTS = [
     "rocket_kd_scale0",
     "teacher_student_kd",
 ]
-MODEL_KEYS = ("light_private_dim",)
+MODEL_KEYS = ("light_private_dim", "attention")
+SEQUENCE_VARIANTS = (
+    "booster_only_mean",
+    "booster_only_din",
+    "light_seq_mean",
+    "rocket_kd_light_seq",
+)
+TEACHER_VARIANTS = ("light_only_teacher", "rocket_kd_teacher")
+TRUE_CTR = "_p_true"
+
+
+def gap_closed(light: float, light_only: float, booster: float) -> float:
+    """Share of the booster-light gap a light tower closes (nan without a gap)."""
+    gap = booster - light_only
+    return (light - light_only) / gap if gap > 0 else float("nan")
 
 
 def kfold_splits(data: str, spec, k: int, root: Path, row_group: int) -> list[tuple[str, str]]:
@@ -109,6 +149,20 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for m in ("light_auc", "light_logloss", "booster_auc", "booster_logloss", "train_seconds"):
             x = np.array([rs[k][m] for k in keys], dtype=float)
             s[m] = (float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0)
+        if "light_only" in by and "booster_only" in by and v not in ("light_only", "booster_only"):
+            g = np.array(
+                [
+                    gap_closed(
+                        rs[k]["light_auc"],
+                        by["light_only"][k]["light_auc"],
+                        by["booster_only"][k]["booster_auc"],
+                    )
+                    for k in keys
+                    if k in by["light_only"] and k in by["booster_only"]
+                ]
+            )
+            if len(g):
+                s["gap_closed"] = (float(g.mean()), float(g.std(ddof=1)) if len(g) > 1 else 0.0)
         for ref, metric in (("light_only", "light_auc"), ("booster_only", "booster_auc")):
             if ref in by and v != ref:
                 d = np.array([rs[k][metric] - by[ref][k][metric] for k in keys if k in by[ref]])
@@ -135,9 +189,12 @@ def table_md(summary: dict, latency: dict, ceiling: float | None, meta: dict) ->
         "Mean ± standard deviation over runs; differences are paired per (fold, seed) against "
         "light_only (light tower) and booster_only (booster); '(noise)' = within 2 standard errors.",
         "",
-        "| variant | light AUC | Δ light AUC vs light_only | light logloss | booster AUC | "
-        "Δ booster AUC vs booster_only | booster logloss | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "Gap closed = (light AUC - light_only's) / (booster_only's booster AUC - light_only's), "
+        "paired per (fold, seed).",
+        "",
+        "| variant | light AUC | Δ light AUC vs light_only | gap closed | light logloss | "
+        "booster AUC | Δ booster AUC vs booster_only | booster logloss | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in VARIANTS:
         if v not in summary:
@@ -151,13 +208,22 @@ def table_md(summary: dict, latency: dict, ceiling: float | None, meta: dict) ->
         bl = fmt(s["booster_logloss"]) if booster_trained else "—"
         dl = fmt_diff(s.get("d_light_auc")) if light_trained and v != "light_only" else "—"
         db = fmt_diff(s.get("d_booster_auc")) if booster_trained and v != "booster_only" else "—"
+        gc = s.get("gap_closed")
+        gcs = f"{100 * gc[0]:+.0f}% ± {100 * gc[1]:.0f}%" if light_trained and gc else "—"
         lines.append(
-            f"| {v} | {la} | {dl} | {ll} | {ba} | {db} | {bl} | {s['train_seconds'][0]:.1f} |"
+            f"| {v} | {la} | {dl} | {gcs} | {ll} | {ba} | {db} | {bl} | "
+            f"{s['train_seconds'][0]:.1f} |"
         )
     if ceiling is not None:
         lines += [
             "",
             f"Bayes ceiling (true click probability as the score) on the held-out set: AUC {ceiling:.4f}.",
+        ]
+    if meta.get("teacher_auc") is not None:
+        lines += [
+            "",
+            f"Logged teacher's own AUC on the held-out set: {meta['teacher_auc']:.4f} "
+            f"(synth --teacher-noise {meta.get('teacher_noise')}).",
         ]
     if latency:
         lines += [
@@ -226,6 +292,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument(
+        "--teacher-noise",
+        type=float,
+        default=1.0,
+        help="synthetic data: the logged teacher's logit = true logit + N(0, s^2)",
+    )
     a = ap.parse_args()
 
     from rocketrec.cli import quiet_library_noise
@@ -243,21 +315,40 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="compare_"))
-    ceiling = None
+    ceiling = teacher_auc = None
     if a.synth_rows:
         from rocketrec.data.synth import SynthConfig, synth
 
         synth(
-            spec, str(tmp / "train"), SynthConfig(rows=a.synth_rows, seed=1, row_group_size=16384)
+            spec,
+            str(tmp / "train"),
+            SynthConfig(
+                rows=a.synth_rows,
+                seed=1,
+                row_group_size=16384,
+                true_ctr_column=TRUE_CTR,
+                teacher_noise=a.teacher_noise,
+            ),
         )
         synth(
             spec,
             str(tmp / "test"),
-            SynthConfig(rows=a.synth_test_rows, seed=a.synth_test_seed, true_ctr_column="_p_true"),
+            SynthConfig(
+                rows=a.synth_test_rows,
+                seed=a.synth_test_seed,
+                true_ctr_column=TRUE_CTR,
+                teacher_noise=a.teacher_noise,
+            ),
         )
         splits = [(str(tmp / "train"), str(tmp / "test"))]
         t = pq.read_table(tmp / "test")
-        ceiling = auc(t[spec.label_column].to_numpy(), t["_p_true"].to_numpy())
+        ceiling = auc(t[spec.label_column].to_numpy(), t[TRUE_CTR].to_numpy())
+        if spec.teacher_column:
+            import numpy as np
+
+            tc = t[spec.teacher_column].to_numpy(zero_copy_only=False).astype(float)
+            ok = ~np.isnan(tc)
+            teacher_auc = auc(t[spec.label_column].to_numpy()[ok], tc[ok])
         split_desc = (
             f"synthetic {a.synth_rows:,} train / {a.synth_test_rows:,} held-out rows "
             f"(seed {a.synth_test_seed}; one hidden model)"
@@ -270,11 +361,20 @@ def main() -> None:
     total = len(splits) * len(a.seeds) * len(a.variants)
     t0 = time.time()
     first_ckpt: dict[str, str] = {}
+    by_seed: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
     for fold, (tr, te) in enumerate(splits):
         for seed in a.seeds:
             for v in a.variants:
                 kw = dict(VARIANTS[v])
                 mkw = {k: kw.pop(k) for k in MODEL_KEYS if k in kw}
+                run_spec = spec
+                if kw.pop("light_add_sequences", False):
+                    add = {f.name for f in spec.sequences} | set(spec.light_features)
+                    names = spec.sparse_names + spec.dense_names
+                    run_spec = dataclasses.replace(
+                        spec, light_features=tuple(n for n in names if n in add)
+                    )
+                kw.setdefault("teacher_lambda", 0.0)  # the logged score teaches only if asked
                 loss = LossConfig(**kw)
                 model_cfg = dataclasses.replace(base_model, **mkw)
                 tc = TrainConfig(
@@ -283,9 +383,10 @@ def main() -> None:
                     seed=seed,
                     log_every=0,
                     keep_checkpoints=1,
+                    teacher_column=TRUE_CTR if loss.mode == "perfect_teacher" else None,
                 )
                 run_dir = tmp / f"run_{fold}_{seed}_{v}"
-                r = train(spec, tr, te, str(run_dir), model_cfg, loss, tc)
+                r = train(run_spec, tr, te, str(run_dir), model_cfg, loss, tc)
                 rec = {
                     "variant": v,
                     "fold": fold,
@@ -305,16 +406,32 @@ def main() -> None:
                 }
                 runs.append(rec)
                 first_ckpt.setdefault(v, str(run_dir))
+                if "light_only" in by_seed.get((fold, seed), {}) and "booster_only" in by_seed.get(
+                    (fold, seed), {}
+                ):
+                    ref = by_seed[(fold, seed)]
+                    rec["gap_closed"] = gap_closed(
+                        rec["light_auc"],
+                        ref["light_only"]["light_auc"],
+                        ref["booster_only"]["booster_auc"],
+                    )
+                by_seed.setdefault((fold, seed), {})[v] = rec
                 print(
                     f"[{len(runs)}/{total}] fold {fold} seed {seed} {v}: light auc "
                     f"{r.get('light_auc', float('nan')):.4f} booster auc "
                     f"{r.get('booster_auc', float('nan')):.4f} ({r['train_seconds']:.1f}s; "
-                    f"{time.time() - t0:.0f}s elapsed)",
+                    f"{time.time() - t0:.0f}s elapsed)"
+                    + (
+                        f"; gap closed {100 * rec['gap_closed']:+.0f}%"
+                        if rec.get("gap_closed") is not None
+                        and v not in ("light_only", "booster_only")
+                        else ""
+                    ),
                     flush=True,
                 )
     summary = summarize(runs)
     latency: dict[str, Any] = {}
-    if not a.no_latency and "rocket_kd" in first_ckpt:
+    if not a.no_latency and "rocket_kd" in first_ckpt and not spec.sequences:
         from bench_serving import bench, build_cpp
 
         from rocketrec.serving.export import export_checkpoint
@@ -333,6 +450,8 @@ def main() -> None:
         "splits": split_desc,
         "seeds": a.seeds,
         "budget": f"{a.epochs} epoch(s), batch {a.batch_size}, default model and optimizer settings",
+        "teacher_auc": teacher_auc,
+        "teacher_noise": a.teacher_noise if spec.teacher_column else None,
     }
     (out / "results.json").write_text(
         json.dumps(

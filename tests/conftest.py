@@ -131,6 +131,61 @@ def tiny_data(tmp_path_factory, tiny_spec) -> dict[str, str]:
     return {"train": str(root / "train"), "val": str(root / "val")}
 
 
+# A sequence on a table it shares with its query (t_ad), one on a table of its own with a
+# query of the same dim; the light tower reads the second as a mean-pooled bag.
+SEQ_SPEC = """
+version: 1
+name: seqy
+label: {column: y}
+teacher: {column: pctr, kind: probability}
+tables:
+  - {name: t_user, rows: 500, dim: 8}
+  - {name: t_ad, rows: 300, dim: 8, pooling: mean}
+  - {name: t_hist, rows: 100, dim: 8}
+  - {name: t_ctx, rows: 50, dim: 4}
+sparse:
+  - {name: user, column: user, dtype: int64, table: t_user}
+  - {name: ad, column: ad, dtype: string, table: t_ad}
+  - {name: ad_cat, column: ad_cat, dtype: int64, table: t_hist}
+  - {name: hist_ads, column: hist_ads, dtype: string, kind: sequence, table: t_ad, max_len: 6, query: ad}
+  - {name: hist_cats, column: hist_cats, dtype: int64, kind: sequence, table: t_hist, max_len: 4, query: ad_cat}
+  - {name: ctx, column: ctx, dtype: int64, table: t_ctx}
+dense:
+  - {name: price, column: price, fill: 1.0, transform: log1p}
+light:
+  features: [user, ad, hist_cats, ctx, price]
+"""
+
+
+@pytest.fixture(scope="session")
+def seq_spec_path(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("spec") / "seqy.yaml"
+    p.write_text(SEQ_SPEC)
+    return p
+
+
+@pytest.fixture(scope="session")
+def seq_spec(seq_spec_path):
+    from rocketrec.spec import load_spec
+
+    return load_spec(seq_spec_path)
+
+
+@pytest.fixture(scope="session")
+def seq_data(tmp_path_factory, seq_spec) -> dict[str, str]:
+    """Train (6k rows, 3 files) and validation (2k rows) for the sequence spec."""
+    from rocketrec.data.synth import SynthConfig, synth
+
+    root = tmp_path_factory.mktemp("seqdata")
+    synth(
+        seq_spec,
+        str(root / "train"),
+        SynthConfig(rows=6000, seed=1, files=3, row_group_size=1000, ctr=0.2),
+    )  # noqa: E501
+    synth(seq_spec, str(root / "val"), SynthConfig(rows=2000, seed=2, row_group_size=1000, ctr=0.2))  # noqa: E501
+    return {"train": str(root / "train"), "val": str(root / "val")}
+
+
 SMALL_MODEL = dict(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,))
 
 

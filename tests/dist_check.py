@@ -52,7 +52,7 @@ def main() -> None:
     dense_params = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
     opt = torch.optim.Adam(dense_params, lr=lr_dense)
 
-    ref_tables = list(ref.ebc.parameters())
+    ref_tables = [p for m in (ref.ebc, ref.ec) if m is not None for p in m.parameters()]
     ref_tables_ids = {id(p) for p in ref_tables}
     ref_dense = [p for p in ref.parameters() if id(p) not in ref_tables_ids]
     if sharding == "data_parallel":  # DP tables are trained by the dense optimizer
@@ -125,7 +125,9 @@ def _compare(dmp, ref, rank: int) -> dict[str, float]:
                 res["table_off"] += int((diff > 1e-3).sum())
         elif rank == 0 and key in ref_sd:
             d = float((val.detach().float() - ref_sd[key].float()).abs().max())
-            key_kind = "max_table_diff" if key.startswith("ebc.") else "max_dense_diff"
+            key_kind = "max_table_diff" if key.startswith(("ebc.", "ec.")) else "max_dense_diff"
+            if d > res[key_kind]:
+                res[key_kind + "_key"] = key  # type: ignore[assignment]
             res[key_kind] = max(res[key_kind], d)
     return res
 

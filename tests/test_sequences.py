@@ -10,43 +10,12 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from conftest import SEQ_SPEC
 from rocketrec.data.batch import DataError, decode_table
 from rocketrec.model.loss import LossConfig, rocket_loss
 from rocketrec.model.model import RocketModel
 from rocketrec.model.towers import TargetAttention
 from rocketrec.spec import SpecError, load_spec, spec_from_dict
-
-# A sequence on a table it shares with its query (t_ad), one on a table of its own with a
-# query of the same dim; the light tower reads the second as a mean-pooled bag.
-SEQ_SPEC = """
-version: 1
-name: seqy
-label: {column: y}
-teacher: {column: pctr, kind: probability}
-tables:
-  - {name: t_user, rows: 500, dim: 8}
-  - {name: t_ad, rows: 300, dim: 8, pooling: mean}
-  - {name: t_hist, rows: 100, dim: 8}
-  - {name: t_ctx, rows: 50, dim: 4}
-sparse:
-  - {name: user, column: user, dtype: int64, table: t_user}
-  - {name: ad, column: ad, dtype: string, table: t_ad}
-  - {name: ad_cat, column: ad_cat, dtype: int64, table: t_hist}
-  - {name: hist_ads, column: hist_ads, dtype: string, kind: sequence, table: t_ad, max_len: 6, query: ad}
-  - {name: hist_cats, column: hist_cats, dtype: int64, kind: sequence, table: t_hist, max_len: 4, query: ad_cat}
-  - {name: ctx, column: ctx, dtype: int64, table: t_ctx}
-dense:
-  - {name: price, column: price, fill: 1.0, transform: log1p}
-light:
-  features: [user, ad, hist_cats, ctx, price]
-"""
-
-
-@pytest.fixture(scope="module")
-def seq_spec(tmp_path_factory):
-    p = tmp_path_factory.mktemp("spec") / "seqy.yaml"
-    p.write_text(SEQ_SPEC)
-    return load_spec(p)
 
 
 def _yaml(text: str) -> dict:
@@ -142,7 +111,7 @@ def _raw_batch(spec, b: int, seed: int = 0, empty_rows: tuple[int, ...] = ()):
 
 
 def _model(spec, **over):
-    from tests.conftest import small_model
+    from conftest import small_model
 
     torch.manual_seed(0)
     return RocketModel(spec, small_model(**over))

@@ -22,41 +22,45 @@ Design (what makes the data useful for comparing a deep and a shallow tower):
   validation sets drawn with different seeds share one ground truth.
 - `label_noise`: flip this fraction of labels (after drawing them).
 
-Behaviour sequences (sparse `kind: sequence`; a list column, NEWEST FIRST: position 0
-is the most recent item and a model keeps the first `max_len`):
+Behaviour sequences (sparse `kind: sequence`): a list column, NEWEST FIRST (position 0
+is the most recent item; a model keeps the first `max_len`, the newest). Lengths are
+at most `max_len`.
 
-- Interest space: 32 hidden unit "interest centres" in 12 d. Every id of an item id
-  space gets a hidden unit vector near the centre of its cluster (its slice of the
-  vocabulary, `rank // (vocab // 32)`; cosine ~0.75 between two ids of a cluster,
-  ~0 across clusters). A sequence on its query's table uses the query's ids (the
-  same raw ids, so `hist_ads` holds `ad_id` values); a sequence on another table
-  has its own ids (and vectors) in the same space.
+- Interest space: 32 hidden unit "interest centres" in 12 d, 8 topics per interest.
+  Every id of an item id space gets a hidden unit vector: its cluster's centre + its
+  topic's offset + its own noise (cosine ~0.9 within a topic, ~0.7 across the topics
+  of a cluster, ~0 across clusters); its cluster is its slice of the vocabulary
+  (`rank // (vocab // 32)`), its topic a hidden draw. A sequence on its query's table
+  (query of kind scalar or list) holds the query's ids (the same raw ids or strings:
+  `hist_ads` holds `ad_id` values); any other sequence has ids (and vectors) of its
+  own in the same space.
 - Per row, the user has 1-4 interests (clusters) with Dirichlet weights; with
-  probability 0.5 one of them is the candidate's cluster (the candidate "is from one
-  of the user's interests"), otherwise they are random. Interests are a row's state,
-  not tied to the user id, so only the history reveals them.
+  probability 0.5 the first is the candidate's cluster (the candidate is from one of
+  the user's interests), otherwise all are random. Interests are the row's state,
+  not tied to the user id: only the history reveals them.
 - The history: 5% empty, else a length uniform in [min(5, max_len), max_len]; each
-  item picks an interest by its weight (10% stray items from a random cluster) and a
-  popular id of that cluster. Items are exchangeable in time: the truth does not
-  depend on positions (the booster's attention has no positional encoding).
-- True logit += `seq_weight` x the standardised BEST MATCH between the candidate and
-  the history: max over history items of cos(v_candidate, v_item) (an empty history
-  scores the mean). Only the matching part of the history matters: mean pooling
-  dilutes it by the interest's share of the history, attention can pick it out.
-  Several independent sequences split the weight (/ sqrt(count)).
-- Paired sequences: when an item sequence A (its table = its query QA's table) and a
-  sequence B on another table with another scalar query QB (B's table = QB's table),
-  e.g. `hist_ads` (query ad_id) and `hist_categories` (query ad_category), B is
-  DERIVED: each item has one hidden attribute id (a category of its cluster), B
-  lists the attributes of A's items (the first B.max_len of them), and QB's column
-  becomes the attribute of QA's id (the candidate's category is its ad's category).
-  A derived sequence adds no term of its own. Without such a pair, every sequence is
-  drawn independently by the scheme above (all share the row's interests).
-- All sequence randomness comes from a second generator seeded from the row
-  generator's seed, and the ids, weights and vectors of the other features are
-  unchanged: specs without sequences give exactly the files they gave before.
+  item picks an interest by its weight (10% stray items: a random cluster) and a
+  popular (Zipf) id of that cluster. Positions carry no signal (the booster's
+  attention has no positional encoding); newest first matters where lists are cut.
+- True logit += `seq_weight` (2.0) x the standardised BEST MATCH between candidate
+  and history: the max over history items of cos(v_candidate, v_item); an empty
+  history scores the mean. Only the matching part of the history matters: mean
+  pooling dilutes it by that interest's share of the history, attention can pick it
+  out. Independent sequences split the weight (each gets seq_weight / sqrt(count)).
+- Paired sequences: given an item sequence A (on the table of its scalar query QA,
+  e.g. `hist_ads`, query ad_id), a later sequence B on another table whose scalar
+  query QB reads B's table (e.g. `hist_categories`, query ad_category) is DERIVED
+  from A: every item has one hidden attribute (its interest and topic's category),
+  B lists the attributes of A's items (of its first, newest, B.max_len) and QB's
+  column becomes the attribute of QA's id (the candidate's category is its ad's).
+  A derived sequence adds no term of its own; any other sequence is drawn
+  independently by the scheme above (all share the row's interests).
 - A query that is not a scalar id feature (list, bucketize, cross) has no item
   vector: the candidate's interest is then the row's hidden ad category `cat`.
+- Sequence (and teacher) randomness comes from a second generator seeded from the
+  row generator's seed; sequences take no part in the pairwise term. Specs without
+  sequences or a teacher give exactly the files they gave before; adding a sequence
+  changes only the labels (and a derived query's column).
 
 Teacher (`teacher: {column, kind}` in the spec): a logged production model's score,
 written from the second generator: teacher logit = true logit + N(0, teacher_noise^2)
@@ -88,7 +92,8 @@ N_SEG, N_CAT, HDIM = 64, 32, 8
 MAX_VOCAB = 20_000
 # behaviour sequences: the hidden interest space
 N_INTEREST, IDIM = 32, 12  # interest centres, dims of the hidden unit vectors
-ITEM_SPREAD = 0.6  # an item's distance from its centre (cos to it ~ 0.86)
+N_TOPIC = 8  # topics per interest (a derived attribute, e.g. a category, is the topic's)
+TOPIC_SPREAD, ITEM_SPREAD = 0.5, 0.35  # cos ~0.91 within a topic, ~0.73 across topics
 MAX_INTERESTS = 4  # a user has 1..MAX_INTERESTS interests per row
 P_IN = 0.5  # probability that the candidate's cluster is one of the user's interests
 P_STRAY = 0.1  # history items from a random cluster
@@ -175,8 +180,14 @@ class _Items:
         self.vocab = vocab
         self.chunk = max(1, vocab // k)
         self.cluster = np.minimum(np.arange(vocab) // self.chunk, k - 1)
-        noise = rng.standard_normal((vocab, IDIM)) * (ITEM_SPREAD / np.sqrt(IDIM))
-        u = centres[self.cluster] + noise
+        self.topic = rng.integers(0, N_TOPIC, vocab)
+        topics = rng.standard_normal((k, N_TOPIC, IDIM)) / np.sqrt(IDIM)
+        noise = rng.standard_normal((vocab, IDIM)) / np.sqrt(IDIM)
+        u = (
+            centres[self.cluster]
+            + TOPIC_SPREAD * topics[self.cluster, self.topic]
+            + ITEM_SPREAD * noise
+        )
         self.u = (u / np.linalg.norm(u, axis=1, keepdims=True)).astype(np.float32)
         p = 1.0 / np.arange(1, self.chunk + 1)  # popularity inside a cluster
         self.cdf = np.cumsum(p / p.sum())
@@ -193,11 +204,10 @@ class _Seq:
     """How one sequence feature is drawn: its id space (`owner`, a feature name), its
     query, and for a derived sequence the sequence it lists the attributes of."""
 
-    index: int  # in spec.sparse
     feature: SparseFeature
     owner: str  # the feature whose ids (and hidden vectors) the history holds
     query: str
-    derived_from: str | None = None  # name of the item sequence A (B = attr(A))
+    derived_from: _Seq | None = None  # the item sequence A of a derived B = attr(A)
 
 
 def _std(x: np.ndarray) -> np.ndarray:
@@ -230,7 +240,8 @@ class _Rows:
     z_base: np.ndarray  # float32 the same without the sequence terms
     cols: dict[str, tuple[np.ndarray, np.ndarray | None]]
     dense: list[np.ndarray]
-    side: np.random.Generator
+    side: np.random.Generator  # the second generator, after the sequences' draws
+    match: dict[str, np.ndarray]  # each scored sequence's raw best match (NaN: empty)
 
 
 class Generator:
@@ -279,61 +290,67 @@ class Generator:
         self.derived_queries: dict[str, str] = {}  # QB -> QA: QB's id = attr(QA's id)
         self.seq_mean: dict[str, float] = {}
         self.seq_sd: dict[str, float] = {}
+        self.seq_of: dict[str, _Seq] = {}
         if not spec.sequences:
             return
         crng = np.random.default_rng([cfg.world_seed, _SIDE_SALT])
         c = crng.standard_normal((N_INTEREST, IDIM))
         centres = c / np.linalg.norm(c, axis=1, keepdims=True)
+        self.centres = centres.astype(np.float32)
         by = {f.name: f for f in spec.sparse}
         items_seqs: list[_Seq] = []  # item sequences A (on their query's table)
         for f in spec.sequences:
             q = by[str(f.query)]
-            owner = q.name if f.table == q.table else f.name
-            s = _Seq(self.index[f.name], f, owner, q.name)
+            # the query's ids when it reads ids of this table (a bucketize or cross query
+            # has ids the model computes: the history then has ids of its own)
+            same = f.table == q.table and q.kind in ("scalar", "list")
+            owner = q.name if same else f.name
+            s = _Seq(f, owner, q.name)
             derive = None
-            if q.kind == "scalar" and f.table == q.table:
+            if q.kind == "scalar" and same:
                 for a in items_seqs:
                     qa = by[a.query]
                     if qa.kind == "scalar" and a.query != q.name and a.feature.table != f.table:
                         derive = a
                         break
             if derive is not None:
-                s = _Seq(s.index, f, owner, q.name, derived_from=derive.feature.name)
+                s = _Seq(f, owner, q.name, derived_from=derive)
                 self.derived_queries.setdefault(q.name, derive.query)
-            elif f.table == q.table:
+            elif same:
                 items_seqs.append(s)
             self.seqs.append(s)
         spaces = {s.owner for s in self.seqs} | {s.query for s in self.seqs}
         for name in sorted(spaces, key=lambda x: self.index[x]):
             hf = self.features[self.index[name]]
             self.items[name] = _Items(hf.vocab, name, cfg.world_seed, centres)
-        seqs = {s.feature.name: s for s in self.seqs}
+        self.seq_of = {s.feature.name: s for s in self.seqs}
         for s in self.seqs:
             if s.derived_from is not None:
-                a, b = self.items_of(seqs[s.derived_from].owner), self.items_of(s.owner)
-                key = (seqs[s.derived_from].owner, s.owner)
-                if key not in self.attr:  # each item has one attribute (of its cluster)
-                    arng = np.random.default_rng([cfg.world_seed, _salt(key[0]), _salt(key[1])])
-                    local = np.searchsorted(b.cdf, arng.random(a.vocab), side="right")
-                    local = np.minimum(local, b.chunk - 1)
-                    self.attr[key] = np.minimum(a.cluster * b.chunk + local, b.vocab - 1)
-        for q, qa in self.derived_queries.items():
-            key = (qa, q)
-            if key not in self.attr:  # the candidate's attribute (QB of QA)
-                a, b = self.items_of(qa), self.items_of(q)
-                arng = np.random.default_rng([cfg.world_seed, _salt(qa), _salt(q)])
-                local = np.minimum(
-                    np.searchsorted(b.cdf, arng.random(a.vocab), side="right"), b.chunk - 1
-                )
-                self.attr[key] = np.minimum(a.cluster * b.chunk + local, b.vocab - 1)
+                self._attr(s.derived_from.owner, s.owner)
+        for qb, qa_name in self.derived_queries.items():  # the candidate's attribute (QB of QA)
+            self._attr(qa_name, qb)
         # standardise each scored sequence's best match on a pilot sample
         self.seq_mean = {s.feature.name: 0.0 for s in self.scored}
         self.seq_sd = {s.feature.name: 1.0 for s in self.scored}
-        match = self._logit_parts(np.random.default_rng([cfg.world_seed, 98]), 20_000, raw=True)
-        for name, m in match.items():
+        pilot = self._logit_parts(np.random.default_rng([cfg.world_seed, 98]), 20_000)
+        for name, m in pilot.match.items():
             ok = m[~np.isnan(m)]
             if len(ok) > 1 and ok.std() > 0:
                 self.seq_mean[name], self.seq_sd[name] = float(ok.mean()), float(ok.std())
+
+    def _attr(self, a_name: str, b_name: str) -> np.ndarray:
+        """Each id of space a's hidden attribute in space b (e.g. an ad's category): one
+        id of b per (interest, topic) of a, in b's slice of that interest."""
+        key = (a_name, b_name)
+        if key not in self.attr:
+            a, b = self.items_of(a_name), self.items_of(b_name)
+            arng = np.random.default_rng([self.cfg.world_seed, _salt(a_name), _salt(b_name)])
+            slot = np.stack(
+                [arng.permutation(b.chunk)[np.arange(N_TOPIC) % b.chunk] for _ in range(N_INTEREST)]
+            )  # (interest, topic) -> slot
+            ranks = a.cluster * b.chunk + slot[a.cluster, a.topic]
+            self.attr[key] = np.minimum(ranks, b.vocab - 1)
+        return self.attr[key]
 
     def items_of(self, name: str) -> _Items:
         return self.items[name]
@@ -352,11 +369,8 @@ class Generator:
             it = self.items_of(s.query)
             ranks = cols[q.name][0]
             return it.cluster[ranks], it.u[ranks]
-        cl = cat % N_INTEREST
-        it = self.items_of(s.query)
-        u = np.stack([it.u[it.cluster == k].mean(0) for k in range(N_INTEREST)])
-        u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-6)
-        return cl, np.nan_to_num(u)[cl].astype(np.float32)
+        cl = cat % N_INTEREST  # no item: the row's hidden ad category's interest
+        return cl, self.centres[cl]
 
     def _histories(
         self,
@@ -383,10 +397,9 @@ class Generator:
             f, name = s.feature, s.feature.name
             cap = int(f.max_ids or 1)
             if s.derived_from is not None:
-                ranks_a, lens_a = drawn[s.derived_from]
-                a_owner = next(x.owner for x in self.seqs if x.feature.name == s.derived_from)
+                ranks_a, lens_a = drawn[s.derived_from.feature.name]
                 keep = _bag_positions(lens_a) < cap  # the newest cap items
-                ranks = self.attr[(a_owner, s.owner)][ranks_a[keep]]
+                ranks = self.attr[(s.derived_from.owner, s.owner)][ranks_a[keep]]
                 lens = np.minimum(lens_a, cap)
             else:
                 lens = side.integers(min(MIN_LEN, cap), cap + 1, n)
@@ -422,9 +435,8 @@ class Generator:
                 lo = mid
         return (lo + hi) / 2
 
-    def _logit_parts(self, rng: np.random.Generator, n: int, raw: bool = False):  # type: ignore[no-untyped-def]
-        """The rows' logit parts and columns (`raw`: only each scored sequence's best
-        match, to standardise it)."""
+    def _logit_parts(self, rng: np.random.Generator, n: int) -> _Rows:
+        """The rows' true logit (without the bias), its parts and the columns' contents."""
         seg = np.minimum(rng.zipf(1.3, n) - 1, N_SEG - 1)
         cat = rng.integers(0, N_CAT, n)
         latents = (seg, cat)
@@ -489,15 +501,11 @@ class Generator:
         z = z.astype(np.float32)
         side = _side_rng(rng)
         z_seq = np.zeros(n, np.float32)
-        if self.seqs:
-            match = self._histories(side, cols, cat)
-            if raw:
-                return match
-            gain = self.cfg.seq_weight / np.sqrt(len(match))
-            for name, m in match.items():
-                t = (m - self.seq_mean[name]) / self.seq_sd[name]
-                z_seq += (gain * np.nan_to_num(t, nan=0.0)).astype(np.float32)
-        return _Rows(z + z_seq if self.seqs else z, z, cols, dense, side)
+        match = self._histories(side, cols, cat) if self.seqs else {}
+        for name, m in match.items():  # an empty history (NaN) scores the mean
+            t = np.nan_to_num((m - self.seq_mean[name]) / self.seq_sd[name], nan=0.0)
+            z_seq += (self.cfg.seq_weight / np.sqrt(len(match)) * t).astype(np.float32)
+        return _Rows(z + z_seq if self.seqs else z, z, cols, dense, side, match)
 
     def table(self, rng: np.random.Generator, n: int) -> pa.Table:
         return self._draw(rng, n)[0]
@@ -521,7 +529,7 @@ class Generator:
                 arrays[sf.column] = pa.array(ranks, mask=rng.random(n) < 0.05)
                 continue
             if sf.kind == "sequence":  # ids of the history's id space (e.g. the query's)
-                hf = self.features[self.index[next(s.owner for s in self.seqs if s.feature is sf)]]
+                hf = self.features[self.index[self.seq_of[sf.name].owner]]
             if sf.dtype == "string":
                 values: pa.Array = pa.DictionaryArray.from_arrays(
                     pa.array(ranks.astype(np.int32)), hf.strings()
@@ -616,10 +624,12 @@ class SynthReport:
         self.rows += len(t.y)
         self.bayes.add(t.y, t.logit)
         if t.logit_no_seq is not None:
-            self.bayes_no_seq = self.bayes_no_seq or _BinnedAuc()
+            if self.bayes_no_seq is None:
+                self.bayes_no_seq = _BinnedAuc()
             self.bayes_no_seq.add(t.y, t.logit_no_seq)
         if t.teacher is not None and t.teacher_ok is not None:
-            self.teacher = self.teacher or _BinnedAuc()
+            if self.teacher is None:
+                self.teacher = _BinnedAuc()
             self.teacher.add(t.y[t.teacher_ok], t.teacher[t.teacher_ok])
             self.teacher_rows += int(t.teacher_ok.sum())
 

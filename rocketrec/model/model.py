@@ -100,6 +100,11 @@ def _ec(spec: FeatureSpec, device: torch.device) -> EmbeddingCollection | None:
         return EmbeddingCollection(tables=configs, device=device)
 
 
+# leaves of TorchRec's fx trace (its train pipeline rewrite): called, not traced into
+torch.fx.wrap("pool_jagged")
+torch.fx.wrap("pad_jagged")
+
+
 def jagged_rows(jt: JaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row of each value [N], position of each value in its row [N]) of a jagged tensor."""
     lengths = jt.lengths()

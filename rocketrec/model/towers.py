@@ -136,7 +136,9 @@ class TargetAttention(nn.Module):
         self.unit: nn.Module | None = None
         if kind != "mean":
             body, out = mlp(4 * dim, hidden)
-            self.unit = nn.Sequential(body, nn.Linear(out, 1))
+            # no bias before a softmax: it cancels, its gradient is rounding noise that Adam
+            # would turn into steps of the learning rate's size
+            self.unit = nn.Sequential(body, nn.Linear(out, 1, bias=kind != "softmax"))
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.to(keys.dtype)  # [B, L]
