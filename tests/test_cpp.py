@@ -559,3 +559,69 @@ def test_documented_request_cases(predictor, cross_exported, line, needle):
     man = read_manifest(cross_exported / "light.pt")
     with pytest.raises(rq.DataError, match=needle.split(",")[0].replace("'", ".")):
         rq.score_lines(torch.jit.load(str(cross_exported / "light.pt")), [line], man)
+
+
+# -- behaviour sequences: the light tower reads one as a mean-pooled bag -----------------
+
+
+@pytest.fixture(scope="module")
+def seq_exported(tmp_path_factory, seq_spec, seq_data) -> Path:
+    """The sequence spec (sequence tables in TorchRec's EmbeddingCollection, one shared
+    with the query's bag feature); the light tower reads `hist_cats` as a mean bag."""
+    d = tmp_path_factory.mktemp("cppseq")
+    train_small(seq_spec, seq_data, d / "run", steps=8)
+    export_checkpoint(d / "run", d / "light.pt", data=seq_data["val"])
+    export_checkpoint(d / "run", d / "light_int8.pt", int8=True, data=seq_data["val"])
+    export_checkpoint(d / "run", d / "portable.pt", portable=True, data=seq_data["val"])
+    return d
+
+
+@pytest.mark.parametrize("name", ["light.pt", "light_int8.pt", "portable.pt"])
+def test_cpp_matches_python_with_a_sequence_in_the_light_tower(
+    predictor, seq_exported, seq_data, name, tmp_path
+):
+    """Every request form (one row, context + candidates) with the sequence as a list of
+    ids, beyond max_len too; C++ = Python; the manifest says kind sequence, mean pooling."""
+    from rocketrec.serving import requests as rq
+
+    model = seq_exported / name
+    man = read_manifest(model)
+    hist = [f for f in man["sparse_features"] if f["name"] == "hist_cats"]
+    assert hist and hist[0]["kind"] == "sequence" and hist[0]["pooling"] == "mean", man
+    assert hist[0]["max_ids"] == 4
+    assert all(f["name"] != "hist_ads" for f in man["sparse_features"])  # booster only
+    rows = pq.read_table(seq_data["val"]).slice(0, 200)
+    one = [json.loads(x) for x in rq.requests_from_table(rows, man)]
+    for i, r in enumerate(one):
+        if i % 5 == 0:
+            r["hist_cats"] = list(range(1, 12))  # longer than max_len: the first 4 count
+        elif i % 5 == 1:
+            r["hist_cats"] = []
+    full = [json.dumps(r) for r in one]
+    grouped = []
+    for g in range(0, len(one), 20):  # the user's history in the context, ads as candidates
+        ctx = {k: one[g][k] for k in ("user", "hist_cats", "price")}
+        cands = [{k: v for k, v in r.items() if k not in ctx} for r in one[g : g + 20]]
+        grouped.append(json.dumps({"context": ctx, "candidates": cands}))
+        for j, c in enumerate(cands):
+            full[g + j] = json.dumps({**ctx, **c})
+    mixed = full[:40] + grouped
+    req = tmp_path / "req.jsonl"
+    req.write_text("\n".join(mixed) + "\n")
+    out = subprocess.run(
+        [str(predictor), str(model), str(req), "--batch", "16"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    cpp = [float(x) for x in out.stdout.split()]
+    m = torch.jit.load(str(model))
+    py = rq.score_lines(m, mixed, man)
+    assert len(cpp) == len(py) == 40 + 200
+    assert max(abs(a - b) for a, b in zip(cpp, py)) <= 1e-6
+    full_py = rq.score_lines(m, full, man)
+    assert max(abs(a - b) for a, b in zip(cpp[40:], full_py)) <= 1e-6
+    # the history matters to the light tower, and only its first max_len ids do
+    a = dict(one[2], hist_cats=[5, 6, 7, 8])
+    b = dict(one[2], hist_cats=[5, 6, 7, 8, 9, 10])
+    c = dict(one[2], hist_cats=[9, 10, 11, 12])
+    s = rq.score_lines(m, [json.dumps(x) for x in (a, b, c)], man)
+    assert abs(s[0] - s[1]) <= 1e-6 and abs(s[0] - s[2]) > 1e-4, s

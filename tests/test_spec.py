@@ -17,7 +17,9 @@ def test_shipped_specs_load():
     for f in ads.sparse:
         shared.setdefault(f.table, []).append(f.name)
     assert any(len(v) > 1 for v in shared.values()), "a table shared by two features"
-    assert {f.kind for f in ads.sparse} == {"scalar", "list", "cross", "bucketize"}
+    assert {f.kind for f in ads.sparse} == {"scalar", "list", "cross", "bucketize", "sequence"}
+    assert ads.sequence_tables == ["ads", "categories"]
+    assert not any(f.kind == "sequence" for f in ads.light_sparse)  # booster only
     assert {f.dtype for f in ads.id_features} == {"int64", "string"}
     light = set(ads.light_features)
     assert any(f.kind == "cross" and f.name in light for f in ads.sparse)
