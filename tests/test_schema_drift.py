@@ -105,6 +105,9 @@ def test_drifted_partitions_train_and_validate(tmp_path, tiny_spec, tiny_spec_pa
         ("tags", lambda t: pa.array([1] * t.num_rows, pa.int64()), "column 'tags'"),
         ("y", lambda t: pa.array([2] * t.num_rows, pa.int64()), "label column 'y'"),
         ("y", lambda t: pa.array([None] * t.num_rows, pa.int64()), "null"),
+        # a number column stored as strings in one file: refused, never parsed
+        ("price", lambda t: t["price"].cast(pa.string()), "column 'price'"),
+        ("score", lambda t: t["score"].cast(pa.string()), "column 'score'"),
     ],
 )
 def test_unsafe_difference_or_bad_values_name_the_file(tmp_path, tiny_spec, tiny_data, col, arr_fn, needle):  # fmt: skip

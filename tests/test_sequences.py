@@ -291,3 +291,55 @@ def test_a_sequence_column_of_the_wrong_type_names_file_and_column(seq_spec):
         decode_table(t, seq_spec, "day3.parquet")
     msg = str(e.value)
     assert "day3.parquet" in msg and "column 'hist_ads'" in msg and "kind sequence" in msg, msg
+
+
+def test_sequence_and_teacher_columns_drift_across_files(tmp_path, seq_spec, seq_data):
+    """Daily files whose sequence and teacher columns differ in physical type (list<int64>
+    vs large_list<int32>, string vs dictionary elements, float32 vs float64 scores, an
+    all-null teacher column) read as one dataset, values unchanged; a sequence stored as a
+    scalar in one file is refused naming that file and column."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from rocketrec.data.reader import ParquetReader
+
+    base = pq.read_table(sorted(glob.glob(seq_data["train"] + "/*.parquet"))[0]).slice(0, 900)
+
+    def put(t, col, arr):  # type: ignore[no-untyped-def]
+        return t.set_column(t.column_names.index(col), col, arr)
+
+    a, b, c = base.slice(0, 300), base.slice(300, 300), base.slice(600, 300)
+    cats = [None if v is None else [x % 1000 for x in v] for v in b["hist_cats"].to_pylist()]
+    b = put(b, "hist_cats", pa.array(cats, pa.large_list(pa.int32())))
+    b = put(b, "pctr", b["pctr"].cast(pa.float64()))
+    ads = pa.array(c["hist_ads"].to_pylist(), pa.list_(pa.dictionary(pa.int32(), pa.string())))
+    c = put(c, "hist_ads", ads)
+    c = put(c, "pctr", pa.nulls(c.num_rows))  # a day production logged no score
+    for i, t in enumerate([a, b, c]):
+        pq.write_table(t, tmp_path / f"day{i}.parquet", row_group_size=150)
+    r = ParquetReader(str(tmp_path), seq_spec, batch_size=900, shuffle=False, drop_last=False)
+    (batch,) = list(r)
+    # reference: the same values in the first file's types
+    b_ref = put(b, "hist_cats", pa.array(cats, pa.list_(pa.int64())))
+    b_ref = put(b_ref, "pctr", b["pctr"].cast(pa.float32()))
+    c_ref = put(base.slice(600, 300), "pctr", pa.nulls(300, pa.float32()))
+    ref = decode_table(pa.concat_tables([a, b_ref, c_ref]), seq_spec, "ref")
+    got = batch.sparse.to_dict()
+    for key, (values, offsets) in zip(ref.keys, ref.ids, strict=True):
+        assert got[key].values().tolist() == values.tolist(), key
+        assert got[key].lengths().tolist() == np.diff(offsets).tolist(), key
+    assert len(got["hist_cats"].values()) > 0 and len(got["hist_ads"].values()) > 0
+    t = batch.teacher.numpy()
+    assert np.isnan(t[600:]).all() and not np.isnan(t[:600]).all()
+    assert np.array_equal(np.isnan(t), np.isnan(ref.teacher))
+    k = ~np.isnan(t)
+    assert np.allclose(t[k], ref.teacher[k])
+    # a sequence stored as a scalar column in one file: that file and column are named
+    bad = put(base.slice(0, 100), "hist_cats", pa.array([1] * 100, pa.int64()))
+    pq.write_table(bad, tmp_path / "day9.parquet")
+    with pytest.raises(DataError) as e:
+        for _ in ParquetReader(str(tmp_path), seq_spec, batch_size=256, shuffle=False):
+            pass
+    msg = str(e.value)
+    assert "day9.parquet" in msg and "column 'hist_cats'" in msg and "\n" not in msg, msg
