@@ -148,8 +148,11 @@ def _init_ray(address: str | None, num_cpus: int | None, verbose: bool = False) 
     if address:
         ray.init(address=address, log_to_driver=True, logging_config=logging_config)
         return False
-    # Embedded local Ray: never expose it beyond this machine (see main()).
+    # Embedded local Ray: never expose it beyond this machine (see main()). address="local"
+    # starts a new one even when a `ray start` cluster runs here (without it, ray.init
+    # joins that cluster as a driver, with its CPUs, while we print "local").
     ray.init(
+        address="local",
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         num_cpus=num_cpus,

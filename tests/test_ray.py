@@ -244,3 +244,40 @@ def test_worker_group_the_cluster_cannot_hold_is_refused(tmp_path, tiny_spec_pat
     )  # fmt: skip
     err = [x for x in r.stderr.splitlines() if x.startswith("ads_train.py:")]
     assert r.returncode == 2 and len(err) == 1 and "needs 6 CPU" in err[0], r.stderr[-3000:]
+
+
+def test_embedded_ray_starts_its_own_even_when_a_cluster_runs(tmp_path, tiny_spec_path, tiny_data):
+    """Without RAY_ADDRESS, ads_train.py starts its own loopback Ray even when a `ray start`
+    cluster runs on the machine: a 1-CPU cluster could not hold 3 workers of 1 CPU, the
+    embedded one (--local-cpus 3) can; the cluster's job list stays empty."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(
+        [
+            f"{BIN}/ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+            "--num-cpus=1", "--include-dashboard=false",
+        ],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        r = subprocess.run(
+            [
+                sys.executable, str(ROOT / "jobs" / "ads_train.py"), "--spec", str(tiny_spec_path),
+                "--train", tiny_data["train"], "--out", str(tmp_path / "run"), "--workers", "3",
+                "--cpus-per-worker", "1", "--batch-size", "256", "--max-steps", "3",
+                "--local-cpus", "3", "--no-export", "--log-every", "1",
+            ],
+            env=env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        assert "needs 3 CPU" not in r.stderr
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["metrics"]["steps"] == 3, summary
+    finally:
+        subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
