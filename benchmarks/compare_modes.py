@@ -80,6 +80,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rocket_kd_light_seq": {"hint": "kd", "hint_weight": 1.0, "light_add_sequences": True},
     # the ceiling: the true click probability as the teacher (synthetic data only)
     "perfect_teacher": {"mode": "perfect_teacher", "hint": "kd", "hint_weight": 1.0},
+    # the hint's weight and temperature, for the booster and for the ceiling
+    "rocket_kd_lambda4": {"hint": "kd", "hint_weight": 4.0},
+    "rocket_kd_T1": {"hint": "kd", "hint_weight": 1.0, "temperature": 1.0},
+    "perfect_teacher_lambda4": {"mode": "perfect_teacher", "hint": "kd", "hint_weight": 4.0},
+    "perfect_teacher_T1": {"mode": "perfect_teacher", "hint": "kd", "temperature": 1.0},
+    "light_only_teacher_lambda4": {"mode": "light_only", "hint": "kd", "teacher_lambda": 4.0},
 }
 DEFAULT_VARIANTS = [
     "light_only",
@@ -201,7 +207,8 @@ def table_md(summary: dict, latency: dict, ceiling: float | None, meta: dict) ->
             continue
         s = summary[v]
         mode = VARIANTS[v].get("mode", "rocket")
-        light_trained, booster_trained = mode != "booster_only", mode != "light_only"
+        light_trained = mode != "booster_only"
+        booster_trained = mode not in ("light_only", "perfect_teacher")
         la = fmt(s["light_auc"]) if light_trained else "(not trained)"
         ll = fmt(s["light_logloss"]) if light_trained else "—"
         ba = fmt(s["booster_auc"]) if booster_trained else "(not trained)"
@@ -425,6 +432,7 @@ def main() -> None:
                         f"; gap closed {100 * rec['gap_closed']:+.0f}%"
                         if rec.get("gap_closed") is not None
                         and v not in ("light_only", "booster_only")
+                        and VARIANTS[v].get("mode") != "booster_only"
                         else ""
                     ),
                     flush=True,
