@@ -303,13 +303,19 @@ def test_resume_with_a_changed_kind_warns_and_goes_on(
     assert read_meta(latest_checkpoint(out))["sharding"]["t_ctx"] == "table_wise"
 
 
-def test_torchrec_pipeline_rewrites_the_model_and_matches_the_plain_loop(
-    tmp_path, tiny_spec_path, tiny_data
-):
+@pytest.mark.parametrize("which", ["tiny", "sequences"])
+def test_torchrec_pipeline_rewrites_the_model_and_matches_the_plain_loop(tmp_path, request, which):
     """TrainPipelineSparseDist with pipeline_postproc=True pipelines the sharded tables'
     input distribution and the preprocessing (a parameter-free postproc module fed by
     batch fields); its losses equal the plain loop's, step for step, on 2 gloo ranks,
-    evaluation in between (the pipeline detaches and re-attaches around it)."""
+    evaluation in between (the pipeline detaches and re-attaches around it). With
+    sequence tables the EmbeddingCollection is pipelined too: its output distribution
+    reads the in-flight batch's context, which a re-attach must not redistribute."""
+    spec_fix, data_fix = (
+        ("tiny_spec_path", "tiny_data") if which == "tiny" else ("seq_spec_path", "seq_data")
+    )
+    tiny_spec_path, tiny_data = request.getfixturevalue(spec_fix), request.getfixturevalue(data_fix)
+    mods = "ebc" if which == "tiny" else "ebc, ec"
     losses = {}
     for path in ("pipeline", "plain"):
         out = tmp_path / path
@@ -329,7 +335,7 @@ def test_torchrec_pipeline_rewrites_the_model_and_matches_the_plain_loop(
         log = (out / "train.log").read_text()
         if path == "pipeline":
             line = next(x for x in log.splitlines() if x.startswith("pipeline:"))
-            assert "pipelines ebc (input distribution) and featurize (preprocessing)" in line
+            assert f"pipelines {mods} (input distribution) and featurize" in line, line
         else:
             assert "pipeline:" not in log
     assert [s for s, _ in losses["pipeline"]] == list(range(1, 13))

@@ -92,8 +92,19 @@ def detach(steps: Any) -> None:
 
 
 def attach(steps: Any) -> None:
+    """Pipeline the model again after `detach`. The in-flight batch's input distribution
+    already ran (its context holds the splits and lengths the output distribution of an
+    EmbeddingCollection reads), so it must not start again: TorchRec's `attach` re-runs it
+    into the same context and the sequence all-to-all then gets sizes from two
+    distributions (gloo `in->size == out->size`). `attach(sparse_dist=False)` would skip it
+    but also the example batch the model's rewrite traces with, so the rewrite runs with the
+    batch and the redistribution is skipped for that one call."""
     if isinstance(steps, TrainPipelineSparseDist):
-        steps.attach()
+        steps.start_sparse_data_dist = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        try:
+            steps.attach()
+        finally:
+            del steps.start_sparse_data_dist
 
 
 def pipelined(steps: Any) -> tuple[list[str], list[str]]:
