@@ -194,13 +194,7 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from rocketrec import __version__
-
-    p = argparse.ArgumentParser(prog="rocketrec", description=__doc__.splitlines()[0])
-    p.add_argument("--version", action="version", version=f"rocketrec {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-
+def _add_validate(sub: Any) -> None:
     v = sub.add_parser("validate", help="check a feature spec (and data against it)")
     v.add_argument("spec", help="feature spec YAML")
     v.add_argument(
@@ -216,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.set_defaults(fn=_cmd_validate)
 
+
+def _add_synth(sub: Any) -> None:
     s = sub.add_parser("synth", help="write synthetic ad logs for a spec")
     s.add_argument("--spec", required=True, help="feature spec YAML")
     s.add_argument("--rows", type=int, required=True, help="number of rows")
@@ -245,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_synth)
 
+
+def _add_plan(sub: Any) -> None:
     pl = sub.add_parser(
         "plan",
         help="dry-run the table sharding planner for N workers (no devices needed)",
@@ -270,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(fn=_cmd_plan)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from rocketrec import __version__
+
+    p = argparse.ArgumentParser(prog="rocketrec", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"rocketrec {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    _add_validate(sub)
+    _add_synth(sub)
+    _add_plan(sub)
     t = sub.add_parser("train", help="train in this process (no Ray; see jobs/ads_train.py)")
     from rocketrec.config import add_train_args
 

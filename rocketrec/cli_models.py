@@ -137,7 +137,7 @@ def _cmd_requests(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from rocketrec.evaluate import evaluate_model, format_report, reliability_plot
+    from rocketrec.evaluation import evaluate_model, format_report, reliability_plot
 
     if a.rows is not None and a.rows < 1:
         raise UserError(f"--rows must be >= 1, got {a.rows}")
@@ -161,7 +161,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
-    from rocketrec.evaluate import compare_runs, format_comparison
+    from rocketrec.evaluation import compare_runs, format_comparison
 
     rows = compare_runs(a.runs, a.data, a.rows, quiet=a.quiet)
     print(json.dumps(rows, indent=1, default=str) if a.json else format_comparison(rows))

@@ -31,7 +31,8 @@ def main() -> None:
     from rocketrec.data.reader import ParquetReader
     from rocketrec.model.loss import LossConfig, rocket_loss
     from rocketrec.model.model import ModelConfig, RocketModel
-    from rocketrec.parallel.sharding import init_distributed, shard_model
+    from rocketrec.parallel.dist import init_distributed
+    from rocketrec.parallel.sharding import shard_model
     from rocketrec.parallel.tables import init_tables
     from rocketrec.spec import load_spec
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import ROOT, train_small
-from rocketrec.hashing import TEST_VECTORS, fnv1a64
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.serving.manifest import read_manifest
 from rocketrec.serving.requests import parse_requests
+from rocketrec.spec.hashing import TEST_VECTORS, fnv1a64
 
 pytestmark = pytest.mark.e2e
 
@@ -252,7 +252,7 @@ def test_cpp_crosses_and_candidates_match_python(
 
 
 def test_cpp_cross_hash_matches_python(predictor):
-    from rocketrec.hashing import CROSS_TEST_VECTORS, cross_hash
+    from rocketrec.spec.hashing import CROSS_TEST_VECTORS, cross_hash
 
     rng = random.Random(2)
     cases = [list(ids) for ids, _ in CROSS_TEST_VECTORS] + [

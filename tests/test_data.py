@@ -15,8 +15,8 @@ import torch
 from rocketrec.data.batch import DataError, arrow_to_batch, decode_table
 from rocketrec.data.reader import ParquetReader
 from rocketrec.data.synth import SynthConfig, synth
-from rocketrec.hashing import TEST_VECTORS, fnv1a64, hash_strings
 from rocketrec.spec import spec_from_dict
+from rocketrec.spec.hashing import TEST_VECTORS, fnv1a64, hash_strings
 
 # -- hashing -----------------------------------------------------------------------
 

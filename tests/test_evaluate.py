@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import train_small
-from rocketrec.evaluate import compare_runs, evaluate_model
+from rocketrec.evaluation import compare_runs, evaluate_model
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.train.checkpoint import latest_checkpoint, read_meta
 

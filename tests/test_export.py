@@ -11,10 +11,10 @@ import torch
 import rocketrec.serving.export as export
 from conftest import train_small, venv_bin
 from rocketrec.data.batch import DataError
-from rocketrec.hashing import TEST_VECTORS
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.serving.manifest import read_manifest
 from rocketrec.serving.requests import parse_requests, raw_inputs_from_table
+from rocketrec.spec.hashing import TEST_VECTORS
 
 
 @pytest.fixture(scope="module")

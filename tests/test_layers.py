@@ -10,17 +10,14 @@ PKG = Path(__file__).resolve().parents[1] / "rocketrec"
 # module path prefix (under rocketrec/) -> layer; the longest matching prefix wins
 LAYERS = {
     "__init__": 0,
-    "hashing": 0,
     "quiet": 0,
     "spec": 0,
-    "spec_parse": 0,
     "data": 1,
     "model": 2,
     "parallel": 3,
     "train": 4,
     "serving": 5,
-    "evaluate": 6,
-    "compare": 6,
+    "evaluation": 6,
     "cli": 6,
     "cli_models": 6,
     "config": 6,

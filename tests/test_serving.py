@@ -15,11 +15,11 @@ import torch
 
 from conftest import train_small, venv_bin
 from rocketrec.data.batch import DataError, decode_table
-from rocketrec.hashing import CROSS_TEST_VECTORS, cross_hash, fnv1a64
 from rocketrec.model.preprocess import Preprocess
 from rocketrec.serving import requests as rq
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.serving.manifest import read_manifest
+from rocketrec.spec.hashing import CROSS_TEST_VECTORS, cross_hash, fnv1a64
 
 I64 = 1 << 63
 
@@ -321,7 +321,7 @@ def test_preprocess_hash_constants_match_hashing():
     import inspect
 
     import rocketrec.model.preprocess as pp
-    from rocketrec.hashing import FMIX_C1, FMIX_C2, FNV_OFFSET, FNV_PRIME
+    from rocketrec.spec.hashing import FMIX_C1, FMIX_C2, FNV_OFFSET, FNV_PRIME
 
     def s64(x: int) -> int:
         return x - (1 << 64) if x >= 1 << 63 else x

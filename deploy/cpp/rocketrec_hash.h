@@ -1,4 +1,4 @@
-// The stable 64-bit hashes of rocketrec (same as rocketrec/hashing.py).
+// The stable 64-bit hashes of rocketrec (same as rocketrec/spec/hashing.py).
 //   fnv1a64:    string ids: FNV-1a 64 over the UTF-8 bytes, as two's-complement int64.
 //   cross_hash: crossed features (computed inside the exported model; here for tests,
 //               debugging and servers that precompute): FNV-1a over the 64-bit ids,

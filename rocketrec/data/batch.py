@@ -30,16 +30,10 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from rocketrec.data.schema import (  # noqa: F401 - schema evolution, re-exported
-    DataError,
-    _is_numeric,
-    canonical_type,
-    column_roles,
-    conform,
-    unify_schemas,
-)
-from rocketrec.hashing import hash_strings
+from rocketrec.data.schema import DataError, column_of, conform, is_numeric, unify_schemas
+from rocketrec.data.targets import decode_targets, decode_teacher, decode_true_ctr
 from rocketrec.spec import DenseFeature, FeatureSpec, SparseFeature
+from rocketrec.spec.hashing import hash_strings
 
 
 @dataclass
@@ -194,22 +188,10 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def _column(table: pa.Table, name: str, what: str, source: str) -> pa.Array:
-    if name not in table.column_names:
-        cols = ", ".join(table.column_names[:12]) + (" ..." if table.num_columns > 12 else "")
-        raise DataError(f"{source}: column '{name}' ({what}) not found; columns: {cols}")
-    col = table.column(name)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if pa.types.is_dictionary(col.type):
-        col = col.dictionary_decode()
-    return col
-
-
 def _decode_numeric(col: pa.Array, f: DenseFeature | SparseFeature, source: str) -> np.ndarray:
     """A numeric input column -> float32 with NaN for null (missing); inf is an error."""
     what = "dense" if isinstance(f, DenseFeature) else "bucketized"
-    if not _is_numeric(col.type):
+    if not is_numeric(col.type):
         raise DataError(
             f"{source}: column '{f.column}' ({what} feature '{f.name}') has type {col.type}; "
             "expected a number"
@@ -279,69 +261,6 @@ def _decode_sparse(col: pa.Array, f: SparseFeature, source: str) -> tuple[np.nda
     return ids, offsets
 
 
-def _decode_labels(col: pa.Array, name: str, source: str) -> np.ndarray:
-    if not _is_numeric(col.type):
-        raise DataError(
-            f"{source}: label column '{name}' has type {col.type}; expected 0/1 numbers"
-        )
-    if col.null_count:
-        raise DataError(f"{source}: label column '{name}' has {col.null_count} null value(s)")
-    y = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
-    bad = ~((y == 0.0) | (y == 1.0))
-    if bad.any():
-        raise DataError(
-            f"{source}: label column '{name}' has {int(bad.sum())} value(s) outside {{0, 1}} "
-            f"(first: {y[bad][0]!r})"
-        )
-    return y.astype(np.float32)
-
-
-def _decode_weights(col: pa.Array, name: str, source: str) -> np.ndarray:
-    if not _is_numeric(col.type):
-        raise DataError(f"{source}: weight column '{name}' has type {col.type}; expected numbers")
-    if col.null_count:
-        raise DataError(f"{source}: weight column '{name}' has {col.null_count} null value(s)")
-    w = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float32)
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise DataError(f"{source}: weight column '{name}' has negative or non-finite values")
-    return w
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    """Probabilities (float64) -> logits float32, clamped to [1e-6, 1 - 1e-6] first."""
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p)).astype(np.float32)
-
-
-def decode_teacher(table: pa.Table, column: str, kind: str, source: str) -> np.ndarray:
-    """A logged teacher score column -> logits float32 [B], NaN where the score is null.
-    kind probability: numbers in [0, 1]; kind logit: finite numbers. Anything else
-    (NaN included: a null is how a missing score is written) names file and column."""
-    col = _column(table, column, f"teacher score ({kind})", source)
-    if not (_is_numeric(col.type) or pa.types.is_null(col.type)):
-        raise DataError(
-            f"{source}: teacher column '{column}' has type {col.type}; expected numbers "
-            f"(a {kind} per row, null where production logged none)"
-        )
-    x = col.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> NaN
-    valid = col.is_valid().to_numpy(zero_copy_only=False)
-    v = x[valid]
-    if kind == "probability":
-        bad = ~((v >= 0) & (v <= 1))
-        want = "probabilities in [0, 1]"
-    else:
-        bad = ~np.isfinite(v)
-        want = "finite logits"
-    if bad.any():
-        raise DataError(
-            f"{source}: teacher column '{column}' must hold {want} or null; "
-            f"{int(bad.sum())} value(s) are not (e.g. {v[bad][0]!r})"
-        )
-    out = np.full(len(x), np.nan, np.float32)
-    out[valid] = _logit(v) if kind == "probability" else v.astype(np.float32)
-    return out
-
-
 def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> None:
     """Check every spec column exists with a usable type (no data read)."""
     empty = schema.empty_table()
@@ -370,38 +289,11 @@ def decode_table(
     dense, ids = decode_inputs(table, spec.id_features, numeric, source)
     teacher = None
     if teacher_column:
-        col = _column(table, teacher_column, "teacher probability", source)
-        if not pa.types.is_floating(col.type) or col.null_count:
-            raise DataError(f"{source}: teacher column '{teacher_column}' must be non-null floats")
-        p = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        if not ((p > 0) & (p < 1)).all():
-            raise DataError(f"{source}: teacher column '{teacher_column}' must lie in (0, 1)")
-        teacher = _logit(p)
+        teacher = decode_true_ctr(table, teacher_column, source)
     elif spec.teacher_column:
         teacher = decode_teacher(table, spec.teacher_column, spec.teacher_kind, source)
     keys = tuple(f.name for f in spec.id_features)
     return Decoded(dense, ids, labels, weights, keys, teacher, group)
-
-
-def decode_targets(
-    table: pa.Table, spec: FeatureSpec, source: str
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Labels float32 [n], weights float32 [n] or None, group ids int64 [n] or None (the
-    same decoding as decode_table: evaluation of exported models reads only these)."""
-    labels = _decode_labels(
-        _column(table, spec.label_column, "label", source), spec.label_column, source
-    )
-    weights = None
-    if spec.weight_column:
-        weights = _decode_weights(
-            _column(table, spec.weight_column, "weight", source), spec.weight_column, source
-        )
-    group = None
-    if spec.group_column:
-        group = _decode_group(
-            _column(table, spec.group_column, "group", source), spec.group_column, source
-        )
-    return labels, weights, group
 
 
 def decode_inputs(
@@ -416,7 +308,7 @@ def decode_inputs(
     if numeric_features:
         dense = np.stack(
             [
-                _decode_numeric(_column(table, f.column, _what(f), source), f, source)
+                _decode_numeric(column_of(table, f.column, _what(f), source), f, source)
                 for f in numeric_features
             ],
             axis=1,
@@ -424,7 +316,7 @@ def decode_inputs(
     else:
         dense = np.zeros((n, 0), dtype=np.float32)
     ids = [
-        _decode_sparse(_column(table, f.column, f"sparse feature '{f.name}'", source), f, source)
+        _decode_sparse(column_of(table, f.column, f"sparse feature '{f.name}'", source), f, source)
         for f in id_features
     ]
     return dense, ids
@@ -432,19 +324,6 @@ def decode_inputs(
 
 def _what(f: DenseFeature | SparseFeature) -> str:
     return f"{'dense' if isinstance(f, DenseFeature) else 'bucketized'} feature '{f.name}'"
-
-
-def _decode_group(col: pa.Array, name: str, source: str) -> np.ndarray:
-    """Group ids as int64: integers as they are, strings hashed (FNV-1a 64); nulls form
-    one group of their own."""
-    if pa.types.is_integer(col.type):
-        out = col.cast(pa.int64()).fill_null(np.iinfo(np.int64).min)
-        return out.to_numpy(zero_copy_only=False).astype(np.int64)  # a writable copy
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        return hash_strings(col.fill_null(""))
-    raise DataError(
-        f"{source}: column '{name}' (group) must hold integers or strings, got {col.type}"
-    )
 
 
 def arrow_to_batch(

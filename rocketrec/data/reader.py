@@ -40,18 +40,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rocketrec.data.batch import (
-    Batch,
-    DataError,
-    Decoded,
-    check_schema,
-    conform,
-    decode_table,
-    unify_schemas,
-)
+from rocketrec.data.batch import Batch, Decoded, check_schema, decode_table
 from rocketrec.data.files import list_parquet_files, show_paths
-from rocketrec.hashing import fnv1a64
+from rocketrec.data.schema import DataError, conform, unify_schemas
 from rocketrec.spec import FeatureSpec
+from rocketrec.spec.hashing import fnv1a64
 
 _MASK64 = (1 << 64) - 1
 DEFAULT_SHUFFLE_BUFFER = 65536  # rows; about 20 MB of decoded ads_ctr rows

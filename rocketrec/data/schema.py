@@ -18,7 +18,7 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the column."""
 
 
-def _is_numeric(t: pa.DataType) -> bool:
+def is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
@@ -158,3 +158,17 @@ def conform(table: pa.Table, target: dict[str, pa.DataType], source: str) -> pa.
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise DataError(f"{source}: column '{col}': cannot cast {c.type} to {t}: {e}") from None
     return table
+
+
+def column_of(table: pa.Table, name: str, what: str, source: str) -> pa.Array:
+    """Column `name` of `table` as one plain array (dictionary decoded); a missing
+    column is a DataError naming the file, the column and what it was for."""
+    if name not in table.column_names:
+        cols = ", ".join(table.column_names[:12]) + (" ..." if table.num_columns > 12 else "")
+        raise DataError(f"{source}: column '{name}' ({what}) not found; columns: {cols}")
+    col = table.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    return col

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from rocketrec.hashing import fnv1a64
+from rocketrec.spec.hashing import fnv1a64
 
 _TABLE_PREFIXES = ("ebc.embedding_bags.", "light_ebc.embedding_bags.", "ec.embeddings.")
 

@@ -183,28 +183,7 @@ class RocketModel(nn.Module):
         self.spec, self.cfg = spec, cfg
         device = device or torch.device("cpu")
         table_device = table_device or device
-        by_table: dict[str, list[str]] = {}
-        for f in spec.pooled_features:
-            by_table.setdefault(f.table, []).append(f.name)
-        bag_tables = [t for t in spec.tables if t.name in by_table]
-        self.ebc: EmbeddingBagCollection | None = (
-            _ebc(
-                [_bag(t.name, t.dim, t.rows, t.pooling, by_table[t.name]) for t in bag_tables],
-                table_device,
-            )
-            if bag_tables
-            else None
-        )
-        # sequence tables: unpooled lookups; (name, pool as mean) of their bag features,
-        # (name, max_len, query) of their sequences
-        self.ec = _ec(spec, table_device)
-        self.unpooled_bags = [
-            (f.name, spec.pooling(f) == "mean")
-            for f in spec.unpooled_features
-            if f.kind != "sequence" or f.name in spec.light_features
-        ]
-        self.sequences = [(f.name, int(f.max_ids or 0), str(f.query)) for f in spec.sequences]
-        self.sequence_names = {f.name for f in spec.sequences}
+        self._build_tables(spec, table_device)
         self.attention = nn.ModuleDict(
             {
                 f.name: TargetAttention(spec.table(f.table).dim, cfg.attention_mlp, cfg.attention)
@@ -222,17 +201,7 @@ class RocketModel(nn.Module):
             persistent=False,
         )
         self.light_sparse = [f.name for f in spec.light_sparse]
-        dense_out = n_dense
-        self.bottom: nn.Module | None = None
-        if cfg.shared_bottom:
-            if n_dense == 0:
-                raise ValueError("shared_bottom needs dense features")
-            if 0 < len(self.light_dense_idx) < n_dense:
-                raise ValueError(
-                    "shared_bottom reads every dense feature, but the light tower reads only "
-                    "some of them: drop shared_bottom or give the light tower all dense features"
-                )
-            self.bottom, dense_out = mlp(n_dense, cfg.shared_bottom)
+        dense_out = self._build_bottom(cfg, n_dense)
         self.light_uses_bottom = self.bottom is not None and len(self.light_dense_idx) == n_dense
         booster_in = sum(dims.values()) + dense_out
         light_in = sum(dims[n] for n in self.light_sparse) + (
@@ -255,6 +224,47 @@ class RocketModel(nn.Module):
             self.bottom.to(device)
         if table_device.type != "meta":
             init_tables(self.state_dict(), table_seed)
+
+    def _build_tables(self, spec: FeatureSpec, table_device: torch.device) -> None:
+        """The pooled tables (an EmbeddingBagCollection) and the sequence tables (an
+        EmbeddingCollection: unpooled lookups, pooled by the model where a bag reads them)."""
+        by_table: dict[str, list[str]] = {}
+        for f in spec.pooled_features:
+            by_table.setdefault(f.table, []).append(f.name)
+        bag_tables = [t for t in spec.tables if t.name in by_table]
+        self.ebc: EmbeddingBagCollection | None = (
+            _ebc(
+                [_bag(t.name, t.dim, t.rows, t.pooling, by_table[t.name]) for t in bag_tables],
+                table_device,
+            )
+            if bag_tables
+            else None
+        )
+        # sequence tables: unpooled lookups; (name, pool as mean) of their bag features,
+        # (name, max_len, query) of their sequences
+        self.ec = _ec(spec, table_device)
+        self.unpooled_bags = [
+            (f.name, spec.pooling(f) == "mean")
+            for f in spec.unpooled_features
+            if f.kind != "sequence" or f.name in spec.light_features
+        ]
+        self.sequences = [(f.name, int(f.max_ids or 0), str(f.query)) for f in spec.sequences]
+        self.sequence_names = {f.name for f in spec.sequences}
+
+    def _build_bottom(self, cfg: ModelConfig, n_dense: int) -> int:
+        """The optional shared bottom MLP over the dense features; returns its width."""
+        dense_out = n_dense
+        self.bottom: nn.Module | None = None
+        if cfg.shared_bottom:
+            if n_dense == 0:
+                raise ValueError("shared_bottom needs dense features")
+            if 0 < len(self.light_dense_idx) < n_dense:
+                raise ValueError(
+                    "shared_bottom reads every dense feature, but the light tower reads only "
+                    "some of them: drop shared_bottom or give the light tower all dense features"
+                )
+            self.bottom, dense_out = mlp(n_dense, cfg.shared_bottom)
+        return dense_out
 
     def features(
         self, numeric: torch.Tensor, sparse: KeyedJaggedTensor

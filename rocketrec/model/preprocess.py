@@ -7,7 +7,7 @@ serving agree by construction. It is plain torch and scriptable (TorchScript).
 Raw inputs, for B rows:
 
     values   int64 [N]       raw ids of every id input's bags, feature-major (string ids
-                             hashed with FNV-1a 64 first, rocketrec.hashing)
+                             hashed with FNV-1a 64 first, rocketrec.spec.hashing)
     lengths  int64 [I * B]   bag sizes, feature-major, in `id_inputs` order
     numeric  float32 [B, C]  raw numbers in `numeric_inputs` order: the dense features,
                              then the bucketized ones; NaN = missing
@@ -21,7 +21,7 @@ Outputs:
 Per sparse feature, in this order: `max_ids` truncation of id inputs (the first ids
 are kept); bucketizing (id 0 = missing, else 1 + the number of boundaries <= x, in
 float32); crosses (every combination of one id from each input's bag, in bag order,
-first input outermost, hashed with `rocketrec.hashing.cross_hash`, then `max_ids`);
+first input outermost, hashed with `rocketrec.spec.hashing.cross_hash`, then `max_ids`);
 finally `row = id mod rows` (non-negative). Dense: NaN -> fill, then the transform.
 
 `sparse_outputs` order: id features, then crosses, then bucketized features (each
@@ -35,7 +35,7 @@ from torch import nn
 
 from rocketrec.spec import DenseFeature, FeatureSpec
 
-# The hash constants of rocketrec.hashing as int64 literals (TorchScript needs literals in
+# The hash constants of rocketrec.spec.hashing as int64 literals (TorchScript needs literals in
 # the code; tests check them): FNV offset -3750763034362895579, FNV prime 1099511628211,
 # fmix64's C1 -49064778989728563 and C2 -4265267296055464877; (h >> 33) & 2147483647 is
 # the logical shift of an int64. Plain torch and the standard library only: the GPU check

@@ -1,4 +1,5 @@
-"""Sharding: process group, planner, sharders and DMP, for 1 or N workers, CPU or CUDA.
+"""Sharding: planner, sharders and DMP, for 1 or N workers, CPU or CUDA (the process
+group: `rocketrec.parallel.dist`).
 
 Parallelism is applied outside the model: `shard_model(model, ...)` takes a
 plain `RocketModel`, gives its tables an in-backward (fused) optimizer, plans
@@ -15,10 +16,8 @@ Data-parallel tables are trained by the dense optimizer.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +36,8 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from rocketrec.parallel.dist import DistEnv
 
 if TYPE_CHECKING:
     from rocketrec.spec import FeatureSpec
@@ -61,49 +62,6 @@ class CPUShardingSharder(EmbeddingBagCollectionSharder):
             if t not in types:
                 types.append(t)
         return types
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    device: torch.device
-    backend: str
-    owns_group: bool  # we created the process group (and must destroy it)
-    store: str | None = None  # the 1-rank group's file store (removed with the group)
-
-    def close(self) -> None:
-        """Destroy the process group this process created (and its file store)."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        if self.store:
-            Path(self.store).unlink(missing_ok=True)
-
-
-def init_distributed() -> DistEnv:
-    """Use the existing process group (Ray Train, torchrun) or create a 1-rank gloo group."""
-    cuda = torch.cuda.is_available()
-    owns, store = False, None
-    if not dist.is_initialized():
-        if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-            dist.init_process_group("nccl" if cuda else "gloo")
-        else:
-            fd, path = tempfile.mkstemp(prefix="rocketrec-pg-")
-            os.close(fd)
-            os.unlink(path)
-            dist.init_process_group(
-                "nccl" if cuda else "gloo", init_method=f"file://{path}", rank=0, world_size=1
-            )
-            store = path
-        owns = True
-    rank = dist.get_rank()
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local}")
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return DistEnv(rank, dist.get_world_size(), device, dist.get_backend(), owns, store)
 
 
 def _sparse_optimizer(name: str) -> type[torch.optim.Optimizer]:

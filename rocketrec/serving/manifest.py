@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from rocketrec.hashing import CROSS_TEST_VECTORS, FNV_OFFSET, FNV_PRIME, TEST_VECTORS
 from rocketrec.model.preprocess import Preprocess
 from rocketrec.spec import ID_KINDS, FeatureSpec, SparseFeature
+from rocketrec.spec.hashing import CROSS_TEST_VECTORS, FNV_OFFSET, FNV_PRIME, TEST_VECTORS
 
 FORMAT = "rocketrec-light/2"
 FORMATS_READ = ("rocketrec-light/1", "rocketrec-light/2")

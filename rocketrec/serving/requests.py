@@ -23,9 +23,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rocketrec.data.batch import DataError, decode_inputs
-from rocketrec.hashing import fnv1a64
+from rocketrec.data.batch import decode_inputs
+from rocketrec.data.schema import DataError
 from rocketrec.spec import FeatureSpec
+from rocketrec.spec.hashing import fnv1a64
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB
 MAX_DEPTH = 32

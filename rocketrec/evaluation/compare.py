@@ -1,5 +1,5 @@
 """`rocketrec compare`: runs side by side (settings, speed, per-tower metrics), optionally
-each evaluated on the same rows (rocketrec.evaluate)."""
+each evaluated on the same rows (rocketrec.evaluation)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from rocketrec.evaluate import evaluate_model
+from rocketrec.evaluation.offline import evaluate_model
 
 _COLUMNS = ("auc", "gauc", "ne", "calibration")
 

@@ -1,33 +1,5 @@
-"""Feature spec: the YAML an ad engineer writes, parsed once into frozen dataclasses.
-
-YAML stays at the edge. `load_spec(path)` reads the file, rejects unknown keys
-(with a "did you mean" hint), duplicate keys, wrong types and dangling
-references, and returns a `FeatureSpec`. Every user error is a `SpecError`
-(a `ValueError`) whose message names the file, the feature and the field, so
-the CLI can print one line and exit non-zero.
-
-Schema (documented with examples in feature_specs/README.md):
-
-    version: 1
-    name: ads_ctr
-    label: {column: click}
-    weight: {column: w}                  # optional
-    tables:
-      - {name: ads, rows: 100000, dim: 16, pooling: sum}
-    sparse:
-      - {name: ad_id, column: ad_id, dtype: int64, kind: scalar, table: ads, max_ids: 1}
-    dense:
-      - {name: price, column: price, fill: 0.0, transform: log1p}
-    light:
-      features: [ad_id, price]
-    teacher: {column: pctr, kind: probability}   # optional: a logged production score
-
-Sequences (kind: sequence) are a user's behaviour history: a list column of ids,
-newest first, of which the first `max_len` are kept (the most recent). `query`
-names the candidate-side feature whose embedding attends over the history in the
-booster (same table, or a table of the same dim). Every feature of a table a
-sequence uses is looked up unpooled through TorchRec's EmbeddingCollection.
-"""
+"""The feature spec's types: frozen dataclasses, the kinds each field accepts, and the
+names derived from them (private light tables). Parsing: `rocketrec.spec.parse`."""
 
 from __future__ import annotations
 
@@ -62,7 +34,7 @@ class SparseFeature:
     """An id feature looked up in `table`.
 
     kind scalar/list: raw ids from `column` (int64, or strings hashed with FNV-1a 64).
-    kind cross: no column; the ids are `rocketrec.hashing.cross_hash` of one id from
+    kind cross: no column; the ids are `rocketrec.spec.hashing.cross_hash` of one id from
     each of `inputs` (other sparse features), every combination of their bags.
     kind bucketize: a numeric `column` cut at `boundaries`; id 0 = null/NaN,
     id i + 1 = the number i of boundaries <= x (compared in float32).
@@ -76,7 +48,7 @@ class SparseFeature:
     name: str
     column: str  # "" for kind cross
     table: str
-    dtype: str = "int64"  # "int64" | "string" (strings are hashed, see rocketrec.hashing)
+    dtype: str = "int64"  # "int64" | "string" (strings are hashed, see rocketrec.spec.hashing)
     kind: str = "scalar"  # "scalar" | "list" (multi-hot) | "cross" | "bucketize"
     max_ids: int | None = None  # keep at most this many ids per example (list/cross features)
     inputs: tuple[str, ...] | None = None  # kind cross: the crossed features, in order
@@ -229,7 +201,7 @@ class FeatureSpec:
 PRIVATE_SUFFIX = "__light"
 
 
-def _table_name_ok(name: str) -> bool:
+def table_name_ok(name: str) -> bool:
     """A table name must be usable as a key of TorchRec's ModuleDict of tables: no '.',
     not an attribute of nn.ModuleDict ('items', 'keys', 'values', 'forward', ...)."""
     if not name or "." in name:
@@ -261,7 +233,3 @@ def _sparse_dict(f: SparseFeature) -> dict[str, Any]:
             continue
         d[k] = list(v) if isinstance(v, tuple) else v
     return d
-
-
-# parsing lives in rocketrec.spec_parse (one parser per section); re-exported here
-from rocketrec.spec_parse import load_spec, spec_from_dict  # noqa: E402, F401

@@ -1,30 +1,5 @@
-"""Offline evaluation of any model on any logs, and runs side by side.
-
-`evaluate_model(model, data)` scores Parquet logs with
-
-- an exported `light.pt` (through the same TorchScript module a server loads,
-  its manifest naming the inputs: the light tower only), or
-- a run directory / checkpoint (both towers; the unsharded model on the CPU, one
-  process, no Ray; its tables are read chunk by chunk from the checkpoint's
-  files into one copy of the model, never more than the checkpoint holds),
-
-streaming the data (pyarrow, one batch at a time; a progress line with rows/s
-and ETA). Memory is bounded: up to `exact_rows` rows (default 5M) each row's
-score, label, weight and group are kept for exact metrics (~26 bytes a row,
-~150 for a moment while the metrics sort them); past that, per-tower
-histograms of the logit (65,536 bins) give AUC and the deciles, streamed sums
-give logloss, NE and calibration exactly, and GAUC is not computed
-(docs/daily_loop.md has the figures). It reports per tower: rows, AUC, GAUC (spec
-`group` or `--group`), logloss, NE, calibration, and calibration by
-predicted-probability decile. The metrics are `rocketrec.train.metrics`, the
-training run's own, on calibrated probabilities (a negative-sampled model:
-`sigmoid(logit + log rate)`), so the figures equal the run's evaluation on the
-same rows.
-
-`compare_runs(runs, data)` puts runs side by side: their settings, steps and
-examples/s, and per-tower metrics from each run's last evaluation or, with
-`data`, freshly evaluated on the same rows.
-"""
+"""Offline evaluation of one model on Parquet logs (`evaluate_model`); the package doc
+(`rocketrec.evaluation`) says what it reports and how memory stays bounded."""
 
 from __future__ import annotations
 
@@ -39,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rocketrec.data.batch import DataError, decode_targets
 from rocketrec.data.reader import list_parquet_files
+from rocketrec.data.schema import DataError
+from rocketrec.data.targets import decode_targets
 from rocketrec.model.loss import LossConfig, trained_towers
 from rocketrec.spec import FeatureSpec, load_spec, spec_from_dict
 from rocketrec.train.metrics import tower_metrics
@@ -401,51 +377,3 @@ def _evaluate_checkpoint(
         kind="checkpoint", checkpoint=str(ck), step=meta.get("step"), negative_sample_rate=rate
     )
     return rep
-
-
-def reliability_plot(rep: dict[str, Any], out_png: str | Path) -> None:
-    """Observed CTR against mean prediction per decile, per tower (log-log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    lo, hi = 1.0, 0.0
-    for tower, m in rep["towers"].items():
-        bs = [b for b in m.get("buckets", []) if b["observed"] > 0 and b["predicted"] > 0]
-        if not bs:
-            continue
-        xs, ys = [b["predicted"] for b in bs], [b["observed"] for b in bs]
-        lo, hi = min(lo, *xs, *ys), max(hi, *xs, *ys)
-        ax.plot(xs, ys, "o-", label=f"{tower} (AUC {m.get('auc', float('nan')):.4f})")
-    if hi > lo:
-        ax.plot([lo, hi], [lo, hi], "--", color="gray", label="calibrated")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlabel("mean predicted probability (decile)")
-    ax.set_ylabel("observed CTR")
-    ax.set_title(f"reliability: {rep['rows']:,} rows")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-
-
-def format_report(rep: dict[str, Any]) -> str:
-    lines = [f"{rep['rows']:,} rows of {', '.join(rep['data'])} ({rep['seconds']:.1f}s)"]
-    for tower, m in rep["towers"].items():
-        txt = f"  {tower:<8} auc {m.get('auc', float('nan')):.4f}"
-        if "gauc" in m:
-            txt += f" gauc {m['gauc']:.4f}"
-        txt += (
-            f" logloss {m.get('logloss', float('nan')):.4f} ne {m.get('ne', float('nan')):.4f} "
-            f"calibration {m.get('calibration', float('nan')):.3f}"
-        )
-        lines.append(txt)
-    return "\n".join(lines)
-
-
-# runs side by side: rocketrec.compare (re-exported here)
-from rocketrec.compare import compare_runs, format_comparison  # noqa: E402, F401
