@@ -12,11 +12,13 @@ candidates against the same 200 merged rows sent as a batch; requests/s of
 two threads sharing one Predictor against one thread; file sizes and the max
 |p_int8 - p_fp32| on held-out rows. Ratios are printed against their targets.
 
-ads_ctr's behaviour sequences are read by the booster only, through target attention,
-which has no serving module yet: the booster comparison trains on ads_ctr without its
-sequences (as before they were added), and a second run on the full spec exports its
-light tower, timed in the same rounds: `light (booster with sequences) / light` is the
-light tower's serving cost with the sequence-reading booster (target: unchanged).
+ads_ctr's behaviour sequences are read by the booster only, through target attention:
+the booster comparison above trains on ads_ctr without its sequences (as the serving
+targets were set), and a second run on the full spec exports its light tower and its
+booster with the attention (`export --booster`, plain torch ops), timed in the same
+rounds: `light (booster with sequences) / light` is the light tower's serving cost
+with the sequence-reading booster (target: unchanged), `booster with attention /
+light` what serving the booster would cost.
 
 The math baseline: the same light tower and fused tables, scripted and frozen the
 same way, fed already-prepared inputs (table rows, bag offsets, mean-pooling
@@ -266,8 +268,10 @@ def main() -> None:
     r_b = export_checkpoint(ckpt, booster, booster=True, data=str(val))
     r_p = export_checkpoint(ckpt, portable, portable=True, data=str(val))
     light_seq = tmp / "light_seq.pt"
+    booster_seq = tmp / "booster_seq.pt"
     if seq_ckpt is not None:
         export_checkpoint(seq_ckpt, light_seq, data=str(val))
+        export_checkpoint(seq_ckpt, booster_seq, booster=True, data=str(val))
     math = math_module(ckpt, tmp / "light_math.pt")
     exe = build_cpp()
     rounds: list[list[dict]] = []
@@ -280,10 +284,15 @@ def main() -> None:
                 bench(exe, portable, a.seconds),
                 bench_math(exe, math, a.seconds),
             ]
-            + ([bench(exe, light_seq, a.seconds)] if seq_ckpt is not None else [])
+            + (
+                [bench(exe, light_seq, a.seconds), bench(exe, booster_seq, a.seconds)]
+                if seq_ckpt is not None
+                else []
+            )
         )
     lb, bb, qb, pb, mb = (_median([r[i] for r in rounds]) for i in range(5))
     sb = _median([r[5] for r in rounds]) if seq_ckpt is not None else None
+    ab = _median([r[6] for r in rounds]) if seq_ckpt is not None else None
     man = read_manifest(light)
     mspec = spec_from_dict(man["spec"])
     t = pq.read_table(val).slice(0, 5000)
@@ -355,6 +364,12 @@ def main() -> None:
                 1.1,
             )
         print(f"  (same light inputs in both manifests: {same}; unchanged = within noise)")
+        assert ab is not None
+        for b in (1, 16, 256):
+            print(
+                f"ratio {'booster with attention / its light, batch ' + str(b):<44} "
+                f"{ab[b]['p50_us'] / sb[b]['p50_us']:6.2f}  (p50 {ab[b]['p50_us']:.1f} us)"
+            )
     for b in (1, 256):
         print(
             f"ratio {'portable / fused light p50, batch ' + str(b):<44} "

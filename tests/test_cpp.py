@@ -573,6 +573,10 @@ def seq_exported(tmp_path_factory, seq_spec, seq_data) -> Path:
     export_checkpoint(d / "run", d / "light.pt", data=seq_data["val"])
     export_checkpoint(d / "run", d / "light_int8.pt", int8=True, data=seq_data["val"])
     export_checkpoint(d / "run", d / "portable.pt", portable=True, data=seq_data["val"])
+    export_checkpoint(d / "run", d / "booster.pt", booster=True, data=seq_data["val"])
+    export_checkpoint(
+        d / "run", d / "booster_int8.pt", booster=True, int8=True, data=seq_data["val"]
+    )
     return d
 
 
@@ -625,3 +629,53 @@ def test_cpp_matches_python_with_a_sequence_in_the_light_tower(
     c = dict(one[2], hist_cats=[9, 10, 11, 12])
     s = rq.score_lines(m, [json.dumps(x) for x in (a, b, c)], man)
     assert abs(s[0] - s[1]) <= 1e-6 and abs(s[0] - s[2]) > 1e-4, s
+
+
+@pytest.mark.parametrize("name", ["booster.pt", "booster_int8.pt"])
+def test_cpp_matches_python_for_the_booster_with_target_attention(
+    predictor, seq_exported, seq_data, name, tmp_path
+):
+    """`export --booster` on a spec with sequences packages the booster's target attention
+    (its parity gate against the training model passed, or nothing was written): C++ =
+    Python in every request form, the histories in the context attended by each
+    candidate; a history's items beyond max_len do not count, its contents do."""
+    from rocketrec.serving import requests as rq
+
+    model = seq_exported / name
+    man = read_manifest(model)
+    assert man["tower"] == "booster" and man["op_library"] is None, man
+    names = {f["name"] for f in man["sparse_features"]}
+    assert {"hist_ads", "hist_cats"} <= names
+    rows = pq.read_table(seq_data["val"]).slice(0, 120)
+    one = [json.loads(x) for x in rq.requests_from_table(rows, man)]
+    full = [json.dumps(r) for r in one]
+    grouped = []
+    ctx_keys = [k for k in ("user", "hist_ads", "hist_cats", "price") if k in one[0]]
+    for g in range(0, len(one), 20):
+        ctx = {k: one[g][k] for k in ctx_keys}
+        cands = [{k: v for k, v in r.items() if k not in ctx} for r in one[g : g + 20]]
+        grouped.append(json.dumps({"context": ctx, "candidates": cands}))
+        for j, c in enumerate(cands):
+            full[g + j] = json.dumps({**ctx, **c})
+    mixed = full[:30] + grouped
+    req = tmp_path / "req.jsonl"
+    req.write_text("\n".join(mixed) + "\n")
+    out = subprocess.run(
+        [str(predictor), str(model), str(req), "--batch", "16"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    cpp = [float(x) for x in out.stdout.split()]
+    m = torch.jit.load(str(model))
+    py = rq.score_lines(m, mixed, man)
+    assert len(cpp) == len(py) == 30 + 120
+    assert max(abs(a - b) for a, b in zip(cpp, py)) <= 1e-6
+    full_py = rq.score_lines(m, full, man)  # candidates = the same rows merged
+    assert max(abs(a - b) for a, b in zip(cpp[30:], full_py)) <= 1e-6
+    r = one[3]
+    hist = list(r["hist_ads"])[:6] or [one[4]["ad"]]
+    pad = [one[k]["ad"] for k in range(5, 12)]
+    a = dict(r, hist_ads=hist + pad[: 6 - len(hist)])  # max_len 6
+    b = dict(a, hist_ads=a["hist_ads"] + pad)  # items beyond max_len
+    c = dict(a, hist_ads=pad[:6])
+    s = rq.score_lines(m, [json.dumps(x) for x in (a, b, c)], man)
+    assert abs(s[0] - s[1]) <= 1e-6 and abs(s[0] - s[2]) > 1e-6, s

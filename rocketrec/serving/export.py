@@ -57,13 +57,20 @@ def script_serving(
     on_block: BlockHook | None = None,
     negative_sample_rate: float = 1.0,
     portable: bool = False,
+    attention: nn.ModuleDict | None = None,
 ) -> torch.jit.ScriptModule:
     """The scripted serving module: on the fused operator (default), or `portable` (plain
-    torch ops: any libtorch server of the same version loads it without the op library)."""
+    torch ops: any libtorch server of the same version loads it without the op library).
+    `attention` (the booster's units, per sequence): the booster with its target
+    attention (rocketrec.serving.booster), always on plain torch ops."""
     m: nn.Module = LightServing(
         spec, tables, _copy_tower(tower), int8, private_dim, on_block, negative_sample_rate
     )
-    if not portable:
+    if attention is not None:
+        from rocketrec.serving.booster import AttentionBoosterServing
+
+        m = AttentionBoosterServing(m, spec, _copy_tower(attention))  # type: ignore[arg-type]
+    elif not portable:
         from rocketrec.serving.fused import FusedLightServing
 
         m = FusedLightServing(m)  # type: ignore[arg-type]
@@ -229,24 +236,21 @@ def _write_gated(
     return diff, tol
 
 
-def _what_to_export(model: Any, booster: bool) -> tuple[FeatureSpec, nn.Module]:
-    """(the served spec, the tower): the light tower, or the booster on every feature."""
+def _what_to_export(
+    model: Any, booster: bool
+) -> tuple[FeatureSpec, nn.Module, nn.ModuleDict | None]:
+    """(the served spec, the tower, the booster's attention units or None): the light
+    tower, or the booster on every feature (with its attention over each sequence)."""
     spec: FeatureSpec = model.spec
     if not booster:
         check_exportable(spec, model.cfg, "rocket")  # the checks training starts with
-        return spec, model.light
+        return spec, model.light, None
     # comparison only: the booster on every feature, packaged the same way
     spec = replace(spec, light_features=tuple(spec.sparse_names + spec.dense_names))
     if model.bottom is not None:
         raise ValueError("--booster export does not support shared_bottom")
-    if spec.sequences:
-        raise ValueError(
-            "--booster export: the booster's target attention over sequences ("
-            + ", ".join(f.name for f in spec.sequences)
-            + ") has no serving module yet; only the light tower is exported"
-        )
     check_servable(spec)
-    return spec, _BoosterHead(model.booster)
+    return spec, _BoosterHead(model.booster), model.attention if spec.sequences else None
 
 
 def _table_sources(
@@ -289,7 +293,7 @@ def export_checkpoint(
             f"{ck}: a booster_only run trained no light tower; export --booster packages the "
             "booster (for comparisons)"
         )
-    spec, tower = _what_to_export(model, booster)
+    spec, tower, attention = _what_to_export(model, booster)
     sources, private_dim = _table_sources(model, spec, CheckpointTables(ck), booster)
     table = heldout if heldout is not None else heldout_table(model.spec, data, rows)
     batch = decode_table(table, model.spec, "<held-out>").to_batch()
@@ -304,7 +308,9 @@ def export_checkpoint(
         on_block=collector,
         negative_sample_rate=rate,
         portable=portable,
+        attention=attention,
     )
+    portable = portable or attention is not None
     # reference: the training model's code path on the same rows, corrected the same way
     ref = _reference_scores(model, dense, kjt, booster, needed, collector, np.log(rate))
     manifest = build_manifest(
