@@ -259,14 +259,27 @@ def _add_plan(sub: Any) -> None:
         default=None,
         help="GB per worker (default on cpu: this machine's RAM / workers; needed for cuda)",
     )
-    from rocketrec.config import sharding_arg
-    from rocketrec.parallel.sharding import SPARSE_OPTIMIZERS
+    from rocketrec.config import flag_type
+    from rocketrec.parallel.sharding import SPARSE_OPTIMIZERS, sharding_arg
 
-    pl.add_argument("--sharding", type=sharding_arg, default={}, help="as for training")
+    pl.add_argument("--sharding", type=flag_type(sharding_arg), default={}, help="as for training")
     pl.add_argument("--sparse-optimizer", choices=SPARSE_OPTIMIZERS, default="rowwise_adagrad")
     pl.add_argument("--light-private-dim", type=int, default=0, help="as for training")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(fn=_cmd_plan)
+
+
+TRAIN_HELP = "train in this process (no Ray; see jobs/ads_train.py)"
+
+
+def _train_parser(t: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The `train` command's flags (generated from the settings: rocketrec.config)."""
+    from rocketrec.config import add_train_args
+
+    t = t or argparse.ArgumentParser(prog="rocketrec train", description=TRAIN_HELP)
+    add_train_args(t)
+    t.set_defaults(fn=_cmd_train)
+    return t
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,11 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validate(sub)
     _add_synth(sub)
     _add_plan(sub)
-    t = sub.add_parser("train", help="train in this process (no Ray; see jobs/ads_train.py)")
-    from rocketrec.config import add_train_args
-
-    add_train_args(t)
-    t.set_defaults(fn=_cmd_train)
+    _train_parser(sub.add_parser("train", help=TRAIN_HELP))
 
     add_serving_commands(sub)
     add_eval_commands(sub)
@@ -298,8 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args and args[0] == "train":  # one JobConfig: defaults < --config < flags
             from rocketrec.config import parse_job
 
-            sub = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr,index]
-            return _cmd_train(parse_job(sub, args[1:], ray=False))
+            return _cmd_train(parse_job(_train_parser(), args[1:], ray=False))
         a = parser.parse_args(args)
         return int(a.fn(a) or 0)
     except (SpecError, DataError, UserError, FileNotFoundError) as e:

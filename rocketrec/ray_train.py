@@ -34,6 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rocketrec.train.run_dir import RunDir
+
 # Heavy imports (torchrec, fbgemm) happen inside the functions: a Ray worker unpickles
 # `train_loop_per_worker` by importing this module, before its logging is quieted.
 
@@ -44,14 +46,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     quiet_library_noise()  # before torchrec/fbgemm are imported in this worker
     import ray.train
+    import torch.distributed as dist
 
     from rocketrec.spec import spec_from_dict
     from rocketrec.train.checkpoint import log_user_error
     from rocketrec.train.job import JobConfig
     from rocketrec.train.loop import TrainingDiverged, train_job
-
-    quiet_library_noise()
-    import torch.distributed as dist
 
     job = JobConfig.from_dict(config["job"])  # the driver's job, serialized
     spec = spec_from_dict(config["spec"], source=job.data.spec)
@@ -216,7 +216,7 @@ def _fit(job: Any, spec: Any) -> Any:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name="rocketrec",
-            storage_path=str(Path(job.data.out) / "ray_results"),
+            storage_path=str(RunDir(job.data.out).ray_results),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=r.max_failures),
         ),

@@ -6,8 +6,8 @@
     train: {batch_size: 1024, epochs: 1, ...}
     ray:   {workers: 2, ...}             # jobs/ads_train.py only
 
-Every key is a flag's name with `_` (`--batch-size` is `train.batch_size`);
-the sections are the flags' groups in `--help`. Unknown sections or keys are
+Every key is a setting's name (`--batch-size` is `train.batch_size`), declared once
+with its section's dataclass (rocketrec.settings, rocketrec.train.job.SECTIONS). Unknown sections or keys are
 errors naming the file and the key, with a "did you mean". Values go through
 the same checks as flags (types, choices, the config dataclasses'
 `__post_init__`). The resolved job config (rocketrec.train.job.JobConfig.to_dict(): every
@@ -18,7 +18,6 @@ version, the git commit (when there is one) and the command line;
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import subprocess
 import sys
@@ -27,66 +26,47 @@ from typing import Any
 
 import yaml
 
-SECTION_OF_GROUP = {
-    "data": "data",
-    "method (Rocket Launching)": "loss",
-    "model": "model",
-    "training": "train",
-    "Ray": "ray",
-}
-MOVED = {("ray", "no_export"): "data"}  # (section, key) -> the key's section now
 META_KEY = "run"  # written by rocketrec: version, git commit, command line (ignored on read)
+IGNORED = {("train", "resume")}  # written to RUN/config.yaml, given by --resume only
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _sections(p: argparse.ArgumentParser) -> dict[str, dict[str, argparse.Action]]:
-    out: dict[str, dict[str, argparse.Action]] = {}
-    for g in p._action_groups:  # argparse keeps the groups here (stable for years)
-        sec = SECTION_OF_GROUP.get(g.title or "")
-        if sec:
-            out[sec] = {a.dest: a for a in g._group_actions}
-    return out
+def _convert(cls: type, f: Any, s: Any, value: Any, where: str) -> Any:
+    """A YAML value -> the setting's value, as its flag would have produced it."""
+    from rocketrec.settings import kind_of, on_off
 
-
-def _convert(a: argparse.Action, value: Any, where: str) -> Any:
-    """A YAML value -> what the flag would have produced."""
     if value is None:
         return None
-    if a.nargs in ("+", "*") and not isinstance(value, list):
-        value = [value]
+    kind, t = kind_of(cls, f)
     try:
-        if isinstance(value, list) and a.nargs in ("+", "*"):
-            vals = [a.type(str(v)) if a.type else v for v in value]  # type: ignore[operator]
-            out: Any = vals
-        elif isinstance(value, list):  # layer sizes written as a YAML list
-            out = tuple(int(v) for v in value)
-        elif isinstance(value, dict):
-            out = value
-        elif isinstance(value, bool) and a.type is not None and a.type is not bool:
-            out = a.type("on" if value else "off")  # type: ignore[operator]
-        elif isinstance(a, argparse._StoreTrueAction):
+        if s.switch:
             if not isinstance(value, bool):
-                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+                raise ValueError(f"expected true or false, got {value!r}")
+            out: Any = value
+        elif isinstance(value, dict):  # a mapping (sharding): checked with the spec
             out = value
-        elif a.type is not None:
-            out = a.type(str(value) if not isinstance(value, str) else value)  # type: ignore[operator]
+        elif s.parse is not None:
+            text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+            out = s.parse(text)
+        elif kind == "list":
+            out = [t(v) for v in (value if isinstance(value, list) else [value])]
+        elif t is bool:
+            out = value if isinstance(value, bool) else on_off(str(value))
+        elif isinstance(value, bool | dict | list):
+            raise ValueError(f"expected a {t.__name__}, got {value!r}")
         else:
-            out = value if isinstance(value, str) else str(value)
-    except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            out = t(value) if t is str else t(str(value))
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: {e}") from None
-    if a.choices is not None:
-        items = out if isinstance(out, list) else [out]
-        bad = [v for v in items if v not in a.choices]
-        if bad:
-            raise ConfigError(f"{where}: {bad[0]!r} is not one of {', '.join(map(str, a.choices))}")
+    if s.choices is not None and out not in s.choices:
+        raise ConfigError(f"{where}: {out!r} is not one of {', '.join(map(str, s.choices))}")
     return out
 
 
-def load_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a run config into {dest: value}; errors name the file and the key."""
+def _read(path: str) -> dict[str, Any]:
     f = Path(path)
     if not f.is_file():
         raise ConfigError(f"{path}: no such file")
@@ -96,67 +76,50 @@ def load_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    secs = _sections(p)
+    return raw
+
+
+def load_config(path: str, sections: list[str] | None = None) -> dict[str, Any]:
+    """Read a run config into {setting: value} for `sections` (default: all; a section
+    of the file that this command does not take, e.g. `ray` for `rocketrec train`, is
+    skipped). Errors name the file and the key, with a "did you mean"."""
+    from rocketrec.settings import settings_of
+    from rocketrec.train.job import SECTIONS
+
+    raw = _read(path)
+    taken = list(sections or SECTIONS)
+    decl = {sec: {f.name: (f, s) for f, s in settings_of(SECTIONS[sec])} for sec in SECTIONS}
+    moved = {
+        (old, f.name): sec
+        for sec in SECTIONS
+        for f, s in settings_of(SECTIONS[sec])
+        for old in s.moved_from
+    }
     out: dict[str, Any] = {}
     for sec, body in raw.items():
         if sec == META_KEY:
             continue
-        if sec not in secs and sec in SECTION_OF_GROUP.values():
-            continue  # e.g. `ray` for `rocketrec train`, which runs in this process
-        if sec not in secs:
-            hint = difflib.get_close_matches(str(sec), list(secs), n=1)
+        if sec not in SECTIONS:
+            hint = difflib.get_close_matches(str(sec), list(SECTIONS), n=1)
             more = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"{path}: unknown section '{sec}'{more}; sections: {', '.join(secs)}")
+            raise ConfigError(
+                f"{path}: unknown section '{sec}'{more}; sections: {', '.join(SECTIONS)}"
+            )
         if body is None:
             continue
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: section '{sec}' must be a mapping of keys")
         for key, value in body.items():
-            if (sec, key) in MOVED:  # a key that moved to another section: still read
-                sec_of_key = MOVED[(sec, key)]
-                if sec_of_key in secs:
-                    out[key] = _convert(secs[sec_of_key][key], value, f"{path}: {sec}.{key}")
+            home = moved.get((sec, key), sec)  # a key that moved: still read where it is now
+            if (sec, key) in IGNORED or home not in taken:
                 continue
-            actions = secs[sec]
-            if key not in actions:
-                hint = difflib.get_close_matches(str(key), list(actions), n=1)
+            if key not in decl[home]:
+                hint = difflib.get_close_matches(str(key), list(decl[home]), n=1)
                 more = f" (did you mean '{hint[0]}'?)" if hint else ""
                 raise ConfigError(f"{path}: {sec}: unknown key '{key}'{more}")
-            out[key] = _convert(actions[key], value, f"{path}: {sec}.{key}")
+            f, s = decl[home][key]
+            out[key] = _convert(SECTIONS[home], f, s, value, f"{path}: {sec}.{key}")
     return out
-
-
-def apply_config(p: argparse.ArgumentParser, argv: list[str] | None) -> str | None:
-    """`--config FILE` values become `p`'s defaults, which flags override. Without
-    --config, `--resume RUN` reloads RUN/config.yaml the same way (the run's own
-    settings; budget flags may still be given). Returns the file used, if any."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("--resume", default=None)
-    known, _ = pre.parse_known_args(argv)
-    path = known.config
-    if path is None and known.resume:
-        for cand in (Path(known.resume), *Path(known.resume).parents[:2]):
-            if (cand / "config.yaml").is_file():
-                path = str(cand / "config.yaml")
-                break
-    if path:
-        values = load_config(path, p)
-        values.pop("resume", None)
-        p.set_defaults(**values)
-        for a in p._actions:
-            if a.dest in values and values[a.dest] is not None:
-                a.required = False  # given by the config file
-    return path
-
-
-def add_config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        default=None,
-        help="run config YAML (sections data, loss, model, train, ray; see jobs/configs/); "
-        "flags given on the command line override it",
-    )
 
 
 def _git_commit() -> str | None:

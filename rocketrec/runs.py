@@ -27,6 +27,7 @@ from rocketrec.spec import FeatureSpec, load_spec
 from rocketrec.train.checkpoint import latest_checkpoint, read_meta
 from rocketrec.train.job import JobConfig
 from rocketrec.train.resume import check_resume_compatible
+from rocketrec.train.run_dir import RunDir
 
 
 def _check_data(job: JobConfig, spec: FeatureSpec) -> None:
@@ -65,7 +66,7 @@ def prepare_run(job: JobConfig) -> tuple[FeatureSpec, JobConfig]:
         )
     _check_data(job, spec)
     out.mkdir(parents=True, exist_ok=True)
-    write_resolved(out / "config.yaml", job.to_dict())  # every check passed: record it
+    write_resolved(RunDir(out).config, job.to_dict())  # every check passed: record it
     return spec, job
 
 
@@ -112,13 +113,14 @@ def finish_run(
 ) -> dict[str, Any]:
     """Curves, the export (unless --no-export) and summary.json of a finished run."""
     out = Path(job.data.out)
+    run = RunDir(out)
     summary: dict[str, Any] = {
         "train_wall_seconds": seconds,
         "workers": job.workers,
         "metrics": metrics,
     }
-    if (out / "metrics.jsonl").is_file() and plot_curves(out / "metrics.jsonl", out / "curves.png"):
-        summary["plot"] = str(out / "curves.png")
+    if run.metrics.is_file() and plot_curves(run.metrics, run.curves):
+        summary["plot"] = str(run.curves)
     if not job.data.no_export and job.loss.mode == "booster_only":
         say(
             "[rocketrec] no export: --mode booster_only trains no light tower (the served one); "
@@ -131,9 +133,9 @@ def finish_run(
 
         spec = load_spec(job.data.spec)
         val = list(job.data.val) if job.data.val else None
-        rep = export_checkpoint(out, out / "light.pt", heldout=heldout_table(spec, val, 2048))
+        rep = export_checkpoint(out, run.light, heldout=heldout_table(spec, val, 2048))
         summary["export"] = rep
         say(f"[rocketrec] exported {rep['out']}: parity max |diff| {rep['max_abs_diff']:.3g}")
-        log_model_artifact(out, job.train.mlflow_uri, out / "light.pt")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        log_model_artifact(out, job.train.mlflow_uri, run.light)
+    run.summary.write_text(json.dumps(summary, indent=1, default=str))
     return summary

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -65,10 +66,23 @@ def test_mismatches_are_one_line(runs, cross_data, tmp_path):
     pq.write_table(t, tmp_path / "no_cat.parquet")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
+    future = tmp_path / "future.pt"  # a manifest format this version does not read
+    with (
+        zipfile.ZipFile(runs / "a" / "light.pt") as src,
+        zipfile.ZipFile(future, "w") as dst,
+    ):
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/extra/manifest.json"):
+                man = json.loads(data)
+                man["format"] = "rocketrec-light/99"
+                data = json.dumps(man).encode()
+            dst.writestr(info, data)
     for model, data, needle in [
         (runs / "a" / "light.pt", str(tmp_path / "no_cat.parquet"), "ad_cat"),
         (runs / "a", str(tmp_path / "no_cat.parquet"), "ad_cat"),
         (junk, cross_data["val"], "not a rocketrec export"),
+        (future, cross_data["val"], "manifest format 'rocketrec-light/99'"),
         (tmp_path / "missing.pt", cross_data["val"], "no such file"),
     ]:
         r = _cli("evaluate", str(model), "--data", data)
@@ -133,7 +147,7 @@ def test_no_tensorboard_flag(tmp_path, cross_spec, cross_data):
         str(tmp_path / "r"),
         small_model(),
         None,
-        TrainConfig(batch_size=512, max_steps=2, log_every=1, tensorboard=False),
+        TrainConfig(batch_size=512, max_steps=2, log_every=1, no_tensorboard=True),
     )
     assert not (tmp_path / "r" / "tb").exists()
 

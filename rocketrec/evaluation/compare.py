@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rocketrec.evaluation.offline import evaluate_model
+from rocketrec.train.run_dir import RunDir
 
 _COLUMNS = ("auc", "gauc", "ne", "calibration")
 
@@ -31,7 +32,7 @@ def _run_row(run: Path, data: Any, rows: int | None, quiet: bool) -> dict[str, A
         "steps": meta.get("step"),
         "examples_per_s": None,
     }
-    mpath = run / "metrics.jsonl"
+    mpath = RunDir(run).metrics
     if mpath.is_file():
         recs = [json.loads(x) for x in mpath.read_text().splitlines() if x.strip()]
         rates = [r["train_examples_per_s"] for r in recs if "train_examples_per_s" in r]

@@ -32,22 +32,50 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rocketrec.settings import setting
+
 MODES = ("rocket", "booster_only", "light_only", "teacher_student", "perfect_teacher")
 HINTS = ("mimic", "mse_prob", "kd")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    mode: str = "rocket"
-    hint: str = "kd"
-    hint_weight: float = 1.0  # lambda
-    temperature: float = 2.0  # kd only
-    gradient_block: bool = True
-    light_shared_grad_scale: float = 1.0  # 0 = light losses never reach shared tables
-    # a logged teacher score (the spec's `teacher:` column): its hint's weight, and
-    # whether the booster also distils from it
-    teacher_lambda: float = 1.0
-    teacher_booster: bool = False
+    mode: str = setting(
+        "rocket",
+        "rocket: booster and light together; booster_only / light_only: one tower; "
+        "teacher_student: booster first, then the light tower against it",
+        resume=False,
+        choices=MODES,
+    )
+    hint: str = setting(
+        "kd",
+        "hint loss: mimic = MSE of logits (the paper), mse_prob = MSE of probabilities, "
+        "kd = tempered BCE x T^2",
+        resume=False,
+        choices=HINTS,
+    )
+    hint_weight: float = setting(
+        1.0, "lambda, the hint loss weight", resume=False, aliases=("--lambda",)
+    )
+    temperature: float = setting(2.0, "T for --hint kd", resume=False)
+    gradient_block: bool = setting(
+        True, "on: the hint never reaches booster parameters", resume=False
+    )
+    light_shared_grad_scale: float = setting(
+        1.0,
+        "scale in [0,1] on the light losses' gradient into the shared tables (1 = the paper, "
+        "0 = light reads detached embeddings)",
+        resume=False,
+    )
+    teacher_lambda: float = setting(
+        1.0,
+        "weight of the hint towards the spec's logged teacher score (teacher: in the spec), "
+        "in every mode; 0 = off",
+        resume=False,
+    )
+    teacher_booster: bool = setting(
+        False, "on: the booster also distils from the logged teacher", resume=False
+    )
 
     def __post_init__(self) -> None:
         if not self.teacher_lambda >= 0:

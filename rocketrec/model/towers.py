@@ -8,29 +8,51 @@ scale_grad:   identity forward, gradient x scale backward
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from rocketrec.settings import layer_sizes, setting
 
 ATTENTIONS = ("softmax", "din", "mean")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    cross_layers: int = 3
-    cross_rank: int = 32
-    booster_mlp: tuple[int, ...] = (256, 128, 64)
-    light_mlp: tuple[int, ...] = (32,)
-    shared_bottom: tuple[int, ...] = field(default_factory=tuple)  # dense MLP shared by both towers
-    # >0: each light feature also reads a private table of this dim, trained by the light
-    # losses only (a light-only embedding part beside the shared tables)
-    light_private_dim: int = 0
-    # how the booster reads a behaviour sequence (kind: sequence) given its query:
-    # softmax = DIN's activation unit, weights normalised by a masked softmax;
-    # din = the unit's raw weights (DIN's paper, no normalisation); mean = mean pooling
-    attention: str = "softmax"
-    attention_mlp: tuple[int, ...] = (32,)  # hidden sizes of the activation unit
+    cross_layers: int = setting(3, "DCN-v2 cross layers of the booster", resume=False)
+    cross_rank: int = setting(32, "low rank of each cross layer", resume=False)
+    booster_mlp: tuple[int, ...] = setting(
+        (256, 128, 64), "the booster's MLP, e.g. 256,128,64", resume=False, parse=layer_sizes
+    )
+    light_mlp: tuple[int, ...] = setting(
+        (32,), "the light tower's MLP, e.g. 32", resume=False, parse=layer_sizes
+    )
+    shared_bottom: tuple[int, ...] = setting(
+        help="optional dense MLP shared by both towers, e.g. 64,32",
+        resume=False,
+        default_factory=tuple,
+        parse=layer_sizes,
+    )
+    light_private_dim: int = setting(
+        0,
+        "dim of a light-only embedding part beside the shared tables (0 = none): each light "
+        "feature also reads a private table trained by the light losses only",
+        resume=False,
+    )
+    attention: str = setting(
+        "softmax",
+        "how the booster reads a behaviour sequence: softmax = DIN's activation unit with a "
+        "masked softmax, din = its raw weights, mean = mean pooling",
+        resume=False,
+        choices=ATTENTIONS,
+    )
+    attention_mlp: tuple[int, ...] = setting(
+        (32,),
+        "hidden sizes of the attention's activation unit, e.g. 32",
+        resume=False,
+        parse=layer_sizes,
+    )
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:

@@ -7,7 +7,7 @@ the sharding with `EmbeddingShardingPlanner` on a topology of the real world
 size and device, and wraps it in `DistributedModelParallel`. The same path
 serves one process (a 1-rank gloo group) and N Ray workers.
 
-CPU/gloo facts (ARCHITECTURE.md): the stock sharder offers row-wise,
+CPU/gloo facts (measured; docs/results.md): the stock sharder offers row-wise,
 table-row-wise and grid only on cuda, so `CPUShardingSharder` adds them on
 cpu. Fused CPU optimizers: SGD, Adagrad, rowwise Adagrad (Adam is refused).
 Data-parallel tables are trained by the dense optimizer.
@@ -48,6 +48,34 @@ SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", 
 # in a probe (`split_with_sizes` inside its DDP wrapper).
 SEQUENCE_SHARDING_TYPES = ("table_wise", "column_wise", "row_wise")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+
+
+def sharding_arg(text: str) -> dict[str, dict[str, str]]:
+    """'items=row_wise,users=table_wise' or a JSON object {table: {sharding_type: ...}}."""
+    import json
+
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--sharding: bad JSON: {e}") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
+            raise ValueError("--sharding JSON must map table -> {sharding_type: ...}")
+        return obj
+    out: dict[str, dict[str, str]] = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise ValueError(f"--sharding: expected table=type, got {part!r}")
+        table, st = (x.strip() for x in part.split("=", 1))
+        if st not in SHARDING_TYPES:
+            raise ValueError(
+                f"--sharding: {table}: sharding type must be one of {', '.join(SHARDING_TYPES)}"
+            )
+        out[table] = {"sharding_type": st}
+    return out
 
 
 class CPUShardingSharder(EmbeddingBagCollectionSharder):

@@ -117,7 +117,8 @@ def _version() -> str:
 
 
 def read_manifest(model_path: str | Path) -> dict[str, Any]:
-    """The manifest of an exported file (read from its archive: no op library needed)."""
+    """The manifest of an exported file (read from its archive: no op library needed;
+    a format this rocketrec does not read is refused)."""
     from rocketrec.serving.ops import read_manifest_raw
 
     return read_manifest_raw(model_path)

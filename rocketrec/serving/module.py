@@ -1,6 +1,6 @@
 """The exported serving module: the light tower with its tables and its preprocessing.
 
-Serving contract (ARCHITECTURE.md "Contracts"; inputs as in the manifest's
+Serving contract (deploy/README.md section 2; inputs as in the manifest's
 `sparse_features` (id inputs, I of them) and `dense_features` (numeric inputs, C)):
 
     forward(values int64 [N], lengths int64 [I * B], dense float32 [B, C]) -> float32 [B]

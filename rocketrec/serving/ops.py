@@ -92,18 +92,28 @@ def op_library_entry() -> dict[str, Any]:
 
 def read_manifest_raw(path: str | Path) -> dict[str, Any]:
     """manifest.json straight from the file's zip archive (no TorchScript load: a fused
-    model's manifest is readable without the op library)."""
+    model's manifest is readable without the op library). A manifest of a format this
+    rocketrec does not read (`manifest.FORMATS_READ`) is refused, naming the file."""
     import json
     import zipfile
+
+    from rocketrec.serving.manifest import FORMATS_READ
 
     try:
         with zipfile.ZipFile(path) as z:
             names = [n for n in z.namelist() if n.endswith("/extra/manifest.json")]
             if not names:
                 raise ValueError(f"{path}: no manifest.json inside: not a rocketrec export")
-            return json.loads(z.read(names[0]))
+            man = json.loads(z.read(names[0]))
     except zipfile.BadZipFile as e:
         raise ValueError(f"{path}: not a TorchScript file ({e})") from e
+    fmt = man.get("format") if isinstance(man, dict) else None
+    if fmt not in FORMATS_READ:
+        raise ValueError(
+            f"{path}: manifest format {fmt!r} is not one this rocketrec reads "
+            f"({', '.join(FORMATS_READ)}); export the model again with this version"
+        )
+    return dict(man)
 
 
 def load_model(path: str | Path) -> torch.jit.ScriptModule:

@@ -41,6 +41,7 @@ import torch.distributed.checkpoint as dcp
 from rocketrec.model.model import ModelConfig, RocketModel
 from rocketrec.parallel.tables import table_of_key
 from rocketrec.spec import spec_from_dict
+from rocketrec.train.run_dir import RunDir
 
 
 def _barrier() -> None:
@@ -73,7 +74,7 @@ def log_user_error(out: str | Path | None, err: BaseException) -> None:
         return
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
-        with open(Path(out) / "train.log", "a") as f:
+        with open(RunDir(out).log, "a") as f:
             f.write("error: " + "".join(traceback.format_exception(err)))
     except OSError:
         pass
@@ -154,7 +155,7 @@ def latest_checkpoint(root: str | Path, verify: bool = True) -> Path | None:
     checkpoint dir); None if there is none at all. With `verify`, damaged ones are
     skipped with one warning line each; CheckpointDamaged if every one is damaged."""
     root = Path(root)
-    for cand in (root, root / "checkpoints"):
+    for cand in (root, RunDir(root).checkpoints):
         if (cand / "meta.json").is_file() and not (cand / "latest").exists():
             if verify and (why := verify_checkpoint(cand)) is not None:
                 raise CheckpointDamaged(f"checkpoint {cand} is damaged: {why}")
@@ -190,7 +191,7 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
-    root = Path(root) / "checkpoints"
+    root = RunDir(root).checkpoints
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = f"step_{step:09d}"
     if (root / name).exists():

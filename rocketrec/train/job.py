@@ -15,23 +15,48 @@ needs the spec (sharding: tables and kinds; perfect_teacher's column).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rocketrec.model.loss import LossConfig
 from rocketrec.model.model import ModelConfig
 from rocketrec.parallel.sharding import check_sharding
+from rocketrec.settings import setting, settings_of
 from rocketrec.spec import FeatureSpec
 from rocketrec.train.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    spec: str
-    train: tuple[str, ...]
-    out: str
-    val: tuple[str, ...] | None = None
-    no_export: bool = False  # the run directory gets light.pt unless set
+    spec: str = setting(
+        help="feature spec YAML (see feature_specs/README.md)",
+        resume=True,
+        required=True,
+        path=True,
+    )
+    train: tuple[str, ...] = setting(
+        help="training Parquet: one or more files, directories (Hive partitions such as "
+        "logs/date=2026-11-26/ too) or globs",
+        resume=True,
+        required=True,
+        path=True,
+    )
+    out: str = setting(
+        help="run directory: metrics, checkpoints, export, plot",
+        resume=True,
+        required=True,
+        path=True,
+    )
+    val: tuple[str, ...] | None = setting(
+        None, "validation Parquet, as --train (metrics per tower)", resume=True, path=True
+    )
+    no_export: bool = setting(
+        False,
+        "do not export light.pt at the end of the run",
+        resume=True,
+        switch=True,
+        moved_from=("ray",),
+    )
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -40,13 +65,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    workers: int = 2
-    cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 0.0
-    max_failures: int = 2
-    address: str | None = None
-    local_cpus: int | None = None
-    verbose: bool = False
+    workers: int = setting(2, "Ray Train workers (ranks)", resume=True)
+    cpus_per_worker: float = setting(
+        0.5, "fractional CPUs leave room for Ray's own tasks on small machines", resume=True
+    )
+    gpus_per_worker: float = setting(0.0, "1 on GPU nodes (nccl)", resume=True)
+    max_failures: int = setting(
+        2, "restarts of the worker group from the last registered checkpoint", resume=True
+    )
+    address: str | None = setting(
+        None, "Ray address (default: RAY_ADDRESS, else local)", resume=True
+    )
+    local_cpus: int | None = setting(None, "CPUs of the embedded local Ray", resume=True)
+    verbose: bool = setting(
+        False, "keep Ray's and the libraries' own log lines", resume=True, switch=True
+    )
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -87,21 +120,17 @@ class JobConfig:
     def with_run(self, run: dict[str, Any]) -> JobConfig:
         return replace(self, run=dict(run))
 
-    # -- serialized form: sections of flag-named keys ----------------------------
+    # -- serialized form: sections of setting-named keys ------------------------
     def to_dict(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:
             return list(v) if isinstance(v, tuple) else v
 
-        train = {k: plain(v) for k, v in asdict(self.train).items() if k != "tensorboard"}
-        train.update(no_tensorboard=not self.train.tensorboard, resume=self.resume)
-        out: dict[str, Any] = {
-            "data": {k: plain(v) for k, v in asdict(self.data).items()},
-            "loss": asdict(self.loss),
-            "model": {k: plain(v) for k, v in asdict(self.model).items()},
-            "train": train,
-        }
-        if self.ray is not None:
-            out["ray"] = asdict(self.ray)
+        out: dict[str, Any] = {}
+        for sec, cls in SECTIONS.items():
+            obj = getattr(self, sec)
+            if obj is not None:
+                out[sec] = {f.name: plain(getattr(obj, f.name)) for f, _ in settings_of(cls)}
+        out["train"]["resume"] = self.resume
         if self.run:
             out["run"] = dict(self.run)
         return out
@@ -109,32 +138,43 @@ class JobConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobConfig:
         flat: dict[str, Any] = {}
-        for sec in ("data", "loss", "model", "train", "ray"):
+        for sec in SECTIONS:
             flat.update(d.get(sec) or {})
         return job_from_values(flat, ray="ray" in d, run=d.get("run") or {})
 
 
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "loss": LossConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "ray": RayConfig,
+}
+
+
 def _pick(cls: Any, values: dict[str, Any]) -> dict[str, Any]:
-    return {f.name: values[f.name] for f in fields(cls) if f.name in values}
+    """The values of `cls`'s settings (lists as the fields' tuples)."""
+    out = {}
+    for f, _ in settings_of(cls):
+        if f.name in values:
+            v = values[f.name]
+            out[f.name] = tuple(v) if isinstance(v, list) else v
+    return out
 
 
 def job_from_values(
     values: dict[str, Any], ray: bool, run: dict[str, Any] | None = None
 ) -> JobConfig:
-    """A JobConfig from flag-named values (argparse's namespace, or a flattened
-    serialized config). Missing keys take the sections' defaults."""
+    """A JobConfig from setting-named values (parsed flags over a config file, or a
+    flattened serialized config). Missing keys take the sections' defaults."""
     v = dict(values)
-    for k in ("booster_mlp", "light_mlp", "shared_bottom", "attention_mlp", "train", "val"):
-        if v.get(k) is not None:
-            v[k] = tuple(v[k])
-    train = _pick(TrainConfig, v)
-    train["tensorboard"] = not v.get("no_tensorboard", False)
-    train["sharding"] = dict(v.get("sharding") or {})
+    if "tensorboard" in v and "no_tensorboard" not in v:  # an older RUN/config.yaml
+        v["no_tensorboard"] = not v["tensorboard"]
     return JobConfig(
         data=DataConfig(**_pick(DataConfig, v)),
         model=ModelConfig(**_pick(ModelConfig, v)),
         loss=LossConfig(**_pick(LossConfig, v)),
-        train=TrainConfig(**train),
+        train=TrainConfig(**_pick(TrainConfig, v)),
         ray=RayConfig(**_pick(RayConfig, v)) if ray else None,
         resume=v.get("resume"),
         run=dict(run or {}),

@@ -38,6 +38,7 @@ from rocketrec.model.loss import LossConfig
 from rocketrec.model.model import ModelConfig
 from rocketrec.parallel.sharding import MOVABLE_KINDS, planner_kinds, sharding_kinds
 from rocketrec.parallel.tables import block_views, release_free_memory
+from rocketrec.settings import resume_may_change
 from rocketrec.spec import FeatureSpec, private_table_name, spec_from_dict
 from rocketrec.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from rocketrec.train.train_config import TrainConfig
@@ -45,26 +46,9 @@ from rocketrec.train.train_config import TrainConfig
 if TYPE_CHECKING:
     from rocketrec.train.trainer import Trainer
 
-# TrainConfig fields a resumed run may change: the budget, cadence and step mechanics
-RESUME_MAY_CHANGE = (
-    "tensorboard",
-    "mlflow_uri",
-    "epochs",
-    "max_steps",
-    "eval_every",
-    "eval_batches",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "log_every",
-    "sharding",
-    "step_path",
-    "dense_lr",
-    "sparse_lr",
-    "warmup_steps",
-    "grad_clip",
-    "init_from",
-    "init_from_allow_shrink",
-)
+# TrainConfig fields a resumed run may change (declared with each setting): the budget,
+# cadence and step mechanics
+RESUME_MAY_CHANGE = resume_may_change(TrainConfig)
 
 _KEEPABLE = ("table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel")
 

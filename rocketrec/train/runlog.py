@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rocketrec.train.run_dir import RunDir
+
 
 def eta(seconds: float) -> str:
     s = int(max(0.0, seconds))
@@ -54,7 +56,7 @@ class RunLog:
         if not self.active:
             return
         print(msg, flush=True)
-        with open(self.out / "train.log", "a") as f:
+        with open(RunDir(self.out).log, "a") as f:
             f.write(msg + "\n")
 
     def record(self, rec: dict[str, Any]) -> None:
@@ -62,7 +64,7 @@ class RunLog:
         self.history.append(rec)
         if not self.active:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(RunDir(self.out).metrics, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.tracker is not None:
             self.tracker.log(rec)

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rocketrec.train.run_dir import RunDir
+
 _SKIP = {"step", "phase", "epoch"}
 
 
@@ -75,7 +77,7 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(out / "tb"), flush_secs=10)
+                self.writer = SummaryWriter(log_dir=str(RunDir(out).tensorboard), flush_secs=10)
             except Exception as e:  # no tensorboard package, read-only storage, ...
                 _warn("TensorBoard", e)
         if mlflow_uri:

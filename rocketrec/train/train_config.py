@@ -1,46 +1,99 @@
 """The `train` section of a run: TrainConfig, one frozen dataclass checked in __post_init__.
 
-Built once from flags and/or a run config file (rocketrec.config, rocketrec.run_config);
-the loop only reads it. The other sections: ModelConfig (rocketrec.model.towers),
-LossConfig (rocketrec.model.loss); data paths and Ray's scaling stay flags of the
-entry points.
+Each field is declared once with its help and whether a --resume may change it
+(rocketrec.settings); the flags and YAML keys are generated from it (rocketrec.config).
+The loop only reads it. The other sections: ModelConfig (rocketrec.model.towers),
+LossConfig (rocketrec.model.loss), DataConfig and RayConfig (rocketrec.train.job).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rocketrec.data.reader import DEFAULT_SHUFFLE_BUFFER
+from rocketrec.parallel.sharding import SPARSE_OPTIMIZERS, sharding_arg
+from rocketrec.settings import setting
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 1024
-    epochs: int = 1
-    max_steps: int = 0  # per phase; 0 = the epochs decide
-    dense_optimizer: str = "adam"  # adam | adagrad
-    dense_lr: float = 1e-3
-    sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd (fused)
-    sparse_lr: float = 0.15  # chosen on validation data: benchmarks/tune_defaults.py
-    warmup_steps: int = 50
-    grad_clip: float = 10.0  # max norm of dense gradients; 0 = off
-    eval_every: int = 0  # 0 = only at the end
-    eval_batches: int = 0  # 0 = the whole validation set
-    checkpoint_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 20
-    seed: int = 0
-    sharding: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> constraints
-    teacher_column: str | None = None  # probability column for mode perfect_teacher
-    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # rows permuted together; 0 = off
-    step_path: str = "pipeline"  # pipeline (TorchRec TrainPipelineSparseDist) | plain
-    init_from: str | None = None  # warm start from this run or checkpoint (new run)
-    init_from_allow_shrink: bool = False
-    # keep every click and this share of non-clicks (training data only); evaluation and
-    # the exported model correct the probabilities: logit + log(rate)
-    negative_sample_rate: float = 1.0
-    tensorboard: bool = True  # event files under RUN/tb/ (rank 0)
-    mlflow_uri: str | None = None  # MLflow tracking URI (rank 0); None = off
+    batch_size: int = setting(1024, "rows per worker per step", resume=False)
+    epochs: int = setting(1, "passes over the training data", resume=True)
+    max_steps: int = setting(0, "steps per phase at most (0 = the epochs decide)", resume=True)
+    dense_optimizer: str = setting(
+        "adam", "the towers' optimizer", resume=False, choices=("adam", "adagrad")
+    )
+    dense_lr: float = setting(1e-3, "the towers' learning rate", resume=True)
+    sparse_optimizer: str = setting(
+        "rowwise_adagrad", "fused optimizer of the tables", resume=False, choices=SPARSE_OPTIMIZERS
+    )
+    # chosen on validation data: benchmarks/tune_defaults.py
+    sparse_lr: float = setting(0.15, "the tables' learning rate", resume=True)
+    warmup_steps: int = setting(50, "linear warm-up of the towers' learning rate", resume=True)
+    grad_clip: float = setting(10.0, "max norm of the towers' gradients (0 = off)", resume=True)
+    eval_every: int = setting(0, "steps between evaluations (0 = at the end)", resume=True)
+    eval_batches: int = setting(0, "validation batches per evaluation (0 = all)", resume=True)
+    checkpoint_every: int = setting(0, "steps between checkpoints (0 = at the end)", resume=True)
+    keep_checkpoints: int = setting(
+        2, "finished checkpoints kept in RUN/checkpoints (the newest ones)", resume=True
+    )
+    log_every: int = setting(20, "steps between progress lines (0 = none)", resume=True)
+    seed: int = setting(0, "seed of the towers' init, shuffling and data order", resume=False)
+    sharding: dict[str, dict[str, str]] = setting(
+        help="per-table constraints: 'table=row_wise,other=table_wise' or JSON (others: the "
+        "planner's choice, never data_parallel; table_wise on one worker)",
+        resume=True,
+        default_factory=dict,
+        parse=sharding_arg,
+    )
+    teacher_column: str | None = setting(
+        None,
+        "experiments: probability column used as soft label by --mode perfect_teacher",
+        resume=False,
+    )
+    shuffle_buffer: int = setting(
+        DEFAULT_SHUFFLE_BUFFER,
+        "rows shuffled together across row groups before batching (0 = off)",
+        resume=False,
+    )
+    step_path: str = setting(
+        "pipeline",
+        "pipeline: TorchRec's TrainPipelineSparseDist (one path for CPU and CUDA); plain: "
+        "forward/backward/step in order",
+        resume=True,
+        choices=("pipeline", "plain"),
+    )
+    init_from: str | None = setting(
+        None,
+        "start a new run from another run's weights (tables by name; grown tables keep their "
+        "rows; towers where shapes match)",
+        resume=True,
+        path=True,
+    )
+    init_from_allow_shrink: bool = setting(
+        False,
+        "with --init-from: allow tables with fewer rows (keep the first) or another dim (fresh)",
+        resume=True,
+        switch=True,
+    )
+    negative_sample_rate: float = setting(
+        1.0,
+        "train on every click and this share of non-clicks (0 < r <= 1); evaluation and the "
+        "exported model correct the probabilities for it (logit + log r)",
+        resume=False,
+    )
+    no_tensorboard: bool = setting(
+        False,
+        "do not write TensorBoard event files under RUN/tb/ (written by default)",
+        resume=True,
+        switch=True,
+    )
+    mlflow_uri: str | None = setting(
+        None,
+        "also log metrics, the config and the exported model to MLflow (e.g. "
+        "file:///shared/mlruns or http://mlflow:5000); needs the mlflow package",
+        resume=True,
+    )
 
     def __post_init__(self) -> None:
         for k in ("batch_size", "epochs"):

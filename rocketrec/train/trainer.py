@@ -105,7 +105,7 @@ class Trainer:
         self.env = init_distributed()
         self.rank, self.world = self.env.rank, self.env.world_size
         params = {"run_config": run_config or {}, "train": asdict(cfg), "loss": asdict(loss_cfg)}
-        tracker = Tracker(self.out, cfg.tensorboard, cfg.mlflow_uri, params, self.rank == 0)
+        tracker = Tracker(self.out, not cfg.no_tensorboard, cfg.mlflow_uri, params, self.rank == 0)
         self.log = RunLog(self.out, self.rank == 0, tracker)
         torch.manual_seed(cfg.seed)
         # Resume: the checkpoint's sharding kinds are the first constraint (see resume.py)
