@@ -107,10 +107,9 @@ def math_module(run: str, out: Path) -> Path:
 
     import numpy as np
 
-    from rocketrec.serving.export import load_towers
     from rocketrec.serving.module import LightServing
     from rocketrec.serving.ops import load_library, pack_config
-    from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint
+    from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint, load_towers
 
     load_library()
     ck = latest_checkpoint(run)
@@ -238,7 +237,8 @@ def main() -> None:
     from rocketrec.serving.manifest import read_manifest
     from rocketrec.serving.requests import raw_inputs_from_table
     from rocketrec.spec import load_spec, spec_from_dict
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     full_spec = load_spec(ROOT / "feature_specs" / "ads_ctr.yaml")

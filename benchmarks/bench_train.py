@@ -37,8 +37,8 @@ def plain_pytorch(spec, path: str, steps: int, batch_size: int, model_cfg, loss_
 
     from rocketrec.data.reader import ParquetReader
     from rocketrec.model.loss import rocket_loss
-    from rocketrec.model.model import BoosterTower, LightTower
     from rocketrec.model.preprocess import Preprocess
+    from rocketrec.model.towers import BoosterTower, LightTower
 
     torch.manual_seed(0)
     bags = nn.ModuleDict(
@@ -102,9 +102,10 @@ def main() -> None:
     quiet_library_noise()
     from rocketrec.data.synth import SynthConfig, synth
     from rocketrec.model.loss import LossConfig
-    from rocketrec.model.model import ModelConfig
+    from rocketrec.model.towers import ModelConfig
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     spec = load_spec(ROOT / "feature_specs" / "ads_ctr.yaml")
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))

@@ -313,10 +313,11 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from rocketrec.model.loss import LossConfig
-    from rocketrec.model.model import ModelConfig
+    from rocketrec.model.towers import ModelConfig
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
     from rocketrec.train.metrics import auc
+    from rocketrec.train.train_config import TrainConfig
 
     spec = load_spec(a.spec)
     out = Path(a.out)

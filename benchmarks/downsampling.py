@@ -53,9 +53,10 @@ def main() -> None:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     from rocketrec.data.synth import SynthConfig, synth
-    from rocketrec.model.model import ModelConfig
+    from rocketrec.model.towers import ModelConfig
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     spec = load_spec(a.spec)
     tmp = tempfile.TemporaryDirectory(prefix="downsampling_")

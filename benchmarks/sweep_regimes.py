@@ -75,10 +75,11 @@ def sequence_regimes(a: argparse.Namespace) -> None:
 
     from rocketrec.data.synth import SynthConfig, synth
     from rocketrec.model.loss import LossConfig
-    from rocketrec.model.model import ModelConfig
+    from rocketrec.model.towers import ModelConfig
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
     from rocketrec.train.metrics import auc
+    from rocketrec.train.train_config import TrainConfig
 
     spec = load_spec(ROOT / "feature_specs" / "ads_seq.yaml")
     seq_light = dataclasses.replace(
@@ -201,10 +202,11 @@ def main() -> None:
 
     from rocketrec.data.synth import SynthConfig, synth
     from rocketrec.model.loss import LossConfig
-    from rocketrec.model.model import ModelConfig
+    from rocketrec.model.towers import ModelConfig
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
     from rocketrec.train.metrics import auc
+    from rocketrec.train.train_config import TrainConfig
 
     base = load_spec(ROOT / "feature_specs" / "ads_ctr.yaml")
     out = Path(a.out)

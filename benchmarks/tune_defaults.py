@@ -32,7 +32,8 @@ def main() -> None:
     from rocketrec.data.synth import SynthConfig, synth
     from rocketrec.model.loss import LossConfig
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     spec = load_spec(ROOT / "feature_specs" / "ads_ctr.yaml")
     tmp = Path(tempfile.mkdtemp(prefix="tune_"))

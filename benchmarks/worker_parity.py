@@ -40,7 +40,8 @@ def _worker(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     res = train(
         load_spec(spec),

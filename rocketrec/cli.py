@@ -13,10 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rocketrec.cli_models import UserError, add_eval_commands, add_serving_commands  # noqa: E402
-from rocketrec.data.batch import DataError
+from rocketrec.cli_models import add_eval_commands, add_serving_commands
+from rocketrec.errors import UserError
 from rocketrec.quiet import quiet_library_noise
-from rocketrec.spec import SpecError, load_spec
+from rocketrec.spec import load_spec
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
@@ -86,13 +86,14 @@ def _cmd_train(job: Any) -> int:
     """`rocketrec train`: the same job as jobs/ads_train.py, in this process (no Ray)."""
     from rocketrec.runs import finish_run, prepare_run
     from rocketrec.train.checkpoint import log_user_error
-    from rocketrec.train.loop import TrainingDiverged, train_job
+    from rocketrec.train.loop import train_job
+    from rocketrec.train.task import TrainingDiverged
 
     spec, job = prepare_run(job)  # every check, then RUN/config.yaml
     t0 = time.time()
     try:
         res = train_job(job, spec)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+    except UserError as e:
         # user errors (bad data mid-run, damaged checkpoints, divergence): one line on the
         # console (main), the traceback in RUN/train.log
         log_user_error(job.data.out, e)
@@ -116,7 +117,8 @@ def _shards_text(shards: tuple) -> str:
 def _cmd_plan(a: argparse.Namespace) -> int:
     import torch
 
-    from rocketrec.model.model import ModelConfig, RocketModel
+    from rocketrec.model.model import RocketModel
+    from rocketrec.model.towers import ModelConfig
     from rocketrec.parallel.sharding import (
         describe_plan,
         memory_per_rank,
@@ -310,12 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train(parse_job(_train_parser(), args[1:], ray=False))
         a = parser.parse_args(args)
         return int(a.fn(a) or 0)
-    except (SpecError, DataError, UserError, FileNotFoundError) as e:
-        print(f"rocketrec: error: {e}", file=sys.stderr)
-        return 2
-    except (
-        ValueError
-    ) as e:  # config checks, plans that do not fit (__post_init__) and other bad values
+    except UserError as e:  # the input's fault: one line; anything else is a traceback
         print(f"rocketrec: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,10 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-class UserError(Exception):
-    """A user error: printed as one line, exit 2 (rocketrec.cli.main)."""
-
+from rocketrec.errors import UserError
 
 # -- serving: export, predict, requests -------------------------------------------------
 

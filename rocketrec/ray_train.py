@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rocketrec.errors import UserError
 from rocketrec.train.run_dir import RunDir
 
 # Heavy imports (torchrec, fbgemm) happen inside the functions: a Ray worker unpickles
@@ -51,7 +52,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from rocketrec.spec import spec_from_dict
     from rocketrec.train.checkpoint import log_user_error
     from rocketrec.train.job import JobConfig
-    from rocketrec.train.loop import TrainingDiverged, train_job
+    from rocketrec.train.loop import train_job
+    from rocketrec.train.task import TrainingDiverged
 
     job = JobConfig.from_dict(config["job"])  # the driver's job, serialized
     spec = spec_from_dict(config["spec"], source=job.data.spec)
@@ -75,7 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
     try:
         train_job(job, spec, resume=resume, report=report, run_id=config["run_id"])
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+    except UserError as e:
         # A user error (bad data, a damaged checkpoint, divergence) fails the same way on
         # every retry: record it for the driver (one line, exit 2; the traceback in
         # RUN/train.log) and fail this attempt; the restarted group sees the record and
@@ -229,14 +231,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_noise()
     from rocketrec.config import parse_job
-    from rocketrec.data.batch import DataError
     from rocketrec.runs import finish_run, prepare_run
-    from rocketrec.spec import SpecError
 
     try:
         job = parse_job(build_parser(), argv, ray=True)  # defaults < --config < flags
         spec, job = prepare_run(job)  # every check before Ray starts; then RUN/config.yaml
-    except (SpecError, DataError, ValueError, FileNotFoundError) as e:
+    except UserError as e:  # the input's fault: one line; anything else is a traceback
         return _error(str(e))
     out, rc = Path(job.data.out), job.ray
     assert rc is not None  # parse_job(..., ray=True)

@@ -26,12 +26,10 @@ from typing import Any
 
 import yaml
 
+from rocketrec.errors import ConfigError
+
 META_KEY = "run"  # written by rocketrec: version, git commit, command line (ignored on read)
 IGNORED = {("train", "resume")}  # written to RUN/config.yaml, given by --resume only
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _convert(cls: type, f: Any, s: Any, value: Any, where: str) -> Any:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rocketrec.data.reader import ParquetReader
+from rocketrec.errors import CheckpointError, UserError
 from rocketrec.run_config import write_resolved
 from rocketrec.serving.module import check_exportable
 from rocketrec.spec import FeatureSpec, load_spec
@@ -35,7 +36,7 @@ def _check_data(job: JobConfig, spec: FeatureSpec) -> None:
     probe = ParquetReader(list(job.data.train), spec, bs, shuffle=False)
     if probe.total_rows // workers < bs:
         who = f"{workers} workers: every worker" if workers > 1 else "1 worker: it"
-        raise ValueError(
+        raise UserError(
             f"{' '.join(job.data.train)}: {probe.total_rows:,} rows for {who} needs at least "
             f"one batch of --batch-size {bs} rows"
         )
@@ -56,11 +57,11 @@ def prepare_run(job: JobConfig) -> tuple[FeatureSpec, JobConfig]:
     if job.resume:
         ck = latest_checkpoint(job.resume)
         if ck is None:
-            raise FileNotFoundError(f"--resume {job.resume}: no complete checkpoint found there")
+            raise CheckpointError(f"--resume {job.resume}: no complete checkpoint found there")
         check_resume_compatible(read_meta(ck), spec, job.model, job.loss, job.train, str(ck))
         job = replace(job, resume=str(ck))
     elif latest_checkpoint(out, verify=False) is not None:
-        raise ValueError(
+        raise UserError(
             f"{job.data.out} already holds a run's checkpoints: pass --resume {job.data.out} "
             "to continue it, or choose a new --out"
         )

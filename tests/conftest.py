@@ -191,14 +191,15 @@ SMALL_MODEL = dict(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8
 
 def small_model(**over):  # type: ignore[no-untyped-def]
     """The small ModelConfig tests train (fast on 2 cores); `over` changes fields."""
-    from rocketrec.model.model import ModelConfig
+    from rocketrec.model.towers import ModelConfig
 
     return ModelConfig(**{**SMALL_MODEL, **over})  # type: ignore[arg-type]
 
 
 def train_small(spec, data: dict[str, str], out, steps: int, val: bool = True, **model) -> None:
     """A few steps of a small rocket model (fixtures that need a checkpoint to export)."""
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     train(
         spec,

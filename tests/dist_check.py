@@ -29,11 +29,12 @@ def main() -> None:
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     from rocketrec.data.reader import ParquetReader
+    from rocketrec.model.init import init_tables
     from rocketrec.model.loss import LossConfig, rocket_loss
-    from rocketrec.model.model import ModelConfig, RocketModel
+    from rocketrec.model.model import RocketModel
+    from rocketrec.model.towers import ModelConfig
     from rocketrec.parallel.dist import init_distributed
     from rocketrec.parallel.sharding import shard_model
-    from rocketrec.parallel.tables import init_tables
     from rocketrec.spec import load_spec
 
     spec = load_spec(spec_path)

@@ -13,9 +13,10 @@ os.environ.update(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE
 
 from rocketrec.data.reader import ParquetReader  # noqa: E402
 from rocketrec.model.loss import LossConfig  # noqa: E402
-from rocketrec.model.model import ModelConfig  # noqa: E402
+from rocketrec.model.towers import ModelConfig  # noqa: E402
 from rocketrec.spec import load_spec  # noqa: E402
-from rocketrec.train.loop import TrainConfig, train  # noqa: E402
+from rocketrec.train.loop import train  # noqa: E402
+from rocketrec.train.train_config import TrainConfig  # noqa: E402
 
 B = 256 // world_i
 

@@ -5,9 +5,10 @@ Args: RANK WORLD SPEC DATA OUT STEP_PATH."""
 import os
 import sys
 
-from rocketrec.model.model import ModelConfig
+from rocketrec.model.towers import ModelConfig
 from rocketrec.spec import load_spec
-from rocketrec.train.loop import TrainConfig, train
+from rocketrec.train.loop import train
+from rocketrec.train.train_config import TrainConfig
 
 rank, world, spec_path, data, out, path = sys.argv[1:7]
 os.environ.update(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank)

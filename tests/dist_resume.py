@@ -5,9 +5,10 @@ checkpoints, or resume a run (any world size). Args: RANK WORLD SPEC DATA OUT ST
 import os
 import sys
 
-from rocketrec.model.model import ModelConfig
+from rocketrec.model.towers import ModelConfig
 from rocketrec.spec import load_spec
-from rocketrec.train.loop import TrainConfig, train
+from rocketrec.train.loop import train
+from rocketrec.train.train_config import TrainConfig
 
 rank, world, spec_path, data, out = sys.argv[1:6]
 steps = int(sys.argv[6]) if len(sys.argv) > 6 else 6

@@ -39,9 +39,10 @@ def main() -> None:
     rank, spec_path, data, out, report = sys.argv[1:6]
     rank_i = int(rank)
     os.environ.update(RANK=rank, WORLD_SIZE="2", LOCAL_RANK=rank)
-    from rocketrec.model.model import ModelConfig
+    from rocketrec.model.towers import ModelConfig
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, run
+    from rocketrec.train.loop import run
+    from rocketrec.train.train_config import TrainConfig
     from rocketrec.train.trainer import Trainer
 
     spec = load_spec(spec_path)

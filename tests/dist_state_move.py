@@ -6,11 +6,11 @@ import os
 import sys
 
 from rocketrec.model.loss import LossConfig
-from rocketrec.model.model import ModelConfig
+from rocketrec.model.towers import ModelConfig
 from rocketrec.spec import load_spec
 from rocketrec.train.checkpoint import latest_checkpoint
-from rocketrec.train.loop import TrainConfig
 from rocketrec.train.resume import resume_run, save_run
+from rocketrec.train.train_config import TrainConfig
 from rocketrec.train.trainer import Trainer
 
 rank, world, spec_path, data, run, out2 = sys.argv[1:7]

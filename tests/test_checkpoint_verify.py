@@ -18,7 +18,8 @@ from rocketrec.train.checkpoint import (
     latest_checkpoint,
     verify_checkpoint,
 )
-from rocketrec.train.loop import TrainConfig, train
+from rocketrec.train.loop import train
+from rocketrec.train.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")

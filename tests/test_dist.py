@@ -82,9 +82,9 @@ def test_resume_two_worker_checkpoint_with_one_worker(
     """DCP reshards: a checkpoint written by 2 ranks continues in 1 process."""
     import torch
 
-    from rocketrec.serving.export import load_unsharded
-    from rocketrec.train.checkpoint import latest_checkpoint
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     out = tmp_path / "run"
     _run_two_ranks(
@@ -120,8 +120,7 @@ def test_two_workers_train_like_one_with_the_global_batch(tmp_path, tiny_spec_pa
     same rows (each rank's weighted means use the global weight sum)."""
     import torch
 
-    from rocketrec.serving.export import load_unsharded
-    from rocketrec.train.checkpoint import latest_checkpoint
+    from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded
 
     one, two = tmp_path / "one", tmp_path / "two"
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -155,8 +154,7 @@ def test_resume_at_another_worker_count_every_kind(
     keeps its kind (the saved plan is the first constraint; row-wise may become
     table-wise, exactly, and does on one worker), its weights and optimizer
     state load (no fresh-state warning), and training goes on."""
-    from rocketrec.serving.export import load_unsharded
-    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
+    from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded, read_meta
 
     out = tmp_path / "run"
     args = [str(tiny_spec_path), tiny_data["train"], str(out)]
@@ -272,7 +270,8 @@ def test_resume_with_a_changed_kind_warns_and_goes_on(
     """--sharding at resume moves a data-parallel table to a fused kind: its optimizer state
     starts fresh with one warning line naming it; the weights load."""
     from rocketrec.train.checkpoint import latest_checkpoint, read_meta
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     out = tmp_path / "run"
     args = [str(tiny_spec_path), tiny_data["train"], str(out)]

@@ -108,7 +108,8 @@ def test_tensorboard_event_files(tmp_path, cross_spec, cross_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from conftest import small_model
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     train(
         cross_spec,
@@ -138,7 +139,8 @@ def test_tensorboard_event_files(tmp_path, cross_spec, cross_data):
 
 def test_no_tensorboard_flag(tmp_path, cross_spec, cross_data):
     from conftest import small_model
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     train(
         cross_spec,
@@ -159,8 +161,9 @@ def test_mlflow_file_store(tmp_path, cross_spec, cross_data, capfd):
     import os
 
     from conftest import small_model
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
     from rocketrec.train.tracking import MLFLOW_RUN_FILE, log_model_artifact
+    from rocketrec.train.train_config import TrainConfig
 
     uri = (tmp_path / "mlruns").as_uri()
     run = tmp_path / "r"

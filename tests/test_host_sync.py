@@ -43,7 +43,8 @@ def _origin(stack) -> str:  # type: ignore[no-untyped-def]
 
 def test_pipelined_step_makes_no_host_sync(tmp_path, tiny_spec, tiny_data, monkeypatch):
     import rocketrec.train.loop as loop
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     per_step: list[Counter[str]] = []
     real = loop.make_steps

@@ -100,3 +100,59 @@ def test_rocketrec_train_leaves_the_jobs_run_directory(tmp_path, tiny_spec_path,
     out2 = tmp_path / "noexport"
     assert main([*base, "--out", str(out2), "--no-export"]) == 0
     assert (out2 / "summary.json").is_file() and not (out2 / "light.pt").exists()
+
+
+def test_only_user_errors_are_one_line_errors(tmp_path, tiny_spec_path, tiny_data, monkeypatch):
+    """The CLI and the Ray driver catch exactly UserError (rocketrec.errors): a bug inside
+    the library that raises a plain ValueError is a traceback with exit 1, not a one-line
+    'error' with exit 2; the same spot raising a SpecError is one line, exit 2."""
+    import subprocess
+    import sys
+
+    plant = (
+        "import sys, rocketrec.spec.parse as p\n"
+        "def boom(*a, **k):\n"
+        "    raise {exc}('planted')\n"
+        "p.spec_from_dict = boom\n"
+        "from rocketrec.cli import main\n"
+        f"sys.exit(main(['validate', {str(tiny_spec_path)!r}]))\n"
+    )
+    bug = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from rocketrec.spec import SpecError\n" + plant.format(exc="ValueError"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bug.returncode == 1 and "Traceback" in bug.stderr, bug.stderr[-2000:]
+    assert "ValueError: planted" in bug.stderr and "rocketrec: error" not in bug.stderr
+    user = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from rocketrec.spec import SpecError\n" + plant.format(exc="SpecError"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert user.returncode == 2 and user.stderr.strip() == "rocketrec: error: planted", user.stderr
+    # the Ray driver: the same rule before Ray starts (prepare_run runs every check)
+    import rocketrec.runs
+    from rocketrec.ray_train import main as ray_main
+
+    def boom(job):
+        raise ValueError("planted in prepare_run")
+
+    monkeypatch.setattr(rocketrec.runs, "prepare_run", boom)
+    args = [
+        "--spec",
+        str(tiny_spec_path),
+        "--train",
+        tiny_data["train"],
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    with pytest.raises(ValueError, match="planted in prepare_run"):
+        ray_main(args)

@@ -114,7 +114,8 @@ def test_group_metrics_end_to_end_match_exported_scores(tmp_path, tiny_spec_path
     from rocketrec.serving.manifest import read_manifest
     from rocketrec.serving.requests import raw_inputs_from_table
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     spec_path = tmp_path / "grouped.yaml"
     spec_path.write_text(
@@ -173,7 +174,8 @@ def test_negative_downsampling_keeps_served_probabilities_calibrated(
     from rocketrec.serving.export import export_checkpoint
     from rocketrec.serving.manifest import read_manifest
     from rocketrec.serving.requests import raw_inputs_from_table
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     cfg = small_model()
     res = {}

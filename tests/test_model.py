@@ -11,10 +11,12 @@ import torch
 from conftest import small_model
 from rocketrec.data.reader import ParquetReader
 from rocketrec.model.loss import LossConfig, bce, hint_loss, rocket_loss
-from rocketrec.model.model import ModelConfig, RocketModel
-from rocketrec.serving.export import load_unsharded
-from rocketrec.train.checkpoint import latest_checkpoint
-from rocketrec.train.loop import TrainConfig, TrainingDiverged, train
+from rocketrec.model.model import RocketModel
+from rocketrec.model.towers import ModelConfig
+from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded
+from rocketrec.train.loop import train
+from rocketrec.train.task import TrainingDiverged
+from rocketrec.train.train_config import TrainConfig
 
 SMALL = ModelConfig(cross_layers=2, cross_rank=4, booster_mlp=(32, 16), light_mlp=(8,))
 
@@ -419,7 +421,8 @@ def test_pipeline_step_path_matches_plain_loop(tmp_path, tiny_spec, tiny_data):
     the same losses and weights as the plain forward/backward/step loop on CPU."""
     import json
 
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     cfg = small_model()
     logs = {}
@@ -524,9 +527,10 @@ def test_warm_start_from_a_run_with_a_changed_spec(tmp_path, tiny_spec, tiny_spe
     """ads teams' daily run: yesterday's weights, a bigger table and a new feature today."""
     import dataclasses as dc
 
-    from rocketrec.parallel.tables import full_table_init
+    from rocketrec.model.init import full_table_init
     from rocketrec.spec import load_spec
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
     from rocketrec.train.trainer import Trainer
     from rocketrec.train.warm_start import WarmStartError
 

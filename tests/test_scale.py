@@ -46,7 +46,7 @@ def scale_setup(tmp_path_factory):
 
 
 def test_init_is_a_pure_function_of_seed_table_row():
-    from rocketrec.parallel.tables import INIT_BLOCK_ROWS, full_table_init, init_bound, init_rows
+    from rocketrec.model.init import INIT_BLOCK_ROWS, full_table_init, init_bound, init_rows
 
     rows, dim = 3 * INIT_BLOCK_ROWS + 123, 8
     full = full_table_init(5, "users", rows, dim)
@@ -109,7 +109,7 @@ def test_row_wise_run_never_holds_a_full_table(tmp_path, scale_setup):
 
 def test_equal_initial_weights_one_vs_two_workers(tmp_path, scale_setup):
     """The table values a 1-worker run starts from equal the 2-worker row-wise start."""
-    from rocketrec.parallel.tables import full_table_init
+    from rocketrec.model.init import full_table_init
 
     spec, spec_path, data, _ = scale_setup
     out = tmp_path / "run"
@@ -133,7 +133,8 @@ def test_equal_initial_weights_one_vs_two_workers(tmp_path, scale_setup):
 def test_export_streams_only_light_tables(tmp_path, scale_setup, monkeypatch):
     from rocketrec.serving.export import export_checkpoint
     from rocketrec.train.checkpoint import CheckpointTables
-    from rocketrec.train.loop import TrainConfig, train
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
 
     spec, _, data, _ = scale_setup
     out = tmp_path / "run"

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from rocketrec.data.batch import Batch, Decoded, check_schema, decode_table
 from rocketrec.data.files import list_parquet_files, show_paths
 from rocketrec.data.schema import DataError, conform, unify_schemas
+from rocketrec.errors import CheckpointError, ConfigError
 from rocketrec.spec import FeatureSpec
 from rocketrec.spec.hashing import fnv1a64
 
@@ -89,13 +90,13 @@ class ParquetReader:
         negative_sample_rate: float = 1.0,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
+            raise ConfigError(f"rank {rank} outside world size {world_size}")
         if shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0 rows, got {shuffle_buffer}")
+            raise ConfigError(f"shuffle_buffer must be >= 0 rows, got {shuffle_buffer}")
         if not 0.0 < negative_sample_rate <= 1.0:
-            raise ValueError(f"negative_sample_rate must be in (0, 1], got {negative_sample_rate}")
+            raise ConfigError(f"negative_sample_rate must be in (0, 1], got {negative_sample_rate}")
         self.negative_sample_rate = negative_sample_rate
         self.path = path
         self.spec = spec
@@ -221,12 +222,14 @@ class ParquetReader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in self._STATE_KEYS:
             if k in state and state.get(k) != getattr(self, k):
-                raise ValueError(
+                raise CheckpointError(
                     f"reader state was saved with {k}={state.get(k)}, this reader has "
                     f"{k}={getattr(self, k)}"
                 )
         if "pos" not in state:
-            raise ValueError("reader state from an older rocketrec (no 'pos'): cannot resume it")
+            raise CheckpointError(
+                "reader state from an older rocketrec (no 'pos'): cannot resume it"
+            )
         self.epoch = int(state["epoch"])
         self._pos = self._trained_pos = int(state["pos"])
         self._handed.clear()

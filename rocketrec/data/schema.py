@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from rocketrec.errors import UserError
 from rocketrec.spec import DenseFeature, FeatureSpec, SparseFeature
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file and the column."""
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from rocketrec.errors import UserError
 from rocketrec.evaluation.offline import evaluate_model
 from rocketrec.train.run_dir import RunDir
 
@@ -21,7 +22,7 @@ def _run_row(run: Path, data: Any, rows: int | None, quiet: bool) -> dict[str, A
 
     ck = latest_checkpoint(run)
     if ck is None:
-        raise ValueError(f"{run}: no checkpoint there (a run directory expected)")
+        raise UserError(f"{run}: no checkpoint there (a run directory expected)")
     meta = read_meta(ck)
     loss = meta.get("loss_config", {})
     row: dict[str, Any] = {

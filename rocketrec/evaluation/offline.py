@@ -17,6 +17,7 @@ import torch
 from rocketrec.data.reader import list_parquet_files
 from rocketrec.data.schema import DataError
 from rocketrec.data.targets import decode_targets
+from rocketrec.errors import UserError
 from rocketrec.model.loss import LossConfig, trained_towers
 from rocketrec.spec import FeatureSpec, load_spec, spec_from_dict
 from rocketrec.train.metrics import tower_metrics
@@ -255,7 +256,7 @@ def evaluate_model(
     Raises ValueError / DataError (one line) on a model/data mismatch."""
     path = Path(model)
     if not path.exists():
-        raise FileNotFoundError(f"{model}: no such file or directory")
+        raise UserError(f"{model}: no such file or directory")
     t0 = time.time()
     if _is_export(path):
         limit = rows if rows is not None else _total_rows(data)
@@ -265,7 +266,7 @@ def evaluate_model(
             path, data, spec_path, group, rows, batch_rows, quiet, exact_rows
         )
     else:
-        raise ValueError(f"{model}: not a rocketrec export (light.pt) nor a run directory")
+        raise UserError(f"{model}: not a rocketrec export (light.pt) nor a run directory")
     rep.update(model=str(model), data=[data] if isinstance(data, str) else list(data))
     rep["seconds"] = time.time() - t0
     return rep
@@ -274,21 +275,22 @@ def evaluate_model(
 def _evaluate_export(
     path, data, spec_path, group, limit, batch_rows, quiet, exact_rows
 ) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    from rocketrec.serving.ops import load_model, read_manifest_raw
+    from rocketrec.serving.manifest import read_manifest
+    from rocketrec.serving.ops import load_model
     from rocketrec.serving.requests import raw_inputs_from_table
 
-    man = read_manifest_raw(path)  # ValueError if not a rocketrec export
+    man = read_manifest(path)  # ValueError if not a rocketrec export
     if "spec" not in man or "sparse_features" not in man:
-        raise ValueError(f"{path}: not a rocketrec export (its manifest has no spec)")
+        raise UserError(f"{path}: not a rocketrec export (its manifest has no spec)")
     spec = load_spec(spec_path) if spec_path else spec_from_dict(man["spec"], source=f"{path}")
     spec = _with_group(spec, group)
     if man.get("tower", "light") != "light":
-        raise ValueError(f"{path}: a {man.get('tower')} export (comparisons only), not light.pt")
+        raise UserError(f"{path}: a {man.get('tower')} export (comparisons only), not light.pt")
     inputs = man["sparse_features"] + man["dense_features"]
     try:
         light = [spec.feature(f["name"]) for f in inputs]
     except (KeyError, ValueError):
-        raise ValueError(f"{path}: the model's inputs are not all in {spec.source}") from None
+        raise UserError(f"{path}: the model's inputs are not all in {spec.source}") from None
     cols = sorted(
         {spec.label_column, *(c for c in (spec.weight_column, spec.group_column) if c)}
         | {str(getattr(f, "column", "")) for f in light if getattr(f, "column", None)}
@@ -324,13 +326,13 @@ def _evaluate_checkpoint(
 
     ck = latest_checkpoint(path)
     if ck is None:
-        raise ValueError(f"{path}: no checkpoint there (a run directory or checkpoint expected)")
+        raise UserError(f"{path}: no checkpoint there (a run directory or checkpoint expected)")
     model, meta = load_unsharded(ck)
     spec: FeatureSpec = model.spec
     if spec_path:
         other = load_spec(spec_path)
         if other.to_dict()["sparse"] != spec.to_dict()["sparse"]:
-            raise ValueError(f"{spec_path}: its features differ from the checkpoint's spec ({ck})")
+            raise UserError(f"{spec_path}: its features differ from the checkpoint's spec ({ck})")
         spec = other
     spec = _with_group(spec, group)
     saved = meta.get("loss_config", {})

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rocketrec.errors import ConfigError
 from rocketrec.settings import setting
 
 MODES = ("rocket", "booster_only", "light_only", "teacher_student", "perfect_teacher")
@@ -79,17 +80,17 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if not self.teacher_lambda >= 0:
-            raise ValueError(f"teacher_lambda must be >= 0, got {self.teacher_lambda}")
+            raise ConfigError(f"teacher_lambda must be >= 0, got {self.teacher_lambda}")
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.hint not in HINTS:
-            raise ValueError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
+            raise ConfigError(f"hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
         if not self.hint_weight >= 0:
-            raise ValueError(f"hint_weight (lambda) must be >= 0, got {self.hint_weight}")
+            raise ConfigError(f"hint_weight (lambda) must be >= 0, got {self.hint_weight}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.light_shared_grad_scale <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"light_shared_grad_scale must be in [0, 1], got {self.light_shared_grad_scale}"
             )
 
@@ -132,7 +133,7 @@ def hint_loss(
             z_l / t, torch.sigmoid(target / t), reduction="none"
         )
     else:
-        raise ValueError(f"unknown hint {kind!r}")
+        raise ConfigError(f"unknown hint {kind!r}")
     return _wmean(per, w, w_norm)
 
 
@@ -158,7 +159,7 @@ def rocket_loss(
     logged = None
     if mode == "perfect_teacher":
         if teacher is None:
-            raise ValueError("mode perfect_teacher needs a teacher probability column")
+            raise ConfigError("mode perfect_teacher needs a teacher probability column")
         z_b = teacher  # a constant target
         mode = "student"
     elif teacher is not None and cfg.teacher_lambda > 0:

@@ -35,12 +35,12 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from rocketrec.errors import ConfigError
 from rocketrec.model.init import init_tables
 from rocketrec.model.preprocess import Preprocess, bag_positions
-from rocketrec.model.towers import (  # noqa: F401 - re-exported
+from rocketrec.model.towers import (
     BoosterTower,
     LightTower,
-    LowRankCross,
     ModelConfig,
     TargetAttention,
     mlp,
@@ -212,7 +212,7 @@ class RocketModel(nn.Module):
             f.kind == "sequence" and spec.table(f.table).pooling != "mean"
             for f in spec.light_sparse
         ):
-            raise ValueError(
+            raise ConfigError(
                 "light_private_dim: the light tower reads a sequence whose table pools by sum; "
                 "its private twin would pool differently: give that table pooling: mean"
             )
@@ -257,9 +257,9 @@ class RocketModel(nn.Module):
         self.bottom: nn.Module | None = None
         if cfg.shared_bottom:
             if n_dense == 0:
-                raise ValueError("shared_bottom needs dense features")
+                raise ConfigError("shared_bottom needs dense features")
             if 0 < len(self.light_dense_idx) < n_dense:
-                raise ValueError(
+                raise ConfigError(
                     "shared_bottom reads every dense feature, but the light tower reads only "
                     "some of them: drop shared_bottom or give the light tower all dense features"
                 )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rocketrec.errors import ConfigError
 from rocketrec.settings import layer_sizes, setting
 
 ATTENTIONS = ("softmax", "din", "mean")
@@ -56,19 +57,19 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}"
             )
         if self.light_private_dim < 0 or self.light_private_dim % 4:
-            raise ValueError(
+            raise ConfigError(
                 f"light_private_dim must be 0 or a positive multiple of 4 (fbgemm's embedding "
                 f"kernels need it), got {self.light_private_dim}"
             )
         if self.cross_layers < 0 or self.cross_rank < 1:
-            raise ValueError("cross_layers must be >= 0 and cross_rank >= 1")
+            raise ConfigError("cross_layers must be >= 0 and cross_rank >= 1")
         for name in ("booster_mlp", "light_mlp", "shared_bottom", "attention_mlp"):
             if any(int(x) < 1 for x in getattr(self, name)):
-                raise ValueError(f"{name}: every layer size must be >= 1")
+                raise ConfigError(f"{name}: every layer size must be >= 1")
 
 
 class _ScaleGrad(torch.autograd.Function):

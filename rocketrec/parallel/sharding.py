@@ -37,6 +37,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from rocketrec.errors import ConfigError
 from rocketrec.parallel.dist import DistEnv
 
 if TYPE_CHECKING:
@@ -61,17 +62,17 @@ def sharding_arg(text: str) -> dict[str, dict[str, str]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--sharding: bad JSON: {e}") from None
+            raise ConfigError(f"--sharding: bad JSON: {e}") from None
         if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
-            raise ValueError("--sharding JSON must map table -> {sharding_type: ...}")
+            raise ConfigError("--sharding JSON must map table -> {sharding_type: ...}")
         return obj
     out: dict[str, dict[str, str]] = {}
     for part in text.split(","):
         if "=" not in part:
-            raise ValueError(f"--sharding: expected table=type, got {part!r}")
+            raise ConfigError(f"--sharding: expected table=type, got {part!r}")
         table, st = (x.strip() for x in part.split("=", 1))
         if st not in SHARDING_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"--sharding: {table}: sharding type must be one of {', '.join(SHARDING_TYPES)}"
             )
         out[table] = {"sharding_type": st}
@@ -99,7 +100,7 @@ def _sparse_optimizer(name: str) -> type[torch.optim.Optimizer]:
         return torch.optim.Adagrad
     if name == "sgd":
         return torch.optim.SGD
-    raise ValueError(
+    raise ConfigError(
         f"sparse optimizer must be one of {', '.join(SPARSE_OPTIMIZERS)}, got {name!r}"
     )
 
@@ -146,13 +147,15 @@ def _constraints(
     }
     for table, c in (constraints or {}).items():
         if table not in table_names:
-            raise ValueError(f"sharding constraint names unknown table '{table}'")
+            raise ConfigError(f"sharding constraint names unknown table '{table}'")
         unknown = set(c) - {"sharding_type", "compute_kernel"}
         if unknown:
-            raise ValueError(f"sharding constraint for '{table}': unknown key(s) {sorted(unknown)}")
+            raise ConfigError(
+                f"sharding constraint for '{table}': unknown key(s) {sorted(unknown)}"
+            )
         st = c.get("sharding_type")
         if st is not None and st not in SHARDING_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"sharding constraint for '{table}': sharding_type must be one of "
                 f"{', '.join(SHARDING_TYPES)}, got {st!r}"
             )
@@ -312,7 +315,7 @@ def memory_per_rank(
     return per
 
 
-class PlanDoesNotFit(ValueError):
+class PlanDoesNotFit(ConfigError):
     pass
 
 
@@ -436,20 +439,22 @@ def check_sharding(
         names |= {private_table_name(f.table) for f in spec.light_sparse}
     for table, c in constraints.items():
         if not isinstance(c, Mapping):
-            raise ValueError(f"--sharding: '{table}' must map to {{sharding_type: ...}}, got {c!r}")
+            raise ConfigError(
+                f"--sharding: '{table}' must map to {{sharding_type: ...}}, got {c!r}"
+            )
         if table not in names:
-            raise ValueError(
+            raise ConfigError(
                 f"--sharding: unknown table '{table}' (spec '{spec.name}' has "
                 f"{', '.join(sorted(names))})"
             )
     try:
         _constraints(constraints, names)
     except ValueError as e:
-        raise ValueError(f"--sharding: {e}") from None
+        raise ConfigError(f"--sharding: {e}") from None
     for table in spec.sequence_tables:
         st = (constraints.get(table) or {}).get("sharding_type")
         if st is not None and st not in SEQUENCE_SHARDING_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"--sharding: '{table}' holds a sequence (unpooled lookups): its sharding "
                 f"type must be one of {', '.join(SEQUENCE_SHARDING_TYPES)}, got {st!r}"
             )

@@ -28,16 +28,6 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata
 
-from rocketrec.model.init import (  # noqa: F401 - the init contract, re-exported
-    INIT_BLOCK_ROWS,
-    full_table_init,
-    init_bound,
-    init_rows,
-    init_tables,
-    local_pieces,
-    table_of_key,
-)
-
 CKPT_BLOCK_ROWS = 1 << 18  # rows per saved checkpoint chunk (262,144 x 16 fp32 = 16 MB)
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from rocketrec.data.batch import decode_table
 from rocketrec.data.synth import heldout_table
+from rocketrec.errors import CheckpointError, ExportError
 from rocketrec.model.init import table_weight_key
 from rocketrec.serving.manifest import build_manifest
 from rocketrec.serving.module import (
@@ -37,11 +38,10 @@ from rocketrec.serving.module import (
 from rocketrec.serving.ops import op_library_entry
 from rocketrec.serving.requests import raw_inputs_from_table
 from rocketrec.spec import PRIVATE_SUFFIX, FeatureSpec, private_table_name
-from rocketrec.train.checkpoint import (  # noqa: F401 - load_towers/load_unsharded re-exported
+from rocketrec.train.checkpoint import (
     CheckpointTables,
     latest_checkpoint,
     load_towers,
-    load_unsharded,
 )
 
 FP32_TOL = 1e-5
@@ -224,7 +224,7 @@ def _write_gated(
         diff = float((got - ref).abs().max())
         tol = INT8_TOL if int8 else FP32_TOL
         if not diff <= tol:
-            raise ValueError(
+            raise ExportError(
                 f"parity gate failed: exported module differs from the training model by {diff:.3g} "
                 f"(> {tol:g}) on {len(ref)} held-out rows; nothing written to {out}"
             )
@@ -248,7 +248,7 @@ def _what_to_export(
     # comparison only: the booster on every feature, packaged the same way
     spec = replace(spec, light_features=tuple(spec.sparse_names + spec.dense_names))
     if model.bottom is not None:
-        raise ValueError("--booster export does not support shared_bottom")
+        raise ExportError("--booster export does not support shared_bottom")
     check_servable(spec)
     return spec, _BoosterHead(model.booster), model.attention if spec.sequences else None
 
@@ -286,10 +286,10 @@ def export_checkpoint(
     without it, the first `rows` rows of `data` (or synthetic rows when no data)."""
     ck = latest_checkpoint(checkpoint)
     if ck is None:
-        raise FileNotFoundError(f"{checkpoint}: no complete checkpoint found")
+        raise CheckpointError(f"{checkpoint}: no complete checkpoint found")
     model, meta = load_towers(ck)  # tables stay on disk until streamed below
     if not booster and meta.get("loss_config", {}).get("mode") == "booster_only":
-        raise ValueError(
+        raise ExportError(
             f"{ck}: a booster_only run trained no light tower; export --booster packages the "
             "booster (for comparisons)"
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from rocketrec.errors import UserError
 from rocketrec.model.preprocess import Preprocess
 from rocketrec.spec import ID_KINDS, FeatureSpec, SparseFeature
 from rocketrec.spec.hashing import CROSS_TEST_VECTORS, FNV_OFFSET, FNV_PRIME, TEST_VECTORS
@@ -116,9 +117,25 @@ def _version() -> str:
         return "unknown"
 
 
-def read_manifest(model_path: str | Path) -> dict[str, Any]:
-    """The manifest of an exported file (read from its archive: no op library needed;
-    a format this rocketrec does not read is refused)."""
-    from rocketrec.serving.ops import read_manifest_raw
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """manifest.json straight from the file's zip archive (no TorchScript load: a fused
+    model's manifest is readable without the op library). A manifest of a format this
+    rocketrec does not read (`manifest.FORMATS_READ`) is refused, naming the file."""
+    import json
+    import zipfile
 
-    return read_manifest_raw(model_path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/extra/manifest.json")]
+            if not names:
+                raise UserError(f"{path}: no manifest.json inside: not a rocketrec export")
+            man = json.loads(z.read(names[0]))
+    except zipfile.BadZipFile as e:
+        raise UserError(f"{path}: not a TorchScript file ({e})") from e
+    fmt = man.get("format") if isinstance(man, dict) else None
+    if fmt not in FORMATS_READ:
+        raise UserError(
+            f"{path}: manifest format {fmt!r} is not one this rocketrec reads "
+            f"({', '.join(FORMATS_READ)}); export the model again with this version"
+        )
+    return dict(man)

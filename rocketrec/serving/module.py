@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rocketrec.errors import ExportError
 from rocketrec.model.preprocess import Preprocess
 from rocketrec.spec import FeatureSpec, private_table_name
 
@@ -54,7 +55,7 @@ def check_servable(spec: FeatureSpec, private_dim: int = 0) -> None:
     if private_dim:
         dims.add(private_dim)
     if len(dims) > MAX_DIM_GROUPS:
-        raise ValueError(
+        raise ExportError(
             f"{spec.source}: the light tower reads tables of {len(dims)} embedding dims "
             f"({sorted(dims)}); the exported model supports at most {MAX_DIM_GROUPS}: give "
             "the light tower's tables fewer distinct dims"
@@ -66,7 +67,7 @@ def check_exportable(spec: FeatureSpec, model_cfg: Any, mode: str) -> None:
     if mode == "booster_only":
         return  # no light tower is trained or exported
     if model_cfg.shared_bottom:
-        raise ValueError(
+        raise ExportError(
             "--shared-bottom: the exported light tower cannot serve a shared dense bottom "
             "(export refuses it): train without it, or with --mode booster_only"
         )
@@ -96,7 +97,7 @@ def _group_dims(feats: list[Feat]) -> list[int]:
     dim costs at most PAD_WASTE more table memory, one table (one lookup call)."""
     dims = sorted({f[3] for f in feats})
     if len(dims) > MAX_DIM_GROUPS:
-        raise ValueError(f"the exported tower uses more than {MAX_DIM_GROUPS} embedding dims")
+        raise ExportError(f"the exported tower uses more than {MAX_DIM_GROUPS} embedding dims")
     sizes = {t: (r, d) for _, t, r, d, _ in feats}
     total = sum(r * d for r, d in sizes.values())
     waste = sum(r * (dims[-1] - d) for r, d in sizes.values())

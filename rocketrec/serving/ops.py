@@ -28,13 +28,15 @@ from typing import Any
 
 import torch
 
+from rocketrec.errors import UserError
+
 OPS_VERSION = 1  # the operator version this package's modules call (rocketrec_ops.cpp)
 CONFIG_FORMAT = 1
 LIBRARY_NAME = "librocketrec_ops.so"
 _loaded: str | None = None
 
 
-class OpsLibraryError(RuntimeError):
+class OpsLibraryError(UserError):
     """The op library is missing, not built, or of another version."""
 
 
@@ -90,36 +92,12 @@ def op_library_entry() -> dict[str, Any]:
     }
 
 
-def read_manifest_raw(path: str | Path) -> dict[str, Any]:
-    """manifest.json straight from the file's zip archive (no TorchScript load: a fused
-    model's manifest is readable without the op library). A manifest of a format this
-    rocketrec does not read (`manifest.FORMATS_READ`) is refused, naming the file."""
-    import json
-    import zipfile
-
-    from rocketrec.serving.manifest import FORMATS_READ
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith("/extra/manifest.json")]
-            if not names:
-                raise ValueError(f"{path}: no manifest.json inside: not a rocketrec export")
-            man = json.loads(z.read(names[0]))
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{path}: not a TorchScript file ({e})") from e
-    fmt = man.get("format") if isinstance(man, dict) else None
-    if fmt not in FORMATS_READ:
-        raise ValueError(
-            f"{path}: manifest format {fmt!r} is not one this rocketrec reads "
-            f"({', '.join(FORMATS_READ)}); export the model again with this version"
-        )
-    return dict(man)
-
-
 def load_model(path: str | Path) -> torch.jit.ScriptModule:
     """torch.jit.load an exported model, loading the op library first when its manifest
     says it needs it (a clear OpsLibraryError naming the library if it is missing)."""
-    man = read_manifest_raw(path)
+    from rocketrec.serving.manifest import read_manifest
+
+    man = read_manifest(path)
     if man.get("op_library"):
         try:
             load_library()

@@ -7,6 +7,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from rocketrec.errors import UserError
+
 SPEC_VERSION = 1
 POOLINGS = ("sum", "mean")
 SPARSE_DTYPES = ("int64", "string")
@@ -17,7 +19,7 @@ TEACHER_KINDS = ("probability", "logit")
 TRANSFORMS = ("none", "log1p", "clip", "standardize")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A user error in a feature spec; the message names file, feature and field."""
 
 

@@ -38,8 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from rocketrec.model.model import ModelConfig, RocketModel
-from rocketrec.parallel.tables import table_of_key
+from rocketrec.errors import CheckpointError
+from rocketrec.model.init import table_of_key
+from rocketrec.model.model import RocketModel
+from rocketrec.model.towers import ModelConfig
 from rocketrec.spec import spec_from_dict
 from rocketrec.train.run_dir import RunDir
 
@@ -62,7 +64,7 @@ FILES = "files.json"
 _BLOCK = 8 << 20
 
 
-class CheckpointDamaged(ValueError):
+class CheckpointDamaged(CheckpointError):
     """No intact checkpoint where one was expected (the message names each bad file)."""
 
 
@@ -274,7 +276,7 @@ class CheckpointTables:
 
         info = self._storage[(fqn, offsets)]
         if getattr(info, "transform_descriptors", None):
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.path}: {fqn}: transformed (e.g. compressed) chunks unsupported"
             )
         with open(self.path / info.relative_path, "rb") as f:
@@ -318,10 +320,12 @@ class CheckpointTables:
             for i in [i for i in cache if chunks[i].offsets[0] + chunks[i].sizes[0] <= hi]:
                 del cache[i]  # done with this chunk
             if covered != (hi - lo) * dim:
-                raise ValueError(f"{self.path}: {fqn}: rows {lo}..{hi} not fully covered by chunks")
+                raise CheckpointError(
+                    f"{self.path}: {fqn}: rows {lo}..{hi} not fully covered by chunks"
+                )
             yield lo, out
         if bounds and (bounds[0] != 0 or bounds[-1] != rows):
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.path}: {fqn}: chunks cover rows {bounds[0]}..{bounds[-1]} of {rows}"
             )
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from rocketrec.errors import ConfigError
 from rocketrec.model.loss import LossConfig
-from rocketrec.model.model import ModelConfig
+from rocketrec.model.towers import ModelConfig
 from rocketrec.parallel.sharding import check_sharding
 from rocketrec.settings import setting, settings_of
 from rocketrec.spec import FeatureSpec
@@ -60,7 +61,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not self.train:
-            raise ValueError("--train: give at least one Parquet file, directory or glob")
+            raise ConfigError("--train: give at least one Parquet file, directory or glob")
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,11 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
-            raise ValueError("--cpus-per-worker and --gpus-per-worker must be >= 0")
+            raise ConfigError("--cpus-per-worker and --gpus-per-worker must be >= 0")
         if self.max_failures < 0:
-            raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
+            raise ConfigError(f"--max-failures must be >= 0, got {self.max_failures}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,9 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         if self.loss.mode == "perfect_teacher" and not self.train.teacher_column:
-            raise ValueError("--mode perfect_teacher needs --teacher-column (a probability column)")
+            raise ConfigError(
+                "--mode perfect_teacher needs --teacher-column (a probability column)"
+            )
 
     @property
     def workers(self) -> int:

@@ -29,20 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from rocketrec.data.reader import ParquetReader
+from rocketrec.errors import CheckpointError
 from rocketrec.model.loss import LossConfig, PhasePlan
-from rocketrec.model.model import ModelConfig
+from rocketrec.model.towers import ModelConfig
 from rocketrec.spec import FeatureSpec
 from rocketrec.train.checkpoint import latest_checkpoint, read_meta
 from rocketrec.train.job import JobConfig
-from rocketrec.train.resume import (  # noqa: F401 - re-exported
-    RESUME_MAY_CHANGE,
-    ResumeMismatch,
+from rocketrec.train.resume import (
     check_resume_compatible,
 )
 from rocketrec.train.runlog import eta
 from rocketrec.train.steps import attach, detach, make_steps, pipelined
-from rocketrec.train.task import TrainingDiverged  # noqa: F401 - re-exported
-from rocketrec.train.train_config import TrainConfig  # noqa: F401 - re-exported
+from rocketrec.train.train_config import TrainConfig
 from rocketrec.train.trainer import Report, Trainer
 
 
@@ -201,7 +199,7 @@ def train(
     if resume:
         ck = Path(resume) if verified else latest_checkpoint(resume)
         if ck is None:
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint found there")
+            raise CheckpointError(f"--resume {resume}: no complete checkpoint found there")
         check_resume_compatible(read_meta(ck), spec, model_cfg, loss_cfg, train_cfg, str(ck))
     t = Trainer(
         spec, model_cfg, loss_cfg, train_cfg, out_dir, train_data, val_data, report, run_id,

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from rocketrec.errors import CheckpointError
 from rocketrec.model.loss import LossConfig
-from rocketrec.model.model import ModelConfig
+from rocketrec.model.towers import ModelConfig
 from rocketrec.parallel.sharding import MOVABLE_KINDS, planner_kinds, sharding_kinds
 from rocketrec.parallel.tables import block_views, release_free_memory
 from rocketrec.settings import resume_may_change
@@ -53,7 +54,7 @@ RESUME_MAY_CHANGE = resume_may_change(TrainConfig)
 _KEEPABLE = ("table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel")
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(CheckpointError):
     """--resume with settings that would change the run's model or objective."""
 
 

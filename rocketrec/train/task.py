@@ -23,10 +23,11 @@ import torch.distributed as dist
 from torch import nn
 
 from rocketrec.data.batch import Batch
+from rocketrec.errors import UserError
 from rocketrec.model.loss import LossConfig, PhasePlan, rocket_loss
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):
     pass
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rocketrec.data.reader import DEFAULT_SHUFFLE_BUFFER
+from rocketrec.errors import ConfigError
 from rocketrec.parallel.sharding import SPARSE_OPTIMIZERS, sharding_arg
 from rocketrec.settings import setting
 
@@ -98,15 +99,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for k in ("batch_size", "epochs"):
             if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.step_path not in ("pipeline", "plain"):
-            raise ValueError(f"step_path must be pipeline or plain, got {self.step_path!r}")
+            raise ConfigError(f"step_path must be pipeline or plain, got {self.step_path!r}")
         if not 0.0 < self.negative_sample_rate <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"negative_sample_rate must be in (0, 1], got {self.negative_sample_rate}"
             )
         if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         for k in (
             "max_steps",
             "warmup_steps",
@@ -116,10 +117,10 @@ class TrainConfig:
             "shuffle_buffer",
         ):
             if getattr(self, k) < 0:
-                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
         if self.dense_optimizer not in ("adam", "adagrad"):
-            raise ValueError(
+            raise ConfigError(
                 f"dense_optimizer must be adam or adagrad, got {self.dense_optimizer!r}"
             )
         if not (self.dense_lr > 0 and self.sparse_lr > 0):
-            raise ValueError("learning rates must be > 0")
+            raise ConfigError("learning rates must be > 0")

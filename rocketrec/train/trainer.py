@@ -23,11 +23,13 @@ import torch
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from rocketrec.data.reader import ParquetReader
+from rocketrec.model.init import init_tables
 from rocketrec.model.loss import LossConfig, PhasePlan, plan_phases, trained_towers
-from rocketrec.model.model import ModelConfig, RocketModel
+from rocketrec.model.model import RocketModel
+from rocketrec.model.towers import ModelConfig
 from rocketrec.parallel.dist import init_distributed
 from rocketrec.parallel.sharding import shard_model
-from rocketrec.parallel.tables import init_tables, release_free_memory
+from rocketrec.parallel.tables import release_free_memory
 from rocketrec.spec import FeatureSpec
 from rocketrec.train import resume as resume_mod
 from rocketrec.train.checkpoint import latest_checkpoint

@@ -21,6 +21,7 @@ from rocketrec.data.synth.world import (
     side_rng,
     std,
 )
+from rocketrec.errors import ConfigError
 from rocketrec.spec import FeatureSpec
 
 
@@ -41,15 +42,17 @@ class Generator:
 
     def __init__(self, spec: FeatureSpec, cfg: SynthConfig) -> None:
         if cfg.rows < 1:
-            raise ValueError(f"rows must be >= 1, got {cfg.rows}")
+            raise ConfigError(f"rows must be >= 1, got {cfg.rows}")
         if cfg.files < 1:
-            raise ValueError(f"files must be >= 1, got {cfg.files}")
+            raise ConfigError(f"files must be >= 1, got {cfg.files}")
         if not cfg.teacher_noise >= 0:
-            raise ValueError(f"teacher_noise must be >= 0, got {cfg.teacher_noise}")
+            raise ConfigError(f"teacher_noise must be >= 0, got {cfg.teacher_noise}")
         if cfg.true_ctr_column and cfg.true_ctr_column in spec.columns():
-            raise ValueError(f"true_ctr_column '{cfg.true_ctr_column}' collides with a spec column")
+            raise ConfigError(
+                f"true_ctr_column '{cfg.true_ctr_column}' collides with a spec column"
+            )
         if cfg.true_ctr_column and cfg.true_ctr_column == spec.teacher_column:
-            raise ValueError(f"true_ctr_column '{cfg.true_ctr_column}' is the teacher column")
+            raise ConfigError(f"true_ctr_column '{cfg.true_ctr_column}' is the teacher column")
         self.spec, self.cfg = spec, cfg
         # sides alternate over the features drawn per row (sequences are drawn apart)
         sides, k = [], 0
