@@ -10,7 +10,7 @@ import torch
 
 from conftest import small_model
 from rocketrec.data.reader import ParquetReader
-from rocketrec.model.loss import LossConfig, bce, hint_loss, rocket_loss
+from rocketrec.model.loss import HINTS, LossConfig, bce, hint_loss, rocket_loss
 from rocketrec.model.model import RocketModel
 from rocketrec.model.towers import ModelConfig
 from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded
@@ -51,7 +51,7 @@ def _tables(m):
     return [(n, p) for n, p in m.named_parameters() if n.startswith("ebc.")]
 
 
-@pytest.mark.parametrize("hint", ["mimic", "mse_prob", "kd"])
+@pytest.mark.parametrize("hint", HINTS)
 def test_gradient_block_on(model_and_batch, hint):
     m, b = model_and_batch
     out = m(b.dense, b.sparse)
