@@ -6,7 +6,7 @@ The field's name is the YAML key (`train.batch_size`) and, with dashes, the flag
 (`--batch-size`); its type and default are the dataclass's; `help` is its `--help`
 text; `resume` says whether a `--resume` may change it (the resume check reads it).
 The flags and the YAML sections are generated from the sections' fields
-(`rocketrec.config`), so adding a setting is one edit (the field) plus its use.
+(`rocketrec.run.flags`), so adding a setting is one edit (the field) plus its use.
 
 Options for the few settings whose flag is not the plain rule:
     flag / aliases     another flag name (`--no-tensorboard`), more names (`--lambda`)

@@ -86,7 +86,7 @@ def test_config_errors_name_file_and_key(tmp_path, tiny_spec_path, capsys):
 
 def test_shipped_configs_parse():
     from conftest import ROOT
-    from rocketrec.run_config import load_config
+    from rocketrec.run.config_file import load_config
 
     for f in sorted((ROOT / "jobs" / "configs").glob("*.yaml")):
         values = load_config(str(f))

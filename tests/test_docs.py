@@ -29,7 +29,7 @@ def test_kuberay_rayjob_manifest():
     for g in cluster["workerGroupSpecs"]:
         assert g["replicas"] >= 1 and g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
     # the entrypoint's flags are ads_train.py's
-    from rocketrec.ray_train import build_parser
+    from rocketrec.run.ray_driver import build_parser
 
     argv = shlex.split(spec["entrypoint"])
     assert argv[:2] == ["python", "jobs/ads_train.py"]

@@ -16,7 +16,7 @@ SMALL = ["--booster-mlp", "16", "--light-mlp", "8", "--cross-layers", "1", "--lo
 def _parse(argv, ray):
     import argparse
 
-    from rocketrec.config import add_ray_args, add_train_args, parse_job
+    from rocketrec.run.flags import add_ray_args, add_train_args, parse_job
 
     p = argparse.ArgumentParser()
     add_train_args(p)
@@ -68,7 +68,7 @@ def test_sharding_from_yaml_checked_before_anything_starts(
 ):
     """A sharding mapping in YAML is checked against the spec before any worker starts,
     by both entry points, in one line; nothing is written."""
-    from rocketrec.ray_train import main as ray_main
+    from rocketrec.run.ray_driver import main as ray_main
 
     cfg = tmp_path / "bad.yaml"
     out = tmp_path / "run"
@@ -139,13 +139,13 @@ def test_only_user_errors_are_one_line_errors(tmp_path, tiny_spec_path, tiny_dat
     )
     assert user.returncode == 2 and user.stderr.strip() == "rocketrec: error: planted", user.stderr
     # the Ray driver: the same rule before Ray starts (prepare_run runs every check)
-    import rocketrec.runs
-    from rocketrec.ray_train import main as ray_main
+    import rocketrec.run.prepare
+    from rocketrec.run.ray_driver import main as ray_main
 
     def boom(job):
         raise ValueError("planted in prepare_run")
 
-    monkeypatch.setattr(rocketrec.runs, "prepare_run", boom)
+    monkeypatch.setattr(rocketrec.run.prepare, "prepare_run", boom)
     args = [
         "--spec",
         str(tiny_spec_path),

@@ -21,11 +21,7 @@ LAYERS = {
     "serving": 5,
     "evaluation": 6,
     "cli": 6,
-    "cli_models": 6,
-    "config": 6,
-    "run_config": 6,
-    "runs": 6,
-    "ray_train": 6,
+    "run": 6,
 }
 
 

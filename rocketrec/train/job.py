@@ -8,7 +8,7 @@ Sections and keys are the flags' groups and names (`--batch-size` is
 `train.batch_size`), so the serialized form is also a run config file
 (`--config RUN/config.yaml --out NEW` reruns a job). Values come, in that
 order of precedence, from the defaults, a `--config` YAML and the command line
-(rocketrec.config builds the JobConfig; rocketrec.run_config reads the YAML).
+(rocketrec.run.flags builds the JobConfig; rocketrec.run.config_file reads the YAML).
 Each section's dataclass checks its own values; `check(spec)` checks what
 needs the spec (sharding: tables and kinds; perfect_teacher's column).
 """

@@ -223,7 +223,7 @@ def train_job(
     report: Report | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """train() of a JobConfig that went through rocketrec.runs.prepare_run (rocketrec
+    """train() of a JobConfig that went through rocketrec.run.prepare.prepare_run (rocketrec
     train, and every Ray worker of ads_train.py): its `resume` is a checkpoint already
     verified. `resume` overrides it (a restarted worker group's newest verified one)."""
     return train(

@@ -1,7 +1,7 @@
 """The `train` section of a run: TrainConfig, one frozen dataclass checked in __post_init__.
 
 Each field is declared once with its help and whether a --resume may change it
-(rocketrec.settings); the flags and YAML keys are generated from it (rocketrec.config).
+(rocketrec.settings); the flags and YAML keys are generated from it (rocketrec.run.flags).
 The loop only reads it. The other sections: ModelConfig (rocketrec.model.towers),
 LossConfig (rocketrec.model.loss), DataConfig and RayConfig (rocketrec.train.job).
 """

@@ -20,7 +20,7 @@ from dataclasses import MISSING, Field
 from pathlib import Path
 from typing import Any
 
-from rocketrec.run_config import ConfigError, load_config, run_meta
+from rocketrec.run.config_file import ConfigError, load_config, run_meta
 from rocketrec.settings import Setting, default_of, kind_of, on_off, settings_of
 from rocketrec.train.job import SECTIONS, JobConfig, job_from_values
 

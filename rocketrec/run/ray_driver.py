@@ -14,10 +14,10 @@ restarts a failed worker group from the last *registered* checkpoint, with
 every rank's reader position. `--out` must be storage that every worker sees
 (one machine, or a shared file system).
 
-The driver parses one JobConfig (rocketrec.config), runs every start-up check
-and writes RUN/config.yaml once (rocketrec.runs.prepare_run) before Ray starts;
+The driver parses one JobConfig (rocketrec.run.flags), runs every start-up check
+and writes RUN/config.yaml once (rocketrec.run.prepare.prepare_run) before Ray starts;
 workers receive the job's serialized form. The run directory ends up as
-`rocketrec train` leaves it (rocketrec.runs.finish_run): metrics.jsonl,
+`rocketrec train` leaves it (rocketrec.run.prepare.finish_run): metrics.jsonl,
 checkpoints/, light.pt (the exported light tower, unless --no-export),
 curves.png and summary.json.
 """
@@ -165,7 +165,7 @@ def _init_ray(address: str | None, num_cpus: int | None, verbose: bool = False) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rocketrec.config import add_ray_args, add_train_args
+    from rocketrec.run.flags import add_ray_args, add_train_args
 
     p = argparse.ArgumentParser(
         prog="ads_train.py",
@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     from rocketrec.quiet import quiet_library_noise
 
     quiet_library_noise()
-    from rocketrec.config import parse_job
-    from rocketrec.runs import finish_run, prepare_run
+    from rocketrec.run.flags import parse_job
+    from rocketrec.run.prepare import finish_run, prepare_run
 
     try:
         job = parse_job(build_parser(), argv, ray=True)  # defaults < --config < flags

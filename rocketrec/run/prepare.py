@@ -22,7 +22,7 @@ from typing import Any
 
 from rocketrec.data.reader import ParquetReader
 from rocketrec.errors import CheckpointError, UserError
-from rocketrec.run_config import write_resolved
+from rocketrec.run.config_file import write_resolved
 from rocketrec.serving.module import check_exportable
 from rocketrec.spec import FeatureSpec, load_spec
 from rocketrec.train.checkpoint import latest_checkpoint, read_meta

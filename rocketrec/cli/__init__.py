@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rocketrec.cli_models import add_eval_commands, add_serving_commands
+from rocketrec.cli.models import add_eval_commands, add_serving_commands
 from rocketrec.errors import UserError
 from rocketrec.quiet import quiet_library_noise
 from rocketrec.spec import load_spec
@@ -84,7 +84,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
 def _cmd_train(job: Any) -> int:
     """`rocketrec train`: the same job as jobs/ads_train.py, in this process (no Ray)."""
-    from rocketrec.runs import finish_run, prepare_run
+    from rocketrec.run.prepare import finish_run, prepare_run
     from rocketrec.train.checkpoint import log_user_error
     from rocketrec.train.loop import train_job
     from rocketrec.train.task import TrainingDiverged
@@ -261,8 +261,8 @@ def _add_plan(sub: Any) -> None:
         default=None,
         help="GB per worker (default on cpu: this machine's RAM / workers; needed for cuda)",
     )
-    from rocketrec.config import flag_type
     from rocketrec.parallel.sharding import SPARSE_OPTIMIZERS, sharding_arg
+    from rocketrec.run.flags import flag_type
 
     pl.add_argument("--sharding", type=flag_type(sharding_arg), default={}, help="as for training")
     pl.add_argument("--sparse-optimizer", choices=SPARSE_OPTIMIZERS, default="rowwise_adagrad")
@@ -275,8 +275,8 @@ TRAIN_HELP = "train in this process (no Ray; see jobs/ads_train.py)"
 
 
 def _train_parser(t: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The `train` command's flags (generated from the settings: rocketrec.config)."""
-    from rocketrec.config import add_train_args
+    """The `train` command's flags (generated from the settings: rocketrec.run.flags)."""
+    from rocketrec.run.flags import add_train_args
 
     t = t or argparse.ArgumentParser(prog="rocketrec train", description=TRAIN_HELP)
     add_train_args(t)
@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] == "train":  # one JobConfig: defaults < --config < flags
-            from rocketrec.config import parse_job
+            from rocketrec.run.flags import parse_job
 
             return _cmd_train(parse_job(_train_parser(), args[1:], ray=False))
         a = parser.parse_args(args)
