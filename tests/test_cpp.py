@@ -679,3 +679,40 @@ def test_cpp_matches_python_for_the_booster_with_target_attention(
     c = dict(a, hist_ads=pad[:6])
     s = rq.score_lines(m, [json.dumps(x) for x in (a, b, c)], man)
     assert abs(s[0] - s[1]) <= 1e-6 and abs(s[0] - s[2]) > 1e-6, s
+
+
+def test_a_manifest_format_this_version_does_not_read_is_refused(predictor, exported, tmp_path):
+    """A model file whose manifest format is bumped (a future export) is refused with one
+    clear message naming the file and the format, in C++ (before loading it) and in
+    Python; both read the same formats."""
+    import re
+    import zipfile
+
+    from rocketrec.serving.manifest import FORMATS_READ, read_manifest
+
+    header = (ROOT / "deploy" / "cpp" / "request.h").read_text()
+    listed = re.search(r'kManifestFormatsRead = "([^"]*)"', header).group(1)
+    assert listed.split(", ") == list(FORMATS_READ)
+    bumped = tmp_path / "future.pt"
+    with zipfile.ZipFile(exported / "light.pt") as src, zipfile.ZipFile(bumped, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/extra/manifest.json"):
+                man = json.loads(data)
+                man["format"] = "rocketrec-light/99"
+                data = json.dumps(man).encode()
+            dst.writestr(info, data)
+    req = tmp_path / "r.jsonl"
+    req.write_text("{}\n")
+    out = subprocess.run([str(predictor), str(bumped), str(req)], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert (
+        "future.pt" in out.stderr
+        and "'rocketrec-light/99' is not one this predictor reads" in out.stderr
+    ), out.stderr
+    with pytest.raises(ValueError, match="manifest format 'rocketrec-light/99'"):
+        read_manifest(bumped)
+    ok = subprocess.run(
+        [str(predictor), str(exported / "light.pt"), "--manifest"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and json.loads(ok.stdout)["format"] in FORMATS_READ

@@ -144,6 +144,10 @@ Predictor::Predictor(const std::string& path, Limits limits, Runtime runtime) {
   const std::string peek = peek_manifest(path);
   if (!peek.empty()) {
     auto j = nlohmann::json::parse(peek, nullptr, false);
+    if (!j.is_discarded() && j.is_object() && j.contains("format") && j["format"].is_string() &&
+        !manifest_format_readable(j["format"].get<std::string>()))  // before loading anything
+      throw std::runtime_error(path + ": manifest format '" + j["format"].get<std::string>() +
+                               "' is not one this predictor reads (" + kManifestFormatsRead + ")");
     if (!j.is_discarded() && j.is_object() && j.contains("op_library") && j["op_library"].is_object()) {
       ensure_ops_library(path);
       const auto& lib = j["op_library"];

@@ -129,6 +129,10 @@ RequestParser RequestParser::from_manifest(const std::string& text, Limits limit
     if (!m.is_object() || !m.contains("format") || !m["format"].is_string() ||
         m["format"].get<std::string>().rfind("rocketrec-light/", 0) != 0)
       throw std::runtime_error("manifest format is not rocketrec-light/*");
+    if (!manifest_format_readable(m["format"].get<std::string>()))
+      throw std::runtime_error("manifest format '" + m["format"].get<std::string>() +
+                               "' is not one this predictor reads (" + kManifestFormatsRead +
+                               "); export the model again, or build the predictor of its rocketrec version");
     if (!m.contains("sparse_features") || !m["sparse_features"].is_array() || !m.contains("dense_features") ||
         !m["dense_features"].is_array())
       throw std::runtime_error("manifest lacks sparse_features/dense_features");

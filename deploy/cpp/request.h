@@ -54,6 +54,12 @@ struct Limits {
   size_t max_ids_per_bag = 100000;
 };
 
+// The manifest formats this predictor reads (rocketrec.serving.manifest.FORMATS_READ).
+inline constexpr const char* kManifestFormatsRead = "rocketrec-light/1, rocketrec-light/2";
+inline bool manifest_format_readable(const std::string& f) {
+  return f == "rocketrec-light/1" || f == "rocketrec-light/2";
+}
+
 class RequestParser {
  public:
   RequestParser() = default;
