@@ -15,6 +15,7 @@ import torch
 from rocketrec.data.batch import DataError, arrow_to_batch, decode_table
 from rocketrec.data.reader import ParquetReader
 from rocketrec.data.synth import SynthConfig, synth
+from rocketrec.errors import CheckpointError
 from rocketrec.spec import spec_from_dict
 from rocketrec.spec.hashing import TEST_VECTORS, fnv1a64, hash_strings
 
@@ -448,3 +449,45 @@ def test_negative_downsampling_deterministic_across_world_sizes(tmp_path):
     assert _ids(head) + _ids(again) == full
     with pytest.raises(ValueError, match="negative_sample_rate"):
         ParquetReader(str(tmp_path), RID_SPEC, 16, negative_sample_rate=0.0)
+
+
+@pytest.mark.parametrize("buffer", [0, 128])
+@pytest.mark.parametrize("worlds", [(2, 1), (1, 3), (3, 2), (2, 1, 3, 2)])
+def test_resume_at_other_worker_counts_trains_each_row_once(tmp_path, worlds, buffer):
+    """Each world trains a few batches per rank (the loop's common step count), then the
+    next world continues from every rank's trained state: over the whole epoch no row
+    is trained twice and none is skipped but each last world's short last batches."""
+    n = _write_rid_files(tmp_path)
+    kw = dict(seed=5, shuffle_buffer=buffer, drop_last=True)
+    trained: list[int] = []
+    states = None
+    for k, world in enumerate(worlds):
+        readers = [
+            ParquetReader(str(tmp_path), RID_SPEC, 16, rank=r, world_size=world, **kw)
+            for r in range(world)
+        ]
+        for rd in readers:
+            rd.trace = lambda b: trained.extend(_ids([b]))
+            if states is not None:
+                left = rd.load_states(states)
+                assert left == n - len(trained)
+        last = k == len(worlds) - 1
+        steps = readers[0].min_batches_all_ranks(readers[0].epoch) if last else 3 + k
+        for rd in readers:
+            for _ in rd.take(steps):
+                rd.mark_trained()  # the loop marks every batch it trained
+        states = [rd.trained_state() for rd in readers]
+    assert len(trained) == len(set(trained)), "a row was trained twice"
+    e = readers[0].epoch
+    unused = readers[0].rows_unused(e, readers[0].min_batches_all_ranks(e))
+    assert len(trained) == n - unused and unused < 16 * worlds[-1]
+    assert set(trained) <= set(range(n))
+
+
+def test_states_of_an_older_stream_are_refused(tmp_path):
+    _write_rid_files(tmp_path)
+    rd = ParquetReader(str(tmp_path), RID_SPEC, 16, seed=5)
+    old = {k: v for k, v in rd.state_dict().items() if k not in ("stream", "plan")}
+    assert not ParquetReader.continuable(old)
+    with pytest.raises(CheckpointError, match="older rocketrec"):
+        rd.load_state_dict(old)

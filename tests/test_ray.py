@@ -50,15 +50,42 @@ def _is_loopback(addr: str, wildcard_ok: bool = False) -> bool:
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+def _with_row_ids(tmp_path, tiny_spec_path, tiny_data):
+    """The tiny spec with a unique row id as its first feature, and its data (8,000
+    training rows), so a trace of trained ids counts every row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = tiny_spec_path.read_text()
+    text = text.replace("tables:\n", "tables:\n  - {name: t_rid, rows: 64, dim: 4}\n", 1)
+    text = text.replace(
+        "sparse:\n", "sparse:\n  - {name: rid, column: rid, dtype: int64, table: t_rid}\n", 1
+    )
+    spec = tmp_path / "rid.yaml"
+    spec.write_text(text)
+    dirs, start = {}, 0
+    for part in ("train", "val"):
+        d = tmp_path / f"rid_{part}"
+        d.mkdir()
+        for f in sorted(Path(tiny_data[part]).glob("*.parquet")):
+            t = pq.read_table(f)
+            t = t.append_column("rid", pa.array(range(start, start + t.num_rows), pa.int64()))
+            start += t.num_rows
+            pq.write_table(t, d / f.name, row_group_size=1000)
+        dirs[part] = str(d)
+    return spec, dirs
+
+
 def test_two_node_cluster_job_submit(tmp_path, tiny_spec_path, tiny_data):
     out = tmp_path / "cluster"
+    spec, data = _with_row_ids(tmp_path, tiny_spec_path, tiny_data)
     cmd = [
         str(ROOT / "tests" / "ray_two_node.sh"),
         BIN,
         str(ROOT),
-        str(tiny_spec_path),
-        tiny_data["train"],
-        tiny_data["val"],
+        str(spec),
+        data["train"],
+        data["val"],
         str(out),
     ]
     netns = _netns_ok()
@@ -78,19 +105,28 @@ def test_two_node_cluster_job_submit(tmp_path, tiny_spec_path, tiny_data):
     summary = json.loads((out / "summary_2workers.json").read_text())
     assert summary["workers"] == 2 and summary["export"]["max_abs_diff"] <= 1e-5
     assert "light_auc" in summary["metrics"]
-    # resumed through the job API at 1 worker, then at 2 again: every table (DP, TW, RW,
-    # CW) keeps its kind and its optimizer state; each epoch restarts at the new count
+    # resumed through the job API in the middle of the epoch at 1, 3, then 2 workers: every
+    # table (DP, TW, RW, CW) keeps its kind and its optimizer state; the rows no earlier
+    # worker trained are shared by the new ones: each row trained exactly once
     steps = [summary["metrics"]["steps"]]
-    for name, (was, now) in (("resume1.log", (2, 1)), ("resume2.log", (1, 2))):
-        log = (out / name).read_text()
+    assert steps == [4]
+    for k, (was, now) in enumerate(((2, 1), (1, 3), (3, 2)), 1):
+        log = (out / f"resume{k}.log").read_text()
         assert re.search(r"Job '\S+' succeeded", log), log[-3000:]
-        assert f"resume: world size {was} -> {now}" in log, log[-3000:]
+        assert f"resume: world size {was} -> {now}: epoch 0 continues" in log, log[-3000:]
         assert "changed sharding kind" not in log and "starts fresh" not in log, log[-3000:]
         steps.append(int(re.findall(r"done: (\d+) steps", log)[-1]))
+        shown = [(int(a), int(b)) for a, b in re.findall(r"^step (\d+)/(\d+) ", log, re.M)]
+        assert shown and all(a <= b for a, b in shown), shown  # progress never past its total
+        assert shown[-1][1] == steps[-1], (shown[-1], steps)  # the total was right
     final = json.loads((run / "summary.json").read_text())
     assert final["workers"] == 2 and final["metrics"]["steps"] == steps[-1]
-    assert steps[0] < steps[1] < steps[2], steps  # each resume trained one more epoch
-    assert "step 5" in job_log  # progress streamed to the job log
+    assert steps[0] < steps[1] < steps[2] < steps[3], steps
+    trained = [int(x) for f in (out / "trace").glob("*.txt") for x in f.read_text().split()]
+    assert len(trained) == len(set(trained)), "a row was trained twice"
+    unused = final["metrics"]["rows_unused"]
+    assert len(trained) + unused == 8000 and 0 <= unused < 2 * 256, (len(trained), unused)
+    assert "step 4/" in job_log  # progress streamed to the job log
     addrs = _listening((out / "ports.txt").read_text())
     assert addrs
     if netns:  # the namespace has only lo: wildcard binds are loopback-only there

@@ -1,33 +1,36 @@
 """Parquet ad-log reader: rows balanced over ranks, shuffled, resumable, lazy on files.
 
-Work unit = one (file, row group). For epoch e the list of all units is
-permuted with a seeded RNG (seed, e) and laid end to end as one stream of T
-rows; rank r takes the contiguous row range [r T / W, (r + 1) T / W) of that
-stream, as pieces (file, row group, first row, row count). Every row goes to
-exactly one rank per epoch and ranks differ by at most one row, so with
+Work unit = one (file, row group). For epoch e the list of all units is permuted
+with a seeded RNG (seed, e) and laid end to end as one stream of T rows, cut into
+windows of `shuffle_buffer` rows; each window's rows are permuted with a seeded
+RNG (seed, e, window). That shuffled epoch stream depends on neither the rank nor
+the world size. Rank r of W takes the contiguous range [r R / W, (r + 1) R / W) of
+the epoch's *plan*: the stream rows still to be trained, as intervals (the whole
+stream, R = T, unless a resume at another world size replanned the epoch). Every
+row goes to exactly one rank and ranks differ by at most one row, so with
 `drop_last` at most W x batch_size rows per epoch go unused.
 
-Shuffle within files: a rank's stream is cut into windows of `shuffle_buffer`
-rows (mixing rows of every unit the window spans); each window's rows are
-permuted with a seeded RNG (seed, epoch, rank, window) before batching. The
-order is a pure function of (seed, epoch, rank, world size, buffer size), so
-the reader's position is one number, the rows consumed this epoch, and
-`load_state_dict` continues at exactly the next batch, also in the middle of
-a window. Memory: one window of decoded rows.
+Resume: a rank's position is one number, the rows of its range consumed, so
+`load_state_dict` continues at exactly the next batch (also in the middle of a
+window). At another world size, `load_states` takes every old rank's state and
+makes the rows none of them trained the new plan, shared again by the new ranks:
+each row of an interrupted epoch is trained exactly once whatever the worker
+counts (2 -> 1 -> 3 -> 2 ...). Memory: one window of rows.
 
 Decoding (Arrow -> numpy -> Batch) runs in a background thread feeding a
 bounded queue; the position is that of the *consumer*.
 
 Many files: each file's footer is read once (at construction, then closed);
 files are opened when first needed, at most `max_open_files` at a time
-(least recently used closed first), and a rank only opens the files of its
-own row range.
+(least recently used closed first), and a rank only opens the files of the
+windows its range touches.
 
 Paths: files, directories (Hive partitions too) or globs (rocketrec.data.files).
 """
 
 from __future__ import annotations
 
+import bisect
 import queue
 import random
 import threading
@@ -131,9 +134,13 @@ class ParquetReader:
             if not self.units:
                 raise DataError(f"{show_paths(path)}: no rows left after negative downsampling")
         self.epoch = 0
+        self._plan: list[tuple[int, int]] | None = None  # None: the whole epoch stream
+        self._layout_cache: tuple[int, list[Unit], list[int]] | None = None
         self._pos = 0  # rows of this rank's epoch stream already consumed
         self._trained_pos = 0  # ... and trained on (see `take`)
-        self._handed: deque[int] = deque()  # position after each batch `take` handed out
+        # (position after it, batch) of each batch `take` handed out and not yet trained
+        self._handed: deque[tuple[int, Batch | None]] = deque()
+        self.trace: Any = None  # called with each trained batch (tests count rows with it)
 
     def _scan(self, spec: FeatureSpec) -> tuple[list[Unit], dict[str, pa.Schema]]:
         """Read every file's footer once (then close it): its row groups and schema."""
@@ -170,26 +177,34 @@ class ParquetReader:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def _bounds(self, rank: int) -> tuple[int, int]:
-        total, w = self.total_rows, self.world_size
+    def _layout(self, epoch: int) -> tuple[list[Unit], list[int]]:
+        """The epoch's unit order and each unit's first row in the stream (+ the end)."""
+        if self._layout_cache is None or self._layout_cache[0] != epoch:
+            order = self._order(epoch)
+            starts = [0]
+            for u in order:
+                starts.append(starts[-1] + u.rows)
+            self._layout_cache = (epoch, order, starts)
+        return self._layout_cache[1], self._layout_cache[2]
+
+    def _plan_of(self, epoch: int) -> list[tuple[int, int]]:
+        """The stream rows of `epoch` to train, as intervals (the whole stream unless a
+        resume at another world size replanned the current epoch)."""
+        if epoch == self.epoch and self._plan is not None:
+            return self._plan
+        return [(0, self.total_rows)]
+
+    def _bounds(self, rank: int, epoch: int) -> tuple[int, int]:
+        total, w = sum(b - a for a, b in self._plan_of(epoch)), self.world_size
         return rank * total // w, (rank + 1) * total // w
 
-    def pieces_for(self, epoch: int, rank: int | None = None) -> list[Piece]:
-        """This rank's row range of the epoch's unit stream, as pieces of units."""
-        lo, hi = self._bounds(self.rank if rank is None else rank)
-        out, start = [], 0
-        for u in self._order(epoch):
-            end = start + u.rows
-            a, b = max(lo, start), min(hi, end)
-            if a < b:
-                out.append(Piece(u, a - start, b - a))
-            start = end
-            if start >= hi:
-                break
-        return out
+    def stream_rows(self, epoch: int, rank: int | None = None) -> list[tuple[int, int]]:
+        """This rank's rows of `epoch`, as intervals of the shuffled epoch stream, in order."""
+        lo, hi = self._bounds(self.rank if rank is None else rank, epoch)
+        return _slice_plan(self._plan_of(epoch), lo, hi)
 
     def rows_for(self, epoch: int, rank: int | None = None) -> int:
-        lo, hi = self._bounds(self.rank if rank is None else rank)
+        lo, hi = self._bounds(self.rank if rank is None else rank, epoch)
         return hi - lo
 
     def batches_per_epoch(self, epoch: int = 0, rank: int | None = None) -> int:
@@ -199,6 +214,10 @@ class ParquetReader:
     def min_batches_all_ranks(self, epoch: int = 0) -> int:
         """Batches every rank can serve this epoch (distributed steps must agree)."""
         return min(self.batches_per_epoch(epoch, r) for r in range(self.world_size))
+
+    def full_epoch_batches(self) -> int:
+        """min_batches_all_ranks of an epoch that is not replanned."""
+        return self.min_batches_all_ranks(self.epoch + 1)
 
     @property
     def total_rows(self) -> int:
@@ -214,29 +233,80 @@ class ParquetReader:
         "total_rows",
         "negative_sample_rate",
     )
+    STREAM = 2  # the stream's definition (2: windows of the whole epoch stream, plans)
 
     def state_dict(self) -> dict[str, Any]:
         keys = {k: getattr(self, k) for k in self._STATE_KEYS}
-        return {"epoch": self.epoch, "pos": self._pos, "rank": self.rank, **keys}
+        plan = [list(x) for x in self._plan] if self._plan is not None else None
+        return {
+            "epoch": self.epoch,
+            "pos": self._pos,
+            "rank": self.rank,
+            "stream": self.STREAM,
+            "plan": plan,
+            **keys,
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _check_state(self, state: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
         for k in self._STATE_KEYS:
-            if k in state and state.get(k) != getattr(self, k):
+            if k not in skip and k in state and state.get(k) != getattr(self, k):
                 raise CheckpointError(
                     f"reader state was saved with {k}={state.get(k)}, this reader has "
                     f"{k}={getattr(self, k)}"
                 )
-        if "pos" not in state:
+        if "pos" not in state or state.get("stream") != self.STREAM:
             raise CheckpointError(
-                "reader state from an older rocketrec (no 'pos'): cannot resume it"
+                "reader state from an older rocketrec (another stream definition): its "
+                "position cannot be continued"
             )
+
+    @classmethod
+    def continuable(cls, state: dict[str, Any]) -> bool:
+        """Whether `state` holds a position of this stream definition."""
+        return "pos" in state and state.get("stream") == cls.STREAM
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` (this rank, the same world size) stopped."""
+        self._check_state(state)
         self.epoch = int(state["epoch"])
+        plan = state.get("plan")
+        self._plan = [(int(a), int(b)) for a, b in plan] if plan is not None else None
         self._pos = self._trained_pos = int(state["pos"])
         self._handed.clear()
+
+    def load_states(self, states: list[dict[str, Any]]) -> int:
+        """Continue the epoch that `states` (every rank of another world size, in rank
+        order) stopped in: the rows none of them consumed become this epoch's plan,
+        shared by this reader's world. Returns the rows left."""
+        if not states or len(states) != int(states[0].get("world_size", -1)):
+            raise CheckpointError("reader states: one per rank of the saved world size expected")
+        for st in states:
+            self._check_state(st, skip=("world_size",))
+        epoch = int(states[0]["epoch"])
+        if any(int(st["epoch"]) != epoch for st in states):
+            raise CheckpointError("reader states of different epochs")
+        raw = states[0].get("plan")
+        plan = [(int(a), int(b)) for a, b in raw] if raw is not None else [(0, self.total_rows)]
+        total, w = sum(b - a for a, b in plan), len(states)
+        left: list[tuple[int, int]] = []
+        for r, st in enumerate(states):
+            lo, hi = r * total // w, (r + 1) * total // w
+            left += _slice_plan(plan, min(hi, lo + int(st["pos"])), hi)
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(left):
+            if merged and merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        self.epoch, self._plan = epoch, merged
+        self._pos = self._trained_pos = 0
+        self._handed.clear()
+        return sum(b - a for a, b in merged)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning."""
         self.epoch, self._pos, self._trained_pos = epoch, 0, 0
+        self._plan = None
         self._handed.clear()
 
     # -- the training stream: epochs and the position after the last *trained* batch --
@@ -250,14 +320,16 @@ class ParquetReader:
                 b = next(it, None)
                 if b is None:
                     return
-                self._handed.append(self._pos)
+                self._handed.append((self._pos, b if self.trace is not None else None))
                 yield b
         finally:
             it.close()  # never exhausts the epoch: `next_epoch` moves on explicitly
 
     def mark_trained(self) -> None:
         """The oldest batch handed out by `take` is trained: resume after it."""
-        self._trained_pos = self._handed.popleft()
+        self._trained_pos, batch = self._handed.popleft()
+        if self.trace is not None and batch is not None:
+            self.trace(batch)
 
     def trained_state(self) -> dict[str, Any]:
         """state_dict() at the last trained batch (what a checkpoint saves)."""
@@ -339,73 +411,92 @@ class ParquetReader:
     def _window_size(self) -> int:
         return self.shuffle_buffer or max(_READ_WINDOW, self.batch_size)
 
-    def _window(self, pieces: list[Piece], w: int, cache: dict[Unit, pa.Table]) -> Decoded:
-        """Rows [w S, (w + 1) S) of this rank's stream, permuted when shuffling.
+    def _window_pieces(self, epoch: int, w: int, s: int, e: int) -> list[Piece]:
+        """Pieces of units holding rows [s, e) of window w of the epoch stream."""
+        order, starts = self._layout(epoch)
+        lo = w * self._window_size()
+        a0, b0 = lo + s, lo + e
+        out = []
+        i = max(0, bisect.bisect_right(starts, a0) - 1)
+        while i < len(order) and starts[i] < b0:
+            a, b = max(a0, starts[i]), min(b0, starts[i + 1])
+            if a < b:
+                out.append(Piece(order[i], a - starts[i], b - a))
+            i += 1
+        return out
 
-        The Arrow rows are permuted (one C++ take) and decoded once per window; if
-        decoding fails, the window's pieces are decoded one by one so that the error
+    def _window(self, epoch: int, w: int, s: int, e: int, cache: dict[Unit, pa.Table]) -> Decoded:
+        """Rows [s, e) of window w of the shuffled epoch stream, decoded.
+
+        The window's rows are permuted by (seed, epoch, w) when shuffling: a whole window
+        is decoded once and its decoded rows permuted; a part of one takes its Arrow rows
+        first. If decoding fails, the pieces are decoded one by one so that the error
         names the file that holds the bad value.
         """
-        size = self._window_size()
-        lo, hi = w * size, min((w + 1) * size, sum(p.count for p in pieces))
-        parts: list[tuple[Piece, pa.Table]] = []
-        start = 0
-        for p in pieces:
-            end = start + p.count
-            a, b = max(lo, start), min(hi, end)
-            if a < b:
-                sub = Piece(p.unit, p.first + a - start, b - a)
-                parts.append((sub, self._read_piece(sub, cache)))
-            start = end
-            if start >= hi:
-                break
+        size = min(self._window_size(), self.total_rows - w * self._window_size())
+        whole = s == 0 and e == size
+        perm = None
+        if self.shuffle_buffer:
+            perm = np.random.default_rng([self.seed, epoch, w, 0x5EED]).permutation(size)
+        span = (0, size) if perm is not None else (s, e)
+        pieces = self._window_pieces(epoch, w, *span)
+        parts = [(p, self._read_piece(p, cache)) for p in pieces]
         table = (
             parts[0][1]
             if len(parts) == 1
-            else pa.concat_tables(
-                [t for _, t in parts],
-                promote_options="default",  # nullability may differ
-            )
+            else pa.concat_tables([t for _, t in parts], promote_options="default")
         )
+        if perm is not None and not whole:
+            table = table.take(pa.array(perm[s:e]))
         files = list(dict.fromkeys(self.files[p.unit.file] for p, _ in parts))
         try:
             block = decode_table(table, self.spec, files[0], self.teacher_column)
-            if self.shuffle_buffer:  # permute decoded ids (ints), cheaper than Arrow strings
-                rng = np.random.default_rng([self.seed, self.epoch, self.rank, w, 0x5EED])
-                block = block.take(rng.permutation(len(block)))
-            return block
         except DataError:
             if len(files) == 1:
                 raise
             for p, t in parts:  # find the file with the bad value
                 decode_table(t, self.spec, self.files[p.unit.file], self.teacher_column)
             raise
+        if perm is not None and whole:  # permute decoded ids (ints), cheaper than Arrow strings
+            block = block.take(perm)
+        return block
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         """Put (Batch, position after it) for the rest of the current epoch on `out`."""
         try:
-            pieces = self.pieces_for(self.epoch)
-            n = sum(p.count for p in pieces)
-            size = self._window_size()
-            pos = self._pos
+            epoch, size = self.epoch, self._window_size()
+            intervals = self.stream_rows(epoch)
+            n = sum(b - a for a, b in intervals)
+            cur = self._pos  # rank-stream position of the next row
             cache: dict[Unit, pa.Table] = {}
             pending: list[Decoded] = []
             have = 0
-            w = pos // size
-            while w * size < n and not stop.is_set():
-                block = self._window(pieces, w, cache)
-                off = max(0, pos - w * size)  # > 0 only in the window a resume starts in
-                while off < len(block):
-                    take = min(self.batch_size - have, len(block) - off)
-                    pending.append(block.slice(off, off + take))
-                    have += take
-                    off += take
-                    if have == self.batch_size:
-                        out.put((Decoded.concat(pending).to_batch(), w * size + off))
-                        pending, have = [], 0
-                        if stop.is_set():
-                            return
-                w += 1
+            done = 0
+            for a, b in intervals:
+                if stop.is_set():
+                    return
+                if done + (b - a) <= cur:
+                    done += b - a
+                    continue
+                x = a + (cur - done)
+                while x < b and not stop.is_set():
+                    w = x // size
+                    e = min(b, (w + 1) * size)
+                    block = self._window(epoch, w, x - w * size, e - w * size, cache)
+                    off = 0
+                    while off < len(block):
+                        take = min(self.batch_size - have, len(block) - off)
+                        pending.append(block.slice(off, off + take))
+                        have += take
+                        off += take
+                        cur += take
+                        if have == self.batch_size:
+                            out.put((Decoded.concat(pending).to_batch(), cur))
+                            pending, have = [], 0
+                            if stop.is_set():
+                                return
+                    x = e
+                done += b - a
             if pending and not self.drop_last and not stop.is_set():
                 last = Decoded.concat(pending)
                 if self.pad_last:
@@ -444,3 +535,17 @@ class ParquetReader:
                     pass
             t.join()
             self.close()  # files are reopened lazily by the next epoch
+
+
+def _slice_plan(plan: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """Rows [lo, hi) of the concatenation of `plan`'s intervals, as stream intervals."""
+    out, start = [], 0
+    for a, b in plan:
+        n = b - a
+        s, e = max(lo, start), min(hi, start + n)
+        if s < e:
+            out.append((a + s - start, a + e - start))
+        start += n
+        if start >= hi:
+            break
+    return out

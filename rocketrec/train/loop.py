@@ -83,10 +83,20 @@ def _log_step(t: Trainer, plan: PhasePlan, terms: dict[str, Any], rate: _Rate, t
 
 
 def _total_steps(t: Trainer) -> int:
-    """Steps of the whole run (every phase) under the epoch and step budget."""
-    n = t.train_reader.min_batches_all_ranks(0) * t.cfg.epochs
-    per_phase = min(n, t.cfg.max_steps) if t.cfg.max_steps else n
-    return per_phase * len(t.phases)
+    """Steps of the whole run (every phase) under the epoch and step budget: those done,
+    the rest of the current epoch (replanned by a resume at another worker count, it
+    has fewer), the epochs left, and the phases left."""
+    p, cfg, r = t.progress, t.cfg, t.train_reader
+    full = r.full_epoch_batches()
+    per_phase = full * cfg.epochs
+    if cfg.max_steps:
+        per_phase = min(per_phase, cfg.max_steps)
+    if p.phase_idx >= len(t.phases):
+        return p.step
+    left = r.min_batches_all_ranks(r.epoch) - p.epoch_step + max(0, cfg.epochs - r.epoch - 1) * full
+    if cfg.max_steps:
+        left = min(left, cfg.max_steps - (p.step - p.phase_start))
+    return p.step + max(0, left) + per_phase * (len(t.phases) - p.phase_idx - 1)
 
 
 def _epoch(t: Trainer, plan: PhasePlan, rate: _Rate, total: int) -> bool:

@@ -21,7 +21,7 @@ between fused and data-parallel, or whose state changes shape (column-wise
 row-wise state: one value per row per column shard), starts fresh with one
 warning line naming it.
 Reader positions are per rank: at another world size the interrupted epoch
-restarts from its beginning (one line says so).
+continues with the rows no old rank trained, shared by the new ranks.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from rocketrec.data.reader import ParquetReader
 from rocketrec.errors import CheckpointError
 from rocketrec.model.loss import LossConfig
 from rocketrec.model.towers import ModelConfig
@@ -304,17 +305,26 @@ def resume_run(t: Trainer, path: Path) -> None:
         t.log.line(
             "resume: warning: the dense optimizer's parameters changed; its state starts fresh"
         )
-    if int(meta["world_size"]) == t.world:
-        t.train_reader.load_state_dict(meta["readers"][t.rank])
-    else:
-        # DCP resharded the model; reader positions are per rank and cannot be
-        # split again, so the interrupted epoch restarts from its beginning.
-        epoch = int(meta["readers"][0]["epoch"])
+    readers = meta["readers"]
+    epoch = int(readers[0]["epoch"])
+    if not all(ParquetReader.continuable(st) for st in readers):
+        # a checkpoint of an older rocketrec: its positions are of another stream
         t.train_reader.next_epoch(epoch)
         p.epoch_step = 0
         t.log.line(
-            f"resume: world size {meta['world_size']} -> {t.world}: epoch {epoch} restarts "
-            "from its beginning (its examples before the checkpoint are seen again)"
+            f"resume: {path} holds reader positions of an older rocketrec: epoch {epoch} "
+            "restarts from its beginning (its examples before the checkpoint are seen again)"
+        )
+    elif int(meta["world_size"]) == t.world:
+        t.train_reader.load_state_dict(readers[t.rank])
+    else:
+        # DCP resharded the model; the rows no old rank trained are shared again
+        left = t.train_reader.load_states(readers)
+        p.epoch_step = 0
+        t.log.line(
+            f"resume: world size {meta['world_size']} -> {t.world}: epoch {epoch} continues "
+            f"with its {left:,} untrained rows shared by {t.world} worker(s) (each row of "
+            "the epoch is trained once)"
         )
     release_free_memory()
     t.log.line(f"resumed from {path} at step {p.step}")

@@ -14,6 +14,7 @@ rocketrec.train.evaluation, warm start in rocketrec.train.warm_start.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,6 +86,27 @@ def val_reader(spec: FeatureSpec, path: Any, cfg: TrainConfig, rank: int, world:
     return ParquetReader(path, spec, cfg.batch_size, rank, world, shuffle=False, pad_last=True)
 
 
+# Diagnostics: with this set to a directory, every rank appends the raw ids of the
+# spec's first sparse feature of each batch it trained (one line per batch) to
+# DIR/rank<r>-<pid>.txt: with a unique row id as that feature, a test (or an engineer)
+# counts which rows a run trained, across restarts and worker counts.
+TRACE_ENV = "ROCKETREC_TRACE_TRAINED_IDS"
+
+
+class _IdTrace:
+    def __init__(self, d: Path, spec: FeatureSpec, rank: int) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / f"rank{rank}-{os.getpid()}.txt"
+        self.key = spec.id_features[0].name
+
+    def __call__(self, batch: Any) -> None:
+        ids = batch.sparse[self.key].values()
+        n = getattr(batch, "n_real", None)
+        ids = ids[:n] if n is not None else ids
+        with open(self.path, "a") as f:
+            f.write(" ".join(str(int(x)) for x in ids.tolist()) + "\n")
+
+
 class Trainer:
     def __init__(
         self,
@@ -123,6 +145,9 @@ class Trainer:
             if isinstance(val_data, ParquetReader)
             else val_reader(spec, val_data, cfg, self.rank, self.world)
         )
+        trace_dir = os.environ.get(TRACE_ENV)
+        if trace_dir:
+            self.train_reader.trace = _IdTrace(Path(trace_dir), spec, self.rank)
         self.phases: list[PhasePlan] = plan_phases(loss_cfg)  # decided once, used everywhere
         self.trained_towers = set(trained_towers(loss_cfg))  # the others: not evaluated
         self.progress = Progress()
