@@ -5,8 +5,8 @@
     +-- SpecError             a feature spec (rocketrec.spec)
     +-- DataError             Parquet logs: a column, a type, a value (rocketrec.data)
     +-- ConfigError           a setting, a flag, a config file, a sharding constraint
-    +-- CheckpointError       a checkpoint to resume or warm-start from: missing,
-    |                         damaged, or another run's settings
+    +-- CheckpointError       a checkpoint to resume or warm-start from: missing
+    |                         (CheckpointNotFound), damaged, or another run's settings
     +-- ExportError           a model that cannot be exported or served as asked
     +-- TrainingDiverged      a non-finite loss (rocketrec.train.task)
 
@@ -34,3 +34,7 @@ class CheckpointError(UserError):
 
 class ExportError(UserError):
     """A model that cannot be exported or served as asked."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No complete checkpoint where one was named (also a FileNotFoundError)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rocketrec.data.reader import ParquetReader
-from rocketrec.errors import CheckpointError, UserError
+from rocketrec.errors import CheckpointNotFound, UserError
 from rocketrec.run.config_file import write_resolved
 from rocketrec.serving.module import check_exportable
 from rocketrec.spec import FeatureSpec, load_spec
@@ -57,7 +57,7 @@ def prepare_run(job: JobConfig) -> tuple[FeatureSpec, JobConfig]:
     if job.resume:
         ck = latest_checkpoint(job.resume)
         if ck is None:
-            raise CheckpointError(f"--resume {job.resume}: no complete checkpoint found there")
+            raise CheckpointNotFound(f"--resume {job.resume}: no complete checkpoint found there")
         check_resume_compatible(read_meta(ck), spec, job.model, job.loss, job.train, str(ck))
         job = replace(job, resume=str(ck))
     elif latest_checkpoint(out, verify=False) is not None:

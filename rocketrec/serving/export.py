@@ -25,7 +25,7 @@ from torch import nn
 
 from rocketrec.data.batch import decode_table
 from rocketrec.data.synth import heldout_table
-from rocketrec.errors import CheckpointError, ExportError
+from rocketrec.errors import CheckpointNotFound, ExportError
 from rocketrec.model.init import table_weight_key
 from rocketrec.serving.manifest import build_manifest
 from rocketrec.serving.module import (
@@ -236,21 +236,24 @@ def _write_gated(
     return diff, tol
 
 
-def _what_to_export(
-    model: Any, booster: bool
-) -> tuple[FeatureSpec, nn.Module, nn.ModuleDict | None]:
-    """(the served spec, the tower, the booster's attention units or None): the light
-    tower, or the booster on every feature (with its attention over each sequence)."""
+def _what_to_export(model: Any, booster: bool) -> tuple[FeatureSpec, nn.Module]:
+    """(the served spec, the tower): the light tower, or the booster on every feature
+    (its attention over each sequence: `_attention_to_export`)."""
     spec: FeatureSpec = model.spec
     if not booster:
         check_exportable(spec, model.cfg, "rocket")  # the checks training starts with
-        return spec, model.light, None
+        return spec, model.light
     # comparison only: the booster on every feature, packaged the same way
     spec = replace(spec, light_features=tuple(spec.sparse_names + spec.dense_names))
     if model.bottom is not None:
         raise ExportError("--booster export does not support shared_bottom")
     check_servable(spec)
-    return spec, _BoosterHead(model.booster), model.attention if spec.sequences else None
+    return spec, _BoosterHead(model.booster)
+
+
+def _attention_to_export(model: Any, booster: bool) -> nn.ModuleDict | None:
+    """The booster's attention units, when the booster is exported on sequences."""
+    return model.attention if booster and model.spec.sequences else None
 
 
 def _table_sources(
@@ -286,14 +289,15 @@ def export_checkpoint(
     without it, the first `rows` rows of `data` (or synthetic rows when no data)."""
     ck = latest_checkpoint(checkpoint)
     if ck is None:
-        raise CheckpointError(f"{checkpoint}: no complete checkpoint found")
+        raise CheckpointNotFound(f"{checkpoint}: no complete checkpoint found")
     model, meta = load_towers(ck)  # tables stay on disk until streamed below
     if not booster and meta.get("loss_config", {}).get("mode") == "booster_only":
         raise ExportError(
             f"{ck}: a booster_only run trained no light tower; export --booster packages the "
             "booster (for comparisons)"
         )
-    spec, tower, attention = _what_to_export(model, booster)
+    spec, tower = _what_to_export(model, booster)
+    attention = _attention_to_export(model, booster)
     sources, private_dim = _table_sources(model, spec, CheckpointTables(ck), booster)
     table = heldout if heldout is not None else heldout_table(model.spec, data, rows)
     batch = decode_table(table, model.spec, "<held-out>").to_batch()

@@ -117,7 +117,7 @@ def _version() -> str:
         return "unknown"
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
+def read_manifest(path: str | Path, check_format: bool = True) -> dict[str, Any]:
     """manifest.json straight from the file's zip archive (no TorchScript load: a fused
     model's manifest is readable without the op library). A manifest of a format this
     rocketrec does not read (`manifest.FORMATS_READ`) is refused, naming the file."""
@@ -132,10 +132,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             man = json.loads(z.read(names[0]))
     except zipfile.BadZipFile as e:
         raise UserError(f"{path}: not a TorchScript file ({e})") from e
-    fmt = man.get("format") if isinstance(man, dict) else None
+    if not isinstance(man, dict):
+        raise UserError(f"{path}: manifest.json is not a JSON object")
+    if check_format:
+        check_manifest_format(man, path)
+    return dict(man)
+
+
+def check_manifest_format(man: dict[str, Any], path: str | Path) -> None:
+    fmt = man.get("format")
     if fmt not in FORMATS_READ:
         raise UserError(
             f"{path}: manifest format {fmt!r} is not one this rocketrec reads "
             f"({', '.join(FORMATS_READ)}); export the model again with this version"
         )
-    return dict(man)

@@ -95,9 +95,9 @@ def op_library_entry() -> dict[str, Any]:
 def load_model(path: str | Path) -> torch.jit.ScriptModule:
     """torch.jit.load an exported model, loading the op library first when its manifest
     says it needs it (a clear OpsLibraryError naming the library if it is missing)."""
-    from rocketrec.serving.manifest import read_manifest
+    from rocketrec.serving.manifest import check_manifest_format, read_manifest
 
-    man = read_manifest(path)
+    man = read_manifest(path, check_format=False)  # a missing library is said first
     if man.get("op_library"):
         try:
             load_library()
@@ -105,6 +105,7 @@ def load_model(path: str | Path) -> torch.jit.ScriptModule:
             raise OpsLibraryError(
                 f"{path} runs on rocketrec's fused operator and needs {LIBRARY_NAME}: {e}"
             ) from e
+    check_manifest_format(man, path)
     try:
         return torch.jit.load(str(path))
     except RuntimeError as e:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rocketrec.data.reader import ParquetReader
-from rocketrec.errors import CheckpointError
+from rocketrec.errors import CheckpointNotFound
 from rocketrec.model.loss import LossConfig, PhasePlan
 from rocketrec.model.towers import ModelConfig
 from rocketrec.spec import FeatureSpec
@@ -209,7 +209,7 @@ def train(
     if resume:
         ck = Path(resume) if verified else latest_checkpoint(resume)
         if ck is None:
-            raise CheckpointError(f"--resume {resume}: no complete checkpoint found there")
+            raise CheckpointNotFound(f"--resume {resume}: no complete checkpoint found there")
         check_resume_compatible(read_meta(ck), spec, model_cfg, loss_cfg, train_cfg, str(ck))
     t = Trainer(
         spec, model_cfg, loss_cfg, train_cfg, out_dir, train_data, val_data, report, run_id,

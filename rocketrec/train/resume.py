@@ -246,6 +246,33 @@ def save_run(t: Trainer, metrics: dict[str, Any] | None = None) -> Path:
     return path
 
 
+def _restore_readers(t: Trainer, meta: dict[str, Any], path: Path) -> None:
+    """Reader positions: the same world size continues exactly; another one shares the
+    rows no old rank trained (each row of the epoch once); an older stream restarts."""
+    p = t.progress
+    readers = meta["readers"]
+    epoch = int(readers[0]["epoch"])
+    if not all(ParquetReader.continuable(st) for st in readers):
+        # a checkpoint of an older rocketrec: its positions are of another stream
+        t.train_reader.next_epoch(epoch)
+        p.epoch_step = 0
+        t.log.line(
+            f"resume: {path} holds reader positions of an older rocketrec: epoch {epoch} "
+            "restarts from its beginning (its examples before the checkpoint are seen again)"
+        )
+    elif int(meta["world_size"]) == t.world:
+        t.train_reader.load_state_dict(readers[t.rank])
+    else:
+        # DCP resharded the model; the rows no old rank trained are shared again
+        left = t.train_reader.load_states(readers)
+        p.epoch_step = 0
+        t.log.line(
+            f"resume: world size {meta['world_size']} -> {t.world}: epoch {epoch} continues "
+            f"with its {left:,} untrained rows shared by {t.world} worker(s) (each row of "
+            "the epoch is trained once)"
+        )
+
+
 def resume_run(t: Trainer, path: Path) -> None:
     """Load model, optimizers, counters and reader positions from checkpoint `path`."""
     state = _live_state(t)
@@ -305,26 +332,6 @@ def resume_run(t: Trainer, path: Path) -> None:
         t.log.line(
             "resume: warning: the dense optimizer's parameters changed; its state starts fresh"
         )
-    readers = meta["readers"]
-    epoch = int(readers[0]["epoch"])
-    if not all(ParquetReader.continuable(st) for st in readers):
-        # a checkpoint of an older rocketrec: its positions are of another stream
-        t.train_reader.next_epoch(epoch)
-        p.epoch_step = 0
-        t.log.line(
-            f"resume: {path} holds reader positions of an older rocketrec: epoch {epoch} "
-            "restarts from its beginning (its examples before the checkpoint are seen again)"
-        )
-    elif int(meta["world_size"]) == t.world:
-        t.train_reader.load_state_dict(readers[t.rank])
-    else:
-        # DCP resharded the model; the rows no old rank trained are shared again
-        left = t.train_reader.load_states(readers)
-        p.epoch_step = 0
-        t.log.line(
-            f"resume: world size {meta['world_size']} -> {t.world}: epoch {epoch} continues "
-            f"with its {left:,} untrained rows shared by {t.world} worker(s) (each row of "
-            "the epoch is trained once)"
-        )
+    _restore_readers(t, meta, path)
     release_free_memory()
     t.log.line(f"resumed from {path} at step {p.step}")

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rocketrec.errors import CheckpointError
+from rocketrec.errors import CheckpointError, CheckpointNotFound
 from rocketrec.model.init import local_pieces, table_of_key
 from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint, load_towers
 
@@ -53,7 +53,7 @@ def warm_start(
     `dense_params` (name -> live tensor of every non-table parameter) from `source`."""
     ck = latest_checkpoint(source)
     if ck is None:
-        raise CheckpointError(f"--init-from {source}: no complete checkpoint found there")
+        raise CheckpointNotFound(f"--init-from {source}: no complete checkpoint found there")
     ct = CheckpointTables(ck)
     old_tables: dict[str, str] = {}
     for k in ct.md.state_dict_metadata:
