@@ -40,10 +40,11 @@ JOBS="--address http://127.0.0.1:$DPORT"
 # submit NAME ARGS...: through the job API; wait for the job's end by polling its status
 # (a log stream can drop under load: the job goes on), then keep its logs and status
 submit() {
-  local name=$1 id="$1-$$" st=""
+  local name=$1 id="$1-$$" st="" wd=()
   shift
+  if [ "$1" = --working-dir ]; then wd=(--working-dir "$2"); shift 2; fi
   timeout 120 ray job submit $JOBS --submission-id "$id" --no-wait --runtime-env-json "$TRACE" \
-    -- "$@" >"$OUT/$name.submit" 2>&1 || { cat "$OUT/$name.submit" >"$OUT/$name.log"; return 1; }
+    "${wd[@]}" -- "$@" >"$OUT/$name.submit" 2>&1 || { cat "$OUT/$name.submit" >"$OUT/$name.log"; return 1; }
   for _ in $(seq 600); do
     st=$(ray job status $JOBS "$id" 2>&1 | grep -o "succeeded\|failed\|was stopped" | head -1)
     [ -n "$st" ] && break
@@ -53,12 +54,16 @@ submit() {
   ray job status $JOBS "$id" >>"$OUT/$name.log" 2>&1
   [ "$st" = succeeded ]
 }
-submit job "$BIN/python" "$ROOT/jobs/ads_train.py" --spec "$SPEC" --train "$TRAIN" --val "$VAL" \
+# the first job runs in Ray's temporary copy of a working directory holding the spec
+mkdir -p "$OUT/wd" && cp "$SPEC" "$OUT/wd/"
+submit job --working-dir "$OUT/wd" "$BIN/python" "$ROOT/jobs/ads_train.py" \
+  --spec "$(basename "$SPEC")" --train "$TRAIN" --val "$VAL" \
   --out "$OUT/run" --workers 2 --batch-size 256 --epochs 1 --max-steps 4 --checkpoint-every 10 \
   --eval-every 10 --log-every 1 \
   --sharding t_user=row_wise,t_ad=column_wise,t_tag=table_wise,t_ctx=data_parallel
 rc=$?
 cp "$OUT/run/summary.json" "$OUT/summary_2workers.json" 2>/dev/null || true
+cp "$OUT/run/config.yaml" "$OUT/config_first.yaml" 2>/dev/null || true
 # resume the run in the middle of its epoch at other worker counts, through the job API:
 # 2 -> 1 -> 3 -> 2 (its settings come from RUN/config.yaml; each table keeps its kind;
 # the rows no earlier worker trained are shared by the new ones)

@@ -91,3 +91,34 @@ def test_shipped_configs_parse():
     for f in sorted((ROOT / "jobs" / "configs").glob("*.yaml")):
         values = load_config(str(f))
         assert values["spec"].endswith(".yaml"), f
+
+
+def test_a_run_reruns_after_its_working_directory_is_gone(
+    tmp_path, tiny_spec_path, tiny_data, monkeypatch, capsys
+):
+    """RUN/config.yaml holds paths as given (relative to where the command ran, as a Ray
+    job's temporary working-directory copy would have them) and RUN/spec.yaml the spec's
+    text: `--config RUN/config.yaml` reruns after that directory is gone."""
+    import shutil
+
+    work = tmp_path / "work"  # stands for a Ray working-directory copy
+    work.mkdir()
+    shutil.copy(tiny_spec_path, work / "tiny.yaml")
+    out = tmp_path / "run"
+    monkeypatch.chdir(work)
+    args = ["train", "--spec", "tiny.yaml", "--train", tiny_data["train"], "--out", str(out)]
+    assert main([*args, *SMALL, "--max-steps", "2", "--batch-size", "128", "--no-export"]) == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["data"]["spec"] == "tiny.yaml"  # not the copy's absolute path
+    assert resolved["data"]["train"] == [tiny_data["train"]] and resolved["data"]["out"] == str(out)
+    assert (out / "spec.yaml").read_text() == tiny_spec_path.read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    shutil.rmtree(work)
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(out / "config.yaml"), "--out", str(again)]) == 0
+    err = capsys.readouterr().err
+    assert "tiny.yaml: not found; using the run's copy of its spec" in err, err
+    assert json.loads((again / "summary.json").read_text())["metrics"]["steps"] == 2

@@ -102,6 +102,12 @@ def test_two_node_cluster_job_submit(tmp_path, tiny_spec_path, tiny_data):
     run = out / "run"
     for name in ("metrics.jsonl", "light.pt", "curves.png", "summary.json", "checkpoints/latest"):
         assert (run / name).exists(), name
+    # the job ran in a temporary copy of its working directory: RUN/config.yaml keeps the
+    # spec's path as given and RUN/spec.yaml its text, which the resumes below (run
+    # elsewhere) use
+    resolved = (out / "config_first.yaml").read_text()
+    assert "spec: rid.yaml" in resolved and "_ray_pkg_" not in resolved, resolved
+    assert (run / "spec.yaml").read_text() == spec.read_text()
     summary = json.loads((out / "summary_2workers.json").read_text())
     assert summary["workers"] == 2 and summary["export"]["max_abs_diff"] <= 1e-5
     assert "light_auc" in summary["metrics"]
@@ -114,6 +120,8 @@ def test_two_node_cluster_job_submit(tmp_path, tiny_spec_path, tiny_data):
         log = (out / f"resume{k}.log").read_text()
         assert re.search(r"Job '\S+' succeeded", log), log[-3000:]
         assert f"resume: world size {was} -> {now}: epoch 0 continues" in log, log[-3000:]
+        if k == 1:  # run elsewhere than the first job: the run's copy of the spec is used
+            assert "rid.yaml: not found; using the run's copy of its spec" in log, log[-3000:]
         assert "changed sharding kind" not in log and "starts fresh" not in log, log[-3000:]
         steps.append(int(re.findall(r"done: (\d+) steps", log)[-1]))
         shown = [(int(a), int(b)) for a, b in re.findall(r"^step (\d+)/(\d+) ", log, re.M)]

@@ -153,3 +153,32 @@ def write_resolved(path: Path, cfg: dict[str, Any]) -> None:
         "#   --config THIS_FILE --out NEW_RUN_DIR\n" + yaml.safe_dump(cfg, sort_keys=False)
     )
     tmp.replace(path)
+
+
+def portable_paths(cfg: dict[str, Any], cwd: Path) -> dict[str, Any]:
+    """The serialized job with every path setting inside `cwd` written relative to it
+    (a Ray job runs in a temporary copy of its working directory: its absolute paths
+    would not outlive the job), others as they are."""
+    from rocketrec.settings import settings_of
+    from rocketrec.train.job import SECTIONS
+
+    def rel(v: str) -> str:
+        if "://" in v or not Path(v).is_absolute():
+            return v
+        try:
+            return str(Path(v).relative_to(cwd))
+        except ValueError:
+            return v
+
+    out = {sec: dict(body) if isinstance(body, dict) else body for sec, body in cfg.items()}
+    for sec, cls in SECTIONS.items():
+        body = out.get(sec)
+        if not isinstance(body, dict):
+            continue
+        for f, s in settings_of(cls):
+            v = body.get(f.name)
+            if s.path and v:
+                body[f.name] = [rel(x) for x in v] if isinstance(v, list | tuple) else rel(v)
+    if isinstance(out.get("train"), dict) and out["train"].get("resume"):
+        out["train"]["resume"] = rel(out["train"]["resume"])
+    return out

@@ -132,6 +132,20 @@ def _config_path(argv: list[str]) -> str | None:
     return str(known.config) if known.config else None
 
 
+def _spec_of_run(spec: str, config: Path) -> str:
+    """A config file's spec path; when it is gone (a Ray job's temporary working
+    directory), the copy of the spec's text its run directory keeps (RUN/spec.yaml)."""
+    from rocketrec.train.run_dir import RunDir
+
+    kept = RunDir(config.parent).spec
+    if Path(spec).is_file() or "://" in spec or not kept.is_file():
+        return spec
+    print(
+        f"[rocketrec] {spec}: not found; using the run's copy of its spec, {kept}", file=sys.stderr
+    )
+    return str(kept)
+
+
 def parse_job(p: argparse.ArgumentParser, argv: list[str] | None, ray: bool) -> JobConfig:
     """Defaults < `--config` YAML (or RUN/config.yaml on --resume) < flags -> JobConfig.
     Paths become absolute (workers may start elsewhere). Raises ValueError (ConfigError)
@@ -144,6 +158,8 @@ def parse_job(p: argparse.ArgumentParser, argv: list[str] | None, ray: bool) -> 
         values.update({f.name: default_of(f) for f, _ in settings_of(SECTIONS[sec])})
     from_file = load_config(path, sections) if path else {}
     from_file.pop("resume", None)
+    if path and from_file.get("spec"):
+        from_file["spec"] = _spec_of_run(str(from_file["spec"]), Path(path))
     values.update({k: v for k, v in from_file.items() if v is not None})
     given = vars(p.parse_args(argv))
     given.pop("config", None)

@@ -22,7 +22,7 @@ from typing import Any
 
 from rocketrec.data.reader import ParquetReader
 from rocketrec.errors import CheckpointNotFound, UserError
-from rocketrec.run.config_file import write_resolved
+from rocketrec.run.config_file import portable_paths, write_resolved
 from rocketrec.serving.module import check_exportable
 from rocketrec.spec import FeatureSpec, load_spec
 from rocketrec.train.checkpoint import latest_checkpoint, read_meta
@@ -67,7 +67,14 @@ def prepare_run(job: JobConfig) -> tuple[FeatureSpec, JobConfig]:
         )
     _check_data(job, spec)
     out.mkdir(parents=True, exist_ok=True)
-    write_resolved(RunDir(out).config, job.to_dict())  # every check passed: record it
+    run = RunDir(out)
+    # every check passed: record the job (paths as a rerun finds them) and the spec's text
+    write_resolved(run.config, portable_paths(job.to_dict(), Path.cwd()))
+    spec_text = Path(job.data.spec).read_text(encoding="utf-8")
+    if not run.spec.is_file() or run.spec.read_text(encoding="utf-8") != spec_text:
+        tmp = run.spec.with_name(f".{run.spec.name}.tmp")
+        tmp.write_text(spec_text, encoding="utf-8")
+        tmp.replace(run.spec)
     return spec, job
 
 

@@ -59,3 +59,7 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.yaml"
