@@ -222,3 +222,19 @@ def venv_bin(name: str) -> str:
 
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+def bump_manifest_format(src: Path, dst: Path, fmt: str) -> Path:
+    """A copy of exported model `src` whose manifest says format `fmt`."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/extra/manifest.json"):
+                man = json.loads(data)
+                man["format"] = fmt
+                data = json.dumps(man).encode()
+            zout.writestr(info, data)
+    return dst

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, train_small
+from conftest import ROOT, bump_manifest_format, train_small
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.serving.manifest import read_manifest
 from rocketrec.serving.requests import parse_requests
@@ -580,6 +580,37 @@ def seq_exported(tmp_path_factory, seq_spec, seq_data) -> Path:
     return d
 
 
+def _cpp_matches_python_in_every_form(predictor, model, man, one, ctx_keys, n_single, tmp_path):
+    """Rows `one` (request dicts) scored by the C++ predictor and Python: the first
+    `n_single` as one-row requests, then all of them as groups of 20 candidates under the
+    context `ctx_keys`; C++ = Python, and the candidates = the same rows merged."""
+    from rocketrec.serving import requests as rq
+
+    full = [json.dumps(r) for r in one]
+    grouped = []
+    for g in range(0, len(one), 20):
+        ctx = {k: one[g][k] for k in ctx_keys}
+        cands = [{k: v for k, v in r.items() if k not in ctx} for r in one[g : g + 20]]
+        grouped.append(json.dumps({"context": ctx, "candidates": cands}))
+        for j, c in enumerate(cands):
+            full[g + j] = json.dumps({**ctx, **c})
+    mixed = full[:n_single] + grouped
+    req = tmp_path / "req.jsonl"
+    req.write_text("\n".join(mixed) + "\n")
+    out = subprocess.run(
+        [str(predictor), str(model), str(req), "--batch", "16"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    cpp = [float(x) for x in out.stdout.split()]
+    m = torch.jit.load(str(model))
+    py = rq.score_lines(m, mixed, man)
+    assert len(cpp) == len(py) == n_single + len(one)
+    assert max(abs(a - b) for a, b in zip(cpp, py)) <= 1e-6
+    full_py = rq.score_lines(m, full, man)  # candidates = the same rows merged
+    assert max(abs(a - b) for a, b in zip(cpp[n_single:], full_py)) <= 1e-6
+    return m
+
+
 @pytest.mark.parametrize("name", ["light.pt", "light_int8.pt", "portable.pt"])
 def test_cpp_matches_python_with_a_sequence_in_the_light_tower(
     predictor, seq_exported, seq_data, name, tmp_path
@@ -601,28 +632,9 @@ def test_cpp_matches_python_with_a_sequence_in_the_light_tower(
             r["hist_cats"] = list(range(1, 12))  # longer than max_len: the first 4 count
         elif i % 5 == 1:
             r["hist_cats"] = []
-    full = [json.dumps(r) for r in one]
-    grouped = []
-    for g in range(0, len(one), 20):  # the user's history in the context, ads as candidates
-        ctx = {k: one[g][k] for k in ("user", "hist_cats", "price")}
-        cands = [{k: v for k, v in r.items() if k not in ctx} for r in one[g : g + 20]]
-        grouped.append(json.dumps({"context": ctx, "candidates": cands}))
-        for j, c in enumerate(cands):
-            full[g + j] = json.dumps({**ctx, **c})
-    mixed = full[:40] + grouped
-    req = tmp_path / "req.jsonl"
-    req.write_text("\n".join(mixed) + "\n")
-    out = subprocess.run(
-        [str(predictor), str(model), str(req), "--batch", "16"], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    cpp = [float(x) for x in out.stdout.split()]
-    m = torch.jit.load(str(model))
-    py = rq.score_lines(m, mixed, man)
-    assert len(cpp) == len(py) == 40 + 200
-    assert max(abs(a - b) for a, b in zip(cpp, py)) <= 1e-6
-    full_py = rq.score_lines(m, full, man)
-    assert max(abs(a - b) for a, b in zip(cpp[40:], full_py)) <= 1e-6
+    # the user's history in the context, ads as candidates
+    ctx_keys = ("user", "hist_cats", "price")
+    m = _cpp_matches_python_in_every_form(predictor, model, man, one, ctx_keys, 40, tmp_path)
     # the history matters to the light tower, and only its first max_len ids do
     a = dict(one[2], hist_cats=[5, 6, 7, 8])
     b = dict(one[2], hist_cats=[5, 6, 7, 8, 9, 10])
@@ -648,29 +660,8 @@ def test_cpp_matches_python_for_the_booster_with_target_attention(
     assert {"hist_ads", "hist_cats"} <= names
     rows = pq.read_table(seq_data["val"]).slice(0, 120)
     one = [json.loads(x) for x in rq.requests_from_table(rows, man)]
-    full = [json.dumps(r) for r in one]
-    grouped = []
     ctx_keys = [k for k in ("user", "hist_ads", "hist_cats", "price") if k in one[0]]
-    for g in range(0, len(one), 20):
-        ctx = {k: one[g][k] for k in ctx_keys}
-        cands = [{k: v for k, v in r.items() if k not in ctx} for r in one[g : g + 20]]
-        grouped.append(json.dumps({"context": ctx, "candidates": cands}))
-        for j, c in enumerate(cands):
-            full[g + j] = json.dumps({**ctx, **c})
-    mixed = full[:30] + grouped
-    req = tmp_path / "req.jsonl"
-    req.write_text("\n".join(mixed) + "\n")
-    out = subprocess.run(
-        [str(predictor), str(model), str(req), "--batch", "16"], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    cpp = [float(x) for x in out.stdout.split()]
-    m = torch.jit.load(str(model))
-    py = rq.score_lines(m, mixed, man)
-    assert len(cpp) == len(py) == 30 + 120
-    assert max(abs(a - b) for a, b in zip(cpp, py)) <= 1e-6
-    full_py = rq.score_lines(m, full, man)  # candidates = the same rows merged
-    assert max(abs(a - b) for a, b in zip(cpp[30:], full_py)) <= 1e-6
+    m = _cpp_matches_python_in_every_form(predictor, model, man, one, ctx_keys, 30, tmp_path)
     r = one[3]
     hist = list(r["hist_ads"])[:6] or [one[4]["ad"]]
     pad = [one[k]["ad"] for k in range(5, 12)]
@@ -686,22 +677,15 @@ def test_a_manifest_format_this_version_does_not_read_is_refused(predictor, expo
     clear message naming the file and the format, in C++ (before loading it) and in
     Python; both read the same formats."""
     import re
-    import zipfile
 
     from rocketrec.serving.manifest import FORMATS_READ, read_manifest
 
     header = (ROOT / "deploy" / "cpp" / "request.h").read_text()
     listed = re.search(r'kManifestFormatsRead = "([^"]*)"', header).group(1)
     assert listed.split(", ") == list(FORMATS_READ)
-    bumped = tmp_path / "future.pt"
-    with zipfile.ZipFile(exported / "light.pt") as src, zipfile.ZipFile(bumped, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info.filename)
-            if info.filename.endswith("/extra/manifest.json"):
-                man = json.loads(data)
-                man["format"] = "rocketrec-light/99"
-                data = json.dumps(man).encode()
-            dst.writestr(info, data)
+    bumped = bump_manifest_format(
+        exported / "light.pt", tmp_path / "future.pt", "rocketrec-light/99"
+    )
     req = tmp_path / "r.jsonl"
     req.write_text("{}\n")
     out = subprocess.run([str(predictor), str(bumped), str(req)], capture_output=True, text=True)

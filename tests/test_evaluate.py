@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zipfile
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import train_small
+from conftest import bump_manifest_format, train_small
 from rocketrec.evaluation import compare_runs, evaluate_model
 from rocketrec.serving.export import export_checkpoint
 from rocketrec.train.checkpoint import latest_checkpoint, read_meta
@@ -66,18 +65,10 @@ def test_mismatches_are_one_line(runs, cross_data, tmp_path):
     pq.write_table(t, tmp_path / "no_cat.parquet")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
-    future = tmp_path / "future.pt"  # a manifest format this version does not read
-    with (
-        zipfile.ZipFile(runs / "a" / "light.pt") as src,
-        zipfile.ZipFile(future, "w") as dst,
-    ):
-        for info in src.infolist():
-            data = src.read(info.filename)
-            if info.filename.endswith("/extra/manifest.json"):
-                man = json.loads(data)
-                man["format"] = "rocketrec-light/99"
-                data = json.dumps(man).encode()
-            dst.writestr(info, data)
+    # a manifest format this version does not read
+    future = bump_manifest_format(
+        runs / "a" / "light.pt", tmp_path / "future.pt", "rocketrec-light/99"
+    )
     for model, data, needle in [
         (runs / "a" / "light.pt", str(tmp_path / "no_cat.parquet"), "ad_cat"),
         (runs / "a", str(tmp_path / "no_cat.parquet"), "ad_cat"),
