@@ -181,11 +181,14 @@ def add_eval_commands(sub: Any) -> None:
     e.add_argument("--out", default=None, help="report JSON (and a reliability PNG beside it)")
     e.add_argument("--plot", default=None, help="reliability diagram PNG")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
+    from rocketrec.evaluation.offline import EXACT_ROWS
+
     e.add_argument(
         "--exact-rows",
         type=int,
-        default=5_000_000,
-        help="exact metrics up to this many rows; beyond, bounded histograms (no GAUC)",
+        default=EXACT_ROWS,
+        help="exact metrics up to this many rows; beyond, bounded histograms (no GAUC) "
+        f"(default {EXACT_ROWS:,})",
     )
     e.set_defaults(fn=_cmd_evaluate)
     c = sub.add_parser("compare", help="runs side by side (settings, speed, per-tower metrics)")

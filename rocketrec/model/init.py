@@ -36,11 +36,22 @@ def table_weight_key(spec: Any, table: str) -> str:
 INIT_BLOCK_ROWS = 65536  # part of the init contract: changing it changes initial weights
 
 
+def table_in_key(key: str) -> str | None:
+    """The table a state key names, if any: a table's weight
+    ('ebc.embedding_bags.users.weight', 'ec.embeddings.ads.weight') or its optimizer
+    state ('sparse_optim.state.ebc.embedding_bags.users.weight.momentum1')."""
+    k = "." + key
+    for mark in (".embedding_bags.", ".embeddings."):
+        if mark in k:
+            return k.split(mark, 1)[1].split(".", 1)[0]
+    return None
+
+
 def table_of_key(key: str) -> str | None:
-    """'ebc.embedding_bags.users.weight' -> 'users'; None for non-table keys."""
-    for p in _TABLE_PREFIXES:
-        if key.startswith(p) and key.endswith(".weight"):
-            return key[len(p) : -len(".weight")]
+    """'ebc.embedding_bags.users.weight' -> 'users'; None for keys that are not a
+    table's weight (its optimizer state: `table_in_key`)."""
+    if key.startswith(_TABLE_PREFIXES) and key.endswith(".weight"):
+        return table_in_key(key)
     return None
 
 

@@ -7,7 +7,7 @@ Per step: the reader hands out a batch -> the train task (DMP forward of the
 towers its phase runs -> rocket loss) -> backward (the tables' fused optimizer
 updates in backward) -> per-tower clipping of dense gradients -> dense optimizer
 step with linear warm-up (rocketrec.train.steps). Every `eval_every` steps and
-at the end: each tower's metrics on the validation set (rocketrec.train.evaluation)
+at the end: each tower's metrics on the validation set (rocketrec.train.validation)
 to `metrics.jsonl` and a console line. A NaN/inf loss (agreed by all ranks)
 stops the run with a clear error before the bad step is applied; the last
 checkpoint stays good.

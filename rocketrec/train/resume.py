@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from rocketrec.data.reader import ParquetReader
 from rocketrec.errors import CheckpointError
+from rocketrec.model.init import table_in_key
 from rocketrec.model.loss import LossConfig
 from rocketrec.model.towers import ModelConfig
 from rocketrec.parallel.sharding import MOVABLE_KINDS, planner_kinds, sharding_kinds
@@ -112,7 +113,7 @@ def _fused_tables(path: Path) -> set[str]:
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return {t for k in keys if k.startswith("sparse_optim.state.") and (t := _table_of(k))}
+    return {t for k in keys if k.startswith("sparse_optim.state.") and (t := table_in_key(k))}
 
 
 def saved_sharding(path: Path) -> dict[str, str]:
@@ -140,18 +141,6 @@ def allowed_kinds(saved: dict[str, str], world_size: int) -> dict[str, tuple[str
     return {t: movable if k in MOVABLE_KINDS else (k,) for t, k in saved.items()}
 
 
-_COLLECTION_MARKS = (".embedding_bags.", ".embeddings.")  # bag tables, sequence tables
-
-
-def _table_of(key: str) -> str | None:
-    """The table of a state key (`...embedding_bags.<table>.weight...`, or
-    `...embeddings.<table>...` for a sequence table), if any."""
-    for mark in _COLLECTION_MARKS:
-        if mark in key:
-            return key.split(mark, 1)[1].split(".", 1)[0]
-    return None
-
-
 def stale_state_tables(path: Path, sparse_state: dict[str, Any]) -> list[str]:
     """Tables whose live (fused) optimizer state the checkpoint cannot fill exactly: it
     lacks the state (the table was data-parallel when written) or holds it in another
@@ -162,7 +151,7 @@ def stale_state_tables(path: Path, sparse_state: dict[str, Any]) -> list[str]:
     saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     out = set()
     for key, value in _flat_items(sparse_state, "sparse_optim."):
-        table = _table_of(key)
+        table = table_in_key(key)
         if table is None or not hasattr(value, "size"):
             continue
         size = getattr(saved.get(key), "size", None)
@@ -186,7 +175,7 @@ def drop_table_state(sparse_state: dict[str, Any], tables: list[str]) -> dict[st
         return sparse_state
 
     def keep(key: str) -> bool:
-        return _table_of(key + ".") not in tables
+        return table_in_key(key + ".") not in tables
 
     def walk(d: Any, prefix: str) -> Any:
         if not isinstance(d, dict):

@@ -8,7 +8,7 @@ Holds the model (tables born sharded: built on `meta`, DMP materializes this
 rank's shards, each row gets its plan-independent initial values), the dense
 optimizer, the readers, the run's counters (`Progress`) and its log (`RunLog`).
 Saving and resuming live in rocketrec.train.resume, evaluation in
-rocketrec.train.evaluation, warm start in rocketrec.train.warm_start.
+rocketrec.train.validation, warm start in rocketrec.train.warm_start.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from rocketrec.parallel.tables import release_free_memory
 from rocketrec.spec import FeatureSpec
 from rocketrec.train import resume as resume_mod
 from rocketrec.train.checkpoint import latest_checkpoint
-from rocketrec.train.evaluation import evaluate
 from rocketrec.train.runlog import RunLog
 from rocketrec.train.steps import DenseStep
 from rocketrec.train.task import DivergenceGuard, RocketTrainTask
 from rocketrec.train.tracking import Tracker
 from rocketrec.train.train_config import TrainConfig
+from rocketrec.train.validation import evaluate
 from rocketrec.train.warm_start import warm_start_model
 
 for _name in ("torchrec.distributed.planner", "torchrec.distributed"):
