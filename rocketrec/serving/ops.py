@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +42,30 @@ class OpsLibraryError(UserError):
 
 
 def library_path() -> Path:
+    """Where the op library is: ROCKETREC_OPS_LIBRARY; else this package's own build
+    (`rocketrec/_rocketrec_ops.so`); else the one of another copy of the package later on
+    sys.path (a Ray `--working-dir` puts a source copy, without the git-ignored build,
+    first on the path: the installed package behind it has the library); else one built
+    by CMake beside the source (`deploy/cpp/build`)."""
     env = os.environ.get("ROCKETREC_OPS_LIBRARY")
     if env:
         return Path(env)
     spec = importlib.util.find_spec("rocketrec._rocketrec_ops")
-    if spec is None or spec.origin is None:
-        raise OpsLibraryError(
-            "rocketrec's op library (rocketrec/_rocketrec_ops.so) is not built: reinstall the "
-            "package (`make venv`, or `pip install --no-build-isolation -e .`), or set "
-            f"ROCKETREC_OPS_LIBRARY to a {LIBRARY_NAME} built by deploy/cpp"
-        )
-    return Path(spec.origin)
+    if spec is not None and spec.origin is not None:
+        return Path(spec.origin)
+    for entry in sys.path:
+        cand = Path(entry or ".") / "rocketrec" / "_rocketrec_ops.so"
+        if cand.is_file():
+            return cand
+    built = Path(__file__).resolve().parents[2] / "deploy" / "cpp" / "build" / LIBRARY_NAME
+    if built.is_file():
+        return built
+    raise OpsLibraryError(
+        "rocketrec's op library (rocketrec/_rocketrec_ops.so) is not built and no installed "
+        "copy of rocketrec has it: install rocketrec on every node (`make venv`, or `pip "
+        "install --no-build-isolation .`: the install builds it), or set "
+        f"ROCKETREC_OPS_LIBRARY to a {LIBRARY_NAME} built by deploy/cpp (CMake)"
+    )
 
 
 def load_library() -> str:
