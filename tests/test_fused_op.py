@@ -6,6 +6,7 @@ points; input checks; torch.export; a process without the library."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -271,3 +272,53 @@ def test_missing_library_is_one_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 3, r.stderr
     assert "OpsLibraryError" in r.stdout and "librocketrec_ops.so" in r.stdout
+
+
+def test_library_found_behind_a_working_dir_copy(tmp_path):
+    """A Ray `--working-dir` job imports the source copy it was sent (git-ignored build
+    outputs are not sent: no op library); the library of the installed package later on
+    sys.path is found. With none anywhere: one error line saying how to get one. Run
+    without site (`-S`): no editable-install finder helps."""
+    import shutil
+    import sysconfig
+
+    from conftest import ROOT
+
+    def copy(dst, with_library):
+        shutil.copytree(
+            ROOT / "rocketrec",
+            dst / "rocketrec",
+            ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+        )
+        if with_library:
+            shutil.copy(ROOT / "rocketrec" / "_rocketrec_ops.so", dst / "rocketrec")
+
+    wd, site = tmp_path / "wd", tmp_path / "site"
+    copy(wd, False)
+    copy(site, True)
+    code = (
+        "import rocketrec\n"
+        "from rocketrec.serving.ops import load_library\n"
+        "try:\n"
+        "    print(rocketrec.__file__, load_library())\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    purelib = sysconfig.get_paths()["purelib"]
+    for path, want in (
+        ([wd, site, purelib], f"{wd}/rocketrec/__init__.py {site}/rocketrec/_rocketrec_ops.so"),
+        (
+            [wd, purelib],
+            "OpsLibraryError rocketrec's op library (rocketrec/_rocketrec_ops.so) is not built",
+        ),
+    ):
+        env = {**os.environ, "PYTHONPATH": ":".join(map(str, path))}
+        env.pop("ROCKETREC_OPS_LIBRARY", None)
+        r = subprocess.run(
+            [sys.executable, "-S", "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert r.returncode == 0 and r.stdout.strip().startswith(want), r.stdout + r.stderr
