@@ -23,6 +23,7 @@ This module imports nothing of rocketrec: every layer may declare settings.
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -77,10 +78,15 @@ def default_of(f: Field[Any]) -> Any:
     return MISSING
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def kind_of(cls: type, f: Field[Any]) -> tuple[str, type]:
     """('scalar', int | float | str | bool), ('list', item type) or ('other', type) of a
     setting's annotation (Optional unwrapped)."""
-    t = typing.get_type_hints(cls)[f.name]
+    t = _hints(cls)[f.name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
     if typing.get_origin(t) in (typing.Union, types.UnionType):
         t = args[0] if len(args) == 1 else t

@@ -208,7 +208,9 @@ class ParquetReader:
         return hi - lo
 
     def batches_per_epoch(self, epoch: int = 0, rank: int | None = None) -> int:
-        rows = self.rows_for(epoch, rank)
+        return self._batches(self.rows_for(epoch, rank))
+
+    def _batches(self, rows: int) -> int:
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
 
     def min_batches_all_ranks(self, epoch: int = 0) -> int:
@@ -216,8 +218,9 @@ class ParquetReader:
         return min(self.batches_per_epoch(epoch, r) for r in range(self.world_size))
 
     def full_epoch_batches(self) -> int:
-        """min_batches_all_ranks of an epoch that is not replanned."""
-        return self.min_batches_all_ranks(self.epoch + 1)
+        """min_batches_all_ranks of an epoch that is not replanned (the whole stream)."""
+        t, w = self.total_rows, self.world_size
+        return min(self._batches((r + 1) * t // w - r * t // w) for r in range(w))
 
     @property
     def total_rows(self) -> int:

@@ -20,6 +20,7 @@ module runs on plain torch ops (the manifest names no op library).
 import torch
 from torch import nn
 
+from rocketrec.model.preprocess import bag_positions
 from rocketrec.serving.module import LightServing
 from rocketrec.spec import FeatureSpec
 
@@ -83,8 +84,7 @@ class AttentionBoosterServing(nn.Module):
             items = self._items(self.seq_group[k], rows.narrow(0, start, n), d)
             li = lens2[i]
             row_of = torch.repeat_interleave(torch.arange(b), li, output_size=n)
-            first = torch.cumsum(li, 0) - li
-            pos = torch.arange(n) - first.index_select(0, row_of)
+            pos = bag_positions(row_of, li)  # the training code's padding (model.pad_jagged)
             keys = torch.zeros(b, cap, d, dtype=items.dtype)
             keys = keys.index_put((row_of, pos), items)
             mask = torch.arange(cap).unsqueeze(0) < li.unsqueeze(1)
