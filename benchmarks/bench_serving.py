@@ -107,9 +107,10 @@ def math_module(run: str, out: Path) -> Path:
 
     import numpy as np
 
+    from rocketrec.checkpoint.files import latest_checkpoint
+    from rocketrec.checkpoint.tables import CheckpointTables, load_towers
     from rocketrec.serving.module import LightServing
     from rocketrec.serving.ops import load_library, pack_config
-    from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint, load_towers
 
     load_library()
     ck = latest_checkpoint(run)

@@ -60,7 +60,7 @@ def main() -> None:
     with probe:
         t = Trainer(spec, cfg, ModelLossDefaults(), tc, out, data)
         if len(sys.argv) > 7:  # resume an existing run
-            from rocketrec.train.checkpoint import latest_checkpoint
+            from rocketrec.checkpoint.files import latest_checkpoint
 
             t.resume(latest_checkpoint(out))
         local = {}

@@ -5,11 +5,10 @@ two checkpoints' tables and optimizer state). Args: RANK WORLD SPEC DATA RUN OUT
 import os
 import sys
 
+from rocketrec.checkpoint.files import latest_checkpoint
 from rocketrec.model.loss import LossConfig
 from rocketrec.model.towers import ModelConfig
 from rocketrec.spec import load_spec
-from rocketrec.train.checkpoint import latest_checkpoint
-from rocketrec.train.resume import resume_run, save_run
 from rocketrec.train.train_config import TrainConfig
 from rocketrec.train.trainer import Trainer
 
@@ -19,6 +18,6 @@ cfg = ModelConfig(cross_layers=1, cross_rank=4, booster_mlp=(16,), light_mlp=(8,
 tc = TrainConfig(batch_size=256, max_steps=6, checkpoint_every=3, log_every=0, seed=5)
 ck = latest_checkpoint(run)
 t = Trainer(load_spec(spec_path), cfg, LossConfig(), tc, out2, data, resume_from=ck)
-resume_run(t, ck)
-save_run(t)
+t.resume(ck)
+t.save()
 t.env.close()

@@ -12,12 +12,8 @@ import sys
 import pytest
 
 from conftest import small_model
+from rocketrec.checkpoint.files import CheckpointDamaged, latest_checkpoint, verify_checkpoint
 from rocketrec.serving.export import export_checkpoint
-from rocketrec.train.checkpoint import (
-    CheckpointDamaged,
-    latest_checkpoint,
-    verify_checkpoint,
-)
 from rocketrec.train.loop import train
 from rocketrec.train.train_config import TrainConfig
 
@@ -125,7 +121,7 @@ def test_divergence_cli_exit_2(tmp_path, tiny_spec_path, tiny_data):
 def test_divergence_after_a_checkpoint_names_it(tmp_path, tiny_spec_path, tiny_data):
     """A run that diverges after its last checkpoint says which one to resume from, and
     writes none after the bad step."""
-    from rocketrec.train.checkpoint import latest_checkpoint
+    from rocketrec.checkpoint.files import latest_checkpoint
 
     out_dir = tmp_path / "run"
     base = [
@@ -155,8 +151,8 @@ def test_optimizer_state_of_another_shape_is_found(tmp_path, tiny_spec, tiny_dat
     from torch.distributed.checkpoint import FileSystemReader
 
     from conftest import train_small
-    from rocketrec.train.checkpoint import latest_checkpoint
-    from rocketrec.train.resume import stale_state_tables
+    from rocketrec.checkpoint.files import latest_checkpoint
+    from rocketrec.checkpoint.resume import stale_state_tables
 
     train_small(tiny_spec, tiny_data, tmp_path / "run", steps=3, val=False)
     ck = latest_checkpoint(tmp_path / "run")

@@ -40,9 +40,9 @@ def test_config_file_flags_override_and_resolved_config_reruns(
     assert resolved["model"]["booster_mlp"] == [16]
     assert resolved["run"]["command"][-2:] == ["--max-steps", "5"]
     assert "rocketrec" in resolved["run"]
-    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
+    from rocketrec.checkpoint.files import latest_checkpoint, read_meta
 
-    assert read_meta(latest_checkpoint(out))["run_config"]["loss"]["hint"] == "mimic"
+    assert read_meta(latest_checkpoint(out))["config"]["loss"]["hint"] == "mimic"
     # the same --out again without --resume: refused
     assert main(["train", "--config", str(cfg)]) == 2
     assert "already holds a run" in capsys.readouterr().err

@@ -82,7 +82,8 @@ def test_resume_two_worker_checkpoint_with_one_worker(
     """DCP reshards: a checkpoint written by 2 ranks continues in 1 process."""
     import torch
 
-    from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded
+    from rocketrec.checkpoint.files import latest_checkpoint
+    from rocketrec.checkpoint.tables import load_unsharded
     from rocketrec.train.loop import train
     from rocketrec.train.train_config import TrainConfig
 
@@ -92,7 +93,7 @@ def test_resume_two_worker_checkpoint_with_one_worker(
         lambda r: [str(r), "2", str(tiny_spec_path), tiny_data["train"], str(out)],
     )
     two, meta2 = load_unsharded(latest_checkpoint(out))
-    assert meta2["world_size"] == 2 and meta2["step"] == 6
+    assert meta2["trainer"]["world_size"] == 2 and meta2["step"] == 6
     cfg = small_model()
     res = train(
         tiny_spec,
@@ -106,7 +107,7 @@ def test_resume_two_worker_checkpoint_with_one_worker(
     )
     assert res["steps"] == 9
     one, meta1 = load_unsharded(latest_checkpoint(out))
-    assert meta1["world_size"] == 1
+    assert meta1["trainer"]["world_size"] == 1
     # training went on from the 2-rank weights (same shapes, changed values)
     for k, v in two.state_dict().items():
         assert v.shape == one.state_dict()[k].shape
@@ -120,7 +121,8 @@ def test_two_workers_train_like_one_with_the_global_batch(tmp_path, tiny_spec_pa
     same rows (each rank's weighted means use the global weight sum)."""
     import torch
 
-    from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded
+    from rocketrec.checkpoint.files import latest_checkpoint
+    from rocketrec.checkpoint.tables import load_unsharded
 
     one, two = tmp_path / "one", tmp_path / "two"
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -154,7 +156,8 @@ def test_resume_at_another_worker_count_every_kind(
     keeps its kind (the saved plan is the first constraint; row-wise may become
     table-wise, exactly, and does on one worker), its weights and optimizer
     state load (no fresh-state warning), and training goes on."""
-    from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded, read_meta
+    from rocketrec.checkpoint.files import latest_checkpoint, read_meta
+    from rocketrec.checkpoint.tables import load_unsharded
 
     out = tmp_path / "run"
     args = [str(tiny_spec_path), tiny_data["train"], str(out)]
@@ -163,7 +166,7 @@ def test_resume_at_another_worker_count_every_kind(
     )
     ck = latest_checkpoint(out)
     meta = read_meta(ck)
-    assert meta["world_size"] == before and meta["step"] == 6
+    assert meta["trainer"]["world_size"] == before and meta["step"] == 6
     kinds = dict(x.split("=") for x in MATRIX.split(","))
     assert meta["sharding"] == kinds
     was, _ = load_unsharded(ck)
@@ -175,7 +178,7 @@ def test_resume_at_another_worker_count_every_kind(
     assert "starts fresh" not in text, text[-3000:]
     ck2 = latest_checkpoint(out)
     meta2 = read_meta(ck2)
-    assert meta2["world_size"] == after and meta2["step"] == 9
+    assert meta2["trainer"]["world_size"] == after and meta2["step"] == 9
     # table-wise and row-wise may trade places (same state, moved exactly: see
     # test_resume_moves_tables_and_optimizer_state_exactly); row-wise on one worker
     # becomes table-wise; DP and CW stay
@@ -225,7 +228,7 @@ def test_resume_moves_tables_and_optimizer_state_exactly(
     once, holds the same tables and the same optimizer state, value for value, for every
     kind: kept ones (DP, CW), and row-wise <-> table-wise, between which the planner
     may move a table (a one-worker run is table-wise)."""
-    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
+    from rocketrec.checkpoint.files import latest_checkpoint, read_meta
 
     run, again = tmp_path / "run", tmp_path / "again"
     args = [str(tiny_spec_path), tiny_data["train"]]
@@ -269,7 +272,7 @@ def test_resume_with_a_changed_kind_warns_and_goes_on(
 ):
     """--sharding at resume moves a data-parallel table to a fused kind: its optimizer state
     starts fresh with one warning line naming it; the weights load."""
-    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
+    from rocketrec.checkpoint.files import latest_checkpoint, read_meta
     from rocketrec.train.loop import train
     from rocketrec.train.train_config import TrainConfig
 
@@ -371,7 +374,7 @@ def test_sequence_tables_resume_at_another_worker_count(
 ):
     """A run with sequence tables (row-wise and column-wise) written by `before` ranks
     resumes on `after` ranks: no table or optimizer state starts fresh, training goes on."""
-    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
+    from rocketrec.checkpoint.files import latest_checkpoint, read_meta
 
     out = tmp_path / "run"
     args = [str(seq_spec_path), seq_data["train"], str(out)]
@@ -380,7 +383,7 @@ def test_sequence_tables_resume_at_another_worker_count(
         "dist_resume.py", lambda r: [str(r), str(before), *args, "6", kinds], world=before
     )
     meta = read_meta(latest_checkpoint(out))
-    assert meta["world_size"] == before and meta["step"] == 6
+    assert meta["trainer"]["world_size"] == before and meta["step"] == 6
     assert meta["sharding"]["t_hist"] == "column_wise", meta["sharding"]
     logs = _run_two_ranks(
         "dist_resume.py", lambda r: [str(r), str(after), *args, "9", "", str(out)], world=after
@@ -388,5 +391,5 @@ def test_sequence_tables_resume_at_another_worker_count(
     text = "\n".join(logs)
     assert "starts fresh" not in text, text[-3000:]
     meta2 = read_meta(latest_checkpoint(out))
-    assert meta2["world_size"] == after and meta2["step"] == 9
+    assert meta2["trainer"]["world_size"] == after and meta2["step"] == 9
     assert meta2["sharding"]["t_hist"] == "column_wise"

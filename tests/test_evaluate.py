@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import bump_manifest_format, train_small
+from rocketrec.checkpoint.files import latest_checkpoint, read_meta
 from rocketrec.evaluation import compare_runs, evaluate_model
 from rocketrec.serving.export import export_checkpoint
-from rocketrec.train.checkpoint import latest_checkpoint, read_meta
 
 
 @pytest.fixture(scope="module")

@@ -146,6 +146,46 @@ def test_cli_export_and_predict(tmp_path, trained):
     )
 
 
+def test_a_non_editable_install_builds_the_library_and_exports(tmp_path, trained):
+    """`pip install .` (not editable) builds the op library into the installed package. A
+    process that sees only that install (`python -S`: no editable finder; no source tree on
+    its path) finds the library inside it and exports a checkpoint with the fused module."""
+    import os
+    import sys
+    import sysconfig
+
+    from conftest import ROOT
+
+    site = tmp_path / "site"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(site), str(ROOT)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lib = site / "rocketrec" / "_rocketrec_ops.so"
+    assert lib.is_file() and not (site / "rocketrec" / "__editable__").exists()
+    code = (
+        "import sys, rocketrec\n"
+        "from rocketrec.serving.ops import load_library\n"
+        "from rocketrec.serving.export import export_checkpoint\n"
+        "print(rocketrec.__file__)\n"
+        "print(load_library())\n"
+        "rep = export_checkpoint(sys.argv[1], sys.argv[2])\n"
+        "print('portable' if rep['portable'] else 'fused')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{site}:{sysconfig.get_paths()['purelib']}"}
+    env.pop("ROCKETREC_OPS_LIBRARY", None)
+    p = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(trained), str(tmp_path / "m.pt")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    where, loaded, module = p.stdout.split()[:3]
+    assert where == str(site / "rocketrec" / "__init__.py") and loaded == str(lib)
+    assert module == "fused" and read_manifest(tmp_path / "m.pt")["op_library"]
+
+
 def test_export_with_light_private_tables(tmp_path, tiny_spec, tiny_data):
     train_small(tiny_spec, tiny_data, tmp_path / "run", steps=5, val=False, light_private_dim=4)
     rep = export_checkpoint(tmp_path / "run", tmp_path / "p.pt", data=tiny_data["val"])

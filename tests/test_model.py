@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import small_model
+from rocketrec.checkpoint.files import latest_checkpoint
+from rocketrec.checkpoint.tables import load_unsharded
 from rocketrec.data.reader import ParquetReader
 from rocketrec.model.loss import HINTS, LossConfig, bce, hint_loss, rocket_loss
 from rocketrec.model.model import RocketModel
 from rocketrec.model.towers import ModelConfig
-from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded
 from rocketrec.train.loop import train
 from rocketrec.train.task import TrainingDiverged
 from rocketrec.train.train_config import TrainConfig
@@ -268,11 +269,69 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_spec, tiny_data):
     )
     a, meta_a = _final_model(ref)
     b, meta_b = _final_model(out)
-    assert meta_a["step"] == meta_b["step"] and meta_a["rows_seen"] == meta_b["rows_seen"]
+    rows_a, rows_b = (m["trainer"]["progress"]["rows_seen"] for m in (meta_a, meta_b))
+    assert meta_a["step"] == meta_b["step"] and rows_a == rows_b
     sa, sb = a.state_dict(), b.state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     assert res["light_auc"] == ref_res["light_auc"]
+
+
+def test_trainer_state_dict_round_trips_counters_readers_and_rng(tmp_path, tiny_spec, tiny_data):
+    """Trainer.state_dict() (JSON) into a fresh Trainer: the same counters, the same next
+    batch, the same random draws; a checkpoint's meta.json holds it and the job config
+    once (each setting appears one time in the file)."""
+    from rocketrec.checkpoint.files import read_meta
+    from rocketrec.checkpoint.meta import saved_trainer_state
+    from rocketrec.train.loop import run
+    from rocketrec.train.trainer import Trainer
+
+    tc = dataclasses.replace(TC, max_steps=5, eval_every=0, checkpoint_every=0)
+    t = Trainer(tiny_spec, SMALL, LossConfig(), tc, tmp_path / "a", tiny_data["train"])
+    run(t)
+    state = json.loads(json.dumps(t.state_dict()))
+    want_batch = next(iter(t.train_reader))
+    want_draw = torch.rand(8)
+
+    t2 = Trainer(tiny_spec, SMALL, LossConfig(), tc, tmp_path / "b", tiny_data["train"])
+    torch.manual_seed(1234)  # another RNG state: load_state_dict must restore it
+    t2.load_state_dict(state)
+    # a finished run (phase_idx past the last phase) continues its last phase
+    assert t.progress.phase_idx == len(t.phases) and t2.progress.phase_idx == len(t.phases) - 1
+    t2.progress.phase_idx = t.progress.phase_idx
+    assert dataclasses.asdict(t2.progress) == dataclasses.asdict(t.progress)
+    assert t2.progress.step == 5 and t2.progress.rows_seen == 5 * tc.batch_size
+    assert torch.equal(torch.rand(8), want_draw)
+    got_batch = next(iter(t2.train_reader))
+    assert torch.equal(got_batch.labels, want_batch.labels)
+    for k in want_batch.sparse.keys():
+        assert torch.equal(got_batch.sparse[k].values(), want_batch.sparse[k].values()), k
+    t.env.close()
+    t2.env.close()
+
+    meta = read_meta(latest_checkpoint(tmp_path / "a"))
+    assert saved_trainer_state(meta)["progress"] == state["progress"]
+    assert {"model_config", "loss_config", "train_config", "run_config"}.isdisjoint(meta)
+    text = (latest_checkpoint(tmp_path / "a") / "meta.json").read_text()
+    for setting in ('"dense_lr"', '"cross_rank"', '"hint_weight"'):
+        assert text.count(setting) == 1, setting
+
+
+def test_format1_checkpoint_meta_reads_as_trainer_state():
+    """meta.json of rocketrec before format 2 (counters and readers at the top level,
+    configs twice) still reads: its state, its configs."""
+    from rocketrec.checkpoint.meta import saved_config, saved_trainer_state
+
+    old = {
+        "step": 7, "phase_idx": 0, "phase_start": 0, "epoch_step": 7, "rows_seen": 1792,
+        "rows_unused": 0, "world_size": 2, "readers": [{"epoch": 0}, {"epoch": 0}],
+        "model_config": {"cross_rank": 4}, "loss_config": {"mode": "rocket"},
+        "train_config": {"dense_lr": 0.01}, "run_config": {"data": {"spec": "x.yaml"}},
+    }  # fmt: skip
+    st = saved_trainer_state(old)
+    assert st["world_size"] == 2 and st["progress"]["rows_seen"] == 1792 and st["rng"] is None
+    assert saved_config(old, "model") == {"cross_rank": 4}
+    assert saved_config(old, "data") == {"spec": "x.yaml"}
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_spec, tiny_data, monkeypatch):
@@ -338,7 +397,7 @@ def test_crash_while_writing_a_checkpoint_keeps_latest_good(
 ):
     import torch.distributed.checkpoint as dcp
 
-    import rocketrec.train.checkpoint as ck
+    import rocketrec.checkpoint.files as ck
 
     real = dcp.save
     calls = {"n": 0}
@@ -455,7 +514,7 @@ def test_saving_the_same_step_twice_never_leaves_latest_dangling(tmp_path, monke
     second save leaves `latest` naming a complete checkpoint."""
     import os as _os
 
-    from rocketrec.train.checkpoint import read_meta, save_checkpoint
+    from rocketrec.checkpoint.files import read_meta, save_checkpoint
 
     state = {"model": {"w": torch.arange(6.0)}}
     first = save_checkpoint(tmp_path, 300, state, {}, {"step": 300, "n": 1}, keep=1)
@@ -527,12 +586,12 @@ def test_warm_start_from_a_run_with_a_changed_spec(tmp_path, tiny_spec, tiny_spe
     """ads teams' daily run: yesterday's weights, a bigger table and a new feature today."""
     import dataclasses as dc
 
+    from rocketrec.checkpoint.warm_start import WarmStartError
     from rocketrec.model.init import full_table_init
     from rocketrec.spec import load_spec
     from rocketrec.train.loop import train
     from rocketrec.train.train_config import TrainConfig
     from rocketrec.train.trainer import Trainer
-    from rocketrec.train.warm_start import WarmStartError
 
     cfg = small_model()
     old_run = tmp_path / "yesterday"

@@ -97,7 +97,8 @@ def test_row_wise_run_never_holds_a_full_table(tmp_path, scale_setup):
         assert rep["max_op_numel"] < full, rep
         assert rep["max_optimizer_state_numel"] <= BIG_ROWS // 2, rep
     # the checkpoint holds the big table in blocks of at most BLOCK rows, written once
-    from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint, read_meta
+    from rocketrec.checkpoint.files import latest_checkpoint, read_meta
+    from rocketrec.checkpoint.tables import CheckpointTables
 
     ck = latest_checkpoint(out)
     assert read_meta(ck)["step"] == 9
@@ -122,7 +123,8 @@ def test_equal_initial_weights_one_vs_two_workers(tmp_path, scale_setup):
         )
     finally:
         del os.environ["ROCKETREC_CKPT_BLOCK_ROWS"]
-    from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint
+    from rocketrec.checkpoint.files import latest_checkpoint
+    from rocketrec.checkpoint.tables import CheckpointTables
 
     ct = CheckpointTables(latest_checkpoint(out))
     for t in spec.tables:
@@ -131,8 +133,8 @@ def test_equal_initial_weights_one_vs_two_workers(tmp_path, scale_setup):
 
 
 def test_export_streams_only_light_tables(tmp_path, scale_setup, monkeypatch):
+    from rocketrec.checkpoint.tables import CheckpointTables
     from rocketrec.serving.export import export_checkpoint
-    from rocketrec.train.checkpoint import CheckpointTables
     from rocketrec.train.loop import train
     from rocketrec.train.train_config import TrainConfig
 

@@ -85,7 +85,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 def _cmd_train(job: Any) -> int:
     """`rocketrec train`: the same job as jobs/ads_train.py, in this process (no Ray)."""
     from rocketrec.run.prepare import finish_run, prepare_run
-    from rocketrec.train.checkpoint import log_user_error
+    from rocketrec.run.run_dir import log_user_error
     from rocketrec.train.loop import train_job
     from rocketrec.train.task import TrainingDiverged
 

@@ -12,19 +12,20 @@ import numpy as np
 
 from rocketrec.errors import UserError
 from rocketrec.evaluation.offline import evaluate_model
-from rocketrec.train.run_dir import RunDir
+from rocketrec.run.run_dir import RunDir
 
 _COLUMNS = ("auc", "gauc", "ne", "calibration")
 
 
 def _run_row(run: Path, data: Any, rows: int | None, quiet: bool) -> dict[str, Any]:
-    from rocketrec.train.checkpoint import latest_checkpoint, read_meta
+    from rocketrec.checkpoint.files import latest_checkpoint, read_meta
+    from rocketrec.checkpoint.meta import saved_config
 
     ck = latest_checkpoint(run)
     if ck is None:
         raise UserError(f"{run}: no checkpoint there (a run directory expected)")
     meta = read_meta(ck)
-    loss = meta.get("loss_config", {})
+    loss = saved_config(meta, "loss")
     row: dict[str, Any] = {
         "run": str(run),
         "mode": loss.get("mode"),

@@ -321,8 +321,10 @@ def _evaluate_export(
 def _evaluate_checkpoint(
     path, data, spec_path, group, limit, batch_rows, quiet, exact_rows
 ) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    from rocketrec.checkpoint.files import latest_checkpoint
+    from rocketrec.checkpoint.meta import saved_config
+    from rocketrec.checkpoint.tables import load_unsharded
     from rocketrec.data.reader import ParquetReader
-    from rocketrec.train.checkpoint import latest_checkpoint, load_unsharded
 
     ck = latest_checkpoint(path)
     if ck is None:
@@ -335,14 +337,14 @@ def _evaluate_checkpoint(
             raise UserError(f"{spec_path}: its features differ from the checkpoint's spec ({ck})")
         spec = other
     spec = _with_group(spec, group)
-    saved = meta.get("loss_config", {})
+    saved = saved_config(meta, "loss")
     towers = trained_towers(
         LossConfig(**{k: saved[k] for k in LossConfig.__dataclass_fields__ if k in saved})
     )
-    rate = float(meta.get("train_config", {}).get("negative_sample_rate", 1.0))
+    rate = float(saved_config(meta, "train").get("negative_sample_rate", 1.0))
     offset = float(np.log(rate))
     # the run's batch size: the towers see the same batches as the run's own evaluation
-    batch_rows = int(meta.get("train_config", {}).get("batch_size", batch_rows))
+    batch_rows = int(saved_config(meta, "train").get("batch_size", batch_rows))
     reader = ParquetReader(data, spec, batch_rows, shuffle=False, drop_last=False)
     limit = reader.total_rows if limit is None else min(limit, reader.total_rows)
     scores = _Scores(towers, exact_rows)

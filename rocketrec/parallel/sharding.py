@@ -379,7 +379,7 @@ def shard_model(
     tables get a fused in-backward optimizer.
 
     constraints: {table: {"sharding_type": ..., "compute_kernel": ...}} from the job config.
-    allowed: {table: kinds} a resumed checkpoint permits (see train/resume.py).
+    allowed: {table: kinds} a resumed checkpoint permits (see rocketrec/checkpoint/resume.py).
     The planner is capped at the worker's real memory, so a spec that cannot fit fails here,
     with a clear error, before any shard is allocated.
     """

@@ -119,7 +119,7 @@ def _abs(v: str) -> str:
 
 def _config_path(argv: list[str]) -> str | None:
     """--config, else the RUN/config.yaml of --resume's run (its own settings)."""
-    from rocketrec.train.run_dir import RunDir
+    from rocketrec.run.run_dir import RunDir
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -135,7 +135,7 @@ def _config_path(argv: list[str]) -> str | None:
 def _spec_of_run(spec: str, config: Path) -> str:
     """A config file's spec path; when it is gone (a Ray job's temporary working
     directory), the copy of the spec's text its run directory keeps (RUN/spec.yaml)."""
-    from rocketrec.train.run_dir import RunDir
+    from rocketrec.run.run_dir import RunDir
 
     kept = RunDir(config.parent).spec
     if Path(spec).is_file() or "://" in spec or not kept.is_file():

@@ -20,15 +20,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from rocketrec.checkpoint.files import latest_checkpoint, read_meta
+from rocketrec.checkpoint.resume import check_resume_compatible
 from rocketrec.data.reader import ParquetReader
 from rocketrec.errors import CheckpointNotFound, UserError
 from rocketrec.run.config_file import portable_paths, write_resolved
+from rocketrec.run.run_dir import RunDir
 from rocketrec.serving.module import check_exportable
 from rocketrec.spec import FeatureSpec, load_spec
-from rocketrec.train.checkpoint import latest_checkpoint, read_meta
 from rocketrec.train.job import JobConfig
-from rocketrec.train.resume import check_resume_compatible
-from rocketrec.train.run_dir import RunDir
 
 
 def _check_data(job: JobConfig, spec: FeatureSpec) -> None:

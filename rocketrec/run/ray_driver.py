@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rocketrec.errors import UserError
-from rocketrec.train.run_dir import RunDir
+from rocketrec.run.run_dir import RunDir
 
 # Heavy imports (torchrec, fbgemm) happen inside the functions: a Ray worker unpickles
 # `train_loop_per_worker` by importing this module, before its logging is quieted.
@@ -49,8 +49,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from rocketrec.run.run_dir import log_user_error
     from rocketrec.spec import spec_from_dict
-    from rocketrec.train.checkpoint import log_user_error
     from rocketrec.train.job import JobConfig
     from rocketrec.train.loop import train_job
     from rocketrec.train.task import TrainingDiverged
@@ -98,7 +98,7 @@ def _restart_point(job: Any, run_id: str) -> str | None:
     failure (checkpoints are atomic, and run_id tells this run's from another's)."""
     import ray.train
 
-    from rocketrec.train.checkpoint import latest_checkpoint, read_meta, verify_checkpoint
+    from rocketrec.checkpoint.files import latest_checkpoint, read_meta, verify_checkpoint
 
     candidates = []
     registered = ray.train.get_checkpoint()
@@ -127,7 +127,7 @@ USER_ERROR_FILE = ".user_error.json"  # RUN/: a worker's user error, for the dri
 
 def _checkpoint_of_reference(registered: Path) -> Path | None:
     """The rocketrec checkpoint a Ray-registered reference names, if it is still there."""
-    from rocketrec.train.checkpoint import latest_checkpoint
+    from rocketrec.checkpoint.files import latest_checkpoint
 
     ref = registered / REF_FILE
     if not ref.is_file():

@@ -23,6 +23,9 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from rocketrec.checkpoint.files import latest_checkpoint
+from rocketrec.checkpoint.meta import saved_config
+from rocketrec.checkpoint.tables import CheckpointTables, load_towers
 from rocketrec.data.batch import decode_table
 from rocketrec.data.synth import heldout_table
 from rocketrec.errors import CheckpointNotFound, ExportError
@@ -38,11 +41,6 @@ from rocketrec.serving.module import (
 from rocketrec.serving.ops import op_library_entry
 from rocketrec.serving.requests import raw_inputs_from_table
 from rocketrec.spec import PRIVATE_SUFFIX, FeatureSpec, private_table_name
-from rocketrec.train.checkpoint import (
-    CheckpointTables,
-    latest_checkpoint,
-    load_towers,
-)
 
 FP32_TOL = 1e-5
 INT8_TOL = 2e-2  # max |p_int8 - p_fp32|; row-wise int8 keeps ~1/255 of each row's range
@@ -291,7 +289,7 @@ def export_checkpoint(
     if ck is None:
         raise CheckpointNotFound(f"{checkpoint}: no complete checkpoint found")
     model, meta = load_towers(ck)  # tables stay on disk until streamed below
-    if not booster and meta.get("loss_config", {}).get("mode") == "booster_only":
+    if not booster and saved_config(meta, "loss").get("mode") == "booster_only":
         raise ExportError(
             f"{ck}: a booster_only run trained no light tower; export --booster packages the "
             "booster (for comparisons)"
@@ -302,7 +300,7 @@ def export_checkpoint(
     table = heldout if heldout is not None else heldout_table(model.spec, data, rows)
     batch = decode_table(table, model.spec, "<held-out>").to_batch()
     needed, dense, kjt, collector = _lookups(model, batch, list(sources))
-    rate = float(meta.get("train_config", {}).get("negative_sample_rate", 1.0))
+    rate = float(saved_config(meta, "train").get("negative_sample_rate", 1.0))
     scripted = script_serving(
         spec,
         sources,

@@ -28,16 +28,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rocketrec.checkpoint.files import latest_checkpoint, read_meta
+from rocketrec.checkpoint.resume import (
+    check_resume_compatible,
+)
 from rocketrec.data.reader import ParquetReader
 from rocketrec.errors import CheckpointNotFound
 from rocketrec.model.loss import LossConfig, PhasePlan
 from rocketrec.model.towers import ModelConfig
 from rocketrec.spec import FeatureSpec
-from rocketrec.train.checkpoint import latest_checkpoint, read_meta
 from rocketrec.train.job import JobConfig
-from rocketrec.train.resume import (
-    check_resume_compatible,
-)
 from rocketrec.train.runlog import eta
 from rocketrec.train.steps import attach, detach, make_steps, pipelined
 from rocketrec.train.train_config import TrainConfig

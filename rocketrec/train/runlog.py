@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rocketrec.train.run_dir import RunDir
+from rocketrec.run.run_dir import RunDir
 
 
 def eta(seconds: float) -> str:

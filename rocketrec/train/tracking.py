@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rocketrec.train.run_dir import RunDir
+from rocketrec.run.run_dir import RunDir
 
 _SKIP = {"step", "phase", "epoch"}
 

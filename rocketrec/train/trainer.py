@@ -7,40 +7,47 @@
 Holds the model (tables born sharded: built on `meta`, DMP materializes this
 rank's shards, each row gets its plan-independent initial values), the dense
 optimizer, the readers, the run's counters (`Progress`) and its log (`RunLog`).
-Saving and resuming live in rocketrec.train.resume, evaluation in
-rocketrec.train.validation, warm start in rocketrec.train.warm_start.
+
+Its own state, `state_dict()` / `load_state_dict()`: the counters, every rank's
+reader position and RNG state, kept in each checkpoint's meta.json; `save()` and
+`resume()` add the model and both optimizers through rocketrec.checkpoint (the
+files, the resume rules). Evaluation is rocketrec.train.validation, warm start
+rocketrec.checkpoint.warm_start.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from rocketrec.checkpoint import resume as resume_rules
+from rocketrec.checkpoint.files import latest_checkpoint
+from rocketrec.checkpoint.meta import checkpoint_meta, saved_trainer_state
+from rocketrec.checkpoint.warm_start import warm_start_model
 from rocketrec.data.reader import ParquetReader
 from rocketrec.model.init import init_tables
 from rocketrec.model.loss import LossConfig, PhasePlan, plan_phases, trained_towers
 from rocketrec.model.model import RocketModel
 from rocketrec.model.towers import ModelConfig
 from rocketrec.parallel.dist import init_distributed
-from rocketrec.parallel.sharding import shard_model
+from rocketrec.parallel.sharding import shard_model, sharding_kinds
 from rocketrec.parallel.tables import release_free_memory
 from rocketrec.spec import FeatureSpec
-from rocketrec.train import resume as resume_mod
-from rocketrec.train.checkpoint import latest_checkpoint
 from rocketrec.train.runlog import RunLog
 from rocketrec.train.steps import DenseStep
 from rocketrec.train.task import DivergenceGuard, RocketTrainTask
 from rocketrec.train.tracking import Tracker
 from rocketrec.train.train_config import TrainConfig
 from rocketrec.train.validation import evaluate
-from rocketrec.train.warm_start import warm_start_model
 
 for _name in ("torchrec.distributed.planner", "torchrec.distributed"):
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -59,6 +66,33 @@ class Progress:
     rows_seen: int = 0
     rows_unused: int = 0  # rows of finished epochs no step trained on
     loop_seconds: float = 0.0  # time in steps (forward/backward/update) only
+
+
+def _rng_state(device: torch.device) -> dict[str, str]:
+    """This process's torch RNG states (CPU, and the device's when it is CUDA), as text."""
+    out = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(device).numpy().tobytes()
+        out["cuda"] = base64.b64encode(cuda).decode()
+    return out
+
+
+def _set_rng_state(state: dict[str, str], device: torch.device) -> None:
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["cpu"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(tensor(state["cuda"]), device)
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    """Every rank's `obj`, in rank order (collective)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def train_reader(spec: FeatureSpec, path: Any, cfg: TrainConfig, rank: int, world: int) -> Any:
@@ -133,7 +167,7 @@ class Trainer:
         self.log = RunLog(self.out, self.rank == 0, tracker)
         torch.manual_seed(cfg.seed)
         # Resume: the checkpoint's sharding kinds are the first constraint (see resume.py)
-        self.saved_kinds = resume_mod.saved_sharding(resume_from) if resume_from else {}
+        self.saved_kinds = resume_rules.saved_sharding(resume_from) if resume_from else {}
         self.model, self.dmp = self._build()
         self.train_reader = (
             train_data
@@ -166,7 +200,7 @@ class Trainer:
             {t: dict(c) for t, c in self.cfg.sharding.items()},
             # rocket runs both towers every step: every dense parameter gets a gradient
             find_unused_parameters=self.loss_cfg.mode != "rocket",
-            allowed=resume_mod.allowed_kinds(self.saved_kinds, self.world),
+            allowed=resume_rules.allowed_kinds(self.saved_kinds, self.world),
         )
         init_tables(dmp.state_dict(), self.cfg.seed)
         release_free_memory()
@@ -230,15 +264,101 @@ class Trainer:
             self.world, f"at step {self.progress.step}", lambda: latest_checkpoint(self.out)
         )
 
+    # -- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The run's own state beyond the model and optimizers (collective: every rank
+        calls it): its counters, every rank's reader position at the last trained batch,
+        and every rank's RNG state. JSON-ready."""
+        return {
+            "world_size": self.world,
+            "progress": asdict(self.progress),
+            "readers": _gather(self.train_reader.trained_state(), self.world),
+            "rng": _gather(_rng_state(self.env.device), self.world),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "the checkpoint") -> None:
+        """Continue from `state` (a state_dict(), of this or another world size). The same
+        world size continues each reader exactly; another one shares the rows of the
+        interrupted epoch that no old rank trained (each row of the epoch once); a reader
+        state of an older stream restarts its epoch. RNG states are restored rank by rank
+        at the same world size; at another one each rank keeps its seeded state."""
+        p = self.progress
+        saved = state.get("progress", {})
+        for f in fields(Progress):
+            if f.name in saved:
+                setattr(p, f.name, type(getattr(p, f.name))(saved[f.name]))
+        if p.phase_idx >= len(self.phases):
+            # a finished run: continue its last phase if the new budget allows more steps
+            p.phase_idx = len(self.phases) - 1
+            self.log.line(
+                f"resume: {where} is a finished run; continuing it under the new step/epoch budget"
+            )
+        saved_world = int(state["world_size"])
+        rng = state.get("rng")
+        if rng and saved_world == self.world:
+            _set_rng_state(rng[self.rank], self.env.device)
+        self._load_readers(state["readers"], saved_world, where)
+
+    def _load_readers(self, readers: list[dict[str, Any]], saved_world: int, where: str) -> None:
+        p = self.progress
+        epoch = int(readers[0]["epoch"])
+        if not all(ParquetReader.continuable(st) for st in readers):
+            # a checkpoint of an older rocketrec: its positions are of another stream
+            self.train_reader.next_epoch(epoch)
+            p.epoch_step = 0
+            self.log.line(
+                f"resume: {where} holds reader positions of an older rocketrec: epoch {epoch} "
+                "restarts from its beginning (its examples before the checkpoint are seen again)"
+            )
+        elif saved_world == self.world:
+            self.train_reader.load_state_dict(readers[self.rank])
+        else:
+            # DCP resharded the model; the rows no old rank trained are shared again
+            left = self.train_reader.load_states(readers)
+            p.epoch_step = 0
+            self.log.line(
+                f"resume: world size {saved_world} -> {self.world}: epoch {epoch} continues "
+                f"with its {left:,} untrained rows shared by {self.world} worker(s) (each row "
+                "of the epoch is trained once)"
+            )
+
     def save(self, metrics: dict[str, Any] | None = None) -> Path:
+        """Checkpoint the run (collective): model, both optimizers, state_dict() and the job
+        config in meta.json. Reports it to Ray when asked to."""
         self.check_finite()  # never save a NaN step
-        return resume_mod.save_run(self, metrics)
+        config = dict(self.run_config or {})
+        for sec, live in (("model", self.model_cfg), ("loss", self.loss_cfg), ("train", self.cfg)):
+            config[sec] = {**(config.get(sec) or {}), **asdict(live)}
+        metrics = metrics or self.log.last()
+        meta = checkpoint_meta(
+            self.state_dict(), self.run_id, self.spec, config, metrics, sharding_kinds(self.dmp)
+        )
+        path = resume_rules.save_model(
+            self.out, self.progress.step, self.dmp, self.dense_opt.state_dict(), meta,
+            self.cfg.keep_checkpoints,
+        )  # fmt: skip
+        self.log.line(f"checkpoint: {path}")
+        if self.report is not None:
+            self.report({"step": self.progress.step, **(metrics or {})}, path)
+        return path
 
     def resume(self, path: Path) -> None:
-        resume_mod.resume_run(self, path)
+        """Load the model, both optimizers and state_dict() from checkpoint `path`."""
+        loaded = resume_rules.load_model(path, self.dmp, self.saved_kinds)
+        self.load_state_dict(saved_trainer_state(loaded.meta), str(path))
+        self.dense_opt = self.make_dense_opt(self.phases[self.progress.phase_idx])
+        dense_fresh = False
+        try:
+            self.dense_opt.load_state_dict(loaded.dense_optim)
+        except ValueError:  # a data-parallel table came or went (a changed sharding kind)
+            dense_fresh = True
+        for line in loaded.lines(self.world, dense_fresh):
+            self.log.line(line)
+        release_free_memory()
+        self.log.line(f"resumed from {path} at step {self.progress.step}")
 
     def warm_start(self, source: str) -> None:
-        """Start from another run's weights (see rocketrec.train.warm_start)."""
+        """Start from another run's weights (see rocketrec.checkpoint.warm_start)."""
         allow = self.cfg.init_from_allow_shrink
         self.log.line(warm_start_model(self.model, self.dmp.state_dict(), source, allow))
         release_free_memory()

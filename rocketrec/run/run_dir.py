@@ -4,7 +4,7 @@ RUN/config.yaml       the resolved job (rerun with --config RUN/config.yaml)
 RUN/train.log         the console's lines
 RUN/metrics.jsonl     one JSON record per logged step and evaluation
 RUN/tb/               TensorBoard event files
-RUN/checkpoints/      step_NNNNNNNNN/ checkpoints (rocketrec.train.checkpoint)
+RUN/checkpoints/      step_NNNNNNNNN/ checkpoints (rocketrec.checkpoint)
 RUN/ray_results/      Ray Train's own storage (Ray runs only)
 RUN/curves.png        loss and AUC curves, at the end
 RUN/light.pt          the exported light tower, at the end (unless --no-export)
@@ -13,6 +13,7 @@ RUN/summary.json      the final metrics and where everything is, at the end
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,3 +64,15 @@ class RunDir:
     @property
     def spec(self) -> Path:
         return self.root / "spec.yaml"
+
+
+def log_user_error(out: str | Path | None, err: BaseException) -> None:
+    """Append a user error's full traceback to RUN/train.log (the console gets one line)."""
+    if not out or "://" in str(out):
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with open(RunDir(out).log, "a") as f:
+            f.write("error: " + "".join(traceback.format_exception(err)))
+    except OSError:
+        pass

@@ -1,11 +1,14 @@
 """Resume: what a checkpoint must match, and a run's state saved into and restored from it.
 
     check_resume_compatible(meta, spec, model_cfg, loss_cfg, train_cfg, where)
-    save_run(trainer, metrics) -> Path        every rank; rank 0 renames it into place
-    resume_run(trainer, path)                 model, both optimizers, counters, readers
+    save_model(root, step, dmp, dense_optim_state, meta, keep)   collective
+    load_model(path, dmp, saved_kinds) -> LoadedTables            collective
+
+The Trainer's own state (counters, reader positions, RNG) is Trainer.state_dict(),
+kept in meta.json (rocketrec.checkpoint.meta).
 
 A resumed run keeps its spec, model, loss and every training setting outside
-RESUME_MAY_CHANGE (budget, cadence, step mechanics); anything else is refused
+those a setting declares resumable (budget, cadence, step mechanics); anything else is refused
 in one line naming the field and both values.
 
 Sharding kinds: the checkpoint's kind of each table is the first constraint of
@@ -20,21 +23,17 @@ otherwise (--sharding at resume) the optimizer state of a table that moves
 between fused and data-parallel, or whose state changes shape (column-wise
 row-wise state: one value per row per column shard), starts fresh with one
 warning line naming it.
-Reader positions are per rank: at another world size the interrupted epoch
-continues with the rows no old rank trained, shared by the new ranks.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from rocketrec.data.reader import ParquetReader
+from rocketrec.checkpoint.files import load_checkpoint, read_meta, save_checkpoint
+from rocketrec.checkpoint.meta import saved_config
 from rocketrec.errors import CheckpointError
 from rocketrec.model.init import table_in_key
 from rocketrec.model.loss import LossConfig
@@ -43,15 +42,6 @@ from rocketrec.parallel.sharding import MOVABLE_KINDS, planner_kinds, sharding_k
 from rocketrec.parallel.tables import block_views, release_free_memory
 from rocketrec.settings import resume_may_change
 from rocketrec.spec import FeatureSpec, private_table_name, spec_from_dict
-from rocketrec.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from rocketrec.train.train_config import TrainConfig
-
-if TYPE_CHECKING:
-    from rocketrec.train.trainer import Trainer
-
-# TrainConfig fields a resumed run may change (declared with each setting): the budget,
-# cadence and step mechanics
-RESUME_MAY_CHANGE = resume_may_change(TrainConfig)
 
 _KEEPABLE = ("table_wise", "column_wise", "table_column_wise", "row_wise", "data_parallel")
 
@@ -81,18 +71,20 @@ def check_resume_compatible(
     spec: FeatureSpec,
     model_cfg: ModelConfig,
     loss_cfg: LossConfig,
-    train_cfg: TrainConfig,
+    train_cfg: Any,
     where: str,
 ) -> None:
     """Refuse, in one line naming the field and both values, a resume that changes the
-    spec, the model, the loss or a training setting outside RESUME_MAY_CHANGE."""
-    tc_old = {k: v for k, v in meta.get("train_config", {}).items() if k not in RESUME_MAY_CHANGE}
-    tc_new = {k: v for k, v in asdict(train_cfg).items() if k not in RESUME_MAY_CHANGE}
+    spec, the model, the loss or a training setting that may not change on --resume
+    (declared with each setting: the budget, cadence and step mechanics may)."""
+    may_change = resume_may_change(type(train_cfg))
+    tc_old = {k: v for k, v in saved_config(meta, "train").items() if k not in may_change}
+    tc_new = {k: v for k, v in asdict(train_cfg).items() if k not in may_change}
     tc_old = {k: v for k, v in tc_old.items() if k in tc_new}  # fields added since: defaults
     for section, old, new in (
         ("spec", meta.get("spec"), spec.to_dict()),
-        ("model", meta.get("model_config"), asdict(model_cfg)),
-        ("loss", meta.get("loss_config"), asdict(loss_cfg)),
+        ("model", saved_config(meta, "model"), asdict(model_cfg)),
+        ("loss", saved_config(meta, "loss"), asdict(loss_cfg)),
         ("train", tc_old, tc_new),
     ):
         d = _first_difference(json.loads(json.dumps(old)), json.loads(json.dumps(new)), "")
@@ -126,7 +118,7 @@ def saved_sharding(path: Path) -> dict[str, str]:
         return {t: k for t, k in kinds.items() if k in _KEEPABLE}
     spec = spec_from_dict(meta["spec"])
     names = [t.name for t in spec.tables]
-    if meta.get("model_config", {}).get("light_private_dim"):
+    if saved_config(meta, "model").get("light_private_dim"):
         names += [private_table_name(t) for t in names]
     fused = _fused_tables(path)
     if not fused:  # e.g. a plain SGD run without optimizer state: nothing to infer
@@ -185,142 +177,90 @@ def drop_table_state(sparse_state: dict[str, Any], tables: list[str]) -> dict[st
     return walk(sparse_state, "")
 
 
-# -- a run's state in a checkpoint -------------------------------------------------------
+# -- the tables and their optimizer state across a resume ---------------------------------
 
 
-def _live_state(t: Trainer) -> dict[str, Any]:
-    """Live state for DCP: sharded tensors as block views (bounded chunks on disk)."""
-    return {"model": t.dmp.state_dict(), "sparse_optim": t.dmp.fused_optimizer.state_dict()}
+def live_state(dmp: Any) -> dict[str, Any]:
+    """The sharded model's state for DCP: every table and the fused table optimizer."""
+    return {"model": dmp.state_dict(), "sparse_optim": dmp.fused_optimizer.state_dict()}
 
 
-def save_run(t: Trainer, metrics: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint of the run (every rank); reports it to Ray when asked to."""
-    readers: list[Any] = [None] * t.world
-    if t.world > 1:
-        dist.all_gather_object(readers, t.train_reader.trained_state())
-    else:
-        readers = [t.train_reader.trained_state()]
-    p = t.progress
-    meta: dict[str, Any] = {
-        "step": p.step,
-        "run_id": t.run_id,
-        "phase_idx": p.phase_idx,
-        "phase_start": p.phase_start,
-        "epoch_step": p.epoch_step,
-        "rows_seen": p.rows_seen,
-        "rows_unused": p.rows_unused,
-        "world_size": t.world,
-        "readers": readers,
-        "spec": t.spec.to_dict(),
-        "model_config": asdict(t.model_cfg),
-        "loss_config": asdict(t.loss_cfg),
-        "train_config": asdict(t.cfg),
-        "metrics": metrics or t.log.last(),
-        "sharding": sharding_kinds(t.dmp),  # resume keeps these kinds
-        "versions": {"torch": torch.__version__},
-        "run_config": t.run_config,
-    }
-    path = save_checkpoint(
-        t.out,
-        p.step,
-        block_views(_live_state(t)),
-        t.dense_opt.state_dict(),
-        meta,
-        t.cfg.keep_checkpoints,
-    )
+def save_model(
+    root: Path, step: int, dmp: Any, dense_optim: dict[str, Any], meta: dict[str, Any], keep: int
+) -> Path:
+    """Collective: write a checkpoint of the sharded model (tables as bounded block views),
+    the dense optimizer state and `meta`; returns its directory."""
+    path = save_checkpoint(root, step, block_views(live_state(dmp)), dense_optim, meta, keep)
     release_free_memory()
-    t.log.line(f"checkpoint: {path}")
-    if t.report is not None:
-        t.report({"step": p.step, **(meta["metrics"] or {})}, path)
     return path
 
 
-def _restore_readers(t: Trainer, meta: dict[str, Any], path: Path) -> None:
-    """Reader positions: the same world size continues exactly; another one shares the
-    rows no old rank trained (each row of the epoch once); an older stream restarts."""
-    p = t.progress
-    readers = meta["readers"]
-    epoch = int(readers[0]["epoch"])
-    if not all(ParquetReader.continuable(st) for st in readers):
-        # a checkpoint of an older rocketrec: its positions are of another stream
-        t.train_reader.next_epoch(epoch)
-        p.epoch_step = 0
-        t.log.line(
-            f"resume: {path} holds reader positions of an older rocketrec: epoch {epoch} "
-            "restarts from its beginning (its examples before the checkpoint are seen again)"
-        )
-    elif int(meta["world_size"]) == t.world:
-        t.train_reader.load_state_dict(readers[t.rank])
-    else:
-        # DCP resharded the model; the rows no old rank trained are shared again
-        left = t.train_reader.load_states(readers)
-        p.epoch_step = 0
-        t.log.line(
-            f"resume: world size {meta['world_size']} -> {t.world}: epoch {epoch} continues "
-            f"with its {left:,} untrained rows shared by {t.world} worker(s) (each row of "
-            "the epoch is trained once)"
-        )
+@dataclass
+class LoadedTables:
+    """What load_model restored, and which tables' sharding or optimizer state changed."""
+
+    meta: dict[str, Any]
+    dense_optim: dict[str, Any]  # to load into the dense optimizer of the resumed phase
+    saved_kinds: dict[str, str]
+    now_kinds: dict[str, str]
+    fresh: list[str]  # optimizer state starts fresh (missing or reshaped in the checkpoint)
+    moved: list[str] = field(default_factory=list)  # table-wise <-> row-wise, state moved
+    changed: list[str] = field(default_factory=list)  # any other change of kind
+
+    def lines(self, world: int, dense_fresh: bool) -> list[str]:
+        """One log line per table whose kind or optimizer state changed."""
+        out = []
+        dp_moved = [
+            k
+            for k in self.changed
+            if "data_parallel" in (self.saved_kinds[k], self.now_kinds.get(k))
+        ]
+        if self.moved:
+            out.append(
+                "resume: "
+                + ", ".join(f"{k} {self.saved_kinds[k]} -> {self.now_kinds[k]}" for k in self.moved)
+                + f" at world size {world} (weights and optimizer state moved across)"
+            )
+        for k in self.changed:
+            extra = ""
+            if k in dp_moved:
+                extra = "; its optimizer state starts fresh" + (
+                    " (so does the towers' dense optimizer state)" if dense_fresh else ""
+                )
+            elif k in self.fresh:
+                extra = "; its optimizer state starts fresh (its shape changed with the kind)"
+            out.append(
+                f"resume: warning: table '{k}' changed sharding kind "
+                f"({self.saved_kinds[k]} -> {self.now_kinds.get(k)}){extra}"
+            )
+        for k in (k for k in self.fresh if k not in self.changed):  # same kind, other shards
+            out.append(
+                f"resume: warning: table '{k}': its optimizer state's shape changed with its "
+                "shards; it starts fresh"
+            )
+        if dense_fresh and not dp_moved:
+            out.append(
+                "resume: warning: the dense optimizer's parameters changed; its state starts fresh"
+            )
+        return out
 
 
-def resume_run(t: Trainer, path: Path) -> None:
-    """Load model, optimizers, counters and reader positions from checkpoint `path`."""
-    state = _live_state(t)
-    # tables whose optimizer state starts fresh: fused now and data-parallel then, or
-    # reshaped (column-wise); and every table whose kind differs from the checkpoint's
+def load_model(path: Path, dmp: Any, saved_kinds: dict[str, str]) -> LoadedTables:
+    """Fill the sharded model and its fused table optimizer from checkpoint `path`, at
+    whatever world size wrote it. Tables whose optimizer state the checkpoint cannot fill
+    exactly (fused now and data-parallel then, or reshaped) keep their fresh state."""
+    state = live_state(dmp)
     fresh = stale_state_tables(path, state["sparse_optim"])
-    now_kinds = sharding_kinds(t.dmp)
-    changed = sorted(k for k, v in t.saved_kinds.items() if now_kinds.get(k, v) != v)
-    moved = [k for k in changed if {t.saved_kinds[k], now_kinds.get(k)} <= set(MOVABLE_KINDS)]
-    changed = [k for k in changed if k not in moved]
-    dp_moved = [k for k in changed if "data_parallel" in (t.saved_kinds[k], now_kinds.get(k))]
+    now_kinds = sharding_kinds(dmp)
+    changed = sorted(k for k, v in saved_kinds.items() if now_kinds.get(k, v) != v)
+    moved = [k for k in changed if {saved_kinds[k], now_kinds.get(k)} <= set(MOVABLE_KINDS)]
     to_load = {**state, "sparse_optim": drop_table_state(state["sparse_optim"], fresh)}
     # DCP fills the block views in place, i.e. the live shards: it reads one saved
     # block at a time, never a whole table, whatever world size wrote it.
     dense, meta = load_checkpoint(path, block_views(to_load))
-    t.dmp.load_state_dict(state["model"])
-    t.dmp.fused_optimizer.load_state_dict(state["sparse_optim"])
-    p = t.progress
-    for k in ("step", "phase_idx", "phase_start", "epoch_step", "rows_seen", "rows_unused"):
-        setattr(p, k, int(meta.get(k, 0)))
-    if p.phase_idx >= len(t.phases):
-        # a finished run: continue its last phase if the new budget allows more steps
-        p.phase_idx = len(t.phases) - 1
-        t.log.line(
-            f"resume: {path} is a finished run; continuing it under the new step/epoch budget"
-        )
-    t.dense_opt = t.make_dense_opt(t.phases[p.phase_idx])
-    dense_fresh = False
-    try:
-        t.dense_opt.load_state_dict(dense)
-    except ValueError:  # a data-parallel table came or went (a changed sharding kind)
-        dense_fresh = True
-    if moved:
-        t.log.line(
-            "resume: "
-            + ", ".join(f"{k} {t.saved_kinds[k]} -> {now_kinds[k]}" for k in moved)
-            + f" at world size {t.world} (weights and optimizer state moved across)"
-        )
-    for k in changed:  # one line per table whose kind changed
-        extra = ""
-        if k in dp_moved:
-            extra = "; its optimizer state starts fresh" + (
-                " (so does the towers' dense optimizer state)" if dense_fresh else ""
-            )
-        elif k in fresh:
-            extra = "; its optimizer state starts fresh (its shape changed with the kind)"
-        t.log.line(
-            f"resume: warning: table '{k}' changed sharding kind "
-            f"({t.saved_kinds[k]} -> {now_kinds.get(k)}){extra}"
-        )
-    for k in (k for k in fresh if k not in changed):  # the same kind, other shards
-        t.log.line(
-            f"resume: warning: table '{k}': its optimizer state's shape changed with its "
-            "shards; it starts fresh"
-        )
-    if dense_fresh and not dp_moved:
-        t.log.line(
-            "resume: warning: the dense optimizer's parameters changed; its state starts fresh"
-        )
-    _restore_readers(t, meta, path)
+    dmp.load_state_dict(state["model"])
+    dmp.fused_optimizer.load_state_dict(state["sparse_optim"])
     release_free_memory()
-    t.log.line(f"resumed from {path} at step {p.step}")
+    return LoadedTables(
+        meta, dense, saved_kinds, now_kinds, fresh, moved, [k for k in changed if k not in moved]
+    )

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
+from rocketrec.checkpoint.files import latest_checkpoint
+from rocketrec.checkpoint.tables import CheckpointTables, load_towers
 from rocketrec.errors import CheckpointError, CheckpointNotFound
 from rocketrec.model.init import local_pieces, table_of_key
-from rocketrec.train.checkpoint import CheckpointTables, latest_checkpoint, load_towers
 
 
 class WarmStartError(CheckpointError):
