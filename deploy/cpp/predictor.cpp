@@ -2,7 +2,9 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/csrc/jit/runtime/static/impl.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 #include <dlfcn.h>
 #include <unistd.h>
 
@@ -10,6 +12,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
+#include <thread>
+#include <unordered_map>
 
 namespace rocketrec {
 
@@ -42,6 +46,15 @@ std::string peek_manifest(const std::string& path) {
 }
 
 }  // namespace
+
+bool is_aoti_package(const std::string& path) {
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    return reader.hasRecord("archive_format") && reader.hasRecord("extra/manifest.json");
+  } catch (const std::exception&) {
+    return false;
+  }
+}
 
 std::string ensure_ops_library(const std::string& model_path) {
   if (ops_registered()) return "";
@@ -126,7 +139,72 @@ std::shared_ptr<StaticMethod> make_static(torch::jit::script::Module& m, const s
 
 }  // namespace
 
+// An AOTInductor package's two entry points (rocketrec.serving.aoti): each a loader with
+// its own pool of compiled model instances, both reading the same weight tensors (loaded
+// once from the package's data/weights/, as `user_managed` constants).
+struct AotiModels {
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> forward, candidates;
+  std::unordered_map<std::string, at::Tensor> weight_files;  // data/weights/<file> -> tensor
+};
+
+namespace {
+
+std::string record_text(caffe2::serialize::PyTorchStreamReader& reader, const std::string& name) {
+  auto rec = reader.getRecord(name);
+  return std::string(static_cast<const char*>(std::get<0>(rec).get()), std::get<1>(rec));
+}
+
+std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_entry(
+    const std::string& path, const std::string& name, size_t runners,
+    caffe2::serialize::PyTorchStreamReader& reader, AotiModels& models) {
+  auto loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, name, false, runners);
+  const std::string cfg_name = "data/aotinductor/" + name + "/weights_config.json";
+  if (!reader.hasRecord(cfg_name)) return loader;  // weights compiled into the library
+  auto cfg = nlohmann::json::parse(record_text(reader, cfg_name));
+  std::unordered_map<std::string, at::Tensor> constants;
+  for (const auto& [weight, where] : cfg.items()) {
+    // [file, shape, stride, storage offset]: a view of one saved tensor
+    const std::string file = where.at(0).get<std::string>();
+    auto& saved = models.weight_files[file];
+    if (!saved.defined()) {
+      auto rec = reader.getRecord("data/weights/" + file);
+      const char* p = static_cast<const char*>(std::get<0>(rec).get());
+      saved = torch::jit::pickle_load(std::vector<char>(p, p + std::get<1>(rec))).toTensor();
+    }
+    constants[weight] = saved.as_strided(where.at(1).get<std::vector<int64_t>>(),
+                                         where.at(2).get<std::vector<int64_t>>(), where.at(3).get<int64_t>());
+  }
+  loader->load_constants(constants, /*use_inactive=*/false, /*check_full_update=*/true, /*user_managed=*/true);
+  return loader;
+}
+
+}  // namespace
+
+void Predictor::load_aoti(const std::string& path, size_t runners) {
+  if (runners == 0) runners = std::min<size_t>(16, std::max(1u, std::thread::hardware_concurrency()));
+  auto models = std::make_shared<AotiModels>();
+  caffe2::serialize::PyTorchStreamReader reader(path);
+  try {
+    models->forward = load_entry(path, "forward", runners, reader, *models);
+    if (reader.hasRecord("data/aotinductor/score_candidates/weights_config.json"))
+      models->candidates = load_entry(path, "score_candidates", runners, reader, *models);
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    throw std::runtime_error(path + ": cannot load AOTInductor package: " + msg.substr(0, msg.find('\n')));
+  }
+  aoti_ = std::move(models);
+}
+
+at::Tensor Predictor::run_aoti(bool candidates, std::vector<c10::IValue> in) const {
+  c10::InferenceMode guard;
+  std::vector<at::Tensor> t;
+  for (auto& v : in) t.push_back(v.toTensor());
+  auto& loader = candidates ? aoti_->candidates : aoti_->forward;
+  return loader->run(t).at(0);
+}
+
 std::string Predictor::runtime_of(const std::string& method) const {
+  if (aoti_) return "aoti";
   const auto& sm = method == "forward" ? static_forward_ : static_candidates_;
   return sm ? "static" : "interpreter";
 }
@@ -140,7 +218,7 @@ c10::IValue Predictor::run(const std::shared_ptr<StaticMethod>& sm, const char* 
   return m.get_method(method)(std::move(in));
 }
 
-Predictor::Predictor(const std::string& path, Limits limits, Runtime runtime) {
+Predictor::Predictor(const std::string& path, Limits limits, Runtime runtime, size_t aoti_runners) {
   const std::string peek = peek_manifest(path);
   if (!peek.empty()) {
     auto j = nlohmann::json::parse(peek, nullptr, false);
@@ -161,6 +239,17 @@ Predictor::Predictor(const std::string& path, Limits limits, Runtime runtime) {
                                  ", the loaded " + kOpsLibraryName + " is version " + std::to_string(have));
       ops_library_ = true;
     }
+  }
+  if (is_aoti_package(path)) {
+    load_aoti(path, aoti_runners);  // after the op library: the compiled code calls it
+    manifest_text_ = peek;
+    try {
+      parser_ = RequestParser::from_manifest(manifest_text_, limits);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(path + ": " + e.what());
+    }
+    has_candidates_ = aoti_->candidates != nullptr;
+    return;
   }
   torch::jit::ExtraFilesMap extra{{"manifest.json", ""}};
   try {
@@ -230,6 +319,7 @@ static std::vector<float> to_vector(const at::Tensor& t) {
 
 std::vector<float> Predictor::predict(const std::vector<Request>& batch) const {
   if (batch.empty()) return {};
+  if (aoti_) return to_vector(run_aoti(false, inputs(batch)));
   return to_vector(run(static_forward_, "forward", inputs(batch)).toTensor());
 }
 
@@ -239,6 +329,13 @@ std::vector<float> Predictor::score(const Request& context, const std::vector<Re
     throw RequestError("this model file has no score_candidates entry point (exported by an older rocketrec)");
   auto in = build_inputs(&context, candidates);  // row 0 = the context; checks every shape
   parser_.check_disjoint(context, candidates);
+  if (aoti_) {
+    if (candidates.size() == 1) {  // compiled for >= 2 candidates: score this one twice
+      auto two = to_vector(run_aoti(true, build_inputs(&context, {candidates[0], candidates[0]})));
+      return {two.at(0)};
+    }
+    return to_vector(run_aoti(true, std::move(in)));
+  }
   return to_vector(run(static_candidates_, "score_candidates", std::move(in)).toTensor());
 }
 

@@ -1,11 +1,14 @@
-// rocketrec light-model predictor: load an exported TorchScript file once, read and
-// check its manifest, turn requests into the model's raw inputs and score them.
+// rocketrec light-model predictor: load an exported model once (a TorchScript file, or an
+// AOTInductor package `.pt2`: the file type is detected), read and check its manifest,
+// turn requests into the model's raw inputs and score them.
 //
 // Thread safety: after construction a Predictor is immutable. predict() and score()
 // are const and may be called from any number of threads at once on one shared
-// Predictor (each call runs in its own TorchScript interpreter frame; the module's
-// weights are only read). For latency, give each serving thread one intra-op thread:
-// at::set_num_threads(1) once at start-up, and scale with threads, not intra-op.
+// Predictor (TorchScript: each call runs in its own interpreter frame or pooled Static
+// Runtime; AOTInductor: each call takes one of the package's `aoti_runners` compiled model
+// instances, waiting if all are busy; the weights are shared and only read). For latency,
+// give each serving thread one intra-op thread: at::set_num_threads(1) once at start-up,
+// and scale with threads, not intra-op.
 #pragma once
 #include <torch/script.h>
 
@@ -39,20 +42,29 @@ std::string ensure_ops_library(const std::string& model_path);
 enum class Runtime { kStatic, kInterpreter, kStaticAll };
 
 struct StaticMethod;  // predictor.cpp
+struct AotiModels;    // predictor.cpp
+
+// Whether `path` is an AOTInductor package (a PT2 archive) rather than TorchScript.
+bool is_aoti_package(const std::string& path);
 
 class Predictor {
  public:
   // Throws std::runtime_error with a clear message if the file cannot be loaded or
   // its manifest is missing, not a rocketrec light model, or its hashes disagree.
-  explicit Predictor(const std::string& path, Limits limits = {}, Runtime runtime = Runtime::kStatic);
+  // `runtime` applies to TorchScript files; `aoti_runners` to AOTInductor packages: how
+  // many calls may run at once (0: one per hardware thread, at most 16).
+  explicit Predictor(const std::string& path, Limits limits = {}, Runtime runtime = Runtime::kStatic,
+                     size_t aoti_runners = 0);
 
   const std::vector<SparseFeatureInfo>& sparse() const { return parser_.sparse(); }
   const std::vector<DenseFeatureInfo>& dense() const { return parser_.dense(); }
   const RequestParser& parser() const { return parser_; }
   const std::string& manifest_text() const { return manifest_text_; }
-  // The loaded TorchScript module (read-only use: e.g. a Static Runtime over it).
+  // The loaded TorchScript module (read-only use: e.g. a Static Runtime over it); empty
+  // for an AOTInductor package.
   const torch::jit::script::Module& module() const { return module_; }
-  // "static" or "interpreter": what runs `forward` / `score_candidates`.
+  bool is_aoti() const { return aoti_ != nullptr; }
+  // "static", "interpreter" or "aoti": what runs `forward` / `score_candidates`.
   std::string runtime_of(const std::string& method) const;
   // Whether the model runs on the fused operator (its manifest names an op_library).
   bool uses_ops_library() const { return ops_library_; }
@@ -83,6 +95,9 @@ class Predictor {
   bool has_candidates_ = false;
   bool ops_library_ = false;
   std::shared_ptr<StaticMethod> static_forward_, static_candidates_;
+  std::shared_ptr<AotiModels> aoti_;
+  void load_aoti(const std::string& path, size_t runners);
+  at::Tensor run_aoti(bool candidates, std::vector<c10::IValue> in) const;
   c10::IValue run(const std::shared_ptr<StaticMethod>& sm, const char* method, std::vector<c10::IValue> in) const;
 };
 

@@ -547,14 +547,15 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
 at::Tensor light_first_layer_context_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& dense,
                                           const at::Tensor&, const at::Tensor&, at::TensorList, bool,
                                           const at::Tensor& wg_t, const at::Tensor&, const at::Tensor&, double) {
-  return at::empty({dense.size(0) - 1, wg_t.size(1)}, dense.options().dtype(at::kFloat));
+  // symbolic sizes: torch.export keeps the batch dynamic instead of specializing it
+  return at::empty_symint({dense.sym_size(0) - 1, wg_t.sym_size(1)}, dense.options().dtype(at::kFloat));
 }
 
 // Shape-only kernel (torch.export / FakeTensor): x [B, out_dim].
 at::Tensor light_features_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& dense,
                                const at::Tensor&, const at::Tensor&, at::TensorList, bool,
                                int64_t out_dim) {
-  return at::empty({dense.size(0), out_dim}, dense.options().dtype(at::kFloat));
+  return at::empty_symint({dense.sym_size(0), c10::SymInt(out_dim)}, dense.options().dtype(at::kFloat));
 }
 
 int64_t version() { return kOpsVersion; }

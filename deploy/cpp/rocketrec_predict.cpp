@@ -1,8 +1,11 @@
 // rocketrec_predict: score JSON-lines requests with an exported rocketrec light model.
 //
 //   rocketrec_predict MODEL.pt [REQUESTS.jsonl | -] [--batch N] [--keep-going] [--runtime static|interpreter|static-all]
+//                     [--aoti-runners N]
 //       one probability per line: per one-row request, and per candidate of a
-//       {"context": {...}, "candidates": [...]} request, in order
+//       {"context": {...}, "candidates": [...]} request, in order. MODEL is a TorchScript
+//       file (`rocketrec export`) or an AOTInductor package (`--format aoti`, light.pt2):
+//       the type is detected; --runtime applies to TorchScript, --aoti-runners to .pt2
 //   rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] [--threads T]
 //       p50/p99 latency at batch 1/16/256, 1 context x N candidates vs the same N rows
 //       as a batch, and requests/s of T threads sharing one Predictor vs 1 thread
@@ -13,7 +16,8 @@
 //   rocketrec_predict --bench-math MATH.pt [--seconds S]   the math-only baseline
 //       (benchmarks/bench_serving.py): p50/p99 of its forward on prepared inputs
 //
-// --bench times the default runtime (Static Runtime) and the TorchScript interpreter.
+// --bench times the default runtime (Static Runtime) and the TorchScript interpreter
+// (a .pt2: its compiled code; the interpreter figures are -1).
 //
 // Bad input never crashes: one line "rocketrec_predict: error: FILE:LINE: ..." on stderr
 // and exit code 2. With --keep-going a bad line prints "error: ..." in its place on
@@ -49,7 +53,7 @@ int fail(const std::string& msg) {
 
 int usage() {
   std::cerr << "usage: rocketrec_predict MODEL.pt [REQUESTS.jsonl|-] [--batch N] [--keep-going] "
-               "[--runtime static|interpreter|static-all]\n"
+               "[--runtime static|interpreter|static-all] [--aoti-runners N]\n"
                "       rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] "
                "[--threads T]\n"
                "       rocketrec_predict MODEL.pt --manifest\n"
@@ -134,7 +138,8 @@ int bench(const rocketrec::Predictor& p, const rocketrec::Predictor& pi, const r
     double rdiff = 0;
     for (size_t i = 0; i < a.size(); ++i) rdiff = std::max(rdiff, static_cast<double>(std::abs(a[i] - c[i])));
     auto t = time_it([&] { p.predict(batch); }, seconds);
-    auto ti = time_it([&] { pi.predict(batch); }, seconds);
+    std::pair<double, double> ti{-1, -1};  // an AOTInductor package has no interpreter
+    if (!p.is_aoti()) ti = time_it([&] { pi.predict(batch); }, seconds);
     std::printf(
         "{\"mode\": \"batch\", \"batch\": %d, \"runtime\": \"%s\", \"p50_us\": %.1f, \"p99_us\": %.1f, "
         "\"interpreter_p50_us\": %.1f, \"interpreter_p99_us\": %.1f, \"runtime_max_abs_diff\": %.3g}\n",
@@ -157,9 +162,9 @@ int bench(const rocketrec::Predictor& p, const rocketrec::Predictor& pi, const r
   for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
   auto tc = time_it([&] { p.score(ctx, cands); }, seconds);
   auto tb = time_it([&] { p.predict(merged); }, seconds);
-  auto tci = time_it([&] { pi.score(ctx, cands); }, seconds);
-  std::pair<double, double> tcs{-1, -1};
-  if (pa) tcs = time_it([&] { pa->score(ctx, cands); }, seconds);
+  std::pair<double, double> tci{-1, -1}, tcs{-1, -1};
+  if (!p.is_aoti()) tci = time_it([&] { pi.score(ctx, cands); }, seconds);
+  if (pa && !p.is_aoti()) tcs = time_it([&] { pa->score(ctx, cands); }, seconds);
   std::string ctx_names;
   for (const auto& c : context) ctx_names += (ctx_names.empty() ? "" : ",") + c;
   std::printf(
@@ -293,6 +298,7 @@ int main(int argc, char** argv) {
   size_t batch_size = 256;
   double seconds = 1.0;
   int n_cand = 200, threads = 2;
+  size_t aoti_runners = 0;
   rocketrec::Runtime runtime = rocketrec::Runtime::kStatic;
   for (size_t i = 1; i < args.size(); ++i) {
     const std::string& a = args[i];
@@ -306,6 +312,7 @@ int main(int argc, char** argv) {
       else if (a == "--context" && i + 1 < args.size()) context = args[++i];
       else if (a == "--candidates" && i + 1 < args.size()) n_cand = std::stoi(args[++i]);
       else if (a == "--threads" && i + 1 < args.size()) threads = std::stoi(args[++i]);
+      else if (a == "--aoti-runners" && i + 1 < args.size()) aoti_runners = std::stoul(args[++i]);
       else if (a == "--runtime" && i + 1 < args.size()) {
         const std::string r = args[++i];
         if (r != "static" && r != "interpreter" && r != "static-all")
@@ -323,12 +330,13 @@ int main(int argc, char** argv) {
   if (batch_size == 0) return fail("--batch must be >= 1");
   if (n_cand < 1 || threads < 1) return fail("--candidates and --threads must be >= 1");
   try {
-    const rocketrec::Predictor p(model, {}, runtime);
+    const rocketrec::Predictor p(model, {}, runtime, aoti_runners);
     if (manifest) {
       std::cout << p.manifest_text() << std::endl;
       return 0;
     }
     if (do_bench) {
+      if (p.is_aoti()) return bench(p, p, nullptr, seconds, split(context, ','), n_cand, threads);
       const rocketrec::Predictor pi(model, {}, rocketrec::Runtime::kInterpreter);
       const rocketrec::Predictor pa(model, {}, rocketrec::Runtime::kStaticAll);
       return bench(p, pi, &pa, seconds, split(context, ','), n_cand, threads);

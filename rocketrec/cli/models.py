@@ -26,10 +26,13 @@ def _cmd_export(a: argparse.Namespace) -> int:
         rows=a.rows,
         booster=a.booster,
         portable=a.portable,
+        fmt=a.format,
     )
     kind = ("int8" if rep["int8"] else "fp32") + (
         ", portable" if rep["portable"] else ", fused op: needs librocketrec_ops.so"
     )
+    if rep["format"] == "aoti":
+        kind += f", AOTInductor package compiled in {rep['compile_seconds']:.0f}s"
     print(
         f"exported {rep['out']} ({rep['bytes']:,} bytes, {kind}): "
         f"parity max |diff| {rep['max_abs_diff']:.3g} <= {rep['tolerance']:g} on "
@@ -203,9 +206,19 @@ def add_eval_commands(sub: Any) -> None:
 
 
 def add_serving_commands(sub: Any) -> None:
-    e = sub.add_parser("export", help="export the light tower to TorchScript for C++ serving")
+    e = sub.add_parser(
+        "export", help="export the light tower (TorchScript or AOTInductor) for C++ serving"
+    )
     e.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
-    e.add_argument("--out", required=True, help="output file, e.g. light.pt")
+    e.add_argument("--out", required=True, help="output file, e.g. light.pt (light.pt2: aoti)")
+    e.add_argument(
+        "--format",
+        choices=("torchscript", "aoti"),
+        default="torchscript",
+        help="torchscript (default): a TorchScript file, loaded by torch::jit::load; aoti: an "
+        "AOTInductor package (.pt2) compiled ahead of time (needs a C++ compiler; tens of "
+        "seconds), loaded by AOTIModelPackageLoader (deploy/README.md)",
+    )
     e.add_argument("--int8", action="store_true", help="row-wise int8 tables")
     e.add_argument("--data", default=None, help="Parquet for the parity check (default: synthetic)")
     e.add_argument("--rows", type=int, default=2048, help="held-out rows for the parity check")
@@ -224,7 +237,7 @@ def add_serving_commands(sub: Any) -> None:
         "predict",
         help="score JSON-lines requests (one-row or context+candidates) with an exported model",
     )
-    p.add_argument("--model", required=True, help="exported .pt file")
+    p.add_argument("--model", required=True, help="exported .pt or .pt2 file")
     p.add_argument("--requests", required=True, help="JSON-lines file, or - for stdin")
     p.set_defaults(fn=_cmd_predict)
     r = sub.add_parser("requests", help="write JSON-lines requests for a model from Parquet rows")

@@ -42,11 +42,12 @@ from rocketrec.serving.ops import op_library_entry
 from rocketrec.serving.requests import raw_inputs_from_table
 from rocketrec.spec import PRIVATE_SUFFIX, FeatureSpec, private_table_name
 
+FORMATS = ("torchscript", "aoti")
 FP32_TOL = 1e-5
 INT8_TOL = 2e-2  # max |p_int8 - p_fp32|; row-wise int8 keeps ~1/255 of each row's range
 
 
-def script_serving(
+def serving_module(
     spec: FeatureSpec,
     tables: dict[str, TableSource],
     tower: nn.Module,
@@ -56,10 +57,10 @@ def script_serving(
     negative_sample_rate: float = 1.0,
     portable: bool = False,
     attention: nn.ModuleDict | None = None,
-) -> torch.jit.ScriptModule:
-    """The scripted serving module: on the fused operator (default), or `portable` (plain
-    torch ops: any libtorch server of the same version loads it without the op library).
-    `attention` (the booster's units, per sequence): the booster with its target
+) -> nn.Module:
+    """The served module (eval mode): on the fused operator (default), or `portable`
+    (plain torch ops: any libtorch server of the same version loads it without the op
+    library). `attention` (the booster's units, per sequence): the booster with its target
     attention (rocketrec.serving.booster), always on plain torch ops."""
     m: nn.Module = LightServing(
         spec, tables, _copy_tower(tower), int8, private_dim, on_block, negative_sample_rate
@@ -72,7 +73,11 @@ def script_serving(
         from rocketrec.serving.fused import FusedLightServing
 
         m = FusedLightServing(m)  # type: ignore[arg-type]
-    m.eval()
+    return m.eval()
+
+
+def script(m: nn.Module) -> torch.jit.ScriptModule:
+    """The TorchScript of a serving module, frozen."""
     # freezing inlines the weights and constants: fewer attribute lookups per call. Not
     # the tables: a frozen constant lives as long as the process (TorchScript's
     # compilation unit keeps the frozen graph), so every export would leak its tables
@@ -82,6 +87,11 @@ def script_serving(
     if isinstance(getattr(m, "tables", None), list):
         keep.append("tables")
     return torch.jit.freeze(torch.jit.script(m), preserved_attrs=["score_candidates", *keep])
+
+
+def script_serving(*args: Any, **kwargs: Any) -> torch.jit.ScriptModule:
+    """script(serving_module(...)): the TorchScript export's module."""
+    return script(serving_module(*args, **kwargs))
 
 
 def _copy_tower(tower: nn.Module) -> nn.Module:
@@ -234,6 +244,80 @@ def _write_gated(
     return diff, tol
 
 
+def _candidate_inputs(table: pa.Table, manifest: dict[str, Any]) -> tuple[Any, Any]:
+    """A one-context, many-candidates request from held-out rows (the context: the inputs
+    whose name mentions 'user', as `rocketrec requests` does) and its merged rows."""
+    from rocketrec.serving.requests import (
+        Inputs,
+        candidate_requests_from_table,
+        default_context,
+        parse_line,
+        tensors,
+    )
+
+    n = max(2, min(table.num_rows, 33))
+    grouped, rows = candidate_requests_from_table(
+        table.slice(0, n), manifest, n, default_context(manifest)
+    )
+    inp = Inputs(manifest)
+    req = parse_line(grouped[0], inp)
+    merged = [parse_line(line, inp) for line in rows]
+    return tensors([req.context, *req.candidates], inp), tensors(merged, inp)  # type: ignore[union-attr, list-item, arg-type]
+
+
+def _write_aoti_gated(
+    box: list[Any],
+    manifest: dict[str, Any],
+    out: Path,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ref: torch.Tensor,
+    cand: tuple[Any, Any],
+    int8: bool,
+) -> tuple[float, float, float]:
+    """Compile the serving module in `box` into an AOTInductor package beside `out`, load
+    it back and rename it onto `out` only if forward matches `ref` and score_candidates
+    matches forward on the same merged rows (each within the tolerance). Returns (max
+    |diff|, tolerance, compile seconds)."""
+    from rocketrec.serving import aoti
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = aoti.temp_beside(out)
+    tol = INT8_TOL if int8 else FP32_TOL
+    try:
+        has_candidates = hasattr(box[0], "score_candidates")
+        try:
+            seconds = aoti.write_package(
+                box[0], manifest, tmp, inputs, cand[0] if has_candidates else None
+            )
+        except Exception as e:  # torch.export / inductor: say which module could not compile
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(
+                f"--format aoti: this model could not be compiled by torch.export / "
+                f"AOTInductor ({type(e).__name__}: {first}); export it as TorchScript "
+                f"(--format torchscript); nothing written to {out}"
+            ) from e
+        box.clear()
+        gc.collect()
+        loaded = aoti.AotiModel(tmp)
+        with torch.no_grad():
+            diff = float((loaded(*inputs) - ref).abs().max())
+            if has_candidates:
+                merged = loaded(*cand[1])
+                diff = max(diff, float((loaded.score_candidates(*cand[0]) - merged).abs().max()))
+        del loaded
+        if not diff <= tol:
+            raise ExportError(
+                f"parity gate failed: the AOTInductor package differs from the training model "
+                f"by {diff:.3g} (> {tol:g}) on {len(ref)} held-out rows; nothing written to {out}"
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return diff, tol, seconds
+
+
 def _what_to_export(model: Any, booster: bool) -> tuple[FeatureSpec, nn.Module]:
     """(the served spec, the tower): the light tower, or the booster on every feature
     (its attention over each sequence: `_attention_to_export`)."""
@@ -279,12 +363,17 @@ def export_checkpoint(
     booster: bool = False,
     portable: bool = False,
     heldout: pa.Table | None = None,
+    fmt: str = "torchscript",
 ) -> dict[str, Any]:
     """Export; returns a report. Writes nothing unless the parity gate passes. The module
     runs on rocketrec's fused operator unless `portable` (rocketrec.serving.fused).
+    `fmt`: "torchscript" (a TorchScript file) or "aoti" (an AOTInductor package,
+    rocketrec.serving.aoti; both entry points gated).
 
     The parity gate scores `heldout` (rows in the spec's columns, from the caller);
     without it, the first `rows` rows of `data` (or synthetic rows when no data)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"export format {fmt!r}: one of {', '.join(FORMATS)} expected")
     ck = latest_checkpoint(checkpoint)
     if ck is None:
         raise CheckpointNotFound(f"{checkpoint}: no complete checkpoint found")
@@ -301,7 +390,7 @@ def export_checkpoint(
     batch = decode_table(table, model.spec, "<held-out>").to_batch()
     needed, dense, kjt, collector = _lookups(model, batch, list(sources))
     rate = float(saved_config(meta, "train").get("negative_sample_rate", 1.0))
-    scripted = script_serving(
+    served = serving_module(
         spec,
         sources,
         tower,
@@ -330,11 +419,20 @@ def export_checkpoint(
         },
     )
     out = Path(out)
-    box = [scripted]
-    del scripted
     inputs = raw_inputs_from_table(table, spec)
-    diff, tol = _write_gated(box, manifest, out, inputs, ref, int8)
+    box = [served]
+    del served
+    extra: dict[str, Any] = {"format": fmt}
+    if fmt == "aoti":
+        cand = _candidate_inputs(table, manifest)
+        diff, tol, extra["compile_seconds"] = _write_aoti_gated(
+            box, manifest, out, inputs, ref, cand, int8
+        )
+    else:
+        box[0] = script(box[0])
+        diff, tol = _write_gated(box, manifest, out, inputs, ref, int8)
     return {
+        **extra,
         "out": str(out),
         "checkpoint": str(ck),
         "rows_checked": int(len(ref)),

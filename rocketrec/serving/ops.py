@@ -106,9 +106,10 @@ def op_library_entry() -> dict[str, Any]:
     }
 
 
-def load_model(path: str | Path) -> torch.jit.ScriptModule:
-    """torch.jit.load an exported model, loading the op library first when its manifest
-    says it needs it (a clear OpsLibraryError naming the library if it is missing)."""
+def load_model(path: str | Path) -> Any:
+    """Load an exported model (torch.jit.load, or an AOTInductor package as
+    rocketrec.serving.aoti.AotiModel: the same calls), loading the op library first when
+    its manifest says it needs it (a clear OpsLibraryError naming the library if missing)."""
     from rocketrec.serving.manifest import check_manifest_format, read_manifest
 
     man = read_manifest(path, check_format=False)  # a missing library is said first
@@ -120,6 +121,10 @@ def load_model(path: str | Path) -> torch.jit.ScriptModule:
                 f"{path} runs on rocketrec's fused operator and needs {LIBRARY_NAME}: {e}"
             ) from e
     check_manifest_format(man, path)
+    from rocketrec.serving import aoti
+
+    if aoti.is_package(path):
+        return aoti.AotiModel(path)
     try:
         return torch.jit.load(str(path))
     except RuntimeError as e:

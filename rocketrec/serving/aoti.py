@@ -1,0 +1,178 @@
+"""The AOTInductor package (`export --format aoti`): the same served module compiled ahead
+of time to C++ through torch.export, one `.pt2` file.
+
+    light.pt2 (a PT2 archive: a zip written by torch.export.pt2_archive)
+        <name>/data/aotinductor/forward/...            compiled forward(values, lengths, dense)
+        <name>/data/aotinductor/score_candidates/...   compiled score_candidates(...)
+        <name>/data/weights/weight_<i>                 every weight and table, once (both
+                                                       entry points share them)
+        <name>/extra/manifest.json                     the manifest (read without loading)
+
+Both entry points are exported with dynamic sizes (rows B >= 1, or 1 context + M >= 1
+candidates; any number of ids N), call rocketrec's fused operator as a custom op (its
+Meta kernels give the shapes: deploy/cpp/rocketrec_ops.cpp) and are compiled by
+AOTInductor (a C++ compiler runs: tens of seconds). The weights are kept out of the
+compiled libraries (`package_constants_in_so=False`) and deduplicated, so the tables are
+stored once and, loaded with `load_package`, held once in memory by both entry points
+(`user_managed` constants). The C++ twin is `rocketrec::Predictor` (deploy/cpp).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# names of the two compiled entry points inside the package
+FORWARD, CANDIDATES = "forward", "score_candidates"
+MAX_ROWS = 1 << 20  # the largest batch (rows) a compiled entry point accepts
+
+_COMPILE_OPTIONS = {
+    "aot_inductor.package": True,
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.package_constants_on_disk_format": "pickle_weights",
+}
+
+
+class _Entry(nn.Module):
+    """One entry point of the served module as a `forward` torch.export can trace."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.m, self.method = module, method
+
+    def forward(
+        self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
+        return getattr(self.m, self.method)(values, lengths, dense)  # type: ignore[no-any-return]
+
+
+def _dynamic(inputs: tuple[torch.Tensor, ...], min_rows: int, name: str) -> dict[str, Any]:
+    """Dynamic sizes: rows, and lengths = inputs x rows (input-major), ids free."""
+    from torch.export import Dim
+
+    values, lengths, dense = inputs
+    n_inputs = lengths.shape[0] // max(1, dense.shape[0])
+    rows = Dim(f"{name}_rows", min=min_rows, max=MAX_ROWS)
+    ids = Dim(f"{name}_ids", min=0, max=1 << 40)
+    return {
+        "values": {0: ids},
+        "lengths": {0: n_inputs * rows} if n_inputs else None,
+        "dense": {0: rows},
+    }
+
+
+def _compile(module: nn.Module, method: str, inputs: tuple[torch.Tensor, ...]) -> Any:
+    # score_candidates is compiled for a context and >= 2 candidates (the traced tower
+    # specializes a single row); one candidate is scored as two (repeat_last_row)
+    min_rows = 3 if method == CANDIDATES else 1
+    entry = _Entry(module, method).eval()
+    with torch.no_grad():
+        ep = torch.export.export(entry, inputs, dynamic_shapes=_dynamic(inputs, min_rows, method))
+        return torch._inductor.aot_compile(ep.module(), inputs, options=dict(_COMPILE_OPTIONS))
+
+
+def write_package(
+    module: nn.Module,
+    manifest: dict[str, Any],
+    path: Path,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> float:
+    """Compile `module`'s forward (and score_candidates, if it has one) with AOTInductor
+    and write the package to `path`. `inputs` / `candidates`: example inputs of each entry
+    point (their sizes are not baked in). Returns the compile time in seconds."""
+    from torch.export.pt2_archive._package import package_pt2
+
+    t0 = time.perf_counter()
+    # inductor's progress and cache lines are not the user's business; errors still raise
+    logging.getLogger("torch._inductor").setLevel(logging.ERROR)
+    files = {FORWARD: _compile(module, FORWARD, inputs)}
+    if candidates is not None and hasattr(module, CANDIDATES):
+        files[CANDIDATES] = _compile(module, CANDIDATES, candidates)
+    package_pt2(
+        str(path),
+        aoti_files=files,
+        extra_files={"manifest.json": json.dumps(manifest, indent=1)},
+    )
+    return time.perf_counter() - t0
+
+
+class AotiModel:
+    """A loaded `.pt2`: `model(values, lengths, dense)` and `model.score_candidates(...)`,
+    like the TorchScript module (`rocketrec.serving.ops.load_model` returns either)."""
+
+    def __init__(self, path: str | Path, num_runners: int = 1) -> None:
+        from torch.export.pt2_archive._package import load_pt2
+
+        contents = load_pt2(str(path), num_runners=num_runners, load_weights_from_disk=True)
+        self.path = str(path)
+        self._runners = contents.aoti_runners
+        if FORWARD not in self._runners:
+            raise RuntimeError(f"{path}: no '{FORWARD}' model in the AOTInductor package")
+
+    def __call__(
+        self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
+        return self.forward(values, lengths, dense)
+
+    def forward(
+        self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
+        return self._run(FORWARD, values, lengths, dense)
+
+    def score_candidates(
+        self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
+        if CANDIDATES not in self._runners:
+            raise RuntimeError(f"{self.path}: this package has no {CANDIDATES} entry point")
+        if dense.shape[0] == 2:  # one candidate: compiled for >= 2 (see _compile)
+            return self._run(CANDIDATES, *repeat_last_row(values, lengths, dense))[:1]
+        return self._run(CANDIDATES, values, lengths, dense)
+
+    def _run(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self._runners[name](*inputs)
+        return out[0] if isinstance(out, list | tuple) else out  # type: ignore[no-any-return]
+
+    def eval(self) -> AotiModel:  # module-like: nothing to switch
+        return self
+
+
+def repeat_last_row(
+    values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same inputs with their last row once more (lengths and values input-major)."""
+    rows = dense.shape[0]
+    lens = lengths.view(-1, rows)
+    segs = torch.split(values, lens.reshape(-1).tolist())
+    out = []
+    for i in range(lens.shape[0]):
+        row = segs[i * rows : (i + 1) * rows]
+        out += [*row, row[-1]]
+    new_lengths = torch.cat([lens, lens[:, -1:]], 1).reshape(-1)
+    return torch.cat(out) if out else values, new_lengths, torch.cat([dense, dense[-1:]])
+
+
+def is_package(path: str | Path) -> bool:
+    """Whether `path` is a PT2 archive (an AOTInductor package) rather than TorchScript."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/archive_format") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def temp_beside(out: Path) -> Path:
+    """A temporary `.pt2` name in `out`'s directory (renamed onto `out` once checked)."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".pt2", dir=out.parent)
+    os.close(fd)
+    return Path(name)
