@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,11 @@ def cross_exported(tmp_path_factory, cross_spec, cross_data) -> Path:
     train_small(cross_spec, cross_data, d / "run", steps=8)
     export_checkpoint(d / "run", d / "light.pt", data=cross_data["val"])
     export_checkpoint(d / "run", d / "light_int8.pt", int8=True, data=cross_data["val"])
+    # the same checkpoint as AOTInductor packages (export --format aoti)
+    export_checkpoint(d / "run", d / "light.pt2", data=cross_data["val"], fmt="aoti")
+    export_checkpoint(
+        d / "run", d / "light_int8.pt2", int8=True, data=cross_data["val"], fmt="aoti"
+    )
     return d
 
 
@@ -222,18 +228,30 @@ def _hostile_requests(path: str, manifest: dict, n: int) -> tuple[list[str], lis
     return grouped, full
 
 
-@pytest.mark.parametrize("name", ["light.pt", "light_int8.pt"])
+def _one_candidate(grouped: list[str]) -> list[str]:
+    """Each context+candidates request cut to its first candidate."""
+    out = []
+    for line in grouped:
+        r = json.loads(line)
+        out.append(json.dumps({"context": r["context"], "candidates": r["candidates"][:1]}))
+    return out
+
+
+@pytest.mark.parametrize("name", ["light.pt", "light_int8.pt", "light.pt2", "light_int8.pt2"])
 def test_cpp_crosses_and_candidates_match_python(
     predictor, cross_exported, cross_data, name, tmp_path
 ):
-    """C++ vs Python on a model with crosses and bucketized numbers, in all three request
-    forms; context+candidates requests equal the merged full rows."""
+    """C++ vs Python on a model with crosses and bucketized numbers, in every request form
+    (rows, context + 10 candidates, context + 1 candidate), TorchScript files and
+    AOTInductor packages alike; context+candidates requests equal the merged full rows."""
     from rocketrec.serving import requests as rq
+    from rocketrec.serving.ops import load_model
 
     model = cross_exported / name
     man = read_manifest(model)
     grouped, full = _hostile_requests(cross_data["val"], man, 300)
-    mixed = full[:50] + grouped + full[50:80]
+    ones = _one_candidate(grouped[:5])
+    mixed = full[:50] + grouped + full[50:80] + ones
     req = tmp_path / "req.jsonl"
     req.write_text("\n".join(mixed) + "\n")
     out = subprocess.run(
@@ -241,14 +259,41 @@ def test_cpp_crosses_and_candidates_match_python(
     )
     assert out.returncode == 0, out.stderr
     cpp = [float(x) for x in out.stdout.split()]
-    m = torch.jit.load(str(model))
+    m = load_model(model)
     py = rq.score_lines(m, mixed, man)
-    assert len(cpp) == len(py) == 50 + 300 + 30
+    assert len(cpp) == len(py) == 50 + 300 + 30 + 5
     assert max(abs(a - b) for a, b in zip(cpp, py)) <= 1e-6
     # the candidates' scores equal the full rows' (Python and C++ alike)
     cand = cpp[50:350]
     full_py = rq.score_lines(m, full, man)
     assert max(abs(a - b) for a, b in zip(cand, full_py)) <= 1e-6
+    assert max(abs(a - full_py[10 * g]) for g, a in enumerate(cpp[380:])) <= 1e-6
+    if name.endswith(".pt2"):  # the package scores as the TorchScript file of the same model
+        ts = load_model(cross_exported / name.replace(".pt2", ".pt"))
+        assert max(abs(a - b) for a, b in zip(py, rq.score_lines(ts, mixed, man))) <= 1e-6
+
+
+def test_cpp_aoti_package_is_detected_and_checked(predictor, cross_exported, tmp_path):
+    """The C++ predictor detects a .pt2 by its content (any file name), runs it as
+    `aoti`, refuses a bumped manifest format before loading, and a damaged package with
+    one error line."""
+    renamed = tmp_path / "model.bin"
+    shutil.copy(cross_exported / "light.pt2", renamed)
+    req = '{"user_id": 3}\n'
+    out = subprocess.run([str(predictor), str(renamed)], input=req, capture_output=True, text=True)
+    assert out.returncode == 0 and 0 < float(out.stdout) < 1, out.stderr
+    bumped = bump_manifest_format(
+        cross_exported / "light.pt2", tmp_path / "b.pt2", "rocketrec-light/99"
+    )
+    out = subprocess.run([str(predictor), str(bumped)], input=req, capture_output=True, text=True)
+    assert out.returncode == 2 and "manifest format 'rocketrec-light/99'" in out.stderr, out.stderr
+    with pytest.raises(Exception, match="rocketrec-light/99"):
+        read_manifest(bumped)
+    cut = tmp_path / "cut.pt2"
+    data = (cross_exported / "light.pt2").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    out = subprocess.run([str(predictor), str(cut)], input=req, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
 
 
 def test_cpp_cross_hash_matches_python(predictor):
@@ -436,11 +481,12 @@ def _inputs_text(v, l, d) -> str:
 def test_minimal_server_from_readme(minimal_server, predictor, cross_exported, cross_data):
     """A server written from deploy/README.md alone (libtorch + dlopen of the op library)
     scores like Python; without the library it fails with one line naming it."""
+    from rocketrec.serving.ops import load_model
     from rocketrec.spec import spec_from_dict
 
     lib = predictor.parent / "librocketrec_ops.so"
     assert lib.exists()
-    for name in ("light.pt", "light_int8.pt"):
+    for name in ("light.pt", "light_int8.pt", "light.pt2", "light_int8.pt2"):
         model = cross_exported / name
         spec = spec_from_dict(read_manifest(model)["spec"])
         t = pq.read_table(cross_data["val"]).slice(0, 300)
@@ -456,16 +502,17 @@ def test_minimal_server_from_readme(minimal_server, predictor, cross_exported, c
         assert out.returncode == 0, out.stderr
         cpp = torch.tensor([float(s) for s in out.stdout.split()])
         with torch.no_grad():
-            py = torch.jit.load(str(model))(*x)
+            py = load_model(model)(*x)
         assert cpp.shape == py.shape == (300,)
         assert float((cpp - py).abs().max()) <= 1e-6
-    out = subprocess.run(
-        [str(minimal_server), str(cross_exported / "light.pt")],
-        input=_inputs_text(*x),
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 1 and "librocketrec_ops.so" in out.stderr, out.stderr
+    for name in ("light.pt", "light.pt2"):
+        out = subprocess.run(
+            [str(minimal_server), str(cross_exported / name)],
+            input=_inputs_text(*x),
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 1 and "librocketrec_ops.so" in out.stderr, (name, out.stderr)
 
 
 def test_predictor_without_op_library_fails_in_one_line(predictor, cross_exported, tmp_path):

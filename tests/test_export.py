@@ -186,6 +186,61 @@ def test_a_non_editable_install_builds_the_library_and_exports(tmp_path, trained
     assert module == "fused" and read_manifest(tmp_path / "m.pt")["op_library"]
 
 
+def test_aoti_export_gate_refuses_and_leaves_nothing(tmp_path, trained, monkeypatch):
+    """--format aoti: a package whose scores differ from the reference is not written
+    (nor any temporary file); a model torch.export cannot take is one clear error."""
+    real = export._reference_scores
+    monkeypatch.setattr(export, "_reference_scores", lambda *a, **k: real(*a, **k) + 0.01)
+    with pytest.raises(export.ExportError, match="parity gate failed: the AOTInductor package"):
+        export_checkpoint(trained, tmp_path / "m.pt2", fmt="aoti")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(export, "_reference_scores", real)
+
+    def no_export(*a, **k):
+        raise RuntimeError("Could not guard on data-dependent expression u0")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    with pytest.raises(export.ExportError, match="--format aoti: this model could not be compiled"):
+        export_checkpoint(trained, tmp_path / "m.pt2", fmt="aoti")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(export.ExportError, match="export format 'onnx'"):
+        export_checkpoint(trained, tmp_path / "m.onnx", fmt="onnx")
+
+
+def test_cli_export_aoti_and_predict(tmp_path, trained):
+    """`rocketrec export --format aoti` then `rocketrec predict` on the .pt2: the same
+    scores as the TorchScript file of the same checkpoint, in both request forms."""
+    exe = venv_bin("rocketrec")
+    printed = {}
+    for fmt, name in (("aoti", "m.pt2"), ("torchscript", "m.pt")):
+        r = subprocess.run(
+            [exe, "export", "--checkpoint", str(trained), "--out", str(tmp_path / name),
+             "--format", fmt],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        printed[fmt] = r.stdout
+    assert "AOTInductor package compiled in" in printed["aoti"], printed["aoti"]
+    assert "AOTInductor" not in printed["torchscript"]
+    req = tmp_path / "r.jsonl"
+    req.write_text(
+        '{"user": 1}\n{"ad": "x", "price": 2.5}\n'
+        '{"context": {"user": 7}, "candidates": [{"ad": "a"}, {"ad": "b"}, {"ad": "c"}]}\n'
+        '{"context": {"user": 7}, "candidates": [{"ad": "a"}]}\n'
+    )
+    got = {}
+    for name in ("m.pt2", "m.pt"):
+        p = subprocess.run(
+            [exe, "predict", "--model", str(tmp_path / name), "--requests", str(req)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        got[name] = [float(x) for x in p.stdout.split()]
+    assert len(got["m.pt2"]) == 6
+    assert max(abs(a - b) for a, b in zip(got["m.pt2"], got["m.pt"])) <= 1e-6
+    assert read_manifest(tmp_path / "m.pt2")["op_library"]
+
+
 def test_export_with_light_private_tables(tmp_path, tiny_spec, tiny_data):
     train_small(tiny_spec, tiny_data, tmp_path / "run", steps=5, val=False, light_private_dim=4)
     rep = export_checkpoint(tmp_path / "run", tmp_path / "p.pt", data=tiny_data["val"])

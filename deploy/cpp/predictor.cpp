@@ -140,54 +140,31 @@ std::shared_ptr<StaticMethod> make_static(torch::jit::script::Module& m, const s
 }  // namespace
 
 // An AOTInductor package's two entry points (rocketrec.serving.aoti): each a loader with
-// its own pool of compiled model instances, both reading the same weight tensors (loaded
-// once from the package's data/weights/, as `user_managed` constants).
+// its own pool of compiled model instances, both given the same constant tensors (loaded
+// once from the package's data/rocketrec/constants.pt, as `user_managed` constants).
 struct AotiModels {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> forward, candidates;
-  std::unordered_map<std::string, at::Tensor> weight_files;  // data/weights/<file> -> tensor
+  c10::IValue constants;  // {entry point: {constant name: tensor}}, storages shared
 };
-
-namespace {
-
-std::string record_text(caffe2::serialize::PyTorchStreamReader& reader, const std::string& name) {
-  auto rec = reader.getRecord(name);
-  return std::string(static_cast<const char*>(std::get<0>(rec).get()), std::get<1>(rec));
-}
-
-std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_entry(
-    const std::string& path, const std::string& name, size_t runners,
-    caffe2::serialize::PyTorchStreamReader& reader, AotiModels& models) {
-  auto loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, name, false, runners);
-  const std::string cfg_name = "data/aotinductor/" + name + "/weights_config.json";
-  if (!reader.hasRecord(cfg_name)) return loader;  // weights compiled into the library
-  auto cfg = nlohmann::json::parse(record_text(reader, cfg_name));
-  std::unordered_map<std::string, at::Tensor> constants;
-  for (const auto& [weight, where] : cfg.items()) {
-    // [file, shape, stride, storage offset]: a view of one saved tensor
-    const std::string file = where.at(0).get<std::string>();
-    auto& saved = models.weight_files[file];
-    if (!saved.defined()) {
-      auto rec = reader.getRecord("data/weights/" + file);
-      const char* p = static_cast<const char*>(std::get<0>(rec).get());
-      saved = torch::jit::pickle_load(std::vector<char>(p, p + std::get<1>(rec))).toTensor();
-    }
-    constants[weight] = saved.as_strided(where.at(1).get<std::vector<int64_t>>(),
-                                         where.at(2).get<std::vector<int64_t>>(), where.at(3).get<int64_t>());
-  }
-  loader->load_constants(constants, /*use_inactive=*/false, /*check_full_update=*/true, /*user_managed=*/true);
-  return loader;
-}
-
-}  // namespace
 
 void Predictor::load_aoti(const std::string& path, size_t runners) {
   if (runners == 0) runners = std::min<size_t>(16, std::max(1u, std::thread::hardware_concurrency()));
   auto models = std::make_shared<AotiModels>();
-  caffe2::serialize::PyTorchStreamReader reader(path);
   try {
-    models->forward = load_entry(path, "forward", runners, reader, *models);
-    if (reader.hasRecord("data/aotinductor/score_candidates/weights_config.json"))
-      models->candidates = load_entry(path, "score_candidates", runners, reader, *models);
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    auto rec = reader.getRecord("data/rocketrec/constants.pt");
+    const char* p = static_cast<const char*>(std::get<0>(rec).get());
+    models->constants = torch::jit::pickle_load(std::vector<char>(p, p + std::get<1>(rec)));
+    auto entries = models->constants.toGenericDict();
+    for (const auto& entry : entries) {
+      const std::string name = entry.key().toStringRef();
+      auto loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, name, false, runners);
+      std::unordered_map<std::string, at::Tensor> constants;
+      for (const auto& c : entry.value().toGenericDict()) constants[c.key().toStringRef()] = c.value().toTensor();
+      loader->load_constants(constants, /*use_inactive=*/false, /*check_full_update=*/true, /*user_managed=*/true);
+      (name == "forward" ? models->forward : models->candidates) = std::move(loader);
+    }
+    if (!models->forward) throw std::runtime_error("no 'forward' entry point");
   } catch (const std::exception& e) {
     std::string msg = e.what();
     throw std::runtime_error(path + ": cannot load AOTInductor package: " + msg.substr(0, msg.find('\n')));

@@ -4,17 +4,19 @@ of time to C++ through torch.export, one `.pt2` file.
     light.pt2 (a PT2 archive: a zip written by torch.export.pt2_archive)
         <name>/data/aotinductor/forward/...            compiled forward(values, lengths, dense)
         <name>/data/aotinductor/score_candidates/...   compiled score_candidates(...)
-        <name>/data/weights/weight_<i>                 every weight and table, once (both
-                                                       entry points share them)
+        <name>/data/rocketrec/constants.pt             every weight and table, once: torch.save
+                                                       of {entry point: {constant: tensor}}
+                                                       (both entry points' dicts share storage)
         <name>/extra/manifest.json                     the manifest (read without loading)
 
 Both entry points are exported with dynamic sizes (rows B >= 1, or 1 context + M >= 1
 candidates; any number of ids N), call rocketrec's fused operator as a custom op (its
 Meta kernels give the shapes: deploy/cpp/rocketrec_ops.cpp) and are compiled by
 AOTInductor (a C++ compiler runs: tens of seconds). The weights are kept out of the
-compiled libraries (`package_constants_in_so=False`) and deduplicated, so the tables are
-stored once and, loaded with `load_package`, held once in memory by both entry points
-(`user_managed` constants). The C++ twin is `rocketrec::Predictor` (deploy/cpp).
+compiled libraries (`package_constants_in_so=False`): one file holds them once, and a
+loader gives both entry points the same tensors (`load_constants(..., user_managed=True)`),
+so the tables are held once in memory. A C++ server reads `data/rocketrec/constants.pt` with
+`torch::pickle_load` (deploy/README.md); the C++ twin is `rocketrec::Predictor`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 
 # names of the two compiled entry points inside the package
 FORWARD, CANDIDATES = "forward", "score_candidates"
+CONSTANTS, MANIFEST = "data/rocketrec/constants.pt", "extra/manifest.json"  # records in the archive
 MAX_ROWS = 1 << 20  # the largest batch (rows) a compiled entry point accepts
 
 _COMPILE_OPTIONS = {
@@ -89,19 +92,30 @@ def write_package(
     """Compile `module`'s forward (and score_candidates, if it has one) with AOTInductor
     and write the package to `path`. `inputs` / `candidates`: example inputs of each entry
     point (their sizes are not baked in). Returns the compile time in seconds."""
-    from torch.export.pt2_archive._package import package_pt2
+    from torch.export.pt2_archive._package import PT2ArchiveWriter, _package_aoti_files
+    from torch.export.pt2_archive._package_weights import Weights
 
     t0 = time.perf_counter()
     # inductor's progress and cache lines are not the user's business; errors still raise
     logging.getLogger("torch._inductor").setLevel(logging.ERROR)
-    files = {FORWARD: _compile(module, FORWARD, inputs)}
+    compiled = {FORWARD: _compile(module, FORWARD, inputs)}
     if candidates is not None and hasattr(module, CANDIDATES):
-        files[CANDIDATES] = _compile(module, CANDIDATES, candidates)
-    package_pt2(
-        str(path),
-        aoti_files=files,
-        extra_files={"manifest.json": json.dumps(manifest, indent=1)},
-    )
+        compiled[CANDIDATES] = _compile(module, CANDIDATES, candidates)
+    files: dict[str, list[Any]] = {}
+    constants: dict[str, dict[str, torch.Tensor]] = {}
+    for name, out in compiled.items():
+        files[name] = [f for f in out if not isinstance(f, Weights)]
+        constants[name] = {k: t for w in out if isinstance(w, Weights) for k, (t, _) in w.items()}
+    fd, tmp = tempfile.mkstemp(suffix=".pt", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(constants, tmp)  # one torch.save: storages shared by both entries once
+        with PT2ArchiveWriter(str(path)) as archive:
+            _package_aoti_files(archive, files)
+            archive.write_file(CONSTANTS, tmp)
+            archive.write_string(MANIFEST, json.dumps(manifest, indent=1))
+    finally:
+        os.unlink(tmp)
     return time.perf_counter() - t0
 
 
@@ -110,13 +124,21 @@ class AotiModel:
     like the TorchScript module (`rocketrec.serving.ops.load_model` returns either)."""
 
     def __init__(self, path: str | Path, num_runners: int = 1) -> None:
+        import io
+        import zipfile
+
         from torch.export.pt2_archive._package import load_pt2
 
-        contents = load_pt2(str(path), num_runners=num_runners, load_weights_from_disk=True)
+        contents = load_pt2(str(path), num_runners=num_runners)
         self.path = str(path)
         self._runners = contents.aoti_runners
         if FORWARD not in self._runners:
             raise RuntimeError(f"{path}: no '{FORWARD}' model in the AOTInductor package")
+        with zipfile.ZipFile(path) as z:
+            (name,) = [n for n in z.namelist() if n.endswith("/" + CONSTANTS)]
+            constants = torch.load(io.BytesIO(z.read(name)), weights_only=True)
+        for entry, runner in self._runners.items():  # the same tensors for both entries
+            runner.load_constants(constants[entry], check_full_update=True, user_managed=True)
 
     def __call__(
         self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
@@ -172,7 +194,7 @@ def is_package(path: str | Path) -> bool:
 
 
 def temp_beside(out: Path) -> Path:
-    """A temporary `.pt2` name in `out`'s directory (renamed onto `out` once checked)."""
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".pt2", dir=out.parent)
-    os.close(fd)
-    return Path(name)
+    """A temporary path for `out` in a new hidden directory beside it (renamed onto `out`
+    once checked; the archive takes its root name from the file's name)."""
+    d = tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)
+    return Path(d) / (out.stem + ".pt2")

@@ -12,6 +12,7 @@ held-out rows look up.
 import gc
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import replace
 from functools import partial
@@ -313,8 +314,7 @@ def _write_aoti_gated(
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(tmp.parent, ignore_errors=True)
     return diff, tol, seconds
 
 
