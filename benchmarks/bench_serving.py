@@ -20,6 +20,12 @@ rounds: `light (booster with sequences) / light` is the light tower's serving co
 with the sequence-reading booster (target: unchanged), `booster with attention /
 light` what serving the booster would cost.
 
+AOTInductor (`export --format aoti`, light.pt2): the light tower (fp32, int8) and the
+booster compiled ahead of time, timed by the same C++ bench in the same rounds as the
+TorchScript files (Static Runtime and the interpreter); each target is judged on the
+runtime where the light tower is fastest at that batch size, and each ratio is printed
+with its spread over the rounds (min..max). Export time and file size per format.
+
 The math baseline: the same light tower and fused tables, scripted and frozen the
 same way, fed already-prepared inputs (table rows, bag offsets, mean-pooling
 weights, transformed dense; made by the fused operator's own preprocessing from
@@ -38,6 +44,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -211,6 +218,77 @@ def bench(exe: Path, model: Path, seconds: float) -> dict:
     return res
 
 
+def _spread(rounds: list[list[dict]], num: tuple, den: tuple) -> str:
+    """min..max over rounds of rounds[i][num[0]][num[1]][p50] / the same of den."""
+    vals = []
+    for r in rounds:
+        try:
+            vals.append(r[num[0]][num[1]][num[2]] / r[den[0]][den[1]][den[2]])
+        except (KeyError, ZeroDivisionError):
+            pass
+    return f"{min(vals):.2f}..{max(vals):.2f}" if vals else "-"
+
+
+def _report_aoti(rounds, lb, bb, qb, mb, al, aq, abo) -> None:  # type: ignore[no-untyped-def]
+    """AOTInductor against TorchScript (Static Runtime, interpreter); targets judged on the
+    runtime where the light tower is fastest at that batch size."""
+    LIGHT, BOOSTER, INT8, MATH, A_LIGHT, A_INT8, A_BOOSTER = 0, 1, 2, 4, 7, 8, 9
+    print("AOTInductor package vs TorchScript, C++, 1 thread, p50 us (p99)")
+    print(f"{'batch':>5} | {'aoti light':>15} | {'static light':>15} | {'interpreter':>15} | "
+          f"{'aoti int8':>15} | {'aoti booster':>15}")  # fmt: skip
+
+    def cell(r: dict | None, k: str = "") -> str:
+        return f"{r[k + 'p50_us']:.1f} ({r[k + 'p99_us']:.1f})" if r else "-"
+
+    for b in (1, 16, 256):
+        print(
+            f"{b:>5} | {cell(al[b]):>15} | {cell(lb[b]):>15} | {cell(lb[b], 'interpreter_'):>15} | "
+            f"{cell(aq[b] if aq else None):>15} | {cell(abo[b] if abo else None):>15}"
+        )
+    ca, cs = al["candidates"], lb["candidates"]
+    print(
+        f"1 context x {ca['candidates']} candidates: aoti {ca['p50_us']:.1f} us (its rows as a "
+        f"batch {ca['batch_p50_us']:.1f}); TorchScript {cs['p50_us']:.1f} us (batch "
+        f"{cs['batch_p50_us']:.1f})"
+    )
+
+    def target(name: str, value: float, op: str, goal: float, spread: str, on: str) -> None:
+        ok = value <= goal if op == "<=" else value >= goal
+        print(
+            f"ratio {name:<40} {value:6.2f}  rounds {spread:<11} on {on:<6} "
+            f"(target {op} {goal:g}: {'met' if ok else 'MISSED'})"
+        )
+
+    for b in (1, 16, 256):
+        print(
+            f"ratio {'aoti / Static Runtime light, batch ' + str(b):<40} "
+            f"{al[b]['p50_us'] / lb[b]['p50_us']:6.2f}  rounds "
+            f"{_spread(rounds, (A_LIGHT, b, 'p50_us'), (LIGHT, b, 'p50_us'))}"
+        )
+    fast = {b: "aoti" if al[b]["p50_us"] < lb[b]["p50_us"] else "static" for b in (1, 16, 256)}
+    L = {b: (A_LIGHT if fast[b] == "aoti" else LIGHT) for b in (1, 16, 256)}
+    light = {b: (al if fast[b] == "aoti" else lb)[b]["p50_us"] for b in (1, 16, 256)}
+    target("light / its math, batch 256", light[256] / mb[256]["p50_us"], "<=", 1.2,
+           _spread(rounds, (L[256], 256, "p50_us"), (MATH, 256, "p50_us")), fast[256])  # fmt: skip
+    for b, goal in ((1, 4), (256, 10)):
+        boost, idx = (abo, A_BOOSTER) if fast[b] == "aoti" else (bb, BOOSTER)
+        if boost is None:
+            print(f"ratio booster / light, batch {b}: no aoti booster (its export failed)")
+            continue
+        target(f"booster / light, batch {b}", boost[b]["p50_us"] / light[b], ">=", goal,
+               _spread(rounds, (idx, b, "p50_us"), (L[b], b, "p50_us")), fast[b])  # fmt: skip
+    cands = min((ca, A_LIGHT, "aoti"), (cs, LIGHT, "static"), key=lambda c: c[0]["p50_us"])
+    target("candidates / rows as a batch", cands[0]["p50_us"] / cands[0]["batch_p50_us"], "<=",
+           0.5, _spread(rounds, (cands[1], "candidates", "p50_us"),
+                        (cands[1], "candidates", "batch_p50_us")), cands[2])  # fmt: skip
+    for b in (1, 256):
+        q, iq = (aq, A_INT8) if fast[b] == "aoti" else (qb, INT8)
+        if q is None:
+            continue
+        target(f"int8 / fp32 light, batch {b}", q[b]["p50_us"] / light[b], "<=", 1.0,
+               _spread(rounds, (iq, b, "p50_us"), (L[b], b, "p50_us")), fast[b])  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None)
@@ -268,6 +346,24 @@ def main() -> None:
     r_q = export_checkpoint(ckpt, light8, int8=True, data=str(val))
     r_b = export_checkpoint(ckpt, booster, booster=True, data=str(val))
     r_p = export_checkpoint(ckpt, portable, portable=True, data=str(val))
+    aoti = {
+        "light": tmp / "light.pt2",
+        "int8": tmp / "light_int8.pt2",
+        "booster": tmp / "booster.pt2",
+    }
+    r_a: dict = {}
+    for k, path in aoti.items():
+        t0 = time.perf_counter()
+        try:
+            r_a[k] = export_checkpoint(
+                ckpt, path, int8=k == "int8", booster=k == "booster", data=str(val), fmt="aoti"
+            )
+            r_a[k]["seconds"] = time.perf_counter() - t0
+        except Exception as e:  # reported, the rest of the bench goes on
+            print(f"aoti export of {k} failed: {str(e).splitlines()[0]}")
+    t0 = time.perf_counter()
+    export_checkpoint(ckpt, tmp / "timing.pt", data=str(val))
+    ts_seconds = time.perf_counter() - t0
     light_seq = tmp / "light_seq.pt"
     booster_seq = tmp / "booster_seq.pt"
     if seq_ckpt is not None:
@@ -288,12 +384,16 @@ def main() -> None:
             + (
                 [bench(exe, light_seq, a.seconds), bench(exe, booster_seq, a.seconds)]
                 if seq_ckpt is not None
-                else []
+                else [{}, {}]
             )
+            + [bench(exe, aoti[k], a.seconds) if k in r_a else {} for k in aoti]
         )
     lb, bb, qb, pb, mb = (_median([r[i] for r in rounds]) for i in range(5))
     sb = _median([r[5] for r in rounds]) if seq_ckpt is not None else None
     ab = _median([r[6] for r in rounds]) if seq_ckpt is not None else None
+    al, aq, abo = (
+        _median([r[7 + i] for r in rounds]) if k in r_a else None for i, k in enumerate(aoti)
+    )
     man = read_manifest(light)
     mspec = spec_from_dict(man["spec"])
     t = pq.read_table(val).slice(0, 5000)
@@ -385,6 +485,17 @@ def main() -> None:
             f"ratio {'candidates: Static Runtime / interpreter p50':<44} "
             f"{c['static_p50_us'] / c['interpreter_p50_us']:6.2f}  (the Predictor runs "
             f"score_candidates on: {c['runtime']})"
+        )
+    if al is not None:
+        _report_aoti(rounds, lb, bb, qb, mb, al, aq, abo)
+        print(
+            "export: TorchScript "
+            f"{ts_seconds:.1f}s, {r_fp['bytes']:,} bytes; AOTInductor "
+            + ", ".join(
+                f"{k} {r['seconds']:.1f}s ({r['compile_seconds']:.1f}s compiling), "
+                f"{r['bytes']:,} bytes"
+                for k, r in r_a.items()
+            )
         )
     print(
         f"light file: fp32 {r_fp['bytes']:,} bytes, int8 {r_q['bytes']:,} bytes "
