@@ -747,3 +747,139 @@ def test_a_manifest_format_this_version_does_not_read_is_refused(predictor, expo
         [str(predictor), str(exported / "light.pt"), "--manifest"], capture_output=True, text=True
     )
     assert ok.returncode == 0 and json.loads(ok.stdout)["format"] in FORMATS_READ
+
+
+# -- publishing and live swaps (rocketrec publish, rocketrec_predict --watch) ---------------
+
+
+def _set_latest(pub: Path, name: str) -> None:
+    tmp = pub / ".LATEST.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, pub / "LATEST")
+
+
+def test_watch_swaps_published_models_under_load(predictor, exported, tiny_data, tmp_path):
+    """Two threads send requests (rows and context+candidates) while LATEST is switched
+    20 times between two models (fp32 and int8: their scores differ), and twice to a
+    broken one (a truncated file, a manifest format bumped): no request fails, each pass
+    is scored by exactly one model (its scores equal Python's for the model it names),
+    both broken ones are refused once and serving goes on."""
+    from rocketrec.serving import requests as rq
+    from rocketrec.serving.ops import load_model
+
+    pub = tmp_path / "published"
+    good = {"000000001": exported / "light.pt", "000000002": exported / "light_int8.pt"}
+    for name, src in good.items():
+        (pub / name).mkdir(parents=True)
+        shutil.copy(src, pub / name / "light.pt")
+    (pub / "000000003").mkdir()
+    data = (exported / "light.pt").read_bytes()
+    (pub / "000000003" / "light.pt").write_bytes(data[: len(data) // 3])
+    (pub / "000000004").mkdir()
+    bump_manifest_format(
+        exported / "light.pt", pub / "000000004" / "light.pt", "rocketrec-light/99"
+    )
+    man = read_manifest(exported / "light.pt")
+    lines = rq.requests_from_table(pq.read_table(tiny_data["val"]).slice(0, 6), man)
+    lines.append(json.dumps({"context": {"user": 5}, "candidates": [{"ad": "a"}, {"ad": "b"}]}))
+    req = tmp_path / "req.jsonl"
+    req.write_text("\n".join(lines) + "\n")
+    want = {n: rq.score_lines(load_model(p), lines, man) for n, p in good.items()}
+    assert max(abs(a - b) for a, b in zip(*want.values())) > 1e-5  # distinguishable
+    _set_latest(pub, "000000001")
+    outf, errf = open(tmp_path / "out.txt", "w"), open(tmp_path / "err.txt", "w")  # drained
+    proc = subprocess.Popen(
+        [str(predictor), "--watch", str(pub), str(req), "--load-test", "14", "--threads", "2"],
+        stdout=outf, stderr=errf, text=True,
+    )  # fmt: skip
+    import time
+
+    time.sleep(2.0)
+    order = ["000000002", "000000001"] * 10
+    order.insert(5, "000000003")
+    order.insert(12, "000000004")
+    for name in order:
+        _set_latest(pub, name)
+        time.sleep(0.4)
+    proc.wait(timeout=120)
+    outf.close()
+    errf.close()
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(err.strip().splitlines()[-1])
+    assert summary["errors"] == 0 and summary["refused"] == 2, summary
+    assert summary["swaps"] >= 20, summary
+    assert err.count("refused ") == 2 and "000000003" in err and "rocketrec-light/99" in err, err
+    seen = set()
+    for line in out.splitlines():
+        name, *scores = line.split()
+        assert name in good, line
+        got = [float(x) for x in scores]
+        assert (
+            len(got) == len(want[name]) and max(abs(a - b) for a, b in zip(got, want[name])) <= 1e-6
+        ), (name, got, want[name])
+        seen.add(name)
+    assert seen == set(good) and len(out.splitlines()) > 40
+
+
+def _train_more(spec, data, run, steps):
+    from conftest import small_model
+    from rocketrec.train.loop import train
+    from rocketrec.train.train_config import TrainConfig
+
+    train(spec, data["train"], data["val"], str(run), small_model(), None,
+          TrainConfig(batch_size=512, max_steps=steps, log_every=0), resume=str(run))  # fmt: skip
+
+
+def test_publish_gates_on_parity_and_ne_and_prunes(tmp_path, tiny_spec, tiny_data, monkeypatch):
+    """rocketrec publish: the first model is published (LATEST); the same step again is a
+    no-op; one whose NE on the newest data is worse by more than --max-ne-regression stays
+    on disk with its reason and LATEST does not move; an export the parity gate refuses is
+    refused the same way; old candidates are pruned, never the published one."""
+    import rocketrec.run.publish as publish
+    import rocketrec.serving.export as export
+    from conftest import venv_bin
+
+    run = tmp_path / "run"
+    train_small(tiny_spec, tiny_data, run, steps=4)
+    pub = run / "published"
+    quiet = {"log": lambda s: None}
+    r1 = publish.publish_run(run, tiny_data["val"], **quiet)
+    assert r1["published"] and (pub / "LATEST").read_text().strip() == "000000004"
+    assert r1["published_ne"] is None and r1["ne"] > 0
+    again = publish.publish_run(run, tiny_data["val"], **quiet)
+    assert again["published"] and "already published" in again["reason"]
+
+    _train_more(tiny_spec, tiny_data, run, 6)
+    real = publish._light_ne
+    monkeypatch.setattr(  # the candidate's NE 5% above the published model's
+        publish, "_light_ne", lambda m, d, r: real(m, d, r) * (1.05 if "000000006" in str(m) else 1)
+    )
+    r2 = publish.publish_run(run, tiny_data["val"], max_ne_regression=0.01, **quiet)
+    assert not r2["published"] and "worse than the published model's" in r2["reason"], r2
+    assert (pub / "000000006" / "REFUSED").read_text().startswith("NE ")
+    assert (pub / "000000006" / "light.pt").is_file()  # a refused model stays on disk
+    assert (pub / "LATEST").read_text().strip() == "000000004"
+    monkeypatch.setattr(publish, "_light_ne", real)
+
+    def refuse(*a, **k):
+        raise export.ExportError("parity gate failed: planted")
+
+    monkeypatch.setattr(export, "export_checkpoint", refuse)
+    r3 = publish.publish_run(run, tiny_data["val"], **quiet)
+    assert not r3["published"] and r3["reason"].startswith("export refused: parity gate failed")
+    assert (pub / "LATEST").read_text().strip() == "000000004"
+    monkeypatch.undo()
+
+    _train_more(tiny_spec, tiny_data, run, 8)
+    r4 = publish.publish_run(run, tiny_data["val"], keep=1, **quiet)
+    assert r4["published"] and r4["previous"].endswith("000000004/light.pt")
+    assert sorted(d.name for d in pub.iterdir() if d.is_dir()) == ["000000008"]
+    log = [json.loads(x) for x in (pub / "log.jsonl").read_text().splitlines()]
+    assert [r["published"] for r in log] == [True, True, False, False, True]
+    out = subprocess.run(
+        [venv_bin("rocketrec"), "publish", str(run), "--data", tiny_data["val"],
+         "--max-ne-regression", "-1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--max-ne-regression must be >= 0" in out.stderr, out.stderr

@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
+#include <cctype>
+#include <fstream>
 #include <thread>
 #include <unordered_map>
 
@@ -314,6 +316,93 @@ std::vector<float> Predictor::score(const Request& context, const std::vector<Re
     return to_vector(run_aoti(true, std::move(in)));
   }
   return to_vector(run(static_candidates_, "score_candidates", std::move(in)).toTensor());
+}
+
+// -- PredictorWatch ----------------------------------------------------------------------
+
+PredictorWatch::PredictorWatch(std::string dir, Limits limits, Runtime runtime, size_t aoti_runners)
+    : dir_(std::move(dir)), limits_(limits), runtime_(runtime), aoti_runners_(aoti_runners) {
+  const std::string name = read_latest();
+  if (name.empty()) throw std::runtime_error(dir_ + "/LATEST: missing or empty: nothing published yet");
+  cur_ = std::make_shared<const Predictor>(model_path(name), limits_, runtime_, aoti_runners_);
+  cur_name_ = name;
+}
+
+PredictorWatch::~PredictorWatch() { stop(); }
+
+std::string PredictorWatch::read_latest() const {
+  std::ifstream f(dir_ + "/LATEST");
+  std::string name;
+  if (!f || !std::getline(f, name)) return "";
+  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
+  return name;
+}
+
+std::string PredictorWatch::model_path(const std::string& name) const {
+  if (name.find('/') != std::string::npos || name == "." || name == "..")
+    throw std::runtime_error(dir_ + "/LATEST: '" + name + "' is not a directory name");
+  const std::string base = dir_ + "/" + name + "/";
+  std::ifstream pt2(base + "light.pt2");
+  return pt2 ? base + "light.pt2" : base + "light.pt";
+}
+
+std::shared_ptr<const Predictor> PredictorWatch::current() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return cur_;
+}
+
+std::pair<std::shared_ptr<const Predictor>, std::string> PredictorWatch::snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {cur_, cur_name_};
+}
+
+std::string PredictorWatch::current_name() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return cur_name_;
+}
+
+std::string PredictorWatch::poll() {
+  const std::string name = read_latest();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (name.empty() || name == cur_name_ || name == last_refused_) return "";
+  }
+  std::shared_ptr<const Predictor> next;
+  std::string path;
+  try {
+    path = model_path(name);
+    next = std::make_shared<const Predictor>(path, limits_, runtime_, aoti_runners_);  // loaded whole first
+  } catch (const std::exception& e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    last_refused_ = name;
+    ++refused_;
+    std::string msg = e.what();
+    return "refused " + (path.empty() ? name : path) + ": " + msg.substr(0, msg.find('\n')) +
+           "; still serving " + cur_name_;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  cur_ = std::move(next);  // requests in flight keep the old model until they finish
+  cur_name_ = name;
+  last_refused_.clear();
+  ++swaps_;
+  return "now serving " + path;
+}
+
+void PredictorWatch::start(std::chrono::milliseconds every, std::function<void(const std::string&)> log) {
+  stop();
+  stop_ = false;
+  thread_ = std::thread([this, every, log] {
+    while (!stop_.load()) {
+      std::string line = poll();
+      if (!line.empty() && log) log(line);
+      std::this_thread::sleep_for(every);
+    }
+  });
+}
+
+void PredictorWatch::stop() {
+  stop_ = true;
+  if (thread_.joinable()) thread_.join();
 }
 
 }  // namespace rocketrec

@@ -12,9 +12,13 @@
 #pragma once
 #include <torch/script.h>
 
+#include <atomic>
+#include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "request.h"
@@ -99,6 +103,51 @@ class Predictor {
   void load_aoti(const std::string& path, size_t runners);
   at::Tensor run_aoti(bool candidates, std::vector<c10::IValue> in) const;
   c10::IValue run(const std::shared_ptr<StaticMethod>& sm, const char* method, std::vector<c10::IValue> in) const;
+};
+
+// Serves the model that a publish directory's LATEST file names (`rocketrec publish`:
+// DIR/LATEST holds a subdirectory name, DIR/<name>/light.pt or light.pt2 the model) and
+// swaps to a newly published one between requests: poll() (or the background thread of
+// start()) reads LATEST and, when it names another model, loads it completely before
+// swapping. A request takes current() once and is scored by that model only, however
+// many swaps happen meanwhile (the old model is freed when its last request ends). A
+// model that fails to load or to pass its manifest checks is refused: the old one keeps
+// serving, and the same name is not retried until LATEST changes again.
+class PredictorWatch {
+ public:
+  // Throws std::runtime_error if DIR/LATEST is missing or its model does not load.
+  explicit PredictorWatch(std::string dir, Limits limits = {}, Runtime runtime = Runtime::kStatic,
+                          size_t aoti_runners = 0);
+  ~PredictorWatch();
+  PredictorWatch(const PredictorWatch&) = delete;
+  PredictorWatch& operator=(const PredictorWatch&) = delete;
+
+  std::shared_ptr<const Predictor> current() const;
+  std::string current_name() const;
+  // The current model and its directory name, taken together.
+  std::pair<std::shared_ptr<const Predictor>, std::string> snapshot() const;
+  // Reads LATEST once: "" if nothing changed, else one line saying what was loaded or why
+  // the named model was refused. Never throws.
+  std::string poll();
+  // Polls every `every` on a background thread, passing each non-empty line to `log`.
+  void start(std::chrono::milliseconds every, std::function<void(const std::string&)> log);
+  void stop();
+  size_t swaps() const { return swaps_; }
+  size_t refused() const { return refused_; }
+
+ private:
+  std::string dir_;
+  Limits limits_;
+  Runtime runtime_;
+  size_t aoti_runners_;
+  mutable std::mutex mu_;
+  std::shared_ptr<const Predictor> cur_;
+  std::string cur_name_, last_refused_;
+  std::atomic<size_t> swaps_{0}, refused_{0};
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+  std::string model_path(const std::string& name) const;
+  std::string read_latest() const;
 };
 
 }  // namespace rocketrec

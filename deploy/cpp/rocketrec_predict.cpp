@@ -9,6 +9,13 @@
 //   rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] [--threads T]
 //       p50/p99 latency at batch 1/16/256, 1 context x N candidates vs the same N rows
 //       as a batch, and requests/s of T threads sharing one Predictor vs 1 thread
+//   rocketrec_predict --watch DIR [REQUESTS.jsonl | -] [--batch N] [--keep-going]
+//       serve the model DIR/LATEST names (`rocketrec publish`: DIR = RUN/published) and
+//       swap to a newly published one between requests (LATEST polled every 100 ms; a
+//       model that fails to load is refused and the old one serves on); swaps on stderr
+//   rocketrec_predict --watch DIR REQUESTS.jsonl --load-test SECONDS [--threads T]
+//       T threads score every request of the file over and over while models swap; per
+//       pass one line "MODEL_NAME score..." (one model per pass); a JSON summary on stderr
 //   rocketrec_predict --hash STRING...                 fnv1a64 ids, one per line
 //   rocketrec_predict --cross-hash ID,ID[,ID...]...    cross ids, one per line
 //   rocketrec_predict MODEL.pt --manifest              print the manifest
@@ -32,6 +39,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -56,6 +64,7 @@ int usage() {
                "[--runtime static|interpreter|static-all] [--aoti-runners N]\n"
                "       rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] "
                "[--threads T]\n"
+               "       rocketrec_predict --watch DIR [REQUESTS.jsonl|-] [--load-test SECONDS --threads T]\n"
                "       rocketrec_predict MODEL.pt --manifest\n"
                "       rocketrec_predict --bench-math MATH.pt [--seconds S]\n"
                "       rocketrec_predict --hash STRING...\n"
@@ -268,6 +277,100 @@ int self_test(const rocketrec::Predictor& p) {
 
 }  // namespace
 
+// --watch DIR [FILE]: like the plain mode, each batch (and each candidates request)
+// scored by the model current when it started; a batch is cut where the model changes.
+int serve(rocketrec::PredictorWatch& watch, const std::string& requests, size_t batch_size, bool keep_going) {
+  std::ifstream file;
+  if (requests != "-") {
+    file.open(requests);
+    if (!file) return fail(requests + ": cannot open");
+  }
+  std::istream& in = requests == "-" ? std::cin : file;
+  const std::string src = requests == "-" ? "<stdin>" : requests;
+  std::shared_ptr<const rocketrec::Predictor> model;  // the batch's model
+  std::vector<rocketrec::Request> batch;
+  size_t ln = 0, bad = 0;
+  auto flush = [&]() {
+    if (!batch.empty())
+      for (float x : model->predict(batch)) std::printf("%.9g\n", x);
+    batch.clear();
+    std::fflush(stdout);
+  };
+  for (std::string line; std::getline(in, line);) {
+    ++ln;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    auto cur = watch.current();
+    if (cur != model) {
+      flush();
+      model = cur;
+    }
+    try {
+      rocketrec::ParsedLine r = model->parse(line);
+      if (!r.has_candidates) {
+        batch.push_back(std::move(r.row));
+        if (batch.size() >= batch_size || keep_going || requests == "-") flush();
+      } else {
+        flush();
+        for (float x : model->score(r.candidates)) std::printf("%.9g\n", x);
+        std::fflush(stdout);
+      }
+    } catch (const rocketrec::RequestError& e) {
+      if (!keep_going) return fail(src + ":" + std::to_string(ln) + ": " + e.what());
+      batch.clear();
+      ++bad;
+      std::printf("error: %s:%zu: %s\n", src.c_str(), ln, e.what());
+    }
+  }
+  flush();
+  watch.stop();
+  return bad ? 1 : 0;
+}
+
+// --watch DIR FILE --load-test S: every thread scores all of FILE's lines per pass with
+// the model it took at the pass's start, and prints that model's name and the scores.
+int load_test(rocketrec::PredictorWatch& watch, const std::vector<std::string>& lines, double seconds,
+              int threads) {
+  std::mutex out_mu;  // stdout, shared by the scoring threads (the watcher logs to stderr alone)
+  std::atomic<long> passes{0}, errors{0};
+  std::atomic<bool> stop{false};
+  watch.start(std::chrono::milliseconds(20),
+              [](const std::string& line) { std::cerr << "rocketrec_predict: " << line << std::endl; });
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&] {
+      at::set_num_threads(1);
+      while (!stop.load()) {
+        auto [model, name] = watch.snapshot();  // this pass: one model, whatever swaps
+        std::string out = name;
+        try {
+          std::vector<rocketrec::Request> rows;
+          for (const auto& line : lines) {
+            rocketrec::ParsedLine r = model->parse(line);
+            if (r.has_candidates) {
+              for (float x : model->score(r.candidates)) out += " " + std::to_string(x);
+            } else {
+              for (float x : model->predict({r.row})) out += " " + std::to_string(x);
+            }
+          }
+        } catch (const std::exception& e) {
+          ++errors;
+          out += std::string(" error: ") + e.what();
+        }
+        ++passes;
+        std::lock_guard<std::mutex> lock(out_mu);
+        std::printf("%s\n", out.c_str());
+      }
+    });
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  stop = true;
+  for (auto& th : pool) th.join();
+  watch.stop();
+  std::fflush(stdout);
+  std::cerr << "{\"passes\": " << passes.load() << ", \"errors\": " << errors.load() << ", \"swaps\": "
+            << watch.swaps() << ", \"refused\": " << watch.refused() << "}" << std::endl;
+  return errors.load() ? 1 : 0;
+}
+
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty()) return usage();
@@ -293,17 +396,25 @@ int main(int argc, char** argv) {
     if (args.size() >= 4 && args[2] == "--seconds") secs = std::stod(args[3]);
     return bench_math(args[1], secs);
   }
-  std::string model = args[0], requests = "-", context;
+  std::string model = args[0], requests = "-", context, watch_dir;
   bool do_bench = false, manifest = false, keep_going = false, do_self_test = false;
+  double load_seconds = 0;
+  size_t first = 1;
+  if (args[0] == "--watch") {
+    if (args.size() < 2) return fail("--watch DIR [REQUESTS.jsonl | -]");
+    watch_dir = args[1];
+    first = 2;
+  }
   size_t batch_size = 256;
   double seconds = 1.0;
   int n_cand = 200, threads = 2;
   size_t aoti_runners = 0;
   rocketrec::Runtime runtime = rocketrec::Runtime::kStatic;
-  for (size_t i = 1; i < args.size(); ++i) {
+  for (size_t i = first; i < args.size(); ++i) {
     const std::string& a = args[i];
     try {
       if (a == "--bench") do_bench = true;
+      else if (a == "--load-test" && i + 1 < args.size() && !watch_dir.empty()) load_seconds = std::stod(args[++i]);
       else if (a == "--manifest") manifest = true;
       else if (a == "--keep-going") keep_going = true;
       else if (a == "--self-test") do_self_test = true;
@@ -329,6 +440,26 @@ int main(int argc, char** argv) {
   }
   if (batch_size == 0) return fail("--batch must be >= 1");
   if (n_cand < 1 || threads < 1) return fail("--candidates and --threads must be >= 1");
+  if (!watch_dir.empty()) {
+    try {
+      rocketrec::PredictorWatch watch(watch_dir, {}, runtime, aoti_runners);
+      std::cerr << "rocketrec_predict: serving " << watch_dir << "/" << watch.current_name() << std::endl;
+      if (load_seconds > 0) {
+        std::ifstream f(requests);
+        if (requests == "-" || !f) return fail("--load-test needs a requests file");
+        std::vector<std::string> lines;
+        for (std::string line; std::getline(f, line);)
+          if (line.find_first_not_of(" \t\r") != std::string::npos) lines.push_back(line);
+        return load_test(watch, lines, load_seconds, threads);
+      }
+      watch.start(std::chrono::milliseconds(100),
+                  [](const std::string& line) { std::cerr << "rocketrec_predict: " << line << std::endl; });
+      return serve(watch, requests, batch_size, keep_going);
+    } catch (const std::exception& e) {
+      std::string msg = e.what();
+      return fail(msg.substr(0, msg.find('\n')));
+    }
+  }
   try {
     const rocketrec::Predictor p(model, {}, runtime, aoti_runners);
     if (manifest) {

@@ -41,6 +41,22 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_publish(a: argparse.Namespace) -> int:
+    from rocketrec.run.publish import publish_run
+
+    rec = publish_run(
+        a.run,
+        a.data if len(a.data) > 1 else a.data[0],
+        max_ne_regression=a.max_ne_regression,
+        keep=a.keep_published,
+        fmt=a.format,
+        rows=a.rows,
+    )
+    if a.json:
+        print(json.dumps(rec))
+    return 0 if rec["published"] else 1
+
+
 def _load_model(path: str):  # type: ignore[no-untyped-def]
     from rocketrec.serving.manifest import read_manifest
     from rocketrec.serving.ops import load_model
@@ -233,6 +249,26 @@ def add_serving_commands(sub: Any) -> None:
         help="package the booster instead (all features; for latency comparisons only)",
     )
     e.set_defaults(fn=_cmd_export)
+    u = sub.add_parser(
+        "publish",
+        help="export a run's newest checkpoint to RUN/published/<step>/ and publish it (the "
+        "LATEST pointer) if it passes the parity gate and its NE on --data is no worse than "
+        "the published model's",
+    )
+    u.add_argument("run", help="run directory")
+    u.add_argument("--data", nargs="+", required=True, help="the newest traffic (Parquet)")
+    u.add_argument(
+        "--max-ne-regression",
+        type=float,
+        default=0.01,
+        help="refuse a model whose NE on --data is worse than the published one's by more "
+        "than this (relative; default 0.01 = 1%%)",
+    )
+    u.add_argument("--keep-published", type=int, default=3, help="candidates kept on disk")
+    u.add_argument("--format", choices=("torchscript", "aoti"), default="torchscript")
+    u.add_argument("--rows", type=int, default=None, help="evaluate on the first N rows only")
+    u.add_argument("--json", action="store_true", help="print the attempt's record as JSON")
+    u.set_defaults(fn=_cmd_publish)
     p = sub.add_parser(
         "predict",
         help="score JSON-lines requests (one-row or context+candidates) with an exported model",
