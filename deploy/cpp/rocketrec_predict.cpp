@@ -277,9 +277,13 @@ int self_test(const rocketrec::Predictor& p) {
 
 }  // namespace
 
-// --watch DIR [FILE]: like the plain mode, each batch (and each candidates request)
-// scored by the model current when it started; a batch is cut where the model changes.
-int serve(rocketrec::PredictorWatch& watch, const std::string& requests, size_t batch_size, bool keep_going) {
+// Scores REQUESTS (a file or - for stdin) line by line: one-row requests in batches of
+// `batch_size`, each context+candidates request on its own, in request order. `current`
+// gives the model: a batch (and a candidates request) is scored by the model current
+// when it started, and a batch is cut where the model changes (--watch). `live`: stdin
+// lines are answered at once (an interactive client waits for them).
+int serve(const std::function<std::shared_ptr<const rocketrec::Predictor>()>& current,
+          const std::string& requests, size_t batch_size, bool keep_going, bool live) {
   std::ifstream file;
   if (requests != "-") {
     file.open(requests);
@@ -289,40 +293,49 @@ int serve(rocketrec::PredictorWatch& watch, const std::string& requests, size_t 
   const std::string src = requests == "-" ? "<stdin>" : requests;
   std::shared_ptr<const rocketrec::Predictor> model;  // the batch's model
   std::vector<rocketrec::Request> batch;
-  size_t ln = 0, bad = 0;
+  size_t ln = 0, total = 0, bad = 0;
+  auto print = [](const std::vector<float>& ps) {
+    for (float x : ps) std::printf("%.9g\n", x);
+  };
   auto flush = [&]() {
-    if (!batch.empty())
-      for (float x : model->predict(batch)) std::printf("%.9g\n", x);
+    if (batch.empty()) return;
+    print(model->predict(batch));
+    total += batch.size();
     batch.clear();
-    std::fflush(stdout);
   };
   for (std::string line; std::getline(in, line);) {
     ++ln;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    auto cur = watch.current();
-    if (cur != model) {
+    auto now = current();
+    if (now != model) {
       flush();
-      model = cur;
+      model = std::move(now);
     }
     try {
       rocketrec::ParsedLine r = model->parse(line);
       if (!r.has_candidates) {
         batch.push_back(std::move(r.row));
-        if (batch.size() >= batch_size || keep_going || requests == "-") flush();
+        if (batch.size() == batch_size || keep_going || (live && requests == "-")) flush();
       } else {
-        flush();
-        for (float x : model->score(r.candidates)) std::printf("%.9g\n", x);
-        std::fflush(stdout);
+        flush();  // keep the output in request order
+        print(model->score(r.candidates));
+        total += r.candidates.candidates.size();
       }
+      if (live) std::fflush(stdout);
     } catch (const rocketrec::RequestError& e) {
-      if (!keep_going) return fail(src + ":" + std::to_string(ln) + ": " + e.what());
+      if (!keep_going) {
+        std::fflush(stdout);
+        return fail(src + ":" + std::to_string(ln) + ": " + e.what());
+      }
       batch.clear();
       ++bad;
-      std::printf("error: %s:%zu: %s\n", src.c_str(), ln, e.what());
+      std::string msg = e.what();
+      std::replace(msg.begin(), msg.end(), '\n', ' ');
+      std::printf("error: %s:%zu: %s\n", src.c_str(), ln, msg.c_str());
     }
   }
   flush();
-  watch.stop();
+  if (total == 0 && bad == 0) return fail(src + ": no requests");
   return bad ? 1 : 0;
 }
 
@@ -454,7 +467,9 @@ int main(int argc, char** argv) {
       }
       watch.start(std::chrono::milliseconds(100),
                   [](const std::string& line) { std::cerr << "rocketrec_predict: " << line << std::endl; });
-      return serve(watch, requests, batch_size, keep_going);
+      int rc = serve([&] { return watch.current(); }, requests, batch_size, keep_going, true);
+      watch.stop();
+      return rc;
     } catch (const std::exception& e) {
       std::string msg = e.what();
       return fail(msg.substr(0, msg.find('\n')));
@@ -473,53 +488,8 @@ int main(int argc, char** argv) {
       return bench(p, pi, &pa, seconds, split(context, ','), n_cand, threads);
     }
     if (do_self_test) return self_test(p);
-    std::ifstream file;
-    if (requests != "-") {
-      file.open(requests);
-      if (!file) return fail(requests + ": cannot open");
-    }
-    std::istream& in = requests == "-" ? std::cin : file;
-    const std::string src = requests == "-" ? "<stdin>" : requests;
-    std::vector<rocketrec::Request> batch;
-    std::string line;
-    size_t ln = 0, total = 0, bad = 0;
-    auto print = [](const std::vector<float>& ps) {
-      for (float x : ps) std::printf("%.9g\n", x);
-    };
-    auto flush = [&]() {
-      if (batch.empty()) return;
-      print(p.predict(batch));
-      total += batch.size();
-      batch.clear();
-    };
-    while (std::getline(in, line)) {
-      ++ln;
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      try {
-        rocketrec::ParsedLine r = p.parse(line);
-        if (!r.has_candidates) {
-          batch.push_back(std::move(r.row));
-          if (batch.size() == batch_size || keep_going) flush();  // keep-going: a line at a time
-        } else {
-          flush();  // keep the output in request order
-          print(p.score(r.candidates));
-          total += r.candidates.candidates.size();
-        }
-      } catch (const rocketrec::RequestError& e) {
-        if (!keep_going) {
-          std::fflush(stdout);
-          return fail(src + ":" + std::to_string(ln) + ": " + e.what());
-        }
-        batch.clear();
-        ++bad;
-        std::string msg = e.what();
-        std::replace(msg.begin(), msg.end(), '\n', ' ');
-        std::printf("error: %s:%zu: %s\n", src.c_str(), ln, msg.c_str());
-      }
-    }
-    flush();
-    if (total == 0 && bad == 0) return fail(src + ": no requests");
-    return bad ? 1 : 0;
+    std::shared_ptr<const rocketrec::Predictor> one(&p, [](const rocketrec::Predictor*) {});
+    return serve([&] { return one; }, requests, batch_size, keep_going, false);
   } catch (const std::exception& e) {
     std::string msg = e.what();
     return fail(msg.substr(0, msg.find('\n')));

@@ -46,13 +46,20 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically: a temporary file, fsynced, renamed, and the
+    directory fsynced (a reader sees the old text or the new, also after a crash)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 FILES = "files.json"
@@ -77,7 +84,7 @@ def write_file_list(ckpt: Path) -> None:
     for p in sorted(ckpt.rglob("*")):
         if p.is_file() and p.name != FILES:
             files[str(p.relative_to(ckpt))] = {"bytes": p.stat().st_size, "crc32": _crc32(p)}
-    _atomic_write_text(ckpt / FILES, json.dumps({"files": files}, indent=1))
+    atomic_write_text(ckpt / FILES, json.dumps({"files": files}, indent=1))
 
 
 def verify_checkpoint(ckpt: str | Path) -> str | None:
@@ -193,13 +200,13 @@ def save_checkpoint(
     dcp.save(state, checkpoint_id=str(tmp))
     if rank == 0:
         torch.save(dense_optim, tmp / "dense_optim.pt")
-        _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
     _barrier()
     if rank == 0:
         write_file_list(tmp)  # every rank's files are complete here
     if rank == 0:
         os.replace(tmp, final)
-        _atomic_write_text(root / "latest", name)
+        atomic_write_text(root / "latest", name)
         done = sorted(p for p in root.glob("step_*") if p.is_dir())
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

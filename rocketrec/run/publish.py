@@ -22,13 +22,12 @@ A refused model stays on disk with its reason. Older candidates are pruned to th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from rocketrec.checkpoint.files import latest_checkpoint, read_meta
+from rocketrec.checkpoint.files import atomic_write_text, latest_checkpoint, read_meta
 from rocketrec.errors import CheckpointNotFound, ExportError, UserError
 from rocketrec.run.run_dir import RunDir
 
@@ -49,20 +48,6 @@ def current(pub: Path) -> Path | None:
         if (pub / name / fname).is_file():
             return pub / name / fname
     return None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)  # the rename itself survives a crash
-    finally:
-        os.close(dfd)
 
 
 def _light_ne(model: Path, data: Any, rows: int | None) -> float:
@@ -135,7 +120,7 @@ def publish_run(
                 f"model's {rec['published_ne']:.5f} by more than {max_ne_regression:.1%}",
             )
         else:
-            _atomic_write(pub / LATEST, cand.name + "\n")
+            atomic_write_text(pub / LATEST, cand.name + "\n")
             rec["published"] = True
     rec["seconds"] = time.perf_counter() - t0
     if not rec["published"]:
