@@ -245,6 +245,27 @@ def _write_gated(
     return diff, tol
 
 
+def _write_format(
+    fmt: str,
+    box: list[Any],
+    manifest: dict[str, Any],
+    out: Path,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ref: torch.Tensor,
+    table: pa.Table,
+    int8: bool,
+) -> dict[str, Any]:
+    """Write the serving module in `box` as `fmt` behind the parity gate: {"diff", "tol",
+    "format", and for aoti "compile_seconds"}."""
+    if fmt == "aoti":
+        cand = _candidate_inputs(table, manifest)
+        diff, tol, seconds = _write_aoti_gated(box, manifest, out, inputs, ref, cand, int8)
+        return {"diff": diff, "tol": tol, "format": fmt, "compile_seconds": seconds}
+    box[0] = script(box[0])
+    diff, tol = _write_gated(box, manifest, out, inputs, ref, int8)
+    return {"diff": diff, "tol": tol, "format": fmt}
+
+
 def _candidate_inputs(table: pa.Table, manifest: dict[str, Any]) -> tuple[Any, Any]:
     """A one-context, many-candidates request from held-out rows (the context: the inputs
     whose name mentions 'user', as `rocketrec requests` does) and its merged rows."""
@@ -279,15 +300,15 @@ def _write_aoti_gated(
     it back and rename it onto `out` only if forward matches `ref` and score_candidates
     matches forward on the same merged rows (each within the tolerance). Returns (max
     |diff|, tolerance, compile seconds)."""
-    from rocketrec.serving import aoti
+    from rocketrec.serving.aoti import AotiModel, temp_beside, write_package
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = aoti.temp_beside(out)
+    tmp = temp_beside(out)
     tol = INT8_TOL if int8 else FP32_TOL
     try:
         has_candidates = hasattr(box[0], "score_candidates")
         try:
-            seconds = aoti.write_package(
+            seconds = write_package(
                 box[0], manifest, tmp, inputs, cand[0] if has_candidates else None
             )
         except Exception as e:  # torch.export / inductor: say which module could not compile
@@ -299,7 +320,7 @@ def _write_aoti_gated(
             ) from e
         box.clear()
         gc.collect()
-        loaded = aoti.AotiModel(tmp)
+        loaded = AotiModel(tmp)
         with torch.no_grad():
             diff = float((loaded(*inputs) - ref).abs().max())
             if has_candidates:
@@ -354,6 +375,32 @@ def _table_sources(
     return sources, int(model.cfg.light_private_dim)
 
 
+def _manifest(
+    spec: FeatureSpec,
+    int8: bool,
+    meta: dict[str, Any],
+    ck: Path,
+    booster: bool,
+    private_dim: int,
+    rate: float,
+    portable: bool,
+) -> dict[str, Any]:
+    return build_manifest(
+        spec,
+        int8,
+        meta.get("metrics", {}),
+        {
+            "checkpoint": str(ck),
+            "step": meta.get("step"),
+            "tower": "booster" if booster else "light",
+            "light_private_dim": private_dim,
+            "negative_sample_rate": rate,
+            "calibration": "served probability = sigmoid(logit + log(negative_sample_rate))",
+            "op_library": None if portable else op_library_entry(),
+        },
+    )
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
@@ -404,33 +451,14 @@ def export_checkpoint(
     portable = portable or attention is not None
     # reference: the training model's code path on the same rows, corrected the same way
     ref = _reference_scores(model, dense, kjt, booster, needed, collector, np.log(rate))
-    manifest = build_manifest(
-        spec,
-        int8,
-        meta.get("metrics", {}),
-        {
-            "checkpoint": str(ck),
-            "step": meta.get("step"),
-            "tower": "booster" if booster else "light",
-            "light_private_dim": 0 if booster else model.cfg.light_private_dim,
-            "negative_sample_rate": rate,
-            "calibration": "served probability = sigmoid(logit + log(negative_sample_rate))",
-            "op_library": None if portable else op_library_entry(),
-        },
-    )
+    private = 0 if booster else model.cfg.light_private_dim
+    manifest = _manifest(spec, int8, meta, ck, booster, private, rate, portable)
     out = Path(out)
     inputs = raw_inputs_from_table(table, spec)
     box = [served]
     del served
-    extra: dict[str, Any] = {"format": fmt}
-    if fmt == "aoti":
-        cand = _candidate_inputs(table, manifest)
-        diff, tol, extra["compile_seconds"] = _write_aoti_gated(
-            box, manifest, out, inputs, ref, cand, int8
-        )
-    else:
-        box[0] = script(box[0])
-        diff, tol = _write_gated(box, manifest, out, inputs, ref, int8)
+    extra = _write_format(fmt, box, manifest, out, inputs, ref, table, int8)
+    diff, tol = extra.pop("diff"), extra.pop("tol")
     return {
         **extra,
         "out": str(out),

@@ -121,10 +121,10 @@ def load_model(path: str | Path) -> Any:
                 f"{path} runs on rocketrec's fused operator and needs {LIBRARY_NAME}: {e}"
             ) from e
     check_manifest_format(man, path)
-    from rocketrec.serving import aoti
+    from rocketrec.serving.aoti import AotiModel, is_package
 
-    if aoti.is_package(path):
-        return aoti.AotiModel(path)
+    if is_package(path):
+        return AotiModel(path)
     try:
         return torch.jit.load(str(path))
     except RuntimeError as e:
