@@ -92,7 +92,11 @@ def _cmd_train(job: Any) -> int:
     spec, job = prepare_run(job)  # every check, then RUN/config.yaml
     t0 = time.time()
     try:
-        res = train_job(job, spec)
+        from rocketrec.run.publish import publisher
+
+        res = train_job(
+            job, spec, publish=publisher(job.train.max_ne_regression, job.train.keep_published)
+        )
     except UserError as e:
         # user errors (bad data mid-run, damaged checkpoints, divergence): one line on the
         # console (main), the traceback in RUN/train.log

@@ -33,6 +33,15 @@ from rocketrec.train.job import JobConfig
 
 def _check_data(job: JobConfig, spec: FeatureSpec) -> None:
     bs, workers = job.train.batch_size, job.workers
+    if job.train.follow:  # partitions arrive later: each is checked when it does
+        bad = [p for p in job.data.train if not Path(p).is_dir()]
+        if bad or len(job.data.train) != 1:
+            raise UserError(
+                f"--follow: --train must be one directory ({' '.join(bad or job.data.train)})"
+            )
+        if job.data.val:
+            ParquetReader(list(job.data.val), spec, bs, shuffle=False).close()
+        return
     probe = ParquetReader(list(job.data.train), spec, bs, shuffle=False)
     if probe.total_rows // workers < bs:
         who = f"{workers} workers: every worker" if workers > 1 else "1 worker: it"

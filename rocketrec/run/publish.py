@@ -135,3 +135,12 @@ def publish_run(
     with open(pub / LOG, "a") as f:
         f.write(json.dumps(rec) + "\n")
     return rec
+
+
+def publisher(max_ne_regression: float, keep: int) -> Any:
+    """The follow loop's `publish(run_dir, partition, log)` (rocketrec.train.follow)."""
+
+    def publish(run: Path, partition: Path, log: Any) -> dict[str, Any]:
+        return publish_run(run, str(partition), max_ne_regression, keep, log=log)
+
+    return publish

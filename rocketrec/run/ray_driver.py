@@ -76,7 +76,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if marker.is_file():  # a user error stopped an earlier attempt: no retry (main says why)
         return
     try:
-        train_job(job, spec, resume=resume, report=report, run_id=config["run_id"])
+        from rocketrec.run.publish import publisher
+
+        publish = publisher(job.train.max_ne_regression, job.train.keep_published)
+        train_job(job, spec, resume=resume, report=report, run_id=config["run_id"], publish=publish)
     except UserError as e:
         # A user error (bad data, a damaged checkpoint, divergence) fails the same way on
         # every retry: record it for the driver (one line, exit 2; the traceback in

@@ -29,57 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from rocketrec.checkpoint.files import latest_checkpoint, read_meta
+from rocketrec.checkpoint.meta import saved_trainer_state
 from rocketrec.checkpoint.resume import (
     check_resume_compatible,
 )
 from rocketrec.data.reader import ParquetReader
-from rocketrec.errors import CheckpointNotFound
-from rocketrec.model.loss import LossConfig, PhasePlan
+from rocketrec.errors import CheckpointNotFound, ConfigError
+from rocketrec.model.loss import LossConfig, plan_phases
 from rocketrec.model.towers import ModelConfig
 from rocketrec.spec import FeatureSpec
+from rocketrec.train.epoch import Rate, train_epoch
 from rocketrec.train.job import JobConfig
-from rocketrec.train.runlog import eta
-from rocketrec.train.steps import attach, detach, make_steps, pipelined
 from rocketrec.train.train_config import TrainConfig
 from rocketrec.train.trainer import Report, Trainer
-
-
-class _Rate:
-    """Examples/s and the ETA between two logging steps."""
-
-    def __init__(self, t: Trainer) -> None:
-        self.trainer, self.t, self.rows, self.step = t, time.time(), 0, 0
-        self.mark()
-
-    def mark(self) -> tuple[float, float]:
-        p, now = self.trainer.progress, time.time()
-        rate = (p.rows_seen - self.rows) / max(now - self.t, 1e-9)
-        step_s = (now - self.t) / max(1, p.step - self.step)
-        self.t, self.rows, self.step = now, p.rows_seen, p.step
-        return rate, step_s
-
-
-def _log_step(t: Trainer, plan: PhasePlan, terms: dict[str, Any], rate: _Rate, total: int) -> None:
-    p, cfg = t.progress, t.cfg
-    t.check_finite()
-    terms = {k: float(v) for k, v in terms.items()}  # the step's only host syncs
-    ex_s, step_s = rate.mark()
-    t.log.line(
-        f"step {p.step}/{total} epoch {t.train_reader.epoch} {plan.phase or t.loss_cfg.mode} "
-        + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-        + f" | {ex_s:,.0f} ex/s | ETA {eta(step_s * (total - p.step))}"
-    )
-    groups = t.dense_opt.param_groups
-    t.log.record(
-        {
-            "step": p.step,
-            "phase": plan.phase,
-            **{f"train_{k}": v for k, v in terms.items()},
-            "train_examples_per_s": ex_s,
-            "train_lr_dense": groups[0]["lr"] if groups else cfg.dense_lr,
-            "train_lr_sparse": cfg.sparse_lr,
-        }
-    )
 
 
 def _total_steps(t: Trainer) -> int:
@@ -99,66 +61,13 @@ def _total_steps(t: Trainer) -> int:
     return p.step + max(0, left) + per_phase * (len(t.phases) - p.phase_idx - 1)
 
 
-def _epoch(t: Trainer, plan: PhasePlan, rate: _Rate, total: int) -> bool:
-    """Train the rest of the reader's current epoch in `plan`'s phase, within the step
-    budget. Returns False when the phase's step budget ran out before the epoch's end."""
-    cfg, p, reader = t.cfg, t.progress, t.train_reader
-    n_epoch = reader.min_batches_all_ranks(reader.epoch)
-    todo = n_epoch - p.epoch_step
-    if cfg.max_steps:
-        todo = min(todo, cfg.max_steps - (p.step - p.phase_start))
-    steps = make_steps(t.dmp, t.task(plan), t.dense_step(), t.env.device, cfg.step_path)
-    data = reader.take(max(0, todo))
-    while True:
-        t0 = time.perf_counter()
-        try:
-            terms, n_rows = steps.progress(data)
-        except StopIteration:
-            break
-        p.loop_seconds += time.perf_counter() - t0
-        reader.mark_trained()  # this batch is trained: a checkpoint resumes after it
-        p.step += 1
-        p.epoch_step += 1
-        p.rows_seen += n_rows * t.world
-        if cfg.log_every and p.step % cfg.log_every == 0:
-            _log_step(t, plan, terms, rate, total)
-        if p.step == 1 + p.phase_start and cfg.step_path == "pipeline":
-            mods, post = pipelined(steps)
-            t.log.line(
-                f"pipeline: TorchRec pipelines {', '.join(mods) or 'no sharded module'} "
-                f"(input distribution) and {', '.join(post) or 'no module'} (preprocessing)"
-            )
-        if cfg.eval_every and p.step % cfg.eval_every == 0:
-            detach(steps)  # evaluation calls the model's own forwards
-            t.check_finite()
-            t.log.record(t.evaluate())
-            attach(steps)
-        if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
-            t.save()
-    detach(steps)  # the model's own forwards again (the next epoch builds a new pipeline)
-    data.close()  # stop the reader thread
-    if cfg.max_steps and p.step - p.phase_start >= cfg.max_steps:
-        return False
-    # epoch done: every rank stopped at the common count of batches
-    unused = reader.rows_unused(reader.epoch, n_epoch)
-    p.rows_unused += unused
-    total_rows = reader.total_rows
-    t.log.line(
-        f"epoch {reader.epoch} done at step {p.step}: {total_rows - unused:,} of "
-        f"{total_rows:,} rows trained on, rows_unused {unused:,} (each rank's short last batch)"
-    )
-    reader.next_epoch()
-    p.epoch_step = 0
-    return True
-
-
 def run(t: Trainer) -> dict[str, Any]:
     """Every phase's epochs, then the final evaluation and checkpoint."""
     p, t0 = t.progress, time.time()
-    rate, total = _Rate(t), _total_steps(t)
+    rate, total = Rate(t), _total_steps(t)
     while p.phase_idx < len(t.phases):
         plan = t.phases[p.phase_idx]
-        while t.train_reader.epoch < t.cfg.epochs and _epoch(t, plan, rate, total):
+        while t.train_reader.epoch < t.cfg.epochs and train_epoch(t, plan, rate, total):
             pass
         p.phase_idx += 1
         if p.phase_idx < len(t.phases):
@@ -185,9 +94,20 @@ def run(t: Trainer) -> dict[str, Any]:
     return final
 
 
+def _follow_root(train_data: Any, loss_cfg: LossConfig) -> str:
+    paths = [train_data] if isinstance(train_data, str | Path) else list(train_data)
+    if len(paths) != 1 or not Path(paths[0]).is_dir():
+        raise ConfigError(
+            f"--follow: --train must be one directory (got {' '.join(map(str, paths))})"
+        )
+    if len(plan_phases(loss_cfg)) != 1:
+        raise ConfigError(f"--follow: mode {loss_cfg.mode} trains in phases; use one-phase modes")
+    return str(paths[0])
+
+
 def train(
     spec: FeatureSpec,
-    train_data: str | Sequence[str] | ParquetReader,
+    train_data: str | Sequence[str] | ParquetReader | None,
     val_data: str | Sequence[str] | ParquetReader | None,
     out_dir: str | Path,
     model_cfg: ModelConfig | None = None,
@@ -198,6 +118,7 @@ def train(
     run_id: str | None = None,
     run_config: dict[str, Any] | None = None,
     verified: bool = False,
+    publish: Any = None,
 ) -> dict[str, Any]:
     """Train; returns the final validation metrics. `resume`: a run dir or checkpoint dir
     (the newest intact checkpoint is used); with `verified`, the checkpoint itself, its
@@ -211,6 +132,12 @@ def train(
         if ck is None:
             raise CheckpointNotFound(f"--resume {resume}: no complete checkpoint found there")
         check_resume_compatible(read_meta(ck), spec, model_cfg, loss_cfg, train_cfg, str(ck))
+    root = None
+    if train_cfg.follow:  # the reader is opened per partition (rocketrec.train.follow)
+        root, train_data = _follow_root(train_data, loss_cfg), None
+        if ck is not None:
+            cur = (saved_trainer_state(read_meta(ck)).get("follow") or {}).get("current")
+            train_data = str(Path(root) / cur) if cur else None
     t = Trainer(
         spec, model_cfg, loss_cfg, train_cfg, out_dir, train_data, val_data, report, run_id,
         run_config, resume_from=ck,
@@ -220,6 +147,10 @@ def train(
             t.resume(ck)
         elif train_cfg.init_from:
             t.warm_start(train_cfg.init_from)
+        if root is not None:
+            from rocketrec.train.follow import follow
+
+            return follow(t, root, publish)
         return run(t)
     finally:
         sys.stdout.flush()
@@ -232,6 +163,7 @@ def train_job(
     resume: str | None = None,
     report: Report | None = None,
     run_id: str | None = None,
+    publish: Any = None,
 ) -> dict[str, Any]:
     """train() of a JobConfig that went through rocketrec.run.prepare.prepare_run (rocketrec
     train, and every Ray worker of ads_train.py): its `resume` is a checkpoint already
@@ -249,4 +181,5 @@ def train_job(
         run_id=run_id,
         run_config=job.to_dict(),
         verified=True,
+        publish=publish,
     )

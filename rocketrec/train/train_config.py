@@ -95,6 +95,36 @@ class TrainConfig:
         "file:///shared/mlruns or http://mlflow:5000); needs the mlflow package",
         resume=True,
     )
+    follow: bool = setting(
+        False,
+        "near-line: train on each complete partition under --train (a directory with a "
+        "_SUCCESS file) once, in arrival order, as they appear; each scored before it is "
+        "trained on (docs/near_line.md)",
+        resume=True,
+        switch=True,
+    )
+    follow_poll: float = setting(
+        5.0, "with --follow: seconds between looks for partitions", resume=True
+    )
+    until_idle: float = setting(
+        0.0,
+        "with --follow: stop, after a checkpoint, once no new partition has arrived for this "
+        "many seconds (0 = never; SIGTERM also stops after a checkpoint)",
+        resume=True,
+    )
+    publish_every: int = setting(
+        0,
+        "with --follow: publish the light tower every N partitions (rocketrec publish: "
+        "parity and NE gates, RUN/published/LATEST; 0 = never)",
+        resume=True,
+    )
+    max_ne_regression: float = setting(
+        0.01,
+        "publishing: refuse a model whose NE on the newest partition is worse than the "
+        "published one's by more than this (relative)",
+        resume=True,
+    )
+    keep_published: int = setting(3, "publishing: candidates kept on disk", resume=True)
 
     def __post_init__(self) -> None:
         for k in ("batch_size", "epochs"):
@@ -106,9 +136,14 @@ class TrainConfig:
             raise ConfigError(
                 f"negative_sample_rate must be in (0, 1], got {self.negative_sample_rate}"
             )
+        if self.follow_poll <= 0 or self.keep_published < 1:
+            raise ConfigError("follow_poll must be > 0 and keep_published >= 1")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         for k in (
+            "publish_every",
+            "until_idle",
+            "max_ne_regression",
             "max_steps",
             "warmup_steps",
             "eval_every",

@@ -169,19 +169,24 @@ class Trainer:
         # Resume: the checkpoint's sharding kinds are the first constraint (see resume.py)
         self.saved_kinds = resume_rules.saved_sharding(resume_from) if resume_from else {}
         self.model, self.dmp = self._build()
-        self.train_reader = (
+        # --follow: the partitions done, the one in progress, those quarantined
+        self.follow_state: dict[str, Any] = {"done": [], "current": None, "quarantined": []}
+        reader = (
             train_data
-            if isinstance(train_data, ParquetReader)
+            if isinstance(train_data, ParquetReader) or train_data is None
             else train_reader(spec, train_data, cfg, self.rank, self.world)
         )
+        # None only with --follow, until the follow loop opens a partition
+        self.train_reader: ParquetReader = reader  # type: ignore[assignment]
         self.val_reader = (
             val_data
             if isinstance(val_data, ParquetReader)
             else val_reader(spec, val_data, cfg, self.rank, self.world)
         )
         trace_dir = os.environ.get(TRACE_ENV)
-        if trace_dir:
-            self.train_reader.trace = _IdTrace(Path(trace_dir), spec, self.rank)
+        self.trace = _IdTrace(Path(trace_dir), spec, self.rank) if trace_dir else None
+        if self.train_reader is not None:
+            self.train_reader.trace = self.trace
         self.phases: list[PhasePlan] = plan_phases(loss_cfg)  # decided once, used everywhere
         self.trained_towers = set(trained_towers(loss_cfg))  # the others: not evaluated
         self.progress = Progress()
@@ -269,12 +274,20 @@ class Trainer:
         """The run's own state beyond the model and optimizers (collective: every rank
         calls it): its counters, every rank's reader position at the last trained batch,
         and every rank's RNG state. JSON-ready."""
-        return {
+        reader = self.train_reader.trained_state() if self.train_reader is not None else None
+        state = {
             "world_size": self.world,
             "progress": asdict(self.progress),
-            "readers": _gather(self.train_reader.trained_state(), self.world),
+            "readers": _gather(reader, self.world),
             "rng": _gather(_rng_state(self.env.device), self.world),
         }
+        if self.cfg.follow:
+            state["follow"] = self.follow_state
+        return state
+
+    def stop_requested(self) -> bool:
+        """Whether the loop should stop after this step (the follow loop sets it: SIGTERM)."""
+        return False
 
     def load_state_dict(self, state: dict[str, Any], where: str = "the checkpoint") -> None:
         """Continue from `state` (a state_dict(), of this or another world size). The same
@@ -297,6 +310,10 @@ class Trainer:
         rng = state.get("rng")
         if rng and saved_world == self.world:
             _set_rng_state(rng[self.rank], self.env.device)
+        if self.cfg.follow:
+            self.follow_state = state.get("follow") or self.follow_state
+            if self.follow_state["current"] is None:  # between partitions: no position
+                return
         self._load_readers(state["readers"], saved_world, where)
 
     def _load_readers(self, readers: list[dict[str, Any]], saved_world: int, where: str) -> None:
