@@ -113,7 +113,9 @@ def test_follow_partitions_exactly_once_through_a_kill(tmp_path):
     # rows trained into the final model: the killed process's batches after the step it
     # was resumed from were lost with it (and trained again after the resume)
     resumed = int(out.split("resumed from ")[1].split(" at step ")[1].split()[0])
-    assert resumed == 30, "resumed from the checkpoint inside partition 1"
+    # partition 1 spans steps 10..90: its checkpoint at 15 (or at 30, if written before
+    # the kill) is the one resumed from, inside the partition
+    assert resumed in (15, 30), resumed
     files = sorted((tmp_path / "trace").iterdir(), key=lambda f: f.stat().st_mtime)
     assert len(files) == 2, files
     first = files[0].read_text().splitlines()[:resumed]
