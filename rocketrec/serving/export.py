@@ -205,6 +205,18 @@ def _reference_scores(
     return torch.sigmoid(z + logit_offset)
 
 
+def _pass_gate(tmp: Path, out: Path, diff: float, tol: float, rows: int, what: str) -> None:
+    """Move the checked file `tmp` onto `out` if its max |diff| is within `tol`, else refuse
+    (the caller removes `tmp`)."""
+    if not diff <= tol:
+        raise ExportError(
+            f"parity gate failed: {what} differs from the training model by {diff:.3g} "
+            f"(> {tol:g}) on {rows} held-out rows; nothing written to {out}"
+        )
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+
+
 def _write_gated(
     box: list[Any],
     manifest: dict[str, Any],
@@ -232,13 +244,7 @@ def _write_gated(
             got = loaded(*inputs)
         diff = float((got - ref).abs().max())
         tol = INT8_TOL if int8 else FP32_TOL
-        if not diff <= tol:
-            raise ExportError(
-                f"parity gate failed: exported module differs from the training model by {diff:.3g} "
-                f"(> {tol:g}) on {len(ref)} held-out rows; nothing written to {out}"
-            )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        _pass_gate(tmp, out, diff, tol, len(ref), "exported module")
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -327,13 +333,7 @@ def _write_aoti_gated(
                 merged = loaded(*cand[1])
                 diff = max(diff, float((loaded.score_candidates(*cand[0]) - merged).abs().max()))
         del loaded
-        if not diff <= tol:
-            raise ExportError(
-                f"parity gate failed: the AOTInductor package differs from the training model "
-                f"by {diff:.3g} (> {tol:g}) on {len(ref)} held-out rows; nothing written to {out}"
-            )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        _pass_gate(tmp, out, diff, tol, len(ref), "the AOTInductor package")
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return diff, tol, seconds

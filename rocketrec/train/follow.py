@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
-from rocketrec.data.partitions import complete_partitions
+from rocketrec.data.partitions import SUCCESS, complete_partitions
 from rocketrec.data.schema import DataError
 from rocketrec.spec import SpecError
 from rocketrec.train.epoch import Rate, train_epoch
@@ -93,7 +93,7 @@ def _wait(t: Trainer, root: Path, stop: _Stop) -> tuple[str, Path] | None:
             said = max(idle, 1e-9)
             t.log.line(
                 f"follow: waiting for a complete partition under {root} (a directory with "
-                f"{'_SUCCESS'}); {len(t.follow_state['done'])} trained, idle {idle:.0f}s"
+                f"{SUCCESS}); {len(t.follow_state['done'])} trained, idle {idle:.0f}s"
             )
         time.sleep(cfg.follow_poll)
 
