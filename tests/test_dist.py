@@ -393,3 +393,14 @@ def test_sequence_tables_resume_at_another_worker_count(
     meta2 = read_meta(latest_checkpoint(out))
     assert meta2["trainer"]["world_size"] == after and meta2["step"] == 9
     assert meta2["sharding"]["t_hist"] == "column_wise"
+
+
+def test_rank0_exports_inside_a_process_group(tmp_path, tiny_spec, tiny_data):
+    """--follow --publish-every: rank 0 exports while the other ranks wait; the export's
+    checkpoint reads are local (a collective there deadlocked a 2-worker followed run)."""
+    from conftest import train_small
+
+    train_small(tiny_spec, tiny_data, tmp_path / "run", steps=2, val=False)
+    out = tmp_path / "light.pt"
+    _run_two_ranks("dist_rank0_export.py", lambda r: [str(r), "2", str(tmp_path / "run"), str(out)])
+    assert out.is_file()

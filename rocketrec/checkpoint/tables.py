@@ -124,7 +124,9 @@ def load_towers(ckpt: Path) -> tuple[Any, dict[str, Any]]:
     model_cfg = saved_model_config(meta)
     model = RocketModel(spec, model_cfg, table_device=torch.device("meta"))
     dense = {k: v for k, v in model.state_dict().items() if table_of_key(k) is None}
-    dcp.load({"model": dense}, checkpoint_id=str(ckpt))
+    # a local read in whatever process asks (export inside a training job's rank 0 too):
+    # never a collective, which the other ranks would not join
+    dcp.load({"model": dense}, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(dense, strict=False)
     model.eval()
     return model, meta
