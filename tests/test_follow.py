@@ -42,8 +42,16 @@ def _ids(k: int, rows: int = ROWS) -> list[int]:
 
 
 def _partition(
-    root: Path, name: str, k: int, bad: bool = False, done: bool = True, rows: int = ROWS
+    root: Path,
+    name: str,
+    k: int,
+    bad: bool = False,
+    done: bool = True,
+    rows: int = ROWS,
+    corrupt: bool = False,
 ) -> None:
+    """bad: a column of the wrong type (seen in the footer); corrupt: the footer intact,
+    bytes of a column's data pages flipped (seen only when its rows are decoded)."""
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(k)
@@ -57,6 +65,13 @@ def _partition(
         }
     )
     pq.write_table(t, d / "part-0.parquet")
+    if corrupt:
+        f = d / "part-0.parquet"
+        chunk = pq.read_metadata(f).row_group(0).column(2)  # price
+        b = bytearray(f.read_bytes())
+        for i in range(chunk.data_page_offset + 40, chunk.data_page_offset + 240):
+            b[i] ^= 0x5A
+        f.write_bytes(bytes(b))
     if done:
         (d / "_SUCCESS").touch()
 
@@ -101,6 +116,7 @@ def test_follow_partitions_exactly_once_through_a_kill(tmp_path):
     assert trained() < 90, "the kill came after the second partition ended"
     _partition(logs, "date=2026-12-01/hour=02", 2, bad=True)  # quarantined
     _partition(logs, "date=2026-12-01/hour=04", 4, done=False)  # incomplete: never read
+    _partition(logs, "date=2026-12-01/hour=06", 6, corrupt=True)  # quarantined too
     proc = _start(tmp_path, "--resume", str(tmp_path / "run"))
     _wait_for(lambda: "follow: partition date=2026-12-01/hour=01" in _out(tmp_path) or
               "resumed from" in _out(tmp_path))  # fmt: skip
@@ -110,7 +126,8 @@ def test_follow_partitions_exactly_once_through_a_kill(tmp_path):
     assert proc.wait(timeout=180) == 0, _out(tmp_path)[-4000:]
     out = _out(tmp_path)
     assert "follow: quarantined partition date=2026-12-01/hour=02" in out, out
-    assert "quarantined 1: date=2026-12-01/hour=02" in out
+    assert "quarantined 2: date=2026-12-01/hour=02, date=2026-12-01/hour=06" in out, out
+    assert "row group 0 cannot be read" in out, out
 
     # rows trained into the final model: the killed process's batches after the step it
     # was resumed from were lost with it (and trained again after the resume)
@@ -130,6 +147,8 @@ def test_follow_partitions_exactly_once_through_a_kill(tmp_path):
     parts = [r["partition"] for r in recs if "partition" in r]
     assert parts[-2:] == ["date=2026-12-01/hour=03", "date=2026-11-01/hour=00"], parts
     assert all("progressive_light_auc" in r for r in recs if "partition" in r)
+    good = ["date=2026-12-01/hour=00", "date=2026-12-01/hour=01", "date=2026-12-01/hour=03"]
+    _compare_followed(tmp_path / "run", [*good, "date=2026-11-01/hour=00"])
 
 
 def _out(tmp: Path) -> str:
@@ -142,7 +161,7 @@ def test_follow_through_ray_with_a_worker_killed(tmp_path):
     """The same loop in 2 Ray workers (the embedded local Ray, jobs/ads_train.py), every
     partition published: one worker SIGKILLed in the middle of a partition, the worker
     group restarts from the last checkpoint; every row of the good partitions trained
-    exactly once across both attempts, the broken one quarantined, the late one trained,
+    exactly once across both attempts, the broken and the corrupt one quarantined, the late one trained,
     a model published (LATEST) and every publish attempt logged."""
     import psutil
 
@@ -173,6 +192,8 @@ def test_follow_through_ray_with_a_worker_killed(tmp_path):
         assert workers and lines() < 2 * 45, out.read_text()[-3000:]
         os.kill(workers[-1].pid, signal.SIGKILL)
         _partition(logs, "date=2026-12-01/hour=02", 2, bad=True)  # quarantined
+        # corrupt pages in its one row group: rank 0 finds it, both ranks quarantine it
+        _partition(logs, "date=2026-12-01/hour=06", 6, corrupt=True)
         _wait_for(lambda: "restarting from checkpoint" in out.read_text(), timeout=300)
         _partition(logs, "date=2026-12-01/hour=03", 3)
         time.sleep(1.0)
@@ -182,7 +203,7 @@ def test_follow_through_ray_with_a_worker_killed(tmp_path):
         if proc.poll() is None:
             proc.kill()
     text = out.read_text()
-    assert "quarantined 1: date=2026-12-01/hour=02" in text, text[-3000:]
+    assert "quarantined 2: date=2026-12-01/hour=02, date=2026-12-01/hour=06" in text, text[-3000:]
     resumed = int(text.split("restarting from checkpoint ")[1].split("(step ")[1].split(")")[0])
     assert 5 < resumed < 45, resumed  # inside partition 1
     # each rank's trace file of the first attempt: its batches up to the resumed step
@@ -201,3 +222,18 @@ def test_follow_through_ray_with_a_worker_killed(tmp_path):
     assert (pub / "LATEST").is_file() and (pub / (pub / "LATEST").read_text().strip()).is_dir()
     log = [json.loads(x) for x in (pub / "log.jsonl").read_text().splitlines()]
     assert len(log) >= 3 and any(r["published"] for r in log), log
+
+
+def _compare_followed(run: Path, partitions: list[str]) -> None:
+    """`rocketrec compare` on a followed run: progressive means (row-weighted) and a table
+    of the partitions it scored."""
+    from rocketrec.evaluation import compare_runs, format_comparison
+
+    rows = compare_runs([str(run), str(run)])
+    r = rows[0]
+    assert r["on"] == f"prog:{len(partitions)}" and list(r["partitions"]) == partitions, r
+    parts = r["partitions"].values()
+    want = sum(m["light_auc"] * m["eval_rows"] for m in parts) / sum(m["eval_rows"] for m in parts)
+    assert abs(r["light_auc"] - want) < 1e-12 and rows[1]["diff_light_auc"] == 0.0
+    text = format_comparison(rows)
+    assert "progressive metrics" in text and all(p in text for p in partitions), text

@@ -411,6 +411,27 @@ class ParquetReader:
             cache[u] = t
         return cache[u].slice(p.first, p.count)  # zero-copy, in kept-row positions
 
+    def verify(self, part: int = 0, parts: int = 1) -> None:
+        """Read and decode every row group whose index % parts == part (one rank's share
+        of a check, the others doing the rest): a DataError naming the file and row group
+        if its pages are corrupt past the footer or its values do not decode as the spec
+        says. The near-line loop checks a partition this way before any row is trained."""
+        for i, u in enumerate(self.units):
+            if i % parts != part:
+                continue
+            f = self.files[u.file]
+            try:
+                t = self._file(u.file).read_row_group(u.row_group, columns=self.columns)
+                if self.target_types:
+                    t = conform(t, self.target_types, f)
+                decode_table(t, self.spec, f, self.teacher_column)
+            except DataError:
+                raise
+            except (OSError, ValueError, pa.ArrowException) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(f"{f}: row group {u.row_group} cannot be read: {first}") from None
+        self.close()
+
     def _window_size(self) -> int:
         return self.shuffle_buffer or max(_READ_WINDOW, self.batch_size)
 

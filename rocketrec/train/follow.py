@@ -100,19 +100,31 @@ def _wait(t: Trainer, root: Path, stop: _Stop) -> tuple[str, Path] | None:
 
 def _open(t: Trainer, name: str, path: Path) -> bool:
     """Point the trainer's reader at partition `path`; False (quarantined) if its files
-    cannot be read as the spec says. Every rank reads the same footers, so every rank
-    decides alike."""
+    cannot be read as the spec says: footers and types (every rank reads them all), then
+    (`follow_verify`) every row group decoded, each rank its share, before any row of the
+    partition is scored or trained; the ranks share what they found, so all decide alike."""
     from rocketrec.train.trainer import train_reader
 
+    reader, reason = None, None
     try:
         reader = train_reader(t.spec, str(path), t.cfg, t.rank, t.world)
         if reader.min_batches_all_ranks(0) < 1:
             raise DataError(f"{path}: fewer rows than one batch per worker")
+        if t.cfg.follow_verify:  # this rank's share of the row groups, decoded
+            reader.verify(t.rank, t.world)
     except (DataError, SpecError, OSError) as e:
         reason = str(e).strip().splitlines()[0]
+    if t.world > 1:  # a rank's finding is every rank's: all quarantine, or none
+        found: list[Any] = [None] * t.world
+        dist.all_gather_object(found, reason)
+        reason = next((r for r in found if r), None)
+    if reason is not None:
+        if reader is not None:
+            reader.close()
         t.follow_state["quarantined"].append({"name": name, "reason": reason})
         t.log.line(f"follow: quarantined partition {name}: {reason}")
         return False
+    assert reader is not None
     if t.train_reader is not None:
         t.train_reader.close()
     reader.trace = t.trace

@@ -106,6 +106,13 @@ class TrainConfig:
     follow_poll: float = setting(
         5.0, "with --follow: seconds between looks for partitions", resume=True
     )
+    follow_verify: bool = setting(
+        True,
+        "with --follow: decode every row group of a new partition (each worker its share) "
+        "before scoring or training it, so a partition with corrupt data pages is "
+        "quarantined instead of stopping the job (off: one read less per partition)",
+        resume=True,
+    )
     until_idle: float = setting(
         0.0,
         "with --follow: stop, after a checkpoint, once no new partition has arrived for this "
