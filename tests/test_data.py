@@ -15,7 +15,7 @@ import torch
 from rocketrec.data.batch import DataError, arrow_to_batch, decode_table
 from rocketrec.data.reader import ParquetReader
 from rocketrec.data.synth import SynthConfig, synth
-from rocketrec.errors import CheckpointError
+from rocketrec.errors import CheckpointError, ConfigError
 from rocketrec.spec import spec_from_dict
 from rocketrec.spec.hashing import TEST_VECTORS, fnv1a64, hash_strings
 
@@ -94,6 +94,40 @@ def test_synth_labels_depend_on_interactions(tmp_path, tiny_spec):
     synth(tiny_spec, str(tmp_path), SynthConfig(rows=20000, seed=5, true_ctr_column="p"))
     t = pq.read_table(tmp_path)
     assert auc(t["y"].to_numpy(), t["p"].to_numpy()) > 0.70
+
+
+def test_synth_partitions_drift_the_click_model(tmp_path, tiny_spec):
+    """--partitions N --drift D: N complete partition directories; the same ids in every
+    one, while the true click probability moves away from partition 0's world: on the
+    same rows, the drifted world's logit correlates cos(k D) with the first one's, and
+    partition 0's true p scores later partitions' labels worse and worse."""
+    from rocketrec.data.partitions import complete_partitions
+    from rocketrec.data.synth import Generator
+    from rocketrec.train.metrics import auc
+
+    cfg = SynthConfig(rows=20000, seed=3, partitions=3, drift=0.6, true_ctr_column="p")
+    synth(tiny_spec, str(tmp_path), cfg)
+    parts = complete_partitions(tmp_path)
+    assert [p.name for p in parts] == ["hour=0000", "hour=0001", "hour=0002"]
+    gen = Generator(tiny_spec, cfg)
+    rng = np.random.default_rng(0)
+    z0 = gen._logit_parts(rng, 5000).z
+    corr = []
+    for k in (1, 2):
+        zk = gen.at(k * cfg.drift)._logit_parts(np.random.default_rng(0), 5000).z
+        corr.append(float(np.corrcoef(z0, zk)[0, 1]))
+    assert 0.6 < corr[0] < 0.95 and corr[1] < corr[0] - 0.1, corr
+    first = gen.at(0.0)
+    aucs = []
+    for k, p in enumerate(parts):  # partition 0's truth on each partition's labels
+        t = pq.read_table(p.path)
+        n = t.num_rows
+        k_rows = first._draw(np.random.default_rng([cfg.seed, k, 0, 0]), n)[0]
+        aucs.append(auc(t["y"].to_numpy(), k_rows["p"].to_numpy()))
+        assert t.column_names == k_rows.column_names
+    assert aucs[0] > aucs[1] > aucs[2] and aucs[0] - aucs[2] > 0.05, aucs
+    with pytest.raises(ConfigError, match="drift needs partitions"):
+        synth(tiny_spec, str(tmp_path / "x"), SynthConfig(rows=10, drift=0.1))
 
 
 # -- Arrow -> Batch --------------------------------------------------------------------

@@ -71,12 +71,17 @@ def _cmd_synth(a: argparse.Namespace) -> int:
         label_noise=a.label_noise,
         true_ctr_column=a.true_ctr_column,
         teacher_noise=a.teacher_noise,
+        partitions=a.partitions,
+        first_partition=a.first_partition,
+        drift=a.drift,
     )
     t = time.time()
     report = SynthReport()
     paths = synth(spec, a.out, cfg, progress=not a.quiet, report=report)
     dt = time.time() - t
-    print(f"wrote {a.rows:,} rows to {len(paths)} file(s) under {a.out} in {dt:.1f}s")
+    parts = f" in {a.partitions} partition(s)" if a.partitions else ""
+    total = a.rows * max(a.partitions, 1)
+    print(f"wrote {total:,} rows to {len(paths)} file(s){parts} under {a.out} in {dt:.1f}s")
     for line in report.lines():  # Bayes AUC (and without the sequences), teacher AUC
         print(line)
     return 0
@@ -243,6 +248,26 @@ def _add_synth(sub: Any) -> None:
         type=float,
         default=1.0,
         help="the spec's teacher column: true logit + N(0, s^2) (0 = a perfect teacher)",
+    )
+    s.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        help="near-line logs: N partition directories OUT/hour=KKKK/ of --rows rows each, "
+        "each with _SUCCESS written last (0: files directly under OUT)",
+    )
+    s.add_argument(
+        "--first-partition",
+        type=int,
+        default=0,
+        help="the index K of the first partition written (write them one at a time)",
+    )
+    s.add_argument(
+        "--drift",
+        type=float,
+        default=0.0,
+        help="with --partitions: the click model moves this many radians per partition "
+        "towards a second hidden world (e.g. 0.05; 0: a fixed world)",
     )
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_synth)

@@ -21,6 +21,10 @@ Design (what makes the data useful for comparing a deep and a shallow tower):
 - `seed` draws the rows; `world_seed` fixes the hidden model, so train and
   validation sets drawn with different seeds share one ground truth.
 - `label_noise`: flip this fraction of labels (after drawing them).
+- `partitions`, `drift`: near-line logs, one `hour=KKKK/` directory per partition
+  with a `_SUCCESS` marker; the click model drifts `drift` radians per partition
+  towards a second hidden world (`Generator.at`), so that a model trained on old
+  partitions loses AUC on new ones.
 
 Behaviour sequences (sparse `kind: sequence`) are list columns written NEWEST FIRST
 (position 0 is the most recent item; a model keeps the first `max_len`); how histories
@@ -47,7 +51,7 @@ from rocketrec.data.synth.report import SynthReport
 from rocketrec.data.synth.world import SynthConfig
 from rocketrec.spec import FeatureSpec
 
-__all__ = ["Generator", "SynthConfig", "SynthReport", "heldout_table", "synth"]
+__all__ = ["Generator", "SynthConfig", "SynthReport", "heldout_table", "partition_name", "synth"]
 
 
 def synth(
@@ -58,11 +62,41 @@ def synth(
     report: SynthReport | None = None,
 ) -> list[str]:
     """Write cfg.rows rows as cfg.files Parquet files under out_dir; returns the paths.
+    With cfg.partitions = N: N partition directories `out_dir/hour=KKKK/` (K from
+    cfg.first_partition), cfg.rows rows each, the click model drifted k * cfg.drift
+    radians in partition k (`Generator.at`), each directory's `_SUCCESS` written last.
     `report`, if given, is filled with the AUCs of what was written."""
     os.makedirs(out_dir, exist_ok=True)
     gen = Generator(spec, cfg)
     if report is not None:
         report.teacher_column, report.teacher_noise = spec.teacher_column, cfg.teacher_noise
+    if not cfg.partitions:
+        return _write_files(gen, out_dir, cfg, (cfg.seed,), progress, report)
+    paths = []
+    for k in range(cfg.first_partition, cfg.first_partition + cfg.partitions):
+        d = os.path.join(out_dir, partition_name(k))
+        os.makedirs(d, exist_ok=True)
+        paths += _write_files(gen.at(k * cfg.drift), d, cfg, (cfg.seed, k), progress, report)
+        open(os.path.join(d, "_SUCCESS"), "w").close()
+        if progress:
+            print(f"synth: partition {partition_name(k)} complete", flush=True)
+    return paths
+
+
+def partition_name(k: int) -> str:
+    return f"hour={k:04d}"
+
+
+def _write_files(
+    gen: Generator,
+    out_dir: str,
+    cfg: SynthConfig,
+    key: tuple[int, ...],
+    progress: bool,
+    report: SynthReport | None,
+) -> list[str]:
+    """cfg.rows rows as cfg.files files under out_dir, rows drawn from seeds (*key, file,
+    first row): atomic per file (a hidden temporary renamed)."""
     paths = []
     per_file = [
         cfg.rows // cfg.files + (1 if i < cfg.rows % cfg.files else 0) for i in range(cfg.files)
@@ -75,7 +109,7 @@ def synth(
         writer: pq.ParquetWriter | None = None
         for start in range(0, max(nrows, 1), chunk):
             n = min(chunk, nrows - start)
-            t, truth = gen._draw(np.random.default_rng([cfg.seed, i, start]), max(n, 1))
+            t, truth = gen._draw(np.random.default_rng([*key, i, start]), max(n, 1))
             if writer is None:
                 writer = pq.ParquetWriter(tmp, t.schema)
             if n > 0:

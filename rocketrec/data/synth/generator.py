@@ -12,12 +12,14 @@ import pyarrow.compute as pc
 from rocketrec.data.synth.histories import Histories
 from rocketrec.data.synth.report import Truth
 from rocketrec.data.synth.world import (
+    DRIFT_SALT,
     HDIM,
     N_CAT,
     N_SEG,
     TEACHER_NULL,
     Feature,
     SynthConfig,
+    rotate,
     side_rng,
     std,
 )
@@ -45,6 +47,10 @@ class Generator:
             raise ConfigError(f"rows must be >= 1, got {cfg.rows}")
         if cfg.files < 1:
             raise ConfigError(f"files must be >= 1, got {cfg.files}")
+        if cfg.partitions < 0 or cfg.first_partition < 0:
+            raise ConfigError("partitions and first_partition must be >= 0")
+        if cfg.drift and not cfg.partitions:
+            raise ConfigError("drift needs partitions (the click model moves per partition)")
         if not cfg.teacher_noise >= 0:
             raise ConfigError(f"teacher_noise must be >= 0, got {cfg.teacher_noise}")
         if cfg.true_ctr_column and cfg.true_ctr_column in spec.columns():
@@ -157,6 +163,32 @@ class Generator:
         match = self.hist.draw(side, cols, cat) if self.hist.seqs else {}
         z_seq = self.hist.term(match, n)
         return _Rows(z + z_seq if self.hist.seqs else z, z, cols, dense, side, match)
+
+    def at(self, theta: float) -> Generator:
+        """This generator with its click model drifted: every plain feature's hidden
+        weights and vectors, the segment x category crosses and the dense coefficients
+        rotated `theta` radians towards a second, independent world (the ids, their
+        popularity, the histories' terms and the bias stay)."""
+        if theta == 0:
+            return self
+        import copy
+
+        g = copy.copy(self)
+        other = self.cfg.world_seed ^ DRIFT_SALT
+        g.features = []
+        for f, sf in zip(self.features, self.spec.sparse):
+            f2 = copy.copy(f)
+            o = Feature(self.spec.table(sf.table).rows, f.name, f.side, other)
+            f2.w, f2.h = rotate(f.w, o.w, theta), rotate(f.h, o.h, theta)
+            g.features.append(f2)
+        rng = np.random.default_rng([other, 7])
+        g.cross = rotate(
+            self.cross, rng.standard_normal(self.cross.shape).astype(np.float32), theta
+        )
+        g.dense_coef = rotate(
+            self.dense_coef, rng.standard_normal(self.dense_coef.shape).astype(np.float32), theta
+        )
+        return g
 
     def table(self, rng: np.random.Generator, n: int) -> pa.Table:
         return self._draw(rng, n)[0]

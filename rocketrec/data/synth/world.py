@@ -29,6 +29,13 @@ class SynthConfig:
     n_pairs: int = 24
     teacher_noise: float = 1.0  # sd of the teacher's logit noise (0: a perfect teacher)
     seq_weight: float = 2.0  # weight of the (standardised) best-match sequence term
+    # near-line logs: 0 = files directly under the output directory; N = N partition
+    # directories (`hour=0000/` ...), each with `files` files and a `_SUCCESS` marker
+    partitions: int = 0
+    first_partition: int = 0  # the index of the first one written (write them one by one)
+    # the click model drifts: at partition k the hidden weights are rotated k * drift
+    # radians from this world towards a second, independent one (0: a fixed world)
+    drift: float = 0.0
 
 
 def salt(name: str) -> int:
@@ -81,6 +88,15 @@ class Feature:
         if self._strings is None:
             self._strings = pa.array([f"{self.name}:{r:x}" for r in range(self.vocab)], pa.string())
         return self._strings
+
+
+DRIFT_SALT = 0xD21F7  # the second world the click model drifts towards
+
+
+def rotate(a: np.ndarray, b: np.ndarray, theta: float) -> np.ndarray:
+    """cos(theta) a + sin(theta) b: for independent a, b of one variance, the same
+    variance at every angle, and corr(a, result) = cos(theta)."""
+    return (np.cos(theta) * a + np.sin(theta) * b).astype(a.dtype)
 
 
 def std(x: np.ndarray) -> np.ndarray:
