@@ -143,6 +143,25 @@ def gb(x: float) -> str:
     return f"{x / 1e9:.2f} GB"
 
 
+def _publish(run: Path, newest: Path, work: Path, env: dict, name: str) -> dict:
+    """`rocketrec publish RUN --data NEWEST`, memory sampled: its wall time, the published
+    file's size and the process's peak."""
+    import pyarrow.parquet as pq
+
+    print(f"== {name}: rocketrec publish (fp32)")
+    s, t = run_sampled(
+        [str(BIN / "rocketrec"), "publish", str(run), "--data", str(newest)],
+        work / f"{name}.log",
+        env,
+    )
+    pub = run / "published"
+    log = [json.loads(x) for x in (pub / "log.jsonl").read_text().splitlines()]
+    f = pub / (pub / "LATEST").read_text().strip() / "light.pt"
+    line = (work / f"{name}.log").read_text().strip().splitlines()[-1]
+    return {"wall_s": t, "file_bytes": f.stat().st_size, "peak": s.peak_total, "line": line,
+            "log": log[-1], "ne_rows": pq.read_metadata(newest).num_rows}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=50_000_000, help="rows of the big table")
@@ -156,6 +175,12 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--cpp", action="store_true", help="score the export with the C++ predictor")
+    ap.add_argument(
+        "--publish",
+        action="store_true",
+        help="also `rocketrec publish` (fp32 export, parity and NE gates) after the training "
+        "and after the resume (the second one gated against the first)",
+    )
     a = ap.parse_args()
     rw = a.resume_workers or a.workers
 
@@ -209,6 +234,10 @@ def main() -> None:
     )
     summary = json.loads((run / "summary.json").read_text())["metrics"]
     steps_per_s = summary["steps"] / max(summary["step_seconds"], 1e-9)
+    newest = sorted(data.glob("*.parquet"))[-1]  # the "newest partition" the NE gate scores
+    published = []
+    if a.publish:
+        published.append(_publish(run, newest, work, env, "publish1"))
     print(f"== resume with {rw} workers for {a.resume_steps} more steps")
     s_res, t_res = run_sampled(
         common
@@ -219,6 +248,8 @@ def main() -> None:
     )
     resumed = json.loads((run / "summary.json").read_text())["metrics"]
     assert resumed["steps"] == a.steps + a.resume_steps, resumed
+    if a.publish:
+        published.append(_publish(run, newest, work, env, "publish2"))
     run_bytes = dir_bytes(run)
     ckpt_bytes = dir_bytes(run / "checkpoints")
     print("== export --int8")
@@ -277,6 +308,13 @@ def main() -> None:
         f"({fig['run_dir_over_checkpoints']:.3f}x)"
     )
     print(f"training: {steps_per_s:.1f} steps/s (step time only), wall {t_train:.0f}s")
+    for i, pb in enumerate(published, 1):
+        fig[f"publish{i}"] = pb
+        print(
+            f"publish {i} (fp32 export + parity gate + NE on {pb['ne_rows']:,} rows"
+            f"{', against the published one' if i > 1 else ''}): {pb['wall_s']:.0f}s wall, "
+            f"file {gb(pb['file_bytes'])}, peak {gb(pb['peak'])}; {pb['line']}"
+        )
     if cpp_diff is not None:
         fig["cpp_max_abs_diff_vs_python"] = cpp_diff
         print(f"C++ predictor on the exported file: max |C++ - Python| = {cpp_diff:.3g}")

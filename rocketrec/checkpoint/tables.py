@@ -7,6 +7,7 @@ load_unsharded(ckpt)                       the whole model (small tables: tests,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,9 @@ def load_towers(ckpt: Path) -> tuple[Any, dict[str, Any]]:
     dense = {k: v for k, v in model.state_dict().items() if table_of_key(k) is None}
     # a local read in whatever process asks (export inside a training job's rank 0 too):
     # never a collective, which the other ranks would not join
-    dcp.load({"model": dense}, checkpoint_id=str(ckpt), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": dense}, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(dense, strict=False)
     model.eval()
     return model, meta
