@@ -76,8 +76,24 @@ def _random_inputs(
     )
 
 
+def _edge_inputs(pre, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every id input's bag holds the ids where `id mod rows` is easiest to get wrong
+    (the operator's division-free remainder): the int64 extremes, 0, +-1, and multiples
+    of each table's rows and their neighbours."""
+    edge = [-(I64), -(I64) + 1, -1, 0, 1, I64 - 1, 2**32, -(2**32), 2**62 + 1]
+    for r in rows:
+        edge += [r - 1, r, r + 1, -r, -r - 1, -r + 1, 7 * r, (I64 - 1) // r * r]
+    b = len(edge)  # row j's bags start at edge[j]: capped bags (max_ids) see every id too
+    lengths = torch.full((pre.num_ids * b,), b, dtype=torch.int64)
+    bags = [edge[j:] + edge[:j] for j in range(b)]
+    values = torch.tensor([x for _ in range(pre.num_ids) for bag in bags for x in bag])
+    dense = torch.zeros(b, len(pre.numeric_inputs))
+    return values, lengths, dense
+
+
 def _cases(spec, pre, rng):
     yield raw_inputs_from_table(ts._hostile_rows(), spec) if "user_city" in spec.columns() else None
+    yield _edge_inputs(pre, [t.rows for t in spec.tables])
     for b in (1, 2, 7, 64):
         yield _random_inputs(pre, b, rng)
 
