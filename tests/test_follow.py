@@ -112,7 +112,8 @@ def test_follow_partitions_exactly_once_through_a_kill(tmp_path):
     logs = tmp_path / "logs"
     _partition(logs, "date=2026-12-01/hour=00", 0, rows=2000)  # steps 0..20
     _partition(logs, "date=2026-12-01/hour=01", 1, rows=8000)  # steps 20..100 on 1 worker
-    proc = _start(tmp_path, "--checkpoint-every", "20")  # 40, 60, 80: inside partition 1
+    # checkpoints at 40, 60, 80: inside partition 1; a model published every 2 partitions
+    proc = _start(tmp_path, "--checkpoint-every", "20", "--publish-every", "2")
     trace = tmp_path / "trace"
 
     def trained() -> int:  # batches trained so far (one trace line each)
@@ -152,6 +153,8 @@ def test_follow_partitions_exactly_once_through_a_kill(tmp_path):
     want = sorted(_ids(0, 2000) + _ids(1, 8000) + _ids(3) + _ids(5))
     assert len(ids) == len(set(ids)), "a row trained twice"
     assert sorted(ids) == want, "rows missing or from a bad partition"
+    pub = [json.loads(x) for x in (tmp_path / "run/published/log.jsonl").read_text().splitlines()]
+    assert len(pub) == 2, pub  # after the 2nd and the 4th good partition
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     parts = [r["partition"] for r in recs if "partition" in r]
     assert parts[-2:] == ["date=2026-12-01/hour=03", "date=2026-11-01/hour=00"], parts
@@ -168,7 +171,7 @@ def _out(tmp: Path) -> str:
 @pytest.mark.e2e
 def test_follow_through_ray_with_a_worker_killed(tmp_path):
     """The same loop in 2 Ray workers (the embedded local Ray, jobs/ads_train.py), every
-    partition published: one worker SIGKILLed in the middle of a partition, the worker
+    partition published (--publish-minutes: due after each): one worker SIGKILLed in the middle of a partition, the worker
     group restarts from the last checkpoint; every row of the good partitions trained
     exactly once across both attempts, the broken and the corrupt one quarantined, the late one trained,
     a model published (LATEST) and every publish attempt logged."""
@@ -183,7 +186,7 @@ def test_follow_through_ray_with_a_worker_killed(tmp_path):
            str(tmp_path / "f.yaml"), "--train", str(logs), "--out", str(run), "--workers", "2",
            "--local-cpus", "2", "--follow", "--follow-poll", "0.3", "--until-idle", "12",
            "--batch-size", "100", "--log-every", "0", "--checkpoint-every", "10",
-           "--max-failures", "1", "--publish-every", "1", "--no-tensorboard"]  # fmt: skip
+           "--max-failures", "1", "--publish-minutes", "0.001", "--no-tensorboard"]  # fmt: skip
     out = tmp_path / "out.txt"
     proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT, env=env)
 

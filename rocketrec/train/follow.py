@@ -10,7 +10,8 @@ Per partition, in arrival order (rocketrec.data.partitions): its files are check
 by the current model before any of its rows is trained on (progressive AUC, NE and
 calibration of both towers: `metrics.jsonl` records with `partition`), then trained on
 once (the reader's one epoch over it), then a checkpoint; every `publish_every`
-partitions rank 0 publishes the light tower (rocketrec.run.publish's gates; the NE gate
+partitions (or, `publish_minutes`, after the first partition that ends that long after
+the last publish) rank 0 publishes the light tower (rocketrec.run.publish's gates; the NE gate
 on this partition). Rank 0 decides which partition comes next and every rank follows
 (a broadcast), so all ranks train the same partition. Idle waiting prints one line per
 minute; `until_idle` seconds without a new partition, or SIGTERM, stop the loop after a
@@ -170,6 +171,7 @@ def follow(t: Trainer, root: str | Path, publish: Publish | None = None) -> dict
     rocketrec.run.publish, given by the caller), every `publish_every` partitions."""
     root, stop, st = Path(root), _Stop(), t.follow_state
     plan, rate, last, saved = t.phases[0], Rate(t), {}, t.progress.step
+    published = time.monotonic()  # --publish-minutes counts from the start
     t.stop_requested = lambda: stop.asked  # type: ignore[method-assign]
     while True:
         if st["current"] is None:
@@ -192,8 +194,11 @@ def follow(t: Trainer, root: str | Path, publish: Publish | None = None) -> dict
         st["current"] = None
         t.save(last)
         saved = t.progress.step
-        if publish and t.cfg.publish_every and len(st["done"]) % t.cfg.publish_every == 0:
+        every = t.cfg.publish_every and len(st["done"]) % t.cfg.publish_every == 0
+        due = t.cfg.publish_minutes and time.monotonic() - published >= 60 * t.cfg.publish_minutes
+        if publish and (every or due):
             _publish(t, path, publish)
+            published = time.monotonic()
         if stop.asked:
             break
     if saved != t.progress.step or not t.progress.step:  # stopped mid-partition

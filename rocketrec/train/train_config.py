@@ -125,6 +125,12 @@ class TrainConfig:
         "parity and NE gates, RUN/published/LATEST; 0 = never)",
         resume=True,
     )
+    publish_minutes: float = setting(
+        0.0,
+        "with --follow: also publish after a partition once this many minutes have passed "
+        "since the last publish (0 = only --publish-every)",
+        resume=True,
+    )
     max_ne_regression: float = setting(
         0.01,
         "publishing: refuse a model whose NE on the newest partition is worse than the "
@@ -149,6 +155,7 @@ class TrainConfig:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         for k in (
             "publish_every",
+            "publish_minutes",
             "until_idle",
             "max_ne_regression",
             "max_steps",
