@@ -249,3 +249,46 @@ def _compare_followed(run: Path, partitions: list[str]) -> None:
     assert abs(r["light_auc"] - want) < 1e-12 and rows[1]["diff_light_auc"] == 0.0
     text = format_comparison(rows)
     assert "progressive metrics" in text and all(p in text for p in partitions), text
+
+
+def test_parquet_files_directly_under_the_root_are_partitions(tmp_path):
+    """One file per partition: complete once its footer is written (the closing magic),
+    in arrival (mtime) order; hidden and _-prefixed files never; a root with _SUCCESS is
+    one directory partition instead."""
+    from rocketrec.data.partitions import complete_partitions
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    t = pa.table({"x": list(range(100))})
+    for name, age in (("b.parquet", 30), ("a.parquet", 20), ("_tmp.parquet", 10),
+                      (".hidden.parquet", 10), ("c.parquet", 5)):  # fmt: skip
+        pq.write_table(t, logs / name)
+        os.utime(logs / name, (time.time() - age, time.time() - age))
+    whole = (logs / "c.parquet").read_bytes()
+    (logs / "c.parquet").write_bytes(whole[: len(whole) // 2])  # still being written
+    assert [p.name for p in complete_partitions(logs)] == ["b.parquet", "a.parquet"]
+    (logs / "c.parquet").write_bytes(whole)
+    assert [p.name for p in complete_partitions(logs)] == ["b.parquet", "a.parquet", "c.parquet"]
+    (logs / "_SUCCESS").touch()
+    assert [p.name for p in complete_partitions(logs)] == ["."]
+
+
+def test_follow_trains_file_partitions(tmp_path):
+    """--follow over plain files: each trained once, a file renamed into place while the
+    job runs trained too, a broken one quarantined."""
+    (tmp_path / "f.yaml").write_text(SPEC)
+    logs = tmp_path / "logs"
+    _partition(tmp_path / "stage", "p0", 0, done=False)
+    _partition(tmp_path / "stage", "p1", 1, done=False)
+    _partition(tmp_path / "stage", "p2", 2, bad=True, done=False)
+    logs.mkdir()
+    os.replace(tmp_path / "stage/p0/part-0.parquet", logs / "h00.parquet")
+    proc = _start(tmp_path, "--until-idle", "4")
+    _wait_for(lambda: "follow: partition h00.parquet" in _out(tmp_path))
+    os.replace(tmp_path / "stage/p2/part-0.parquet", logs / "h01.parquet")
+    os.replace(tmp_path / "stage/p1/part-0.parquet", logs / "h02.parquet")
+    assert proc.wait(timeout=120) == 0, _out(tmp_path)[-3000:]
+    out = _out(tmp_path)
+    assert "quarantined 1: h01.parquet" in out, out[-3000:]
+    ids = [int(x) for f in (tmp_path / "trace").iterdir() for x in f.read_text().split()]
+    assert sorted(ids) == sorted(_ids(0) + _ids(1)), "each good file's rows once"
