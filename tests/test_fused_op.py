@@ -78,7 +78,7 @@ def _random_inputs(
 
 def _edge_inputs(pre, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every id input's bag holds the ids where `id mod rows` is easiest to get wrong
-    (the operator's division-free remainder): the int64 extremes, 0, +-1, and multiples
+    (negative ids map to non-negative rows, as Python's %): the int64 extremes, 0, +-1, and multiples
     of each table's rows and their neighbours."""
     edge = [-(I64), -(I64) + 1, -1, 0, 1, I64 - 1, 2**32, -(2**32), 2**62 + 1]
     for r in rows:

@@ -53,28 +53,14 @@ constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;  // rocketrec_hash.h's co
 constexpr uint64_t kFnvPrime = 0x100000001b3ULL;
 using rocketrec::fmix64;  // the cross hash's finalizer, shared with the predictor
 
-// n mod d without a division (Lemire, Kaser, Kurz: "Faster remainder by direct
-// computation", 2019): with M = ceil(2^128 / d), n mod d = ((M * n mod 2^128) * d) >> 128,
-// exact for every 64-bit n and d > 0 (d = 1: M wraps to 0, and so does the result). A
-// 64-bit `idiv` per id was a third of the id pass's time.
-inline __uint128_t fastmod_m(uint64_t d) { return ~static_cast<__uint128_t>(0) / d + 1; }
-inline uint64_t fastmod(uint64_t n, __uint128_t m, uint64_t d) {
-  const __uint128_t low = m * n;  // mod 2^128
-  const __uint128_t bottom = (static_cast<__uint128_t>(static_cast<uint64_t>(low)) * d) >> 64;
-  const __uint128_t top = static_cast<__uint128_t>(static_cast<uint64_t>(low >> 64)) * d;
-  return static_cast<uint64_t>((bottom + top) >> 64);
-}
-
 // The model description, parsed from icfg / fcfg (a few dozen numbers, parsed per call).
 struct Lookup {
   int64_t out, rows, offset, group, mean, col, dim;
-  __uint128_t m;  // fastmod_m(rows)
 
-  // id mod rows, non-negative (Python's %): a negative id -n-1 maps to rows-1 - (n mod rows)
+  // id mod rows, non-negative (Python's %)
   int64_t row_of(int64_t id) const {
-    const uint64_t d = static_cast<uint64_t>(rows);
-    if (id >= 0) return static_cast<int64_t>(fastmod(static_cast<uint64_t>(id), m, d));
-    return rows - 1 - static_cast<int64_t>(fastmod(static_cast<uint64_t>(-(id + 1)), m, d));
+    const int64_t r = id % rows;
+    return r < 0 ? r + rows : r;
   }
 };
 struct Config {
@@ -129,7 +115,6 @@ Config parse_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
     TORCH_CHECK(k.out >= 0 && k.out < c.F && k.rows > 0 && k.group >= 0 && k.group < c.G &&
                     k.col >= 0 && k.dim >= 0 && k.col + k.dim <= c.K,
                 "rocketrec: icfg lookup ", l, " is out of range");
-    k.m = fastmod_m(static_cast<uint64_t>(k.rows));
     c.lookups.push_back(k);
   }
   for (int64_t g = 0; g < c.G; ++g) c.group_dim.push_back(next());
