@@ -3,7 +3,8 @@ each evaluated on the same rows (rocketrec.evaluation).
 
 A followed run (`--follow`) is judged by its progressive metrics: each partition scored
 before it was trained on. Its row carries their mean over its partitions (weighted by
-rows; column `on` says `prog:N`) and `partitions`, the metrics partition by partition,
+rows; those scored at step 0, by an untrained model, left out; column `on` says
+`prog:N`, N the partitions averaged) and `partitions`, the metrics partition by partition,
 which `format_comparison` shows as a second table, one line per partition."""
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _progressive(recs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _weighted_means(parts: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Each tower metric's mean over partitions, weighted by the partition's rows."""
+    """Each tower metric's mean over these partitions, weighted by their rows."""
     out = {}
     for t in ("booster", "light"):
         for k in _COLUMNS:
@@ -90,9 +91,10 @@ def _run_row(run: Path, data: Any, rows: int | None, quiet: bool) -> dict[str, A
                 if k in m:
                     row[f"{t}_{k}"] = m[k]
     elif parts:
-        row["on"] = f"prog:{len(parts)}"
-        row["rows"] = sum(int(m.get("eval_rows") or 0) for m in parts.values())
-        row.update(_weighted_means(parts))
+        used = {k: m for k, m in parts.items() if m.get("step") != 0} or parts
+        row["on"] = f"prog:{len(used)}"
+        row["rows"] = sum(int(m.get("eval_rows") or 0) for m in used.values())
+        row.update(_weighted_means(used))
     else:
         m = meta.get("metrics") or {}
         row["rows"] = m.get("eval_rows")

@@ -34,10 +34,17 @@ from rocketrec.train.job import JobConfig
 def _check_data(job: JobConfig, spec: FeatureSpec) -> None:
     bs, workers = job.train.batch_size, job.workers
     if job.train.follow:  # partitions arrive later: each is checked when it does
-        bad = [p for p in job.data.train if not Path(p).is_dir()]
-        if bad or len(job.data.train) != 1:
+        if len(job.data.train) != 1:
             raise UserError(
-                f"--follow: --train must be one directory ({' '.join(bad or job.data.train)})"
+                f"--follow: --train must be one directory, got {len(job.data.train)} paths "
+                f"({' '.join(job.data.train)})"
+            )
+        root = Path(job.data.train[0])
+        if not root.is_dir():
+            what = "is a file, not a directory" if root.exists() else "does not exist"
+            raise UserError(
+                f"--follow: --train {root} {what} (the directory that partitions land in; "
+                "create it first)"
             )
         if job.data.val:
             ParquetReader(list(job.data.val), spec, bs, shuffle=False).close()

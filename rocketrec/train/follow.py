@@ -94,7 +94,8 @@ def _wait(t: Trainer, root: Path, stop: _Stop) -> tuple[str, Path] | None:
             said = max(idle, 1e-9)
             t.log.line(
                 f"follow: waiting for a complete partition under {root} (a directory with "
-                f"{SUCCESS}); {len(t.follow_state['done'])} trained, idle {idle:.0f}s"
+                f"{SUCCESS}, or a Parquet file directly under it); "
+                f"{len(t.follow_state['done'])} trained, idle {idle:.0f}s"
             )
         time.sleep(cfg.follow_poll)
 
@@ -184,6 +185,7 @@ def follow(t: Trainer, root: str | Path, publish: Publish | None = None) -> dict
             st["current"] = name
             t.progress.epoch_step = 0
             last = _progressive(t, name, path)
+            rate.mark()  # examples/s and the ETA count training, not the wait or the scoring
         name = st["current"]
         path = root / name
         r, p = t.train_reader, t.progress

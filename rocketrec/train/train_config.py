@@ -149,6 +149,11 @@ class TrainConfig:
             raise ConfigError(
                 f"negative_sample_rate must be in (0, 1], got {self.negative_sample_rate}"
             )
+        if (self.publish_every or self.publish_minutes) and not self.follow:
+            raise ConfigError(
+                "publish_every / publish_minutes publish while following (--follow); to "
+                "publish a finished run: rocketrec publish RUN --data NEWEST"
+            )
         if self.follow_poll <= 0 or self.keep_published < 1:
             raise ConfigError("follow_poll must be > 0 and keep_published >= 1")
         if self.keep_checkpoints < 1:

@@ -66,8 +66,8 @@ def synth(
     cfg.first_partition), cfg.rows rows each, the click model drifted k * cfg.drift
     radians in partition k (`Generator.at`), each directory's `_SUCCESS` written last.
     `report`, if given, is filled with the AUCs of what was written."""
+    gen = Generator(spec, cfg)  # checks the config before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    gen = Generator(spec, cfg)
     if report is not None:
         report.teacher_column, report.teacher_noise = spec.teacher_column, cfg.teacher_noise
     if not cfg.partitions:
