@@ -245,6 +245,28 @@ def test_ranks_cover_every_row_once(tmp_path, world):
         assert sorted(seen) == list(range(n))
 
 
+@pytest.mark.parametrize("world,batch", [(1, 64), (2, 64), (3, 100), (2, 450), (7, 64)])
+def test_pad_final_trains_every_row_with_equal_steps(tmp_path, world, batch):
+    """pad_final (--follow): every rank yields steps_all_ranks() batches of the full
+    size, each with n_real; the real rows (the first n_real of each) are every row
+    once; a rank with one batch less ends with a filler (n_real 0)."""
+    n = _write_rid_files(tmp_path)
+    seen, fillers = [], 0
+    for r in range(world):
+        rd = ParquetReader(str(tmp_path), RID_SPEC, batch, rank=r, world_size=world,
+                           seed=3, drop_last=True, pad_final=True)  # fmt: skip
+        bs = list(rd)
+        assert len(bs) == rd.steps_all_ranks(0) and all(len(b) == batch for b in bs)
+        assert all(b.n_real is not None for b in bs) and rd.rows_unused(0, len(bs)) == 0
+        for b in bs:
+            ids = b.sparse.values().tolist()
+            seen += ids[: b.n_real]
+            fillers += b.n_real == 0
+    assert sorted(seen) == list(range(n))
+    # 900 rows on 7 ranks: 4 ranks of 129 rows (3 batches), 3 of 128 (2 + a filler)
+    assert fillers == (3 if world == 7 else 0)
+
+
 def test_epochs_reshuffle_and_batches_fixed(tmp_path):
     _write_rid_files(tmp_path)
     rd = ParquetReader(str(tmp_path), RID_SPEC, 64, seed=1)

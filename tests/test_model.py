@@ -716,3 +716,25 @@ def test_each_loss_term_equals_its_formula():
     # the global weight normaliser (W workers): the denominator is replaced, nothing else
     loss_n, terms_n = rocket_loss(z_b, z_l, y, w, LossConfig(), w_norm=torch.tensor(10.0))
     assert terms_n["bce_booster"] == pytest.approx(bce_b * float(w.sum()) / 10.0, abs=1e-6)
+
+
+def test_padding_rows_weigh_nothing(tmp_path, tiny_spec, tiny_data):
+    """--follow pads each partition's short last batch: a batch whose n_real is k gives
+    the loss (every term) and row count of its first k rows alone, whatever the rest."""
+    from rocketrec.train.trainer import Trainer
+
+    tc = dataclasses.replace(TC, max_steps=1, eval_every=0, checkpoint_every=0)
+    t = Trainer(tiny_spec, SMALL, LossConfig(), tc, tmp_path / "a", tiny_data["train"])
+    task = t.task(t.phases[0])
+    first = next(iter(ParquetReader(tiny_data["train"], tiny_spec, 10, shuffle=False)))
+    padded = next(iter(ParquetReader(tiny_data["train"], tiny_spec, 64, shuffle=False)))
+    padded.n_real = 10  # rows 10..63 are other real rows: they must not count
+    with torch.no_grad():
+        loss1, (terms1, n1) = task(first)
+        loss2, (terms2, n2) = task(padded)
+        full, _ = task(next(iter(ParquetReader(tiny_data["train"], tiny_spec, 64, shuffle=False))))
+    assert n1 == n2 == 10
+    assert abs(float(loss1) - float(loss2)) < 1e-5, (float(loss1), float(loss2))
+    assert abs(float(full) - float(loss2)) > 1e-4  # the padding rows would change it
+    for k in terms1:
+        assert abs(float(terms1[k]) - float(terms2[k])) < 1e-5, k

@@ -91,7 +91,13 @@ class ParquetReader:
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         max_open_files: int = 4,
         negative_sample_rate: float = 1.0,
+        pad_final: bool = False,
     ) -> None:
+        """pad_final (near-line training: no row of a partition left out): every rank
+        trains the most batches any rank has (`steps_all_ranks`); its last real batch is
+        padded and ranks with one batch less add a filler batch; every batch carries
+        `n_real` (the rows that count: B, fewer, or 0 for a filler), and the training
+        step weighs the padding 0."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -110,8 +116,10 @@ class ParquetReader:
         self.shuffle = shuffle
         # rows permuted together; 0 = units are still permuted, rows inside them are not
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
-        self.drop_last = drop_last
-        self.pad_last = pad_last  # pad the short last batch (Batch.n_real says how many are real)
+        self.pad_final = pad_final
+        self.drop_last = drop_last and not pad_final
+        # pad the short last batch (Batch.n_real says how many are real)
+        self.pad_last = pad_last or pad_final
         self.prefetch = max(1, prefetch)
         self.max_open_files = max(1, max_open_files)
         self.fs, self.files = list_parquet_files(path)
@@ -216,6 +224,13 @@ class ParquetReader:
     def min_batches_all_ranks(self, epoch: int = 0) -> int:
         """Batches every rank can serve this epoch (distributed steps must agree)."""
         return min(self.batches_per_epoch(epoch, r) for r in range(self.world_size))
+
+    def steps_all_ranks(self, epoch: int = 0) -> int:
+        """The steps every rank takes this epoch: the fewest batches of any rank (its
+        extra rows unused), or with pad_final the most (short ranks pad and fill)."""
+        if not self.pad_final:
+            return self.min_batches_all_ranks(epoch)
+        return max(self.batches_per_epoch(epoch, r) for r in range(self.world_size))
 
     def full_epoch_batches(self) -> int:
         """min_batches_all_ranks of an epoch that is not replanned (the whole stream)."""
@@ -344,6 +359,8 @@ class ParquetReader:
 
     def rows_unused(self, epoch: int, n_batches: int) -> int:
         """Rows of `epoch` no step trains on when every rank stops after `n_batches`."""
+        if self.pad_final:
+            return 0
         used = n_batches * self.batch_size
         return sum(max(0, self.rows_for(epoch, r) - used) for r in range(self.world_size))
 
@@ -485,6 +502,14 @@ class ParquetReader:
             block = block.take(perm)
         return block
 
+    def _filler(self, epoch: int, cache: dict[Unit, pa.Table]) -> Batch:
+        """A batch of no real rows (n_real 0: the step weighs it 0) for a rank with one
+        batch less than the others: the epoch stream's first rows, repeated."""
+        k = min(self.batch_size, self._window_size(), self.total_rows)
+        batch = self._window(epoch, 0, 0, k, cache).pad_to(self.batch_size).to_batch()
+        batch.n_real = 0
+        return batch
+
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         """Put (Batch, position after it) for the rest of the current epoch on `out`."""
         try:
@@ -515,7 +540,10 @@ class ParquetReader:
                         off += take
                         cur += take
                         if have == self.batch_size:
-                            out.put((Decoded.concat(pending).to_batch(), cur))
+                            full = Decoded.concat(pending).to_batch()
+                            if self.pad_final:
+                                full.n_real = self.batch_size
+                            out.put((full, cur))
                             pending, have = [], 0
                             if stop.is_set():
                                 return
@@ -529,6 +557,9 @@ class ParquetReader:
                 else:
                     batch = last.to_batch()
                 out.put((batch, n))
+            if self.pad_final and not stop.is_set():
+                for _ in range(self.steps_all_ranks(epoch) - self.batches_per_epoch(epoch)):
+                    out.put((self._filler(epoch, cache), n))
             out.put(None)
         except BaseException as e:  # surface reader errors in the consumer thread
             out.put(e)

@@ -55,7 +55,7 @@ def train_epoch(t: Trainer, plan: PhasePlan, rate: Rate, total: int) -> bool:
     """Train the rest of the reader's current epoch in `plan`'s phase, within the step
     budget. Returns False when the phase's step budget ran out before the epoch's end."""
     cfg, p, reader = t.cfg, t.progress, t.train_reader
-    n_epoch = reader.min_batches_all_ranks(reader.epoch)
+    n_epoch = reader.steps_all_ranks(reader.epoch)
     todo = n_epoch - p.epoch_step
     if cfg.max_steps:
         todo = min(todo, cfg.max_steps - (p.step - p.phase_start))
@@ -97,9 +97,14 @@ def train_epoch(t: Trainer, plan: PhasePlan, rate: Rate, total: int) -> bool:
     unused = reader.rows_unused(reader.epoch, n_epoch)
     p.rows_unused += unused
     total_rows = reader.total_rows
+    why = (
+        "short last batches padded, the padding weighed 0"
+        if getattr(reader, "pad_final", False)
+        else "each rank's short last batch"
+    )
     t.log.line(
         f"epoch {reader.epoch} done at step {p.step}: {total_rows - unused:,} of "
-        f"{total_rows:,} rows trained on, rows_unused {unused:,} (each rank's short last batch)"
+        f"{total_rows:,} rows trained on, rows_unused {unused:,} ({why})"
     )
     reader.next_epoch()
     p.epoch_step = 0

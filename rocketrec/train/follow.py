@@ -110,8 +110,8 @@ def _open(t: Trainer, name: str, path: Path) -> bool:
     reader, reason = None, None
     try:
         reader = train_reader(t.spec, str(path), t.cfg, t.rank, t.world)
-        if reader.min_batches_all_ranks(0) < 1:
-            raise DataError(f"{path}: fewer rows than one batch per worker")
+        if min(reader.rows_for(0, r) for r in range(t.world)) < 1:
+            raise DataError(f"{path}: fewer rows than workers")
         if t.cfg.follow_verify:  # this rank's share of the row groups, decoded
             reader.verify(t.rank, t.world)
     except (DataError, SpecError, OSError) as e:
@@ -189,7 +189,7 @@ def follow(t: Trainer, root: str | Path, publish: Publish | None = None) -> dict
         name = st["current"]
         path = root / name
         r, p = t.train_reader, t.progress
-        total = p.step + r.min_batches_all_ranks(r.epoch) - p.epoch_step
+        total = p.step + r.steps_all_ranks(r.epoch) - p.epoch_step
         if not train_epoch(t, plan, rate, total):  # stopped early: SIGTERM or --max-steps
             break
         st["done"].append(name)

@@ -107,19 +107,24 @@ class RocketTrainTask(nn.Module):
         """batch -> (loss [], (every loss term as a 0-dim tensor, rows in the batch))."""
         p = self.plan
         out = self.model(batch.dense, batch.sparse, p.run_booster, p.run_light, p.shared_grad_scale)
+        w, rows = batch.weights, len(batch)
+        if batch.n_real is not None:  # a padded reader (pad_final): its padding weighs 0
+            rows = batch.n_real
+            real = (torch.arange(len(batch), device=batch.labels.device) < rows).float()
+            w = real if w is None else w * real
         loss, terms = rocket_loss(
             out.booster,
             out.light,
             batch.labels,
-            batch.weights,
+            w,
             self.loss_cfg,
             self.plan.phase,
             batch.teacher,
-            weight_norm(batch.weights, self.world),
+            weight_norm(w, self.world),
             as_tensors=True,
         )
         self.guard.record(loss, self._step_of() + 1)  # no host sync: checked by the loop
-        return loss, (terms, len(batch))
+        return loss, (terms, rows)
 
     def extra_repr(self) -> str:
         p: Any = self.plan

@@ -97,7 +97,8 @@ def _gather(obj: Any, world: int) -> list[Any]:
 
 def train_reader(spec: FeatureSpec, path: Any, cfg: TrainConfig, rank: int, world: int) -> Any:
     """The training reader of a run. Sharded embeddings need the same batch size on every
-    rank: each rank's short last batch is dropped (counted in rows_unused)."""
+    rank: each rank's short last batch is dropped (counted in rows_unused); with --follow
+    it is padded instead, its padding weighed 0 (no row of a partition left out)."""
     return ParquetReader(
         path,
         spec,
@@ -110,6 +111,7 @@ def train_reader(spec: FeatureSpec, path: Any, cfg: TrainConfig, rank: int, worl
         teacher_column=cfg.teacher_column,
         shuffle_buffer=cfg.shuffle_buffer,
         negative_sample_rate=cfg.negative_sample_rate,
+        pad_final=cfg.follow,
     )
 
 
