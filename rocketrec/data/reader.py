@@ -25,7 +25,15 @@ files are opened when first needed, at most `max_open_files` at a time
 (least recently used closed first), and a rank only opens the files of the
 windows its range touches.
 
+Near-line partitions (`pad_final`): no row is left out; every rank's last batch is
+padded (`n_real` on every batch) and a rank with a batch fewer takes a filler, so all
+ranks take the same steps. `verify` decodes a rank's share of the row groups up front.
+
 Paths: files, directories (Hive partitions too) or globs (rocketrec.data.files).
+
+One concept: one rank's resumable stream of batches over a set of Parquet files (its
+plan, positions, padding and the reading behind them share the same row arithmetic,
+so they stay in one module).
 """
 
 from __future__ import annotations
