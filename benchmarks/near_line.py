@@ -67,10 +67,10 @@ def _logs(spec: str, root: Path, parts: int, rows: int, drift: float) -> None:
 def _followed(spec: str, logs: Path, run: Path) -> dict[str, dict]:
     _rocketrec("train", "--spec", spec, "--train", str(logs), "--out", str(run), "--follow",
                "--follow-poll", "0.2", "--until-idle", "1", "--no-export", *COMMON)  # fmt: skip
-    from rocketrec.evaluation.compare import _progressive
+    from rocketrec.evaluation.compare import progressive_by_partition
 
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return _progressive(recs)
+    return progressive_by_partition(recs)
 
 
 def _daily(spec: str, logs: Path, runs: Path, parts: int, per_day: int) -> dict[str, dict]:

@@ -428,13 +428,16 @@ class ParquetReader:
         u = p.unit
         if u not in cache:
             cache.clear()  # keep one unit: a unit split over two windows is read once
-            t = self._file(u.file).read_row_group(u.row_group, columns=self.columns)
-            if self.target_types:
-                t = conform(t, self.target_types, self.files[u.file])
+            t = self._unit_table(u)
             if self.negative_sample_rate < 1.0:
                 t = t.filter(pa.array(self.keep_mask(u, self._labels_of(t, u))))
             cache[u] = t
         return cache[u].slice(p.first, p.count)  # zero-copy, in kept-row positions
+
+    def _unit_table(self, u: Unit) -> pa.Table:
+        """Unit u's rows (the spec's columns), cast to the reader's one type per column."""
+        t = self._file(u.file).read_row_group(u.row_group, columns=self.columns)
+        return conform(t, self.target_types, self.files[u.file]) if self.target_types else t
 
     def verify(self, part: int = 0, parts: int = 1) -> None:
         """Read and decode every row group whose index % parts == part (one rank's share
@@ -446,10 +449,7 @@ class ParquetReader:
                 continue
             f = self.files[u.file]
             try:
-                t = self._file(u.file).read_row_group(u.row_group, columns=self.columns)
-                if self.target_types:
-                    t = conform(t, self.target_types, f)
-                decode_table(t, self.spec, f, self.teacher_column)
+                decode_table(self._unit_table(u), self.spec, f, self.teacher_column)
             except DataError:
                 raise
             except (OSError, ValueError, pa.ArrowException) as e:

@@ -25,7 +25,7 @@ _PROG = "progressive_"
 _PER_PARTITION = ("light_auc", "light_ne", "booster_auc")
 
 
-def _progressive(recs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def progressive_by_partition(recs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """partition -> its progressive metrics (the last record of each: a restart may have
     scored a partition again before training it), in the order first scored."""
     out: dict[str, dict[str, Any]] = {}
@@ -80,7 +80,7 @@ def _run_row(run: Path, data: Any, rows: int | None, quiet: bool) -> dict[str, A
             row["examples_per_s"] = fin[-1]["rows_seen"] / fin[-1]["step_seconds"]
         elif rates:
             row["examples_per_s"] = float(np.median(rates))
-    parts = _progressive(recs)
+    parts = progressive_by_partition(recs)
     if parts:
         row["partitions"] = parts
     if data:

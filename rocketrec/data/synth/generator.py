@@ -3,6 +3,7 @@ labels drawn from it, columns written as the spec's types, the teacher column.""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,8 +172,6 @@ class Generator:
         popularity, the histories' terms and the bias stay)."""
         if theta == 0:
             return self
-        import copy
-
         g = copy.copy(self)
         other = self.cfg.world_seed ^ DRIFT_SALT
         g.features = []
