@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/mypy rocketrec
 
 test: lint
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not e2e and not dist"

@@ -238,3 +238,46 @@ def bump_manifest_format(src: Path, dst: Path, fmt: str) -> Path:
                 data = json.dumps(man).encode()
             zout.writestr(info, data)
     return dst
+
+
+# -- running in two processes (pytest-xdist, `make test`: -n 2) ------------------------
+# Tests that start a Ray cluster run one after another in one process (clusters on fixed
+# loopback ports, and `ray stop` in one test must not meet another's cluster), and they
+# are collected first so that long chain starts at once; a file whose fixtures are
+# module-scoped (a C++ build, a trained run) stays in one process so they are built once.
+# Every other test goes wherever a process is free. (xdist's own `--dist loadgroup` does
+# not group under pytest 9: it renames `item._nodeid`, which pytest 9 no longer reads.)
+RAY_FILES = {"test_ray.py", "test_follow.py"}
+MODULE_FIXTURE_FILES = {
+    "test_cpp.py",
+    "test_checkpoint_verify.py",
+    "test_evaluate.py",
+    "test_export.py",
+    "test_scale.py",
+    "test_serving.py",
+    "test_synth_sequences.py",
+}
+
+
+def _scope(nodeid: str) -> str:
+    """The unit one process runs: the Ray tests, a module-fixture file, or one test."""
+    path = nodeid.split("::", 1)[0]
+    name = path.rsplit("/", 1)[-1]
+    if name in RAY_FILES:
+        return "ray"
+    return path if name in MODULE_FIXTURE_FILES else nodeid
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    items.sort(key=lambda it: _scope(it.nodeid) != "ray")  # stable: the Ray chain first
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):  # type: ignore[no-untyped-def]
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return Scheduling(config, log)

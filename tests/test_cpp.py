@@ -174,6 +174,39 @@ def test_bench_prints_latencies(predictor, exported):
     assert threads["threads"] == 2 and threads["rps"] > 0 and threads["rps_1"] > 0
 
 
+def test_bench_paired_times_the_models_in_turns(predictor, cross_exported, tmp_path):
+    """--bench-paired: every model timed in every kind, all with the same number of calls
+    (they take turns in blocks over the same seconds); --only picks one kind; a model that
+    does not load is named."""
+    a, b = cross_exported / "light.pt", cross_exported / "light_int8.pt"
+    out = subprocess.run(
+        [str(predictor), "--bench-paired", str(a), str(b), "--seconds", "0.05"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(x) for x in out.stdout.splitlines()]
+    kinds = ("batch1", "batch16", "batch256", "candidates", "candidate_rows")
+    assert {(r["kind"], r["model"]) for r in rows} == {(k, str(m)) for k in kinds for m in (a, b)}
+    assert len(rows) == 2 * len(kinds)
+    for k in kinds:
+        ns = {r["n"] for r in rows if r["kind"] == k}
+        assert len(ns) == 1 and ns.pop() >= 14 * 4, k  # same calls for both, >= 4 turns
+    assert all(0 < r["p50_us"] <= r["p99_us"] for r in rows)
+    one = subprocess.run(
+        [str(predictor), "--bench-paired", str(a), "--only", "batch16", "--seconds", "0.02"],
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr
+    assert [json.loads(x)["kind"] for x in one.stdout.splitlines()] == ["batch16"]
+    missing = tmp_path / "nope.pt"
+    bad = subprocess.run(
+        [str(predictor), "--bench-paired", str(a), str(missing)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and str(missing) in bad.stderr
+
+
 # -- crosses, bucketized numbers, context + candidates ---------------------------------
 
 

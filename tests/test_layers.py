@@ -186,3 +186,28 @@ def test_files_and_functions_stay_readable():
                 if n > 80:
                     big.append(f"{path.name}:{node.lineno} {node.name}: {n} lines")
     assert not big, "\n".join(big)
+
+
+def test_test_files_that_need_one_process_are_grouped():
+    """`make test` runs the suite in two processes (pytest-xdist): a test file with
+    module-scoped fixtures, or one that starts Ray, must be listed in conftest.py, or its
+    fixtures are built twice and Ray clusters meet; the scheduler keeps each in one process."""
+    from conftest import MODULE_FIXTURE_FILES, RAY_FILES, _scope
+
+    tests = Path(__file__).resolve().parent
+    for f in sorted(tests.glob("test_*.py")):
+        if f.name == Path(__file__).name:
+            continue
+        text = f.read_text()
+        starts_ray = (
+            "import ray" in text
+            or "ray_two_node" in text
+            or ('"ads_train.py"' in text and '"--workers"' in text)
+        )
+        if starts_ray:
+            assert f.name in RAY_FILES, f"{f.name} starts Ray: add it to conftest.RAY_FILES"
+        if 'scope="module"' in text:
+            assert f.name in MODULE_FIXTURE_FILES | RAY_FILES, f"{f.name}: add it to conftest.py"
+    assert _scope("tests/test_follow.py::t") == _scope("tests/test_ray.py::u[1]") == "ray"
+    assert _scope("tests/test_cpp.py::a") == _scope("tests/test_cpp.py::b[x]")
+    assert _scope("tests/test_dist.py::a") != _scope("tests/test_dist.py::b")

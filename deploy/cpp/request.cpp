@@ -185,14 +185,19 @@ void RequestParser::check_shape(const Request& r, const std::string& what) const
 }
 
 void RequestParser::check_disjoint(const Request& context, const std::vector<Request>& candidates) const {
+  std::vector<size_t> bags, dense;  // what the context gives: only those can overlap
+  for (size_t i = 0; i < sparse_.size(); ++i)
+    if (!context.bags[i].empty()) bags.push_back(i);
+  for (size_t i = 0; i < dense_.size(); ++i)
+    if (!std::isnan(context.dense[i])) dense.push_back(i);
   for (size_t j = 0; j < candidates.size(); ++j) {
     const Request& r = candidates[j];
-    for (size_t i = 0; i < sparse_.size(); ++i)
-      if (!context.bags[i].empty() && !r.bags[i].empty())
+    for (size_t i : bags)
+      if (!r.bags[i].empty())
         throw RequestError("feature '" + sparse_[i].name + "' is given in the context and in candidate " +
                            std::to_string(j));
-    for (size_t i = 0; i < dense_.size(); ++i)
-      if (!std::isnan(context.dense[i]) && !std::isnan(r.dense[i]))
+    for (size_t i : dense)
+      if (!std::isnan(r.dense[i]))
         throw RequestError("feature '" + dense_[i].name + "' is given in the context and in candidate " +
                            std::to_string(j));
   }

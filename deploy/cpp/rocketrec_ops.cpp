@@ -34,6 +34,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -57,7 +59,8 @@ using rocketrec::fmix64;  // the cross hash's finalizer, shared with the predict
 struct Lookup {
   int64_t out, rows, offset, group, mean, col, dim;
 
-  // id mod rows, non-negative (Python's %)
+  // id mod rows, non-negative (Python's %). A division-free remainder (Lemire's) measured
+  // no faster here, twice: the loop's time is in its loads, not in the divide.
   int64_t row_of(int64_t id) const {
     const int64_t r = id % rows;
     return r < 0 ? r + rows : r;
@@ -76,6 +79,7 @@ struct Config {
   std::vector<int64_t> group_dim;     // [G]
   const float* bounds = nullptr;
   const float* dense_p = nullptr;     // [D, 6]: fill, log1p, lo, hi, scale, shift
+  bool tiles = false;                 // every column written once by a lookup or dense
 };
 
 Config parse_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
@@ -119,6 +123,14 @@ Config parse_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
   }
   for (int64_t g = 0; g < c.G; ++g) c.group_dim.push_back(next());
   TORCH_CHECK(at == n, "rocketrec: icfg has ", n - at, " trailing entries");
+  {  // the lookups' columns and the D dense ones cover [0, K) once: x needs no zero fill
+    std::vector<int> cover(static_cast<size_t>(c.K), 0);
+    for (const Lookup& k : c.lookups)
+      for (int64_t j = k.col; j < k.col + k.dim; ++j) ++cover[static_cast<size_t>(j)];
+    c.tiles = c.D <= c.K;
+    for (int64_t j = 0; c.tiles && j < c.K - c.D; ++j) c.tiles = cover[static_cast<size_t>(j)] == 1;
+    for (int64_t j = c.K - c.D; c.tiles && j < c.K; ++j) c.tiles = cover[static_cast<size_t>(j)] == 0;
+  }
   for (int64_t f = 0; f < c.F; ++f) {
     const int64_t lim = c.out_kind[f] == 0 ? c.I : c.out_kind[f] == 1 ? c.NC : c.Kb;
     TORCH_CHECK(c.out_index[f] >= 0 && c.out_index[f] < lim, "rocketrec: icfg output ", f,
@@ -350,47 +362,173 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& valu
   return {out_rows, lens, x};
 }
 
-// One lookup over all B rows: out row b, columns [col, col + dim), += the rows of bag b
-// (bags end at bag_end[b], starting at `start`), then mean = sum / length (one multiply,
-// as the portable module). fp32 rows, or int8 row-wise (scale * q + bias). Compiled for
-// AVX2 and for the baseline ISA; the loader picks one (GCC target_clones).
-__attribute__((target_clones("avx2", "default"))) void pool_lookup(
-    float* x, int64_t K, int64_t col, int64_t dim, bool mean, int64_t B, const int64_t* bag_end,
-    int64_t start, const int64_t* rows, const uint8_t* base, int64_t stride, bool int8, int64_t qdim) {
-  constexpr int64_t kAhead = 8;  // prefetch distance: rows are random in large tables
-  const int64_t last = B > 0 ? bag_end[B - 1] : start;
-  for (int64_t b = 0; b < B; ++b) {
-    float* out = x + b * K + col;
-    const int64_t end = bag_end[b];
-    for (int64_t i = start; i < end; ++i) {
-      if (i + kAhead < last) __builtin_prefetch(base + rows[i + kAhead] * stride);
-      const uint8_t* row = base + rows[i] * stride;
-      if (int8) {
-        float scale, bias;
-        std::memcpy(&scale, row + qdim, 4);
-        std::memcpy(&bias, row + qdim + 4, 4);
-        for (int64_t j = 0; j < dim; ++j) out[j] += scale * static_cast<float>(row[j]) + bias;
-      } else {
-        const float* e = reinterpret_cast<const float*>(row);
-        for (int64_t j = 0; j < dim; ++j) out[j] += e[j];
-      }
+// One bag: out[0..dim) = the sum of its rows (fp32, or int8 row-wise: scale * q + bias),
+// times `scale` (1, or 1/length for mean pooling). The sum stays in registers for the
+// usual dims (a compile-time DIM); rows[i + kAhead] is prefetched (rows are random in
+// large tables). `out` is written, not added to: an empty bag writes zeros.
+constexpr int64_t kAhead = 8;
+
+template <int DIM>
+__attribute__((always_inline)) inline void pool_bag_fixed(float* out, const int64_t* rows, int64_t n,
+                                                          const int64_t* pf, int64_t npf, const uint8_t* base,
+                                                          int64_t stride, bool int8, int64_t qdim, float scale) {
+  float acc[DIM] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < npf) __builtin_prefetch(base + pf[i + kAhead] * stride);
+    const uint8_t* row = base + rows[i] * stride;
+    if (int8) {
+      float sc, bi;
+      std::memcpy(&sc, row + qdim, 4);
+      std::memcpy(&bi, row + qdim + 4, 4);
+      for (int j = 0; j < DIM; ++j) acc[j] += sc * static_cast<float>(row[j]) + bi;
+    } else {
+      const float* e = reinterpret_cast<const float*>(row);
+      for (int j = 0; j < DIM; ++j) acc[j] += e[j];
     }
-    if (mean && end - start > 1) {
-      const float inv = 1.0f / static_cast<float>(end - start);
-      for (int64_t j = 0; j < dim; ++j) out[j] *= inv;
+  }
+  for (int j = 0; j < DIM; ++j) out[j] = acc[j] * scale;
+}
+
+__attribute__((always_inline)) inline void pool_bag_any(float* out, int64_t dim, const int64_t* rows, int64_t n,
+                                                        const int64_t* pf, int64_t npf, const uint8_t* base,
+                                                        int64_t stride, bool int8, int64_t qdim, float scale) {
+  for (int64_t j = 0; j < dim; ++j) out[j] = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < npf) __builtin_prefetch(base + pf[i + kAhead] * stride);
+    const uint8_t* row = base + rows[i] * stride;
+    if (int8) {
+      float sc, bi;
+      std::memcpy(&sc, row + qdim, 4);
+      std::memcpy(&bi, row + qdim + 4, 4);
+      for (int64_t j = 0; j < dim; ++j) out[j] += sc * static_cast<float>(row[j]) + bi;
+    } else {
+      const float* e = reinterpret_cast<const float*>(row);
+      for (int64_t j = 0; j < dim; ++j) out[j] += e[j];
+    }
+  }
+  if (scale != 1.0f)
+    for (int64_t j = 0; j < dim; ++j) out[j] *= scale;
+}
+
+// AVX2 + FMA, dims a multiple of 8 up to 64: NV vectors of 8 in registers; an int8 row
+// converts its 8-byte groups to float in-register (the compiler's own code converts byte by
+// byte, which made int8 slower than fp32).
+template <int NV>
+__attribute__((target("avx2,fma"), always_inline)) inline void pool_bag_avx2(
+    float* out, const int64_t* rows, int64_t n, int64_t npf, const uint8_t* base, int64_t stride, bool int8,
+    int64_t qdim, float scale) {
+  __m256 acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < npf) __builtin_prefetch(base + rows[i + kAhead] * stride);
+    const uint8_t* row = base + rows[i] * stride;
+    if (int8) {
+      float sc, bi;
+      std::memcpy(&sc, row + qdim, 4);
+      std::memcpy(&bi, row + qdim + 4, 4);
+      const __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
+      for (int v = 0; v < NV; ++v) {
+        const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * v));  // 8 bytes
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
+        acc[v] = _mm256_add_ps(acc[v], _mm256_fmadd_ps(vs, q, vb));
+      }
+    } else {
+      const float* e = reinterpret_cast<const float*>(row);
+      for (int v = 0; v < NV; ++v) acc[v] = _mm256_add_ps(acc[v], _mm256_loadu_ps(e + 8 * v));
+    }
+  }
+  const __m256 vsc = _mm256_set1_ps(scale);
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(acc[v], vsc));
+}
+
+__attribute__((target("avx2,fma"))) void pool_lookup_avx2(float* out, int64_t ld, int64_t dim, bool mean,
+                                                         int64_t nb, const int64_t* bag_end, int64_t start,
+                                                         const int64_t* rows, const uint8_t* base,
+                                                         int64_t stride, bool int8, int64_t qdim) {
+  const int64_t last = nb > 0 ? bag_end[nb - 1] : start;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t end = bag_end[b];
+    const int64_t n = end - start;
+    const float scale = mean && n > 1 ? 1.0f / static_cast<float>(n) : 1.0f;
+    const int64_t* r = rows + start;
+    float* o = out + b * ld;
+    switch (dim) {
+      case 8: pool_bag_avx2<1>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
+      case 16: pool_bag_avx2<2>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
+      case 24: pool_bag_avx2<3>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
+      case 32: pool_bag_avx2<4>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
+      case 64: pool_bag_avx2<8>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
+      default: pool_bag_any(o, dim, r, n, r, last - start, base, stride, int8, qdim, scale);
     }
     start = end;
   }
 }
 
-// Pools every lookup into x [B, K] (embedding columns of each lookup, then the dense ones).
-// Pass 1 computes every table row (as `preprocess` does); pass 2 pools them with prefetch.
-at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
-                  const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+// One lookup over bags b = 0..nb-1 (bag b: rows [start_b, bag_end[b]), starting at
+// `start`), bag b into out + b * ld (columns [0, dim)); mean = sum / length (one
+// multiply, as the portable module). On AVX2 + FMA machines pool_lookup_avx2; else the
+// portable loops (compiled for AVX2 and for the baseline ISA, GCC target_clones).
+__attribute__((target_clones("avx2", "default"))) void pool_lookup_portable(
+    float* out, int64_t ld, int64_t dim, bool mean, int64_t nb, const int64_t* bag_end, int64_t start,
+    const int64_t* rows, const uint8_t* base, int64_t stride, bool int8, int64_t qdim) {
+  const int64_t last = nb > 0 ? bag_end[nb - 1] : start;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t end = bag_end[b];
+    const int64_t n = end - start;
+    const float scale = mean && n > 1 ? 1.0f / static_cast<float>(n) : 1.0f;
+    const int64_t* r = rows + start;
+    const int64_t npf = last - start;  // prefetch runs on into the next bags
+    float* o = out + b * ld;
+    switch (dim) {
+      case 4: pool_bag_fixed<4>(o, r, n, r, npf, base, stride, int8, qdim, scale); break;
+      case 8: pool_bag_fixed<8>(o, r, n, r, npf, base, stride, int8, qdim, scale); break;
+      case 16: pool_bag_fixed<16>(o, r, n, r, npf, base, stride, int8, qdim, scale); break;
+      case 32: pool_bag_fixed<32>(o, r, n, r, npf, base, stride, int8, qdim, scale); break;
+      default: pool_bag_any(o, dim, r, n, r, npf, base, stride, int8, qdim, scale);
+    }
+    start = end;
+  }
+}
+
+void pool_lookup(float* out, int64_t ld, int64_t dim, bool mean, int64_t nb, const int64_t* bag_end,
+                 int64_t start, const int64_t* rows, const uint8_t* base, int64_t stride, bool int8,
+                 int64_t qdim) {
+  if (kHasAvx2)
+    pool_lookup_avx2(out, ld, dim, mean, nb, bag_end, start, rows, base, stride, int8, qdim);
+  else
+    pool_lookup_portable(out, ld, dim, mean, nb, bag_end, start, rows, base, stride, int8, qdim);
+}
+
+// The fused tables' pointers (checked against the config) and every table row of the
+// request: rows [N'] in (lookup, row) order, bag_end [L*B] (thread-local, reused).
+struct Rows {
+  std::vector<const uint8_t*> base;
+  std::vector<int64_t> stride;
+  std::vector<int64_t>& rows;
+  std::vector<int64_t>& bag_end;
+
+  // pools lookup l's bags b0..b1-1 into out + (b - b0) * ld
+  void pool(const Config& c, int64_t l, int64_t B, int64_t b0, int64_t b1, float* out, int64_t ld,
+            bool int8) const {
+    const Lookup& k = c.lookups[static_cast<size_t>(l)];
+    const size_t g = static_cast<size_t>(k.group);
+    const int64_t* ends = bag_end.data() + l * B;
+    const int64_t start = b0 > 0 ? ends[b0 - 1] : (l > 0 ? bag_end[static_cast<size_t>(l * B - 1)] : 0);
+    pool_lookup(out, ld, k.dim, k.mean != 0, b1 - b0, ends + b0, start, rows.data(), base[g], stride[g], int8,
+                c.group_dim[g]);
+  }
+};
+
+Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
   TORCH_CHECK(static_cast<int64_t>(tables.size()) == c.G, "rocketrec: ", c.G, " tables expected, got ",
               tables.size());
-  std::vector<const uint8_t*> base(static_cast<size_t>(c.G));
-  std::vector<int64_t> stride(static_cast<size_t>(c.G)), nrows(static_cast<size_t>(c.G));
+  thread_local std::vector<int64_t> rows_tl, bag_end_tl;
+  Rows r{{}, {}, rows_tl, bag_end_tl};  // resolved once: each thread-local access is a call
+  r.base.resize(static_cast<size_t>(c.G));
+  r.stride.resize(static_cast<size_t>(c.G));
+  std::vector<int64_t> nrows(static_cast<size_t>(c.G));
   for (int64_t g = 0; g < c.G; ++g) {
     const at::Tensor& t = tables[static_cast<size_t>(g)];
     const int64_t d = c.group_dim[static_cast<size_t>(g)];
@@ -402,36 +540,105 @@ at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
       TORCH_CHECK(t.scalar_type() == at::kFloat && t.size(1) == d, "rocketrec: table ", g,
                   " must be float32 [R, ", d, "]");
     }
-    base[static_cast<size_t>(g)] = static_cast<const uint8_t*>(t.data_ptr());
-    stride[static_cast<size_t>(g)] = t.size(1) * (int8 ? 1 : 4);
+    r.base[static_cast<size_t>(g)] = static_cast<const uint8_t*>(t.data_ptr());
+    r.stride[static_cast<size_t>(g)] = t.size(1) * (int8 ? 1 : 4);
     nrows[static_cast<size_t>(g)] = t.size(0);
   }
-  thread_local std::vector<int64_t> rows_tl, bag_end_tl;
-  std::vector<int64_t>& rows = rows_tl;  // resolved once: each thread-local access is a call
-  std::vector<int64_t>& bag_end = bag_end_tl;
-  rows.clear();
-  bag_end.assign(static_cast<size_t>(c.L * B), 0);
-  w.for_each_id([&](int64_t, int64_t, int64_t r) { rows.push_back(r); },
-                [&](int64_t l, int64_t b, int64_t) { bag_end[static_cast<size_t>(l * B + b)] = static_cast<int64_t>(rows.size()); });
   // rows come out of `id mod rows` + the lookup's offset: checking each lookup's range
   // once bounds every row (a corrupt config cannot read past a table)
   for (const Lookup& k : c.lookups)
     TORCH_CHECK(k.offset >= 0 && k.offset + k.rows <= nrows[static_cast<size_t>(k.group)] &&
                     k.dim <= c.group_dim[static_cast<size_t>(k.group)],
                 "rocketrec: a lookup's rows lie outside table ", k.group);
-  auto x = at::zeros({B, c.K}, at::kFloat);
+  std::vector<int64_t>& rows = r.rows;
+  std::vector<int64_t>& bag_end = r.bag_end;
+  rows.clear();
+  bag_end.assign(static_cast<size_t>(c.L * B), 0);
+  w.for_each_id([&](int64_t, int64_t, int64_t row) { rows.push_back(row); },
+                [&](int64_t l, int64_t b, int64_t) { bag_end[static_cast<size_t>(l * B + b)] = static_cast<int64_t>(rows.size()); });
+  return r;
+}
+
+// Pools every lookup into x [B, K] (embedding columns of each lookup, then the dense ones).
+at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
+                  const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+  const Rows r = table_rows(c, w, tables, int8, B);
+  auto x = c.tiles ? at::empty({B, c.K}, at::kFloat) : at::zeros({B, c.K}, at::kFloat);
   float* xp = x.data_ptr<float>();
-  int64_t start = 0;
-  for (int64_t l = 0; l < c.L; ++l) {
-    const Lookup& k = c.lookups[static_cast<size_t>(l)];
-    const size_t g = static_cast<size_t>(k.group);
-    pool_lookup(xp, c.K, k.col, k.dim, k.mean != 0, B, bag_end.data() + l * B, start, rows.data(),
-                base[g], stride[g], int8, c.group_dim[g]);
-    start = B > 0 ? bag_end[static_cast<size_t>(l * B + B - 1)] : start;
-  }
+  for (int64_t l = 0; l < c.L; ++l) r.pool(c, l, B, 0, B, xp + c.lookups[static_cast<size_t>(l)].col, c.K, int8);
   const float* dp = dense.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) w.dense_row(dp, b, xp + b * c.K + (c.K - c.D));
   return x;
+}
+
+// Context mode, split: the context's share ctx [1, K] (zeros in the candidates' columns)
+// and the candidates' own columns cand [M, Kc] (every column the context does not give,
+// ascending), pooled straight into place; `cols` lists those Kc columns.
+struct Split {
+  at::Tensor ctx, cand;
+  std::vector<int64_t> cols;
+};
+
+Split context_split(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
+                    const at::Tensor& icfg, const at::Tensor& fcfg, at::TensorList tables, bool int8) {
+  const Config& c = cached_config(icfg, fcfg);
+  const int64_t B = check_inputs(c, values, lengths, dense);
+  TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
+  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+  Work w(c, B, true);
+  w.sources(vc, lc, dc);
+  const Rows r = table_rows(c, w, tables.vec(), int8, B);
+  const int64_t M = B - 1;
+  // which columns the context gives: a lookup's, when the context gives its input
+  std::vector<uint8_t> ctx_col(static_cast<size_t>(c.K), 0);
+  std::vector<uint8_t> given(static_cast<size_t>(c.L), 0);
+  for (int64_t l = 0; l < c.L; ++l) {
+    const Lookup& k = c.lookups[static_cast<size_t>(l)];
+    const int64_t kind = c.out_kind[static_cast<size_t>(k.out)];
+    const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
+    bool g = false;
+    if (kind == 0) g = w.in_len[static_cast<size_t>(idx * B)] > 0;
+    if (kind == 2) g = w.ctx_gives[static_cast<size_t>(c.I + idx)];
+    given[static_cast<size_t>(l)] = g;
+    if (g) std::fill(ctx_col.begin() + k.col, ctx_col.begin() + k.col + k.dim, 1);
+  }
+  const float* dp = dc.data_ptr<float>();
+  for (int64_t j = 0; j < c.D; ++j) ctx_col[static_cast<size_t>(c.K - c.D + j)] = !std::isnan(dp[j]);
+  Split out;
+  std::vector<int64_t> pos(static_cast<size_t>(c.K), -1);  // column -> candidate column
+  for (int64_t j = 0; j < c.K; ++j)
+    if (!ctx_col[static_cast<size_t>(j)]) {
+      pos[static_cast<size_t>(j)] = static_cast<int64_t>(out.cols.size());
+      out.cols.push_back(j);
+    }
+  const int64_t kc = static_cast<int64_t>(out.cols.size());
+  out.ctx = at::zeros({1, c.K}, at::kFloat);
+  out.cand = at::empty({M, kc}, at::kFloat);
+  float* cp = out.ctx.data_ptr<float>();
+  float* yp = out.cand.data_ptr<float>();
+  for (int64_t l = 0; l < c.L; ++l) {
+    const Lookup& k = c.lookups[static_cast<size_t>(l)];
+    if (given[static_cast<size_t>(l)]) {
+      r.pool(c, l, B, 0, 1, cp + k.col, c.K, int8);
+    } else {
+      const int64_t at_col = k.dim > 0 ? pos[static_cast<size_t>(k.col)] : 0;
+      TORCH_CHECK(k.dim == 0 || (at_col >= 0 && pos[static_cast<size_t>(k.col + k.dim - 1)] == at_col + k.dim - 1),
+                  "rocketrec: lookup ", l, "'s columns overlap another's");
+      r.pool(c, l, B, 1, B, yp + at_col, kc, int8);
+    }
+  }
+  if (c.D > 0) {
+    std::vector<float> row(static_cast<size_t>(c.D));
+    w.dense_row(dp, 0, cp + (c.K - c.D));  // the candidates' columns come out 0
+    for (int64_t m = 0; m < M; ++m) {
+      w.dense_row(dp, m + 1, row.data());
+      for (int64_t j = 0; j < c.D; ++j) {
+        const int64_t q = pos[static_cast<size_t>(c.K - c.D + j)];
+        if (q >= 0) yp[m * kc + q] = row[static_cast<size_t>(j)];
+      }
+    }
+  }
+  return out;
 }
 
 at::Tensor light_features(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
@@ -446,46 +653,6 @@ at::Tensor light_features(const at::Tensor& values, const at::Tensor& lengths, c
   return pooled(c, w, dc, tables.vec(), int8, B);
 }
 
-// Context mode: x [1+M, K] (row 0 the context's share, rows 1.. the candidates') and the
-// candidates' columns (every column the context does not give).
-std::pair<at::Tensor, std::vector<int64_t>> context_parts(const at::Tensor& values, const at::Tensor& lengths,
-                                                          const at::Tensor& dense, const at::Tensor& icfg,
-                                                          const at::Tensor& fcfg, at::TensorList tables,
-                                                          bool int8) {
-  const Config& c = cached_config(icfg, fcfg);
-  const int64_t B = check_inputs(c, values, lengths, dense);
-  TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
-  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
-  Work w(c, B, true);
-  w.sources(vc, lc, dc);
-  at::Tensor x = pooled(c, w, dc, tables.vec(), int8, B);
-  std::vector<uint8_t> ctx_col(static_cast<size_t>(c.K), 0);
-  for (const Lookup& k : c.lookups) {
-    const int64_t kind = c.out_kind[static_cast<size_t>(k.out)];
-    const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
-    bool given = false;
-    if (kind == 0) given = w.in_len[static_cast<size_t>(idx * B)] > 0;
-    if (kind == 2) given = w.ctx_gives[static_cast<size_t>(c.I + idx)];
-    if (given) std::fill(ctx_col.begin() + k.col, ctx_col.begin() + k.col + k.dim, 1);
-  }
-  const float* d0 = dc.data_ptr<float>();
-  for (int64_t j = 0; j < c.D; ++j) ctx_col[static_cast<size_t>(c.K - c.D + j)] = !std::isnan(d0[j]);
-  std::vector<int64_t> cols;
-  for (int64_t j = 0; j < c.K; ++j)
-    if (!ctx_col[static_cast<size_t>(j)]) cols.push_back(j);
-  return {x, cols};
-}
-
-at::Tensor gather_cols(const at::Tensor& x, const std::vector<int64_t>& cols) {
-  const int64_t K = x.size(1), M = x.size(0) - 1, kc = static_cast<int64_t>(cols.size());
-  auto cand = at::empty({M, kc}, at::kFloat);
-  const float* xp = x.data_ptr<float>();
-  float* cp = cand.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < kc; ++j) cp[m * kc + j] = xp[(m + 1) * K + cols[static_cast<size_t>(j)]];
-  return cand;
-}
-
 at::Tensor to_tensor(const std::vector<int64_t>& v) {
   auto t = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
   if (!v.empty()) std::memcpy(t.data_ptr<int64_t>(), v.data(), v.size() * sizeof(int64_t));
@@ -495,8 +662,52 @@ at::Tensor to_tensor(const std::vector<int64_t>& v) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> light_features_context(
     const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense, const at::Tensor& icfg,
     const at::Tensor& fcfg, at::TensorList tables, bool int8) {
-  auto [x, cols] = context_parts(values, lengths, dense, icfg, fcfg, tables, int8);
-  return {x.narrow(0, 0, 1), gather_cols(x, cols), to_tensor(cols)};
+  Split sp = context_split(values, lengths, dense, icfg, fcfg, tables, int8);
+  return {sp.ctx, sp.cand, to_tensor(sp.cols)};
+}
+
+// sum(y) and sum(y^2) of n floats, in float64: AVX2 keeps 4 + 4 lanes of each (a single
+// float64 chain waits on every add), the portable loop 4 partial sums.
+__attribute__((target("avx2,fma"))) void moments_avx2(const float* y, int64_t n, double& s, double& ss) {
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), q0 = _mm256_setzero_pd(),
+          q1 = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(y + j);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    a0 = _mm256_add_pd(a0, lo);
+    a1 = _mm256_add_pd(a1, hi);
+    q0 = _mm256_fmadd_pd(lo, lo, q0);
+    q1 = _mm256_fmadd_pd(hi, hi, q1);
+  }
+  alignas(32) double t[4], u[4];
+  _mm256_store_pd(t, _mm256_add_pd(a0, a1));
+  _mm256_store_pd(u, _mm256_add_pd(q0, q1));
+  s = (t[0] + t[1]) + (t[2] + t[3]);
+  ss = (u[0] + u[1]) + (u[2] + u[3]);
+  for (; j < n; ++j) {
+    s += y[j];
+    ss += static_cast<double>(y[j]) * y[j];
+  }
+}
+
+void moments(const float* y, int64_t n, double& s, double& ss) {
+  if (kHasAvx2) return moments_avx2(y, n, s, ss);
+  double s4[4] = {0, 0, 0, 0}, ss4[4] = {0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    for (int q = 0; q < 4; ++q) {
+      const double v = y[j + q];
+      s4[q] += v;
+      ss4[q] += v * v;
+    }
+  for (; j < n; ++j) {
+    s4[0] += y[j];
+    ss4[0] += static_cast<double>(y[j]) * y[j];
+  }
+  s = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+  ss = (ss4[0] + ss4[1]) + (ss4[2] + ss4[3]);
 }
 
 // score_candidates' first layer for a tower that starts LayerNorm(K) -> Linear(K, H):
@@ -508,23 +719,21 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
                                      const at::Tensor& dense, const at::Tensor& icfg, const at::Tensor& fcfg,
                                      at::TensorList tables, bool int8, const at::Tensor& wg_t,
                                      const at::Tensor& wg_sum, const at::Tensor& b_eff, double eps) {
-  auto [x, cols] = context_parts(values, lengths, dense, icfg, fcfg, tables, int8);
-  const int64_t K = x.size(1), M = x.size(0) - 1;
+  Split sp = context_split(values, lengths, dense, icfg, fcfg, tables, int8);
+  const std::vector<int64_t>& cols = sp.cols;
+  const int64_t K = sp.ctx.size(1), M = sp.cand.size(0);
   TORCH_CHECK(wg_t.dim() == 2 && wg_t.size(0) == K && wg_t.scalar_type() == at::kFloat,
               "rocketrec: wg_t must be float32 [", K, ", H]");
   const int64_t H = wg_t.size(1);
   TORCH_CHECK(wg_sum.numel() == H && b_eff.numel() == H, "rocketrec: wg_sum and b_eff must have H = ", H,
               " entries");
-  const at::Tensor ctx = x.narrow(0, 0, 1);
-  const at::Tensor cand = gather_cols(x, cols);
+  const at::Tensor& ctx = sp.ctx;
+  const at::Tensor& cand = sp.cand;
   const at::Tensor pc = at::mm(ctx, wg_t).contiguous();                                  // [1, H]
   at::Tensor h = at::mm(cand, wg_t.index_select(0, to_tensor(cols))).contiguous();      // [M, H]
   const float* cp = ctx.data_ptr<float>();
   double cs = 0, css = 0;
-  for (int64_t j = 0; j < K; ++j) {
-    cs += cp[j];
-    css += static_cast<double>(cp[j]) * cp[j];
-  }
+  moments(cp, K, cs, css);
   const int64_t kc = cand.size(1);
   const float* yp = cand.data_ptr<float>();
   const float* pcp = pc.data_ptr<float>();
@@ -533,27 +742,16 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
   const float* bep = be.data_ptr<float>();
   float* hp = h.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
-    // four independent partial sums (a single double chain waits on each add)
-    double s4[4] = {0, 0, 0, 0}, ss4[4] = {0, 0, 0, 0};
-    const float* y = yp + m * kc;
-    int64_t j = 0;
-    for (; j + 4 <= kc; j += 4)
-      for (int q = 0; q < 4; ++q) {
-        const double v = y[j + q];
-        s4[q] += v;
-        ss4[q] += v * v;
-      }
-    for (; j < kc; ++j) {
-      s4[0] += y[j];
-      ss4[0] += static_cast<double>(y[j]) * y[j];
-    }
-    const double s = cs + ((s4[0] + s4[1]) + (s4[2] + s4[3]));
-    const double ss = css + ((ss4[0] + ss4[1]) + (ss4[2] + ss4[3]));
+    double s = 0, ss = 0;
+    moments(yp + m * kc, kc, s, ss);
+    s += cs;
+    ss += css;
     const double mean = s / static_cast<double>(K);
     const double var = std::max(ss / static_cast<double>(K) - mean * mean, 0.0);
     const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
     const float mf = static_cast<float>(mean);
-    for (int64_t k = 0; k < H; ++k) hp[m * H + k] = (pcp[k] + hp[m * H + k] - mf * wsp[k]) * rstd + bep[k];
+    float* hm = hp + m * H;
+    for (int64_t k = 0; k < H; ++k) hm[k] = (pcp[k] + hm[k] - mf * wsp[k]) * rstd + bep[k];
   }
   return h;
 }

@@ -22,6 +22,10 @@
 //   rocketrec_predict MODEL.pt --self-test             the API's size checks
 //   rocketrec_predict --bench-math MATH.pt [--seconds S]   the math-only baseline
 //       (benchmarks/bench_serving.py): p50/p99 of its forward on prepared inputs
+//   rocketrec_predict --bench-paired MODEL... [--math MATH.pt] [--seconds S] [--context a,b]
+//       [--candidates N] [--only batch1|batch16|batch256|candidates]
+//       the models (and the math baseline) timed taking turns in short blocks over the
+//       same seconds: ratios between them that the machine's drifting speed cancels out of
 //
 // --bench times the default runtime (Static Runtime) and the TorchScript interpreter
 // (a .pt2: its compiled code; the interpreter figures are -1).
@@ -67,6 +71,7 @@ int usage() {
                "       rocketrec_predict --watch DIR [REQUESTS.jsonl|-] [--load-test SECONDS --threads T]\n"
                "       rocketrec_predict MODEL.pt --manifest\n"
                "       rocketrec_predict --bench-math MATH.pt [--seconds S]\n"
+               "       rocketrec_predict --bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND]\n"
                "       rocketrec_predict --hash STRING...\n"
                "       rocketrec_predict --cross-hash ID,ID[,ID...]...\n";
   return 2;
@@ -238,6 +243,128 @@ int bench_math(const std::string& path, double seconds) {
   return 0;
 }
 
+// --bench-paired: several models timed in the same seconds, for ratios this VM's drifting
+// speed does not skew. Per kind (batch 1/16/256, one context x N candidates, the same N
+// rows as a batch), the models take turns in short blocks (the first calls of a block
+// are warm-up, not timed) until `seconds` have passed; each model's p50/p99 come from
+// calls made alongside every other model's. A math baseline (--bench-math's module) is
+// timed with them at batch 1/16/256. `only`: one kind (for profiling), "" = all.
+struct Timed {
+  std::function<void()> fn;
+  std::vector<double> us;
+};
+
+void paired(std::vector<Timed>& ts, double seconds) {
+  constexpr int kBlock = 16, kWarm = 2;
+  for (auto& t : ts)
+    for (int w = 0; w < 5; ++w) t.fn();
+  auto start = Clock::now();
+  for (size_t turn = 0;; ++turn) {
+    for (size_t k = 0; k < ts.size(); ++k) {
+      Timed& t = ts[(turn + k) % ts.size()];  // each model starts a turn in its turn
+      for (int i = 0; i < kBlock; ++i) {
+        auto t0 = Clock::now();
+        t.fn();
+        if (i >= kWarm) t.us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+      }
+    }
+    if (std::chrono::duration<double>(Clock::now() - start).count() > seconds && turn >= 3) break;
+  }
+}
+
+std::pair<double, double> p50_p99(std::vector<double> us) {
+  std::sort(us.begin(), us.end());
+  auto pct = [&](double q) { return us[std::min(us.size() - 1, static_cast<size_t>(q * us.size()))]; };
+  return {pct(0.5), pct(0.99)};
+}
+
+int bench_paired(const std::vector<std::string>& paths, const std::string& math, double seconds,
+                 std::vector<std::string> context, int n_cand, const std::string& only) {
+  at::set_num_threads(1);
+  std::vector<std::unique_ptr<rocketrec::Predictor>> ps;
+  for (const auto& path : paths) ps.push_back(std::make_unique<rocketrec::Predictor>(path));
+  torch::jit::script::Module mm;
+  if (!math.empty()) mm = torch::jit::load(math);
+  auto emit = [&](const std::string& kind, const std::string& name, const std::vector<double>& us) {
+    auto [p50, p99] = p50_p99(us);
+    std::printf("{\"mode\": \"paired\", \"kind\": \"%s\", \"model\": \"%s\", \"p50_us\": %.2f, \"p99_us\": %.2f, "
+                "\"n\": %zu}\n", kind.c_str(), name.c_str(), p50, p99, us.size());
+  };
+  for (int B : {1, 16, 256}) {
+    const std::string kind = "batch" + std::to_string(B);
+    if (!only.empty() && only != kind) continue;
+    std::vector<std::vector<rocketrec::Request>> batches(ps.size());
+    std::vector<Timed> ts;
+    for (size_t m = 0; m < ps.size(); ++m) {
+      Gen gen{*ps[m]};
+      std::vector<bool> none(ps[m]->sparse().size() + ps[m]->dense().size(), false);
+      for (int b = 0; b < B; ++b) batches[m].push_back(gen.row(none));
+      const rocketrec::Predictor* p = ps[m].get();
+      const auto* batch = &batches[m];
+      ts.push_back({[p, batch] { p->predict(*batch); }, {}});
+    }
+    std::vector<c10::IValue> min;
+    if (!math.empty()) {
+      auto ex = mm.get_method("example")({static_cast<int64_t>(B)}).toTuple()->elements();
+      min.assign(ex.begin(), ex.end());
+      ts.push_back({[&] {
+                      c10::InferenceMode guard;
+                      mm.forward(min);
+                    },
+                    {}});
+    }
+    paired(ts, seconds);
+    for (size_t m = 0; m < ps.size(); ++m) emit(kind, paths[m], ts[m].us);
+    if (!math.empty()) emit(kind, "math:" + math, ts.back().us);
+  }
+  if (!only.empty() && only != "candidates") return 0;
+  std::vector<Timed> ts;
+  std::vector<rocketrec::Request> ctxs(ps.size());
+  std::vector<std::vector<rocketrec::Request>> cands(ps.size()), merged(ps.size());
+  for (size_t m = 0; m < ps.size(); ++m) {
+    const rocketrec::Predictor& p = *ps[m];
+    std::vector<std::string> names;
+    for (const auto& f : p.sparse()) names.push_back(f.name);
+    for (const auto& f : p.dense()) names.push_back(f.name);
+    std::vector<std::string> ctx_names = context;
+    if (ctx_names.empty())  // as --bench: the inputs whose name mentions "user"
+      for (const auto& n : names)
+        if (n.find("user") != std::string::npos) ctx_names.push_back(n);
+    std::vector<bool> in_ctx(names.size(), false);
+    for (const auto& c : ctx_names) {
+      auto it = std::find(names.begin(), names.end(), c);
+      if (it != names.end()) in_ctx[static_cast<size_t>(it - names.begin())] = true;
+    }
+    std::vector<bool> not_ctx(names.size());
+    for (size_t i = 0; i < names.size(); ++i) not_ctx[i] = !in_ctx[i];
+    Gen gen{p};
+    ctxs[m] = gen.row(not_ctx);
+    for (int j = 0; j < n_cand; ++j) {
+      cands[m].push_back(gen.row(in_ctx));
+      rocketrec::Request r = cands[m].back();
+      for (size_t i = 0; i < r.bags.size(); ++i)
+        if (in_ctx[i]) r.bags[i] = ctxs[m].bags[i];
+      for (size_t j2 = 0; j2 < r.dense.size(); ++j2)
+        if (in_ctx[p.sparse().size() + j2]) r.dense[j2] = ctxs[m].dense[j2];
+      merged[m].push_back(std::move(r));
+    }
+  }
+  for (size_t m = 0; m < ps.size(); ++m) {
+    const rocketrec::Predictor* p = ps[m].get();
+    const rocketrec::Request* c = &ctxs[m];
+    const std::vector<rocketrec::Request>*cs = &cands[m], *mg = &merged[m];
+    ts.push_back({[p, c, cs] { p->score(*c, *cs); }, {}});
+    if (only.empty()) ts.push_back({[p, mg] { p->predict(*mg); }, {}});
+  }
+  paired(ts, seconds);
+  const size_t per = only.empty() ? 2 : 1;
+  for (size_t m = 0; m < ps.size(); ++m) {
+    emit("candidates", paths[m], ts[per * m].us);
+    if (only.empty()) emit("candidate_rows", paths[m], ts[per * m + 1].us);
+  }
+  return 0;
+}
+
 // The library API checks sizes: wrong shapes and overlapping inputs are RequestErrors,
 // never reads out of bounds. Prints one line per check; exit 1 if one does not throw.
 int self_test(const rocketrec::Predictor& p) {
@@ -402,6 +529,34 @@ int main(int argc, char** argv) {
       return fail("--cross-hash takes comma-separated int64 ids");
     }
     return 0;
+  }
+  if (args[0] == "--bench-paired") {
+    std::vector<std::string> paths;
+    std::string math, context, only;
+    double secs = 2.0;
+    int n_cand = 200;
+    for (size_t i = 1; i < args.size(); ++i) {
+      const std::string& a = args[i];
+      try {
+        if (a == "--seconds" && i + 1 < args.size()) secs = std::stod(args[++i]);
+        else if (a == "--math" && i + 1 < args.size()) math = args[++i];
+        else if (a == "--context" && i + 1 < args.size()) context = args[++i];
+        else if (a == "--candidates" && i + 1 < args.size()) n_cand = std::stoi(args[++i]);
+        else if (a == "--only" && i + 1 < args.size()) only = args[++i];
+        else if (a.rfind("--", 0) == 0) return fail("unknown option " + a);
+        else paths.push_back(a);
+      } catch (const std::exception&) {
+        return fail("bad value for " + a);
+      }
+    }
+    if (paths.empty()) return fail("--bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND]");
+    if (n_cand < 1) return fail("--candidates must be >= 1");
+    try {
+      return bench_paired(paths, math, secs, split(context, ','), n_cand, only);
+    } catch (const std::exception& e) {
+      std::string msg = e.what();
+      return fail(msg.substr(0, msg.find('\n')));
+    }
   }
   if (args[0] == "--bench-math") {
     double secs = 1.0;

@@ -38,6 +38,10 @@ CONSTANTS, MANIFEST = "data/rocketrec/constants.pt", "extra/manifest.json"  # re
 MAX_ROWS = 1 << 20  # the largest batch (rows) a compiled entry point accepts
 
 _COMPILE_OPTIONS = {
+    # single-threaded kernels: a server runs requests side by side (one runner per thread,
+    # deploy/README.md), and an OpenMP region costs two futex calls even on one thread
+    # (about 1 us each here: a third of the light tower's time at batch 1)
+    "cpp.threads": 1,
     "aot_inductor.package": True,
     "aot_inductor.package_constants_in_so": False,
     "aot_inductor.package_constants_on_disk_format": "pickle_weights",
