@@ -201,24 +201,38 @@ int64_t check_inputs(const Config& c, const at::Tensor& values, const at::Tensor
   return B;
 }
 
-// Ids of every lookup, feature-major (like Preprocess.forward): rows [N'], lens [L*B].
-struct Ids {
-  std::vector<int64_t> rows;
-  std::vector<int64_t> lens;
+// A call's scratch vectors, kept per thread (one call at a time per thread): at batch 1
+// their allocations were a visible share of a call.
+struct WorkBuffers {
+  std::vector<int64_t> in_start, in_len, bucket;
+  std::vector<uint8_t> ctx_gives;
+  std::vector<uint64_t> scratch, next;
+  std::vector<const uint8_t*> base;
+  std::vector<int64_t> stride, nrows, rows, bag_end;
 };
+
+WorkBuffers& work_buffers() {
+  thread_local WorkBuffers b;
+  return b;
+}
 
 struct Work {
   const Config& c;
   int64_t B;
   bool context;
+  WorkBuffers& buf;
   // id inputs after max_ids: per input i and row b, [start, start + len) in values
-  std::vector<int64_t> in_start, in_len;  // [I * B]
+  std::vector<int64_t>& in_start;  // [I * B]
+  std::vector<int64_t>& in_len;
   const int64_t* v = nullptr;
-  std::vector<int64_t> bucket;            // [Kb * B] bucket ids
-  std::vector<uint8_t> ctx_gives;         // [I + Kb]: context mode, row 0 gives source s
-  std::vector<uint64_t> scratch, next;    // cross combinations of one row
+  std::vector<int64_t>& bucket;     // [Kb * B] bucket ids
+  std::vector<uint8_t>& ctx_gives;  // [I + Kb]: context mode, row 0 gives source s
+  std::vector<uint64_t>& scratch;   // cross combinations of one row
+  std::vector<uint64_t>& next;
 
-  Work(const Config& cfg, int64_t b, bool ctx) : c(cfg), B(b), context(ctx) {}
+  Work(const Config& cfg, int64_t b, bool ctx)
+      : c(cfg), B(b), context(ctx), buf(work_buffers()), in_start(buf.in_start), in_len(buf.in_len),
+        bucket(buf.bucket), ctx_gives(buf.ctx_gives), scratch(buf.scratch), next(buf.next) {}
 
   void sources(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense) {
     v = values.data_ptr<int64_t>();
@@ -504,8 +518,8 @@ void pool_lookup(float* out, int64_t ld, int64_t dim, bool mean, int64_t nb, con
 // The fused tables' pointers (checked against the config) and every table row of the
 // request: rows [N'] in (lookup, row) order, bag_end [L*B] (thread-local, reused).
 struct Rows {
-  std::vector<const uint8_t*> base;
-  std::vector<int64_t> stride;
+  std::vector<const uint8_t*>& base;
+  std::vector<int64_t>& stride;
   std::vector<int64_t>& rows;
   std::vector<int64_t>& bag_end;
 
@@ -524,11 +538,12 @@ struct Rows {
 Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
   TORCH_CHECK(static_cast<int64_t>(tables.size()) == c.G, "rocketrec: ", c.G, " tables expected, got ",
               tables.size());
-  thread_local std::vector<int64_t> rows_tl, bag_end_tl;
-  Rows r{{}, {}, rows_tl, bag_end_tl};  // resolved once: each thread-local access is a call
+  WorkBuffers& wb = w.buf;
+  Rows r{wb.base, wb.stride, wb.rows, wb.bag_end};
   r.base.resize(static_cast<size_t>(c.G));
   r.stride.resize(static_cast<size_t>(c.G));
-  std::vector<int64_t> nrows(static_cast<size_t>(c.G));
+  std::vector<int64_t>& nrows = wb.nrows;
+  nrows.assign(static_cast<size_t>(c.G), 0);
   for (int64_t g = 0; g < c.G; ++g) {
     const at::Tensor& t = tables[static_cast<size_t>(g)];
     const int64_t d = c.group_dim[static_cast<size_t>(g)];
