@@ -338,3 +338,16 @@ def test_library_found_behind_a_working_dir_copy(tmp_path):
             cwd=tmp_path,
         )
         assert r.returncode == 0 and r.stdout.strip().startswith(want), r.stdout + r.stderr
+
+
+def test_portable_pooling_loop_matches_too():
+    """This machine takes the AVX2 pooling; ROCKETREC_OPS_PORTABLE=1 forces the portable
+    loop (what a CPU without AVX2 + FMA runs): the same parity tests pass on it."""
+    env = dict(os.environ, ROCKETREC_OPS_PORTABLE="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+         __file__, "-k", "equals or candidates_split or without_hidden"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout

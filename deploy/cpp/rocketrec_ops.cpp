@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -377,38 +378,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& valu
 }
 
 // One bag: out[0..dim) = the sum of its rows (fp32, or int8 row-wise: scale * q + bias),
-// times `scale` (1, or 1/length for mean pooling). The sum stays in registers for the
-// usual dims (a compile-time DIM); rows[i + kAhead] is prefetched (rows are random in
-// large tables). `out` is written, not added to: an empty bag writes zeros.
+// times `scale` (1, or 1/length for mean pooling); rows[i + kAhead] is prefetched (rows
+// are random in large tables), up to the lookup's last row (npf). `out` is written, not
+// added to: an empty bag writes zeros. The portable loop; pool_bag_avx2 below keeps the
+// sum in registers.
 constexpr int64_t kAhead = 8;
 
-template <int DIM>
-__attribute__((always_inline)) inline void pool_bag_fixed(float* out, const int64_t* rows, int64_t n,
-                                                          const int64_t* pf, int64_t npf, const uint8_t* base,
-                                                          int64_t stride, bool int8, int64_t qdim, float scale) {
-  float acc[DIM] = {};
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + kAhead < npf) __builtin_prefetch(base + pf[i + kAhead] * stride);
-    const uint8_t* row = base + rows[i] * stride;
-    if (int8) {
-      float sc, bi;
-      std::memcpy(&sc, row + qdim, 4);
-      std::memcpy(&bi, row + qdim + 4, 4);
-      for (int j = 0; j < DIM; ++j) acc[j] += sc * static_cast<float>(row[j]) + bi;
-    } else {
-      const float* e = reinterpret_cast<const float*>(row);
-      for (int j = 0; j < DIM; ++j) acc[j] += e[j];
-    }
-  }
-  for (int j = 0; j < DIM; ++j) out[j] = acc[j] * scale;
-}
-
 __attribute__((always_inline)) inline void pool_bag_any(float* out, int64_t dim, const int64_t* rows, int64_t n,
-                                                        const int64_t* pf, int64_t npf, const uint8_t* base,
-                                                        int64_t stride, bool int8, int64_t qdim, float scale) {
+                                                        int64_t npf, const uint8_t* base, int64_t stride, bool int8,
+                                                        int64_t qdim, float scale) {
   for (int64_t j = 0; j < dim; ++j) out[j] = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
-    if (i + kAhead < npf) __builtin_prefetch(base + pf[i + kAhead] * stride);
+    if (i + kAhead < npf) __builtin_prefetch(base + rows[i + kAhead] * stride);
     const uint8_t* row = base + rows[i] * stride;
     if (int8) {
       float sc, bi;
@@ -472,37 +453,29 @@ __attribute__((target("avx2,fma"))) void pool_lookup_avx2(float* out, int64_t ld
       case 24: pool_bag_avx2<3>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
       case 32: pool_bag_avx2<4>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
       case 64: pool_bag_avx2<8>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
-      default: pool_bag_any(o, dim, r, n, r, last - start, base, stride, int8, qdim, scale);
+      default: pool_bag_any(o, dim, r, n, last - start, base, stride, int8, qdim, scale);
     }
     start = end;
   }
 }
 
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+// ROCKETREC_OPS_PORTABLE=1 takes the portable loops on any CPU (the tests compare both)
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      std::getenv("ROCKETREC_OPS_PORTABLE") == nullptr;
 
 // One lookup over bags b = 0..nb-1 (bag b: rows [start_b, bag_end[b]), starting at
 // `start`), bag b into out + b * ld (columns [0, dim)); mean = sum / length (one
 // multiply, as the portable module). On AVX2 + FMA machines pool_lookup_avx2; else the
-// portable loops (compiled for AVX2 and for the baseline ISA, GCC target_clones).
-__attribute__((target_clones("avx2", "default"))) void pool_lookup_portable(
-    float* out, int64_t ld, int64_t dim, bool mean, int64_t nb, const int64_t* bag_end, int64_t start,
-    const int64_t* rows, const uint8_t* base, int64_t stride, bool int8, int64_t qdim) {
+// portable loop (the baseline ISA).
+void pool_lookup_portable(float* out, int64_t ld, int64_t dim, bool mean, int64_t nb, const int64_t* bag_end,
+                          int64_t start, const int64_t* rows, const uint8_t* base, int64_t stride, bool int8,
+                          int64_t qdim) {
   const int64_t last = nb > 0 ? bag_end[nb - 1] : start;
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t end = bag_end[b];
-    const int64_t n = end - start;
+    const int64_t n = bag_end[b] - start;
     const float scale = mean && n > 1 ? 1.0f / static_cast<float>(n) : 1.0f;
-    const int64_t* r = rows + start;
-    const int64_t npf = last - start;  // prefetch runs on into the next bags
-    float* o = out + b * ld;
-    switch (dim) {
-      case 4: pool_bag_fixed<4>(o, r, n, r, npf, base, stride, int8, qdim, scale); break;
-      case 8: pool_bag_fixed<8>(o, r, n, r, npf, base, stride, int8, qdim, scale); break;
-      case 16: pool_bag_fixed<16>(o, r, n, r, npf, base, stride, int8, qdim, scale); break;
-      case 32: pool_bag_fixed<32>(o, r, n, r, npf, base, stride, int8, qdim, scale); break;
-      default: pool_bag_any(o, dim, r, n, r, npf, base, stride, int8, qdim, scale);
-    }
-    start = end;
+    pool_bag_any(out + b * ld, dim, rows + start, n, last - start, base, stride, int8, qdim, scale);
+    start = bag_end[b];
   }
 }
 
