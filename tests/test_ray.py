@@ -111,12 +111,13 @@ def test_two_node_cluster_job_submit(tmp_path, tiny_spec_path, tiny_data):
     summary = json.loads((out / "summary_2workers.json").read_text())
     assert summary["workers"] == 2 and summary["export"]["max_abs_diff"] <= 1e-5
     assert "light_auc" in summary["metrics"]
-    # resumed through the job API in the middle of the epoch at 3, then 1 worker: every
+    # resumed through the job API in the middle of the epoch on 1 worker (the growing way,
+    # 1 -> 2, is tests/test_follow.py's and tests/test_dist.py's): every
     # table (DP, TW, RW, CW) keeps its kind and its optimizer state; the rows no earlier
     # worker trained are shared by the new ones: each row trained exactly once
     steps = [summary["metrics"]["steps"]]
     assert steps == [4]
-    for k, (was, now) in enumerate(((2, 3), (3, 1)), 1):
+    for k, (was, now) in enumerate(((2, 1),), 1):
         log = (out / f"resume{k}.log").read_text()
         assert re.search(r"Job '\S+' succeeded", log), log[-3000:]
         assert f"resume: world size {was} -> {now}: epoch 0 continues" in log, log[-3000:]
@@ -129,7 +130,7 @@ def test_two_node_cluster_job_submit(tmp_path, tiny_spec_path, tiny_data):
         assert shown[-1][1] == steps[-1], (shown[-1], steps)  # the total was right
     final = json.loads((run / "summary.json").read_text())
     assert final["workers"] == 1 and final["metrics"]["steps"] == steps[-1]
-    assert steps[0] < steps[1] < steps[2], steps
+    assert steps[0] < steps[1], steps
     trained = [int(x) for f in (out / "trace").glob("*.txt") for x in f.read_text().split()]
     assert len(trained) == len(set(trained)), "a row was trained twice"
     unused = final["metrics"]["rows_unused"]
