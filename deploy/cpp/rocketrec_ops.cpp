@@ -384,6 +384,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& valu
 // sum in registers.
 constexpr int64_t kAhead = 8;
 
+// An int8 row: qdim bytes, then its float32 scale and bias.
+inline void scale_bias(const uint8_t* row, int64_t qdim, float& sc, float& bi) {
+  std::memcpy(&sc, row + qdim, 4);
+  std::memcpy(&bi, row + qdim + 4, 4);
+}
+
 __attribute__((always_inline)) inline void pool_bag_any(float* out, int64_t dim, const int64_t* rows, int64_t n,
                                                         int64_t npf, const uint8_t* base, int64_t stride, bool int8,
                                                         int64_t qdim, float scale) {
@@ -393,8 +399,7 @@ __attribute__((always_inline)) inline void pool_bag_any(float* out, int64_t dim,
     const uint8_t* row = base + rows[i] * stride;
     if (int8) {
       float sc, bi;
-      std::memcpy(&sc, row + qdim, 4);
-      std::memcpy(&bi, row + qdim + 4, 4);
+      scale_bias(row, qdim, sc, bi);
       for (int64_t j = 0; j < dim; ++j) out[j] += sc * static_cast<float>(row[j]) + bi;
     } else {
       const float* e = reinterpret_cast<const float*>(row);
@@ -419,8 +424,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void pool_bag_avx2(
     const uint8_t* row = base + rows[i] * stride;
     if (int8) {
       float sc, bi;
-      std::memcpy(&sc, row + qdim, 4);
-      std::memcpy(&bi, row + qdim + 4, 4);
+      scale_bias(row, qdim, sc, bi);
       const __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
       for (int v = 0; v < NV; ++v) {
         const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * v));  // 8 bytes

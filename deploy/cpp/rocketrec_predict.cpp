@@ -107,6 +107,56 @@ struct Gen {
   }
 };
 
+// Which inputs a bench's context gives: `context` names them, default every input whose
+// name mentions "user"; an unknown name is an error, or ignored when !strict.
+std::vector<bool> context_inputs(const rocketrec::Predictor& p, std::vector<std::string> context, bool strict) {
+  std::vector<std::string> names;
+  for (const auto& f : p.sparse()) names.push_back(f.name);
+  for (const auto& f : p.dense()) names.push_back(f.name);
+  if (context.empty())
+    for (const auto& n : names)
+      if (n.find("user") != std::string::npos) context.push_back(n);
+  std::vector<bool> in_ctx(names.size(), false);
+  for (const auto& c : context) {
+    auto it = std::find(names.begin(), names.end(), c);
+    if (it == names.end()) {
+      if (strict) throw std::runtime_error("--context: unknown input '" + c + "'");
+      continue;
+    }
+    in_ctx[static_cast<size_t>(it - names.begin())] = true;
+  }
+  return in_ctx;
+}
+
+// One context (the inputs in_ctx marks), n candidates (the others), and the same rows merged.
+struct Candidates {
+  rocketrec::Request ctx;
+  std::vector<rocketrec::Request> cands, merged;
+};
+
+Candidates candidate_requests(const rocketrec::Predictor& p, Gen& gen, const std::vector<bool>& in_ctx, int n) {
+  std::vector<bool> not_ctx(in_ctx.size());
+  for (size_t i = 0; i < in_ctx.size(); ++i) not_ctx[i] = !in_ctx[i];
+  Candidates c;
+  c.ctx = gen.row(not_ctx);
+  for (int j = 0; j < n; ++j) {
+    c.cands.push_back(gen.row(in_ctx));
+    rocketrec::Request m = c.cands.back();
+    for (size_t i = 0; i < m.bags.size(); ++i)
+      if (in_ctx[i]) m.bags[i] = c.ctx.bags[i];
+    for (size_t k = 0; k < m.dense.size(); ++k)
+      if (in_ctx[p.sparse().size() + k]) m.dense[k] = c.ctx.dense[k];
+    c.merged.push_back(std::move(m));
+  }
+  return c;
+}
+
+std::pair<double, double> p50_p99(std::vector<double> us) {
+  std::sort(us.begin(), us.end());
+  auto pct = [&](double q) { return us[std::min(us.size() - 1, static_cast<size_t>(q * us.size()))]; };
+  return {pct(0.5), pct(0.99)};
+}
+
 template <class F>
 std::pair<double, double> time_it(F&& fn, double seconds) {
   for (int w = 0; w < 20; ++w) fn();
@@ -119,30 +169,24 @@ std::pair<double, double> time_it(F&& fn, double seconds) {
     us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
     if (us.size() >= 50 && std::chrono::duration<double>(t1 - start).count() > seconds) break;
   }
-  std::sort(us.begin(), us.end());
-  auto pct = [&](double q) { return us[std::min(us.size() - 1, static_cast<size_t>(q * us.size()))]; };
-  return {pct(0.5), pct(0.99)};
+  return p50_p99(std::move(us));
 }
 
 int bench(const rocketrec::Predictor& p, const rocketrec::Predictor& pi, const rocketrec::Predictor* pa,
           double seconds, std::vector<std::string> context, int n_cand,
           int threads) {
   at::set_num_threads(1);
-  const size_t n_in = p.sparse().size() + p.dense().size();
-  std::vector<std::string> names;
-  for (const auto& f : p.sparse()) names.push_back(f.name);
-  for (const auto& f : p.dense()) names.push_back(f.name);
-  if (context.empty())  // default: the inputs whose name mentions "user"
-    for (const auto& n : names)
-      if (n.find("user") != std::string::npos) context.push_back(n);
-  std::vector<bool> in_ctx(n_in, false), none(n_in, false);
-  for (const auto& c : context) {
-    auto it = std::find(names.begin(), names.end(), c);
-    if (it == names.end()) return fail("--context: unknown input '" + c + "'");
-    in_ctx[static_cast<size_t>(it - names.begin())] = true;
+  std::vector<bool> in_ctx;
+  try {
+    in_ctx = context_inputs(p, context, true);
+  } catch (const std::exception& e) {
+    return fail(e.what());
   }
-  std::vector<bool> not_ctx(n_in);
-  for (size_t i = 0; i < n_in; ++i) not_ctx[i] = !in_ctx[i];
+  if (context.empty())
+    for (size_t i = 0; i < in_ctx.size(); ++i)
+      if (in_ctx[i])
+        context.push_back(i < p.sparse().size() ? p.sparse()[i].name : p.dense()[i - p.sparse().size()].name);
+  const std::vector<bool> none(in_ctx.size(), false);
   Gen gen{p};
   // each figure from the default runtime (`p`) and from the TorchScript interpreter (`pi`)
   for (int B : {1, 16, 256}) {
@@ -160,17 +204,7 @@ int bench(const rocketrec::Predictor& p, const rocketrec::Predictor& pi, const r
         B, p.runtime_of("forward").c_str(), t.first, t.second, ti.first, ti.second, rdiff);
   }
   // one context x n candidates vs the same merged rows as one batch
-  rocketrec::Request ctx = gen.row(not_ctx);
-  std::vector<rocketrec::Request> cands, merged;
-  for (int j = 0; j < n_cand; ++j) {
-    cands.push_back(gen.row(in_ctx));
-    rocketrec::Request m = cands.back();
-    for (size_t i = 0; i < m.bags.size(); ++i)
-      if (in_ctx[i]) m.bags[i] = ctx.bags[i];
-    for (size_t j2 = 0; j2 < m.dense.size(); ++j2)
-      if (in_ctx[p.sparse().size() + j2]) m.dense[j2] = ctx.dense[j2];
-    merged.push_back(std::move(m));
-  }
+  auto [ctx, cands, merged] = candidate_requests(p, gen, in_ctx, n_cand);
   auto a = p.score(ctx, cands), b = p.predict(merged);
   double diff = 0;
   for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
@@ -272,11 +306,6 @@ void paired(std::vector<Timed>& ts, double seconds) {
   }
 }
 
-std::pair<double, double> p50_p99(std::vector<double> us) {
-  std::sort(us.begin(), us.end());
-  auto pct = [&](double q) { return us[std::min(us.size() - 1, static_cast<size_t>(q * us.size()))]; };
-  return {pct(0.5), pct(0.99)};
-}
 
 int bench_paired(const std::vector<std::string>& paths, const std::string& math, double seconds,
                  std::vector<std::string> context, int n_cand, const std::string& only) {
@@ -319,42 +348,16 @@ int bench_paired(const std::vector<std::string>& paths, const std::string& math,
   }
   if (!only.empty() && only != "candidates") return 0;
   std::vector<Timed> ts;
-  std::vector<rocketrec::Request> ctxs(ps.size());
-  std::vector<std::vector<rocketrec::Request>> cands(ps.size()), merged(ps.size());
-  for (size_t m = 0; m < ps.size(); ++m) {
-    const rocketrec::Predictor& p = *ps[m];
-    std::vector<std::string> names;
-    for (const auto& f : p.sparse()) names.push_back(f.name);
-    for (const auto& f : p.dense()) names.push_back(f.name);
-    std::vector<std::string> ctx_names = context;
-    if (ctx_names.empty())  // as --bench: the inputs whose name mentions "user"
-      for (const auto& n : names)
-        if (n.find("user") != std::string::npos) ctx_names.push_back(n);
-    std::vector<bool> in_ctx(names.size(), false);
-    for (const auto& c : ctx_names) {
-      auto it = std::find(names.begin(), names.end(), c);
-      if (it != names.end()) in_ctx[static_cast<size_t>(it - names.begin())] = true;
-    }
-    std::vector<bool> not_ctx(names.size());
-    for (size_t i = 0; i < names.size(); ++i) not_ctx[i] = !in_ctx[i];
-    Gen gen{p};
-    ctxs[m] = gen.row(not_ctx);
-    for (int j = 0; j < n_cand; ++j) {
-      cands[m].push_back(gen.row(in_ctx));
-      rocketrec::Request r = cands[m].back();
-      for (size_t i = 0; i < r.bags.size(); ++i)
-        if (in_ctx[i]) r.bags[i] = ctxs[m].bags[i];
-      for (size_t j2 = 0; j2 < r.dense.size(); ++j2)
-        if (in_ctx[p.sparse().size() + j2]) r.dense[j2] = ctxs[m].dense[j2];
-      merged[m].push_back(std::move(r));
-    }
+  std::vector<Candidates> cs;
+  for (const auto& p : ps) {
+    Gen gen{*p};
+    cs.push_back(candidate_requests(*p, gen, context_inputs(*p, context, false), n_cand));
   }
   for (size_t m = 0; m < ps.size(); ++m) {
     const rocketrec::Predictor* p = ps[m].get();
-    const rocketrec::Request* c = &ctxs[m];
-    const std::vector<rocketrec::Request>*cs = &cands[m], *mg = &merged[m];
-    ts.push_back({[p, c, cs] { p->score(*c, *cs); }, {}});
-    if (only.empty()) ts.push_back({[p, mg] { p->predict(*mg); }, {}});
+    const Candidates* c = &cs[m];
+    ts.push_back({[p, c] { p->score(c->ctx, c->cands); }, {}});
+    if (only.empty()) ts.push_back({[p, c] { p->predict(c->merged); }, {}});
   }
   paired(ts, seconds);
   const size_t per = only.empty() ? 2 : 1;
