@@ -224,6 +224,27 @@ def test_tower_without_hidden_layers(tmp_path):
         )
 
 
+@pytest.mark.parametrize("mlp", [(12,), (40, 4), (64,)])
+def test_first_layer_widths(tmp_path, mlp):
+    """The folded first layer at widths off the AVX2 kernel's blocks: 12 (not a multiple
+    of 8: at::mm), 40 (a block of 32 and one of 8), 64; batches 1..8 cover the kernel's
+    row blocks of 3 and their tails."""
+    spec = _spec(tmp_path, CROSS_SPEC, "crossy")
+    m = _serving(spec, mlp=mlp)
+    fused = FusedLightServing(m).eval()
+    pre = m.preprocess
+    rng = np.random.default_rng(7)
+    with torch.no_grad():
+        for b in (1, 2, 3, 4, 5, 8, 33):
+            x = _random_inputs(pre, b, rng)
+            torch.testing.assert_close(fused(*x), m(*x), rtol=0, atol=1e-6, equal_nan=True)
+            if b >= 2:
+                req, merged = _disjoint(pre, _random_inputs(pre, b, rng, extreme=False), {0})
+                torch.testing.assert_close(
+                    fused.score_candidates(*req), m(*merged), rtol=0, atol=2e-6, equal_nan=True
+                )
+
+
 def test_op_checks_inputs(tmp_path):
     spec = _spec(tmp_path, CROSS_SPEC, "crossy")
     m = FusedLightServing(_serving(spec)).eval()
@@ -254,14 +275,14 @@ def test_op_checks_inputs(tmp_path):
 
 
 def test_torch_export_runs_the_op(tmp_path):
-    """The op's Meta kernel lets torch.export trace the fused forward; the exported
+    """The ops' Meta kernels let torch.export trace the fused forward; the exported
     program scores like the module."""
     spec = _spec(tmp_path, CROSS_SPEC, "crossy")
     m = _serving(spec)
     fused = FusedLightServing(m).eval()
     x = _random_inputs(m.preprocess, 6, np.random.default_rng(6))
     ep = torch.export.export(fused, x)
-    assert any("rocketrec.light_features" in str(n.target) for n in ep.graph.nodes)
+    assert any("rocketrec.light_first_layer" in str(n.target) for n in ep.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(*x), m(*x), rtol=0, atol=1e-6, equal_nan=True)
 
@@ -346,7 +367,7 @@ def test_portable_pooling_loop_matches_too():
     env = dict(os.environ, ROCKETREC_OPS_PORTABLE="1")
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-         __file__, "-k", "equals or candidates_split or without_hidden"],
+         __file__, "-k", "equals or candidates_split or without_hidden or widths"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

@@ -8,6 +8,9 @@
 //       -> x float32 [B, K]
 //   rocketrec::light_features_context(values, lengths, dense, icfg, fcfg, tables, int8)
 //       -> (context share [1, K], candidate shares [M, Kc], candidate columns int64 [Kc])
+//   rocketrec::light_first_layer(values, lengths, dense, icfg, fcfg, tables, int8, wg_t,
+//       wg_sum, b_eff, eps) -> h [B, H]: forward's LayerNorm and first Linear, folded
+//       (FirstLayer below)
 //   rocketrec::light_first_layer_context(values, lengths, dense, icfg, fcfg, tables, int8,
 //       wg_t, wg_sum, b_eff, eps) -> h [M, H]: score_candidates' first layer (see below)
 //   rocketrec::preprocess(values, lengths, dense, icfg, fcfg, context)
@@ -37,6 +40,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -49,7 +53,7 @@
 
 namespace rocketrec_ops {
 
-constexpr int64_t kOpsVersion = 1;    // bump on any change of semantics or signatures
+constexpr int64_t kOpsVersion = 2;    // bump on any change of semantics or signatures
 constexpr int64_t kConfigFormat = 1;  // icfg/fcfg layout
 
 constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;  // rocketrec_hash.h's constants
@@ -189,13 +193,18 @@ int64_t check_inputs(const Config& c, const at::Tensor& values, const at::Tensor
               " entries (input-major), got ", lengths.numel());
   const at::Tensor lc = lengths.contiguous();
   const int64_t* l = lc.data_ptr<int64_t>();
-  for (int64_t i = 0; i < lc.numel(); ++i) TORCH_CHECK(l[i] >= 0, "rocketrec: lengths must be non-negative");
-  int64_t total = 0;
+  // one pass, no branch per entry: a negative length, or one past values.numel(), sets
+  // `bad`; below that bound the sum of I*B lengths cannot overflow
+  const uint64_t nv = static_cast<uint64_t>(values.numel());
+  uint64_t bad = 0, sum = 0;
   for (int64_t i = 0; i < lc.numel(); ++i) {
-    total += l[i];  // never overflows: stops once past values.numel()
-    TORCH_CHECK(total <= values.numel(), "rocketrec: lengths sum to more than the ",
-                values.numel(), " entries of values");
+    bad |= static_cast<uint64_t>(l[i] < 0) | static_cast<uint64_t>(static_cast<uint64_t>(l[i]) > nv);
+    sum += static_cast<uint64_t>(l[i]);
   }
+  for (int64_t i = 0; bad && i < lc.numel(); ++i) TORCH_CHECK(l[i] >= 0, "rocketrec: lengths must be non-negative");
+  TORCH_CHECK(!bad && sum <= nv, "rocketrec: lengths sum to more than the ", values.numel(),
+              " entries of values");
+  const int64_t total = static_cast<int64_t>(sum);
   TORCH_CHECK(lc.numel() > 0 || values.numel() == 0, "rocketrec: values given but no lengths");
   TORCH_CHECK(total == values.numel(), "rocketrec: lengths sum to ", total, " but values has ",
               values.numel(), " entries");
@@ -288,6 +297,21 @@ struct Work {
   void cross(int64_t x, int64_t b) {
     const int64_t s0 = c.cross_start[static_cast<size_t>(x)];
     const int64_t s1 = c.cross_start[static_cast<size_t>(x + 1)];
+    {  // the common case, one id from every source: one hash, no combinations
+      uint64_t h = kFnvOffset;
+      int64_t s = s0;
+      for (; s < s1; ++s) {
+        const int64_t* ptr;
+        int64_t n, one;
+        source_bag(c.cross_src[static_cast<size_t>(s)], b, ptr, n, one);
+        if (n != 1) break;
+        h = (h ^ static_cast<uint64_t>(ptr[0])) * kFnvPrime;
+      }
+      if (s == s1 && s1 > s0) {  // a cap is >= 1 or none: one hash is never cut
+        scratch.assign(1, fmix64(h));
+        return;
+      }
+    }
     scratch.assign(1, kFnvOffset);
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t* ptr;
@@ -702,11 +726,125 @@ void moments(const float* y, int64_t n, double& s, double& ss) {
   ss = (ss4[0] + ss4[1]) + (ss4[2] + ss4[3]);
 }
 
-// score_candidates' first layer for a tower that starts LayerNorm(K) -> Linear(K, H):
-// h [M, H] = rstd * (W(g*c) + W(g*y) - mean * W g) + (W beta + b) for each merged row
-// x = c + y (disjoint columns, so sum(x) and sum(x^2) split too; statistics in float64).
-// wg_t = (W * g)^T [K, H], wg_sum = W g [1, H], b_eff = W beta + b [1, H]. The context's
-// product is one [1, K] x [K, H]; each candidate pays for its own Kc columns only.
+// A tower that starts LayerNorm(K) -> Linear(K, H), folded: for a row x,
+//   h = rstd * (W(g*x) - mean * W g) + (W beta + b),   mean, rstd from sum(x), sum(x^2)
+// (statistics in float64). wg_t = (W * g)^T [K, H], wg_sum = W g [1, H], b_eff =
+// W beta + b [1, H]; eps is the LayerNorm's.
+struct FirstLayer {
+  const float* wg_t;
+  const float* wg_sum;
+  const float* b_eff;
+  int64_t K, H;
+  double eps;
+  at::Tensor keep_t, keep_s, keep_b;  // contiguous copies, if the inputs were not
+
+  FirstLayer(const at::Tensor& t, const at::Tensor& s, const at::Tensor& b, int64_t k, double e)
+      : K(k), eps(e) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == K && t.scalar_type() == at::kFloat,
+                "rocketrec: wg_t must be float32 [", K, ", H]");
+    H = t.size(1);
+    TORCH_CHECK(s.numel() == H && b.numel() == H && s.scalar_type() == at::kFloat &&
+                    b.scalar_type() == at::kFloat,
+                "rocketrec: wg_sum and b_eff must be float32 with H = ", H, " entries");
+    keep_t = t.contiguous(), keep_s = s.contiguous(), keep_b = b.contiguous();
+    wg_t = keep_t.data_ptr<float>(), wg_sum = keep_s.data_ptr<float>(), b_eff = keep_b.data_ptr<float>();
+  }
+
+  // hm [H] holds W(g*y) (+ pc [H] = W(g*c), when given); s, ss: the whole row's sum(x),
+  // sum(x^2) over K columns -> hm = the first layer's output
+  void finish(float* hm, const float* pc, double s, double ss) const {
+    const double mean = s / static_cast<double>(K);
+    const double var = std::max(ss / static_cast<double>(K) - mean * mean, 0.0);
+    if (var * static_cast<double>(K) > static_cast<double>(FLT_MAX)) {
+      // torch's float32 LayerNorm (the reference) overflows its sum of squares here
+      // (|x| beyond ~1e19): rstd 0, the row normalized to 0, h = W beta + b
+      std::copy(b_eff, b_eff + H, hm);
+      return;
+    }
+    const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+    const float mf = static_cast<float>(mean);
+    if (pc != nullptr)
+      for (int64_t k = 0; k < H; ++k) hm[k] = (pc[k] + hm[k] - mf * wg_sum[k]) * rstd + b_eff[k];
+    else
+      for (int64_t k = 0; k < H; ++k) hm[k] = (hm[k] - mf * wg_sum[k]) * rstd + b_eff[k];
+  }
+};
+
+// out [R, H] = x [R, n] (row stride ld) @ w [n, H], H % 8 == 0, in AVX2 registers: blocks
+// of RB rows x NV vectors of 8 columns (at most 3 x 4: 12 accumulators). At these sizes
+// (K ~ 100, H ~ 32) MKL's packing and dispatch cost more than they save.
+template <int RB, int NV>
+__attribute__((target("avx2,fma"), always_inline)) inline void mm_block(const float* x, int64_t ld, int64_t n,
+                                                                        const float* w, int64_t H, float* out) {
+  __m256 acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < n; ++k) {
+    const float* wk = w + k * H;
+    for (int r = 0; r < RB; ++r) {
+      const __m256 xv = _mm256_set1_ps(x[r * ld + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wk + 8 * v), acc[r][v]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + r * H + 8 * v, acc[r][v]);
+}
+
+template <int NV>
+__attribute__((target("avx2,fma"))) void mm_cols_avx2(const float* x, int64_t ld, int64_t R, int64_t n,
+                                                     const float* w, int64_t H, float* out) {
+  int64_t r = 0;
+  for (; r + 3 <= R; r += 3) mm_block<3, NV>(x + r * ld, ld, n, w, H, out + r * H);
+  if (R - r == 2) mm_block<2, NV>(x + r * ld, ld, n, w, H, out + r * H);
+  if (R - r == 1) mm_block<1, NV>(x + r * ld, ld, n, w, H, out + r * H);
+}
+
+void rows_times(const float* x, int64_t ld, int64_t R, int64_t n, const float* w, int64_t H, float* out) {
+  if (kHasAvx2 && H % 8 == 0) {
+    for (int64_t h0 = 0; h0 < H; h0 += 32) {  // column blocks of 32 (the last may be 8..24)
+      switch ((H - h0) >= 32 ? 4 : (H - h0) / 8) {
+        case 4: mm_cols_avx2<4>(x, ld, R, n, w + h0, H, out + h0); break;
+        case 3: mm_cols_avx2<3>(x, ld, R, n, w + h0, H, out + h0); break;
+        case 2: mm_cols_avx2<2>(x, ld, R, n, w + h0, H, out + h0); break;
+        default: mm_cols_avx2<1>(x, ld, R, n, w + h0, H, out + h0);
+      }
+    }
+    return;
+  }
+  at::Tensor xt = at::from_blob(const_cast<float*>(x), {R, n}, {ld, 1}, at::kFloat);
+  at::Tensor wt = at::from_blob(const_cast<float*>(w), {n, H}, at::kFloat);
+  at::Tensor ot = at::from_blob(out, {R, H}, {H, 1}, at::kFloat);
+  at::mm_out(ot, xt, wt);
+}
+
+// forward's first layer: the pooled rows x [B, K] -> h [B, H] (FirstLayer)
+at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
+                             const at::Tensor& icfg, const at::Tensor& fcfg, at::TensorList tables, bool int8,
+                             const at::Tensor& wg_t, const at::Tensor& wg_sum, const at::Tensor& b_eff,
+                             double eps) {
+  const Config& c = cached_config(icfg, fcfg);
+  const FirstLayer f(wg_t, wg_sum, b_eff, c.K, eps);
+  const int64_t B = check_inputs(c, values, lengths, dense);
+  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+  Work w(c, B, false);
+  w.sources(vc, lc, dc);
+  const at::Tensor x = pooled(c, w, dc, tables.vec(), int8, B);
+  at::Tensor h = at::empty({B, f.H}, at::kFloat);
+  const float* xp = x.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  rows_times(xp, c.K, B, c.K, f.wg_t, f.H, hp);
+  for (int64_t b = 0; b < B; ++b) {
+    double s = 0, ss = 0;
+    moments(xp + b * c.K, c.K, s, ss);
+    f.finish(hp + b * f.H, nullptr, s, ss);
+  }
+  return h;
+}
+
+// score_candidates' first layer (FirstLayer) for each merged row x = c + y (disjoint
+// columns, so sum(x) and sum(x^2) split too): h [M, H] = rstd * (W(g*c) + W(g*y) - mean *
+// W g) + (W beta + b). The context's product is one [1, K] x [K, H]; each candidate pays
+// for its own Kc columns only.
 at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor& lengths,
                                      const at::Tensor& dense, const at::Tensor& icfg, const at::Tensor& fcfg,
                                      at::TensorList tables, bool int8, const at::Tensor& wg_t,
@@ -714,38 +852,32 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
   Split sp = context_split(values, lengths, dense, icfg, fcfg, tables, int8);
   const std::vector<int64_t>& cols = sp.cols;
   const int64_t K = sp.ctx.size(1), M = sp.cand.size(0);
-  TORCH_CHECK(wg_t.dim() == 2 && wg_t.size(0) == K && wg_t.scalar_type() == at::kFloat,
-              "rocketrec: wg_t must be float32 [", K, ", H]");
-  const int64_t H = wg_t.size(1);
-  TORCH_CHECK(wg_sum.numel() == H && b_eff.numel() == H, "rocketrec: wg_sum and b_eff must have H = ", H,
-              " entries");
-  const at::Tensor& ctx = sp.ctx;
-  const at::Tensor& cand = sp.cand;
-  const at::Tensor pc = at::mm(ctx, wg_t).contiguous();                                  // [1, H]
-  at::Tensor h = at::mm(cand, wg_t.index_select(0, to_tensor(cols))).contiguous();      // [M, H]
-  const float* cp = ctx.data_ptr<float>();
+  const FirstLayer f(wg_t, wg_sum, b_eff, K, eps);
+  const int64_t H = f.H, kc = sp.cand.size(1);
+  std::vector<float> pc(static_cast<size_t>(H));  // W(g*c): [1, H]
+  const float* cp = sp.ctx.data_ptr<float>();
+  rows_times(cp, K, 1, K, f.wg_t, H, pc.data());
+  std::vector<float> wc(static_cast<size_t>(kc * H));  // wg_t's rows of the candidates' columns
+  for (int64_t j = 0; j < kc; ++j)
+    std::memcpy(wc.data() + j * H, f.wg_t + cols[static_cast<size_t>(j)] * H, static_cast<size_t>(H) * sizeof(float));
+  at::Tensor h = at::empty({M, H}, at::kFloat);
+  const float* yp = sp.cand.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  rows_times(yp, kc, M, kc, wc.data(), H, hp);
   double cs = 0, css = 0;
   moments(cp, K, cs, css);
-  const int64_t kc = cand.size(1);
-  const float* yp = cand.data_ptr<float>();
-  const float* pcp = pc.data_ptr<float>();
-  const at::Tensor ws = wg_sum.contiguous(), be = b_eff.contiguous();
-  const float* wsp = ws.data_ptr<float>();
-  const float* bep = be.data_ptr<float>();
-  float* hp = h.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     double s = 0, ss = 0;
     moments(yp + m * kc, kc, s, ss);
-    s += cs;
-    ss += css;
-    const double mean = s / static_cast<double>(K);
-    const double var = std::max(ss / static_cast<double>(K) - mean * mean, 0.0);
-    const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
-    const float mf = static_cast<float>(mean);
-    float* hm = hp + m * H;
-    for (int64_t k = 0; k < H; ++k) hm[k] = (pcp[k] + hm[k] - mf * wsp[k]) * rstd + bep[k];
+    f.finish(hp + m * H, pc.data(), s + cs, ss + css);
   }
   return h;
+}
+
+at::Tensor light_first_layer_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& dense,
+                                  const at::Tensor&, const at::Tensor&, at::TensorList, bool,
+                                  const at::Tensor& wg_t, const at::Tensor&, const at::Tensor&, double) {
+  return at::empty_symint({dense.sym_size(0), wg_t.sym_size(1)}, dense.options().dtype(at::kFloat));
 }
 
 at::Tensor light_first_layer_context_meta(const at::Tensor&, const at::Tensor&, const at::Tensor& dense,
@@ -774,6 +906,10 @@ TORCH_LIBRARY(rocketrec, m) {
       "light_features_context(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, "
       "Tensor fcfg, Tensor[] tables, bool int8) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "light_first_layer(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, "
+      "Tensor fcfg, Tensor[] tables, bool int8, Tensor wg_t, Tensor wg_sum, Tensor b_eff, "
+      "float eps) -> Tensor");
+  m.def(
       "light_first_layer_context(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, "
       "Tensor fcfg, Tensor[] tables, bool int8, Tensor wg_t, Tensor wg_sum, Tensor b_eff, "
       "float eps) -> Tensor");
@@ -786,11 +922,13 @@ TORCH_LIBRARY(rocketrec, m) {
 TORCH_LIBRARY_IMPL(rocketrec, CPU, m) {
   m.impl("light_features", &rocketrec_ops::light_features);
   m.impl("light_features_context", &rocketrec_ops::light_features_context);
+  m.impl("light_first_layer", &rocketrec_ops::light_first_layer);
   m.impl("light_first_layer_context", &rocketrec_ops::light_first_layer_context);
   m.impl("preprocess", &rocketrec_ops::preprocess);
 }
 
 TORCH_LIBRARY_IMPL(rocketrec, Meta, m) {
   m.impl("light_features", &rocketrec_ops::light_features_meta);
+  m.impl("light_first_layer", &rocketrec_ops::light_first_layer_meta);
   m.impl("light_first_layer_context", &rocketrec_ops::light_first_layer_context_meta);
 }

@@ -90,10 +90,25 @@ class FusedLightServing(nn.Module):
         self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
     ) -> torch.Tensor:
         """values int64 [N], lengths int64 [I*B], dense float32 [B, C] -> probabilities [B]."""
-        x = torch.ops.rocketrec.light_features(
-            values, lengths, dense, self.icfg, self.fcfg, self.tables, self.int8, self.out_dim
-        )
-        return torch.sigmoid(self.tower(x).view(-1) + self.logit_offset)
+        if not self.split:  # another tower shape (the booster, for comparisons)
+            x = torch.ops.rocketrec.light_features(
+                values, lengths, dense, self.icfg, self.fcfg, self.tables, self.int8, self.out_dim
+            )
+            return torch.sigmoid(self.tower(x).view(-1) + self.logit_offset)
+        h = torch.ops.rocketrec.light_first_layer(
+            values,
+            lengths,
+            dense,
+            self.icfg,
+            self.fcfg,
+            self.tables,
+            self.int8,
+            self.wg_t,
+            self.wg_sum,
+            self.b_eff,
+            self.eps,
+        )  # [B, H]: LayerNorm and the first Linear, before its activation
+        return torch.sigmoid(self.rest(h).view(-1) + self.logit_offset)
 
     @torch.jit.export
     def score_candidates(

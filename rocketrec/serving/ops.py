@@ -31,7 +31,7 @@ import torch
 
 from rocketrec.errors import UserError
 
-OPS_VERSION = 1  # the operator version this package's modules call (rocketrec_ops.cpp)
+OPS_VERSION = 2  # the operator version this package's modules call (rocketrec_ops.cpp)
 CONFIG_FORMAT = 1
 LIBRARY_NAME = "librocketrec_ops.so"
 _loaded: str | None = None
@@ -99,6 +99,7 @@ def op_library_entry() -> dict[str, Any]:
         "ops": [
             "rocketrec::light_features",
             "rocketrec::light_features_context",
+            "rocketrec::light_first_layer",
             "rocketrec::light_first_layer_context",
         ],
         "load": "link librocketrec_ops.so with -Wl,--no-as-needed, or dlopen it before "
