@@ -304,6 +304,16 @@ def test_cpp_crosses_and_candidates_match_python(
     if name.endswith(".pt2"):  # the package scores as the TorchScript file of the same model
         ts = load_model(cross_exported / name.replace(".pt2", ".pt"))
         assert max(abs(a - b) for a, b in zip(py, rq.score_lines(ts, mixed, man))) <= 1e-6
+        # its tables copied onto huge pages (every constant: these are small) or left where
+        # torch loaded them: the same scores, bit for bit
+        for pages in ("all", "0"):
+            again = subprocess.run(
+                [str(predictor), str(model), str(req), "--batch", "16"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "ROCKETREC_HUGE_PAGES": pages},
+            )
+            assert again.returncode == 0 and again.stdout == out.stdout, again.stderr
 
 
 def test_cpp_aoti_package_is_detected_and_checked(predictor, cross_exported, tmp_path):
