@@ -420,8 +420,12 @@ def main() -> None:
     pair_models.update({f"{k}_aoti": aoti[k] for k in aoti if k in r_a})
     paired: list[dict] = []
     rounds: list[list[dict]] = []
-    for _ in range(max(1, a.repeat)):  # interleaved: drift hits every model alike
-        paired.append(bench_paired(exe, pair_models, math, 2 * a.seconds))
+    for i in range(max(1, a.repeat)):  # interleaved: drift hits every model alike
+        # each round turns the models' order by one: a model's place in the turns is
+        # worth a few percent at batch 256 (one model twice: the second copy 1-4% slower)
+        order = list(pair_models.items())
+        order = order[i % len(order) :] + order[: i % len(order)]
+        paired.append(bench_paired(exe, dict(order), math, 2 * a.seconds))
         rounds.append(
             [
                 bench(exe, light, a.seconds),

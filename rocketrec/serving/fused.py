@@ -2,28 +2,31 @@
 
 Built *from* the portable `LightServing` (same fused tables, same tower, same
 preprocessing description), it replaces the ~130 scripted ops of input checks,
-preprocessing and lookups with one call of `torch.ops.rocketrec.light_features`
+preprocessing, lookups and the first layer with one operator call
 (rocketrec.serving.ops; C++ source deploy/cpp/rocketrec_ops.cpp):
 
     forward(values [N], lengths [I*B], dense [B, C]) -> probabilities [B]
-        x = light_features(...)               # [B, K]: pooled embeddings, then dense
-        sigmoid(tower(x) + log(negative_sample_rate))
+        h = light_first_layer(...)            # [B, H]: LayerNorm and the first Linear
+        sigmoid(rest(h) + log(negative_sample_rate))
 
     score_candidates(values, lengths, dense [1+M, C]) -> probabilities [M]
-        ctx [1, K], cand [M, Kc], cols [Kc] = light_features_context(...)
+        h = light_first_layer_context(...)    # [M, H], the context's share once
 
-The context's share of the first layer is computed once. The tower starts with
-LayerNorm then a Linear W: because the context's and the candidates' columns are
-disjoint, for a merged row x = c + y (c the context's share, y a candidate's):
+The light tower starts with LayerNorm then a Linear W. For a row x (the pooled
+embeddings, then the dense columns), W LN(x) = rstd * (W(g*x) - mean * W g) + W beta:
+the operator pools x, takes its statistics (float64) and one product with W g, so the
+normalized x is never written (`rocketrec::light_first_layer`). For candidates, because
+the context's and the candidates' columns are disjoint, for a merged row x = c + y (c
+the context's share, y a candidate's):
 
     sum(x) = sum(c) + sum(y),  sum(x^2) = sum(c^2) + sum(y^2)     (mean, variance)
     W LN(x) = rstd * (W(g*c) + W(g*y) - mean * W g) + W beta
 
 so `W(g*c)` is one [1, K] x [K, H] product per request and each candidate pays only
 for its own Kc columns. `rocketrec::light_first_layer_context` does this inside the
-operator (statistics summed in float64) and returns the first layer's output; the
-rest of the tower runs here. Towers of another shape (the booster, packaged for
-comparisons) run on the merged rows (`light_features_context`).
+operator and returns the first layer's output; the rest of the tower runs here. Towers
+of another shape (the booster, packaged for comparisons) run on the pooled rows
+(`light_features`, `light_features_context`).
 """
 
 import torch
