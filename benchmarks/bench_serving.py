@@ -327,6 +327,9 @@ def report_targets(paired: list[dict]) -> None:
         rt = r1 if b == 1 else r256
         target(f"int8 / fp32 light, batch {b}", (f"batch{b}", f"int8_{rt}"),
                (f"batch{b}", f"light_{rt}"), "<=", 1.0, rt)  # fmt: skip
+    for b in (1, 256):  # both TorchScript: the same light inputs, another booster beside it
+        target(f"light (booster with sequences) / light, batch {b}", (f"batch{b}", "light_seq_ts"),
+               (f"batch{b}", "light_ts"), "<=", 1.1, "ts")  # fmt: skip
     rb = on("batch256")
     print(
         f"  (ts = TorchScript on Static Runtime, aoti = the AOTInductor package; the light "
@@ -418,6 +421,8 @@ def main() -> None:
     exe = build_cpp()
     pair_models = {"light_ts": light, "int8_ts": light8, "booster_ts": booster}
     pair_models.update({f"{k}_aoti": aoti[k] for k in aoti if k in r_a})
+    if seq_ckpt is not None:  # the light tower of the run whose booster reads sequences
+        pair_models["light_seq_ts"] = light_seq
     paired: list[dict] = []
     rounds: list[list[dict]] = []
     for i in range(max(1, a.repeat)):  # interleaved: drift hits every model alike
@@ -504,14 +509,10 @@ def main() -> None:
     target("2 threads / 1 thread requests/s", th["ratio"], ">=", 1.8)
     if sb is not None:
         same = read_manifest(light_seq)["sparse_features"] == man["sparse_features"]
-        for b in (1, 256):
-            target(
-                f"light (booster with sequences) / light, batch {b}",
-                sb[b]["p50_us"] / lb[b]["p50_us"],
-                "<=",
-                1.1,
-            )
-        print(f"  (same light inputs in both manifests: {same}; unchanged = within noise)")
+        for b in (1, 256):  # separate processes again: judged on the paired rounds below
+            name = f"light (booster with sequences) / light, batch {b}"
+            print(f"ratio {name:<44} {sb[b]['p50_us'] / lb[b]['p50_us']:6.2f}")
+        print(f"  (same light inputs in both manifests: {same}; the target: paired rounds below)")
         assert ab is not None
         for b in (1, 16, 256):
             print(
