@@ -224,8 +224,11 @@ def venv_bin(name: str) -> str:
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
-def bump_manifest_format(src: Path, dst: Path, fmt: str) -> Path:
-    """A copy of exported model `src` whose manifest says format `fmt`."""
+def bump_manifest_format(
+    src: Path, dst: Path, fmt: str | None, op_version: int | None = None
+) -> Path:
+    """A copy of exported model `src` whose manifest says format `fmt` (None: as it was)
+    and, if given, op library version `op_version`."""
     import json
     import zipfile
 
@@ -234,7 +237,10 @@ def bump_manifest_format(src: Path, dst: Path, fmt: str) -> Path:
             data = zin.read(info.filename)
             if info.filename.endswith("/extra/manifest.json"):
                 man = json.loads(data)
-                man["format"] = fmt
+                if fmt is not None:
+                    man["format"] = fmt
+                if op_version is not None:
+                    man["op_library"]["version"] = op_version
                 data = json.dumps(man).encode()
             zout.writestr(info, data)
     return dst

@@ -339,6 +339,23 @@ def test_cpp_aoti_package_is_detected_and_checked(predictor, cross_exported, tmp
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
 
 
+def test_a_model_for_another_op_library_version_is_refused(predictor, exported, tmp_path):
+    """A file exported for op library version 1 (before the forward's first layer moved
+    into the operator) is refused, by the C++ predictor and by Python alike, naming both
+    versions."""
+    from rocketrec.serving.ops import OPS_VERSION, OpsLibraryError, load_model
+
+    old = bump_manifest_format(exported / "light.pt", tmp_path / "v1.pt", None, op_version=1)
+    req = tmp_path / "r.jsonl"
+    req.write_text("{}\n")
+    out = subprocess.run([str(predictor), str(old), str(req)], capture_output=True, text=True)
+    want = f"needs rocketrec op library version 1, the loaded librocketrec_ops.so is version {OPS_VERSION}"
+    assert out.returncode != 0 and want in out.stderr, out.stderr
+    with pytest.raises(OpsLibraryError, match=want.replace(".", r"\.")):
+        load_model(old)
+    load_model(exported / "light.pt")  # the file as exported loads
+
+
 def test_cpp_cross_hash_matches_python(predictor):
     from rocketrec.spec.hashing import CROSS_TEST_VECTORS, cross_hash
 

@@ -121,6 +121,12 @@ def load_model(path: str | Path) -> Any:
             raise OpsLibraryError(
                 f"{path} runs on rocketrec's fused operator and needs {LIBRARY_NAME}: {e}"
             ) from e
+        want = man["op_library"].get("version")
+        if want != OPS_VERSION:  # as the C++ Predictor: the versions must be equal
+            raise OpsLibraryError(
+                f"{path}: the model needs rocketrec op library version {want}, the loaded "
+                f"{LIBRARY_NAME} is version {OPS_VERSION}: export it again with this rocketrec"
+            )
     check_manifest_format(man, path)
     from rocketrec.serving.aoti import AotiModel, is_package
 
