@@ -245,6 +245,25 @@ def test_first_layer_widths(tmp_path, mlp):
                 )
 
 
+def test_no_rows_in_a_fresh_thread(tmp_path):
+    """B = 0 in a thread whose scratch buffers were never used: an empty result."""
+    import threading
+
+    spec = _spec(tmp_path, CROSS_SPEC, "crossy")
+    m = FusedLightServing(_serving(spec)).eval()
+    pre = _serving(spec).preprocess
+    x = (
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, len(pre.numeric_inputs)),
+    )
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(m(*x)))
+    t.start()
+    t.join()
+    assert out and out[0].shape == (0,)
+
+
 def test_op_checks_inputs(tmp_path):
     spec = _spec(tmp_path, CROSS_SPEC, "crossy")
     m = FusedLightServing(_serving(spec)).eval()

@@ -193,13 +193,15 @@ int64_t check_inputs(const Config& c, const at::Tensor& values, const at::Tensor
               " entries (input-major), got ", lengths.numel());
   const at::Tensor lc = lengths.contiguous();
   const int64_t* l = lc.data_ptr<int64_t>();
-  // one pass, no branch per entry: a negative length, or one past values.numel(), sets
-  // `bad`; below that bound the sum of I*B lengths cannot overflow
+  // one pass, no branch per entry: a negative length, one past values.numel(), or a
+  // running sum past it sets `bad` (each length <= nv < 2^63: the sum cannot wrap before
+  // it is caught)
   const uint64_t nv = static_cast<uint64_t>(values.numel());
   uint64_t bad = 0, sum = 0;
   for (int64_t i = 0; i < lc.numel(); ++i) {
     bad |= static_cast<uint64_t>(l[i] < 0) | static_cast<uint64_t>(static_cast<uint64_t>(l[i]) > nv);
     sum += static_cast<uint64_t>(l[i]);
+    bad |= static_cast<uint64_t>(sum > nv);
   }
   for (int64_t i = 0; bad && i < lc.numel(); ++i) TORCH_CHECK(l[i] >= 0, "rocketrec: lengths must be non-negative");
   TORCH_CHECK(!bad && sum <= nv, "rocketrec: lengths sum to more than the ", values.numel(),
@@ -527,6 +529,7 @@ struct Rows {
   // pools lookup l's bags b0..b1-1 into out + (b - b0) * ld
   void pool(const Config& c, int64_t l, int64_t B, int64_t b0, int64_t b1, float* out, int64_t ld,
             bool int8) const {
+    if (b1 <= b0) return;  // no rows (B = 0: bag_end may be empty)
     const Lookup& k = c.lookups[static_cast<size_t>(l)];
     const size_t g = static_cast<size_t>(k.group);
     const int64_t* ends = bag_end.data() + l * B;
