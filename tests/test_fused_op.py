@@ -125,6 +125,47 @@ def test_preprocess_op_equals_reference(model):
             torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
+ONE_ID_SPEC = """
+version: 1
+name: one_id
+label: {column: y}
+tables:
+  - {name: t_user, rows: 50, dim: 8}
+sparse:
+  - {name: user, column: user, dtype: int64, table: t_user}
+light:
+  features: [user]
+"""
+
+
+def test_rows_are_python_mod_for_any_table_size(tmp_path):
+    """The operator's division-free `id mod rows` equals Python's % for table sizes from 1
+    to 2^63 - 1 and ids over the whole int64 range: the lookup's rows are patched into
+    the config (preprocess reads no table)."""
+    spec = _spec(tmp_path, ONE_ID_SPEC, "one_id")
+    icfg, fcfg = pack_config(_serving(spec))
+    n_lookups, n_groups = int(icfg[5]), int(icfg[6])
+    assert n_lookups == 1
+    at = icfg.numel() - n_groups - 7  # the lookup: out, rows, offset, group, mean, col, dim
+    rng = np.random.default_rng(11)
+    ids = [-(I64), -(I64) + 1, -2, -1, 0, 1, 2, I64 - 2, I64 - 1]
+    ids += rng.integers(-(I64), I64 - 1, size=3000, dtype=np.int64, endpoint=True).tolist()
+    ids += rng.integers(-1000, 1000, size=500).tolist()
+    sizes = [1, 2, 3, 7, 50, 1000, 99991, 2**20, 2**31 - 1, 2**32, 2**32 + 1, 10**12 + 39]
+    sizes += [2**62, 2**62 + 1, 3 * 2**61 + 5, I64 - 2, I64 - 1]
+    sizes += rng.integers(1, I64 - 1, size=20, dtype=np.int64).tolist()
+    for rows in sizes:
+        cfg = icfg.clone()
+        cfg[at + 1], cfg[at + 2] = rows, 0
+        edge = [rows - 1, rows, rows + 1, -rows, -rows - 1, -rows + 1, (I64 - 1) // rows * rows]
+        vals = [v for v in ids + edge if -(I64) <= v < I64]
+        values = torch.tensor(vals, dtype=torch.int64)
+        lengths = torch.ones(len(vals), dtype=torch.int64)
+        got = ops.preprocess(values, lengths, torch.zeros(len(vals), 0), cfg, fcfg, False)[0]
+        want = [v % rows for v in vals]
+        assert got.tolist() == want, f"rows {rows}"
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_fused_module_equals_portable(model, int8):
     spec, _ = model
@@ -380,13 +421,33 @@ def test_library_found_behind_a_working_dir_copy(tmp_path):
         assert r.returncode == 0 and r.stdout.strip().startswith(want), r.stdout + r.stderr
 
 
-def test_portable_pooling_loop_matches_too():
-    """This machine takes the AVX2 pooling; ROCKETREC_OPS_PORTABLE=1 forces the portable
-    loop (what a CPU without AVX2 + FMA runs): the same parity tests pass on it."""
-    env = dict(os.environ, ROCKETREC_OPS_PORTABLE="1")
+def _lower_isa_levels() -> list[str]:
+    """The operator's instruction-set levels below this CPU's best (rocketrec_ops.cpp's
+    isa_level: portable, avx2, avx512)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    levels = ["portable"]
+    if {"avx2", "fma", "avx512f", "avx512dq"} <= flags:
+        levels.append("avx2")
+    return levels
+
+
+@pytest.mark.parametrize("isa", _lower_isa_levels())
+def test_lower_isa_levels_match_too(isa):
+    """This machine takes its best kernels (AVX-512 or AVX2); ROCKETREC_OPS_ISA forces a
+    lower level (portable: what a CPU without AVX2 + FMA runs; avx2: a CPU without
+    AVX-512): the same parity tests pass on it."""
+    env = dict(os.environ, ROCKETREC_OPS_ISA=isa)
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-         __file__, "-k", "equals or candidates_split or without_hidden or widths"],
+         __file__, "-k", "equals or candidates_split or without_hidden or widths or python_mod"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

@@ -64,11 +64,19 @@ using rocketrec::fmix64;  // the cross hash's finalizer, shared with the predict
 struct Lookup {
   int64_t out, rows, offset, group, mean, col, dim;
 
-  // id mod rows, non-negative (Python's %). A division-free remainder (Lemire's) measured
-  // no faster here, twice: the loop's time is in its loads, not in the divide.
+  uint64_t inv = 0;  // floor((2^64 - 1) / rows): set by parse_config
+
+  // id mod rows, non-negative (Python's %), without a divide: a 64-bit idiv (about 10
+  // cycles a lookup) was half the time of computing the rows. A negative id maps through
+  // ~id = -id - 1 >= 0: id mod d = d - 1 - (~id mod d).
   int64_t row_of(int64_t id) const {
-    const int64_t r = id % rows;
-    return r < 0 ? r + rows : r;
+    const uint64_t neg = static_cast<uint64_t>(id >> 63);  // all ones if id < 0
+    const uint64_t t = static_cast<uint64_t>(id) ^ neg;     // id, or -id - 1 = ~id
+    const uint64_t d = static_cast<uint64_t>(rows);
+    const uint64_t q = static_cast<uint64_t>((static_cast<unsigned __int128>(t) * inv) >> 64);
+    uint64_t r = t - q * d;  // q is floor(t / d) or one less: r < 2d
+    r = r >= d ? r - d : r;
+    return static_cast<int64_t>(neg ? d - 1 - r : r);
   }
 };
 struct Config {
@@ -124,6 +132,7 @@ Config parse_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
     TORCH_CHECK(k.out >= 0 && k.out < c.F && k.rows > 0 && k.group >= 0 && k.group < c.G &&
                     k.col >= 0 && k.dim >= 0 && k.col + k.dim <= c.K,
                 "rocketrec: icfg lookup ", l, " is out of range");
+    k.inv = ~uint64_t{0} / static_cast<uint64_t>(k.rows);
     c.lookups.push_back(k);
   }
   for (int64_t g = 0; g < c.G; ++g) c.group_dim.push_back(next());
@@ -489,9 +498,78 @@ __attribute__((target("avx2,fma"))) void pool_lookup_avx2(float* out, int64_t ld
   }
 }
 
-// ROCKETREC_OPS_PORTABLE=1 takes the portable loops on any CPU (the tests compare both)
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      std::getenv("ROCKETREC_OPS_PORTABLE") == nullptr;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12, inside vpmovzxbd's intrinsic
+// AVX-512: dims 16, 32, 64 as NV vectors of 16 (an int8 row's 16-byte groups widened in
+// one step); other dims go to the AVX2 loop
+template <int NV>
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void pool_bag_avx512(
+    float* out, const int64_t* rows, int64_t n, int64_t npf, const uint8_t* base, int64_t stride, bool int8,
+    int64_t qdim, float scale) {
+  __m512 acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < npf) __builtin_prefetch(base + rows[i + kAhead] * stride);
+    const uint8_t* row = base + rows[i] * stride;
+    if (int8) {
+      float sc, bi;
+      scale_bias(row, qdim, sc, bi);
+      const __m512 vs = _mm512_set1_ps(sc), vb = _mm512_set1_ps(bi);
+      for (int v = 0; v < NV; ++v) {
+        const __m128i q8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v));  // 16 bytes
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8));
+        acc[v] = _mm512_add_ps(acc[v], _mm512_fmadd_ps(vs, q, vb));
+      }
+    } else {
+      const float* e = reinterpret_cast<const float*>(row);
+      for (int v = 0; v < NV; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_loadu_ps(e + 16 * v));
+    }
+  }
+  const __m512 vsc = _mm512_set1_ps(scale);
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(acc[v], vsc));
+}
+#pragma GCC diagnostic pop
+
+__attribute__((target("avx512f,avx2,fma"))) void pool_lookup_avx512(float* out, int64_t ld, int64_t dim, bool mean,
+                                                                  int64_t nb, const int64_t* bag_end, int64_t start,
+                                                                  const int64_t* rows, const uint8_t* base,
+                                                                  int64_t stride, bool int8, int64_t qdim) {
+  const int64_t last = nb > 0 ? bag_end[nb - 1] : start;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t end = bag_end[b];
+    const int64_t n = end - start;
+    const float scale = mean && n > 1 ? 1.0f / static_cast<float>(n) : 1.0f;
+    const int64_t* r = rows + start;
+    float* o = out + b * ld;
+    switch (dim) {
+      case 16: pool_bag_avx512<1>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
+      case 32: pool_bag_avx512<2>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
+      default: pool_bag_avx512<4>(o, r, n, last - start, base, stride, int8, qdim, scale);  // 64
+    }
+    start = end;
+  }
+}
+
+// The instruction set the kernels use: the best this CPU has, at most ROCKETREC_OPS_ISA
+// (portable | avx2 | avx512; ROCKETREC_OPS_PORTABLE=1 = portable): the tests run the
+// parity checks on each level below this machine's.
+int isa_level() {
+  int level = 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    level = 1;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) level = 2;
+  }
+  const char* want = std::getenv("ROCKETREC_OPS_ISA");
+  const int cap = std::getenv("ROCKETREC_OPS_PORTABLE") != nullptr ? 0
+                  : want == nullptr                              ? 2
+                  : std::strcmp(want, "portable") == 0           ? 0
+                  : std::strcmp(want, "avx2") == 0               ? 1
+                                                                 : 2;
+  return std::min(level, cap);
+}
+const int kIsa = isa_level();
+const bool kHasAvx2 = kIsa >= 1;
+const bool kHasAvx512 = kIsa >= 2;
 
 // One lookup over bags b = 0..nb-1 (bag b: rows [start_b, bag_end[b]), starting at
 // `start`), bag b into out + b * ld (columns [0, dim)); mean = sum / length (one
@@ -512,7 +590,9 @@ void pool_lookup_portable(float* out, int64_t ld, int64_t dim, bool mean, int64_
 void pool_lookup(float* out, int64_t ld, int64_t dim, bool mean, int64_t nb, const int64_t* bag_end,
                  int64_t start, const int64_t* rows, const uint8_t* base, int64_t stride, bool int8,
                  int64_t qdim) {
-  if (kHasAvx2)
+  if (kHasAvx512 && (dim == 16 || dim == 32 || dim == 64))
+    pool_lookup_avx512(out, ld, dim, mean, nb, bag_end, start, rows, base, stride, int8, qdim);
+  else if (kHasAvx2)
     pool_lookup_avx2(out, ld, dim, mean, nb, bag_end, start, rows, base, stride, int8, qdim);
   else
     pool_lookup_portable(out, ld, dim, mean, nb, bag_end, start, rows, base, stride, int8, qdim);
@@ -711,7 +791,28 @@ __attribute__((target("avx2,fma"))) void moments_avx2(const float* y, int64_t n,
   }
 }
 
+// AVX-512: 16 floats a step as two 8-lane float64 halves; the last n % 16 by a masked load
+__attribute__((target("avx512f,avx512dq,avx2,fma"))) void moments_avx512(const float* y, int64_t n, double& s,
+                                                                         double& ss) {
+  __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd(), q0 = _mm512_setzero_pd(),
+          q1 = _mm512_setzero_pd();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff)
+                                    : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, y + j);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+    a0 = _mm512_add_pd(a0, lo);
+    a1 = _mm512_add_pd(a1, hi);
+    q0 = _mm512_fmadd_pd(lo, lo, q0);
+    q1 = _mm512_fmadd_pd(hi, hi, q1);
+  }
+  s = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+  ss = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
+}
+
 void moments(const float* y, int64_t n, double& s, double& ss) {
+  if (kHasAvx512) return moments_avx512(y, n, s, ss);
   if (kHasAvx2) return moments_avx2(y, n, s, ss);
   double s4[4] = {0, 0, 0, 0}, ss4[4] = {0, 0, 0, 0};
   int64_t j = 0;
@@ -727,6 +828,49 @@ void moments(const float* y, int64_t n, double& s, double& ss) {
   }
   s = (s4[0] + s4[1]) + (s4[2] + s4[3]);
   ss = (ss4[0] + ss4[1]) + (ss4[2] + ss4[3]);
+}
+
+// mean and 1 / sqrt(var + eps) of R rows from their sum(x), sum(x^2) over K columns; a row
+// whose var * K passes FLT_MAX gets mean 0, rstd 0 (returns whether any did)
+bool row_stats_scalar(const double* s, const double* ss, int64_t R, int64_t K, double eps, float* mean,
+                      float* rstd, int64_t r = 0) {
+  bool overflow = false;
+  for (; r < R; ++r) {
+    const double m = s[r] / static_cast<double>(K);
+    const double var = std::max(ss[r] / static_cast<double>(K) - m * m, 0.0);
+    const bool over = var * static_cast<double>(K) > static_cast<double>(FLT_MAX);
+    overflow |= over;
+    mean[r] = over ? 0.0f : static_cast<float>(m);
+    rstd[r] = over ? 0.0f : static_cast<float>(1.0 / std::sqrt(var + eps));
+  }
+  return overflow;
+}
+
+// the same, 8 rows at a time (a row's divides and square root would wait on each other)
+__attribute__((target("avx512f,avx512dq,avx2,fma"))) bool row_stats_avx512(const double* s, const double* ss,
+                                                                           int64_t R, int64_t K, double eps,
+                                                                           float* mean, float* rstd) {
+  const __m512d k = _mm512_set1_pd(static_cast<double>(K)), e = _mm512_set1_pd(eps),
+                one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd(),
+                fmax = _mm512_set1_pd(static_cast<double>(FLT_MAX));
+  __mmask8 any = 0;
+  int64_t r = 0;
+  for (; r + 8 <= R; r += 8) {
+    const __m512d m = _mm512_div_pd(_mm512_loadu_pd(s + r), k);
+    // max(zero, v): a NaN v stays NaN, as std::max(v, 0.0) (vmaxpd returns its second operand)
+    const __m512d var = _mm512_max_pd(zero, _mm512_sub_pd(_mm512_div_pd(_mm512_loadu_pd(ss + r), k), _mm512_mul_pd(m, m)));
+    const __mmask8 over = _mm512_cmp_pd_mask(_mm512_mul_pd(var, k), fmax, _CMP_GT_OQ);
+    any |= over;
+    const __m512d rs = _mm512_div_pd(one, _mm512_sqrt_pd(_mm512_add_pd(var, e)));
+    _mm256_storeu_ps(mean + r, _mm512_cvtpd_ps(_mm512_mask_mov_pd(m, over, zero)));
+    _mm256_storeu_ps(rstd + r, _mm512_cvtpd_ps(_mm512_mask_mov_pd(rs, over, zero)));
+  }
+  return row_stats_scalar(s, ss, R, K, eps, mean, rstd, r) || any != 0;
+}
+
+bool row_stats(const double* s, const double* ss, int64_t R, int64_t K, double eps, float* mean, float* rstd) {
+  if (kHasAvx512) return row_stats_avx512(s, ss, R, K, eps, mean, rstd);
+  return row_stats_scalar(s, ss, R, K, eps, mean, rstd);
 }
 
 // A tower that starts LayerNorm(K) -> Linear(K, H), folded: for a row x,
@@ -753,23 +897,37 @@ struct FirstLayer {
     wg_t = keep_t.data_ptr<float>(), wg_sum = keep_s.data_ptr<float>(), b_eff = keep_b.data_ptr<float>();
   }
 
-  // hm [H] holds W(g*y) (+ pc [H] = W(g*c), when given); s, ss: the whole row's sum(x),
-  // sum(x^2) over K columns -> hm = the first layer's output
-  void finish(float* hm, const float* pc, double s, double ss) const {
-    const double mean = s / static_cast<double>(K);
-    const double var = std::max(ss / static_cast<double>(K) - mean * mean, 0.0);
-    if (var * static_cast<double>(K) > static_cast<double>(FLT_MAX)) {
-      // torch's float32 LayerNorm (the reference) overflows its sum of squares here
-      // (|x| beyond ~1e19): rstd 0, the row normalized to 0, h = W beta + b
-      std::copy(b_eff, b_eff + H, hm);
-      return;
+  // h [R, H] holds W(g*y) per row (+ pc [H] = W(g*c), when given); x [R, n] (row stride
+  // ld) the rows' own columns, (cs, css) the context's sum(x), sum(x^2) (0 without one) ->
+  // h = the first layer's output. The statistics of all rows first (independent rows:
+  // their divides and square roots overlap), then the affine step.
+  void finish(float* h, int64_t R, const float* pc, const float* x, int64_t ld, int64_t n, double cs,
+              double css) const {
+    thread_local std::vector<double> s_v, ss_v;
+    thread_local std::vector<float> mean_v, rstd_v;
+    s_v.resize(static_cast<size_t>(R));
+    ss_v.resize(static_cast<size_t>(R));
+    mean_v.resize(static_cast<size_t>(R));
+    rstd_v.resize(static_cast<size_t>(R));
+    float* mean = mean_v.data();
+    float* rstd = rstd_v.data();
+    for (int64_t r = 0; r < R; ++r) {
+      moments(x + r * ld, n, s_v[static_cast<size_t>(r)], ss_v[static_cast<size_t>(r)]);
+      s_v[static_cast<size_t>(r)] += cs;
+      ss_v[static_cast<size_t>(r)] += css;
     }
-    const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
-    const float mf = static_cast<float>(mean);
-    if (pc != nullptr)
-      for (int64_t k = 0; k < H; ++k) hm[k] = (pc[k] + hm[k] - mf * wg_sum[k]) * rstd + b_eff[k];
-    else
-      for (int64_t k = 0; k < H; ++k) hm[k] = (hm[k] - mf * wg_sum[k]) * rstd + b_eff[k];
+    // torch's float32 LayerNorm (the reference) overflows its sum of squares beyond |x| ~
+    // 1e19: rstd 0, the row normalized to 0, h = W beta + b (set below)
+    const bool overflow = row_stats(s_v.data(), ss_v.data(), R, K, eps, mean, rstd);
+    for (int64_t r = 0; r < R; ++r) {
+      float* hm = h + r * H;
+      const float mf = mean[r], rs = rstd[r];
+      if (pc != nullptr)
+        for (int64_t k = 0; k < H; ++k) hm[k] = (pc[k] + hm[k] - mf * wg_sum[k]) * rs + b_eff[k];
+      else
+        for (int64_t k = 0; k < H; ++k) hm[k] = (hm[k] - mf * wg_sum[k]) * rs + b_eff[k];
+      if (overflow && rs == 0.0f) std::copy(b_eff, b_eff + H, hm);  // inf * 0 would be NaN
+    }
   }
 };
 
@@ -802,7 +960,51 @@ __attribute__((target("avx2,fma"))) void mm_cols_avx2(const float* x, int64_t ld
   if (R - r == 1) mm_block<1, NV>(x + r * ld, ld, n, w, H, out + r * H);
 }
 
+// AVX-512: blocks of RB rows x NV vectors of 16 columns (at most 6 x 2: 12 accumulators)
+template <int RB, int NV>
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void mm_block512(const float* x, int64_t ld,
+                                                                                  int64_t n, const float* w,
+                                                                                  int64_t H, float* out) {
+  __m512 acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; ++k) {
+    __m512 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(w + k * H + 16 * v);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * ld + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + r * H + 16 * v, acc[r][v]);
+}
+
+template <int NV>
+__attribute__((target("avx512f,avx2,fma"))) void mm_cols_avx512(const float* x, int64_t ld, int64_t R, int64_t n,
+                                                               const float* w, int64_t H, float* out) {
+  int64_t r = 0;
+  for (; r + 6 <= R; r += 6) mm_block512<6, NV>(x + r * ld, ld, n, w, H, out + r * H);
+  switch (R - r) {
+    case 5: mm_block512<5, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
+    case 4: mm_block512<4, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
+    case 3: mm_block512<3, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
+    case 2: mm_block512<2, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
+    case 1: mm_block512<1, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
+    default: break;
+  }
+}
+
 void rows_times(const float* x, int64_t ld, int64_t R, int64_t n, const float* w, int64_t H, float* out) {
+  if (kHasAvx512 && H % 16 == 0) {
+    for (int64_t h0 = 0; h0 < H; h0 += 32) {  // column blocks of 32 (the last may be 16)
+      if (H - h0 >= 32)
+        mm_cols_avx512<2>(x, ld, R, n, w + h0, H, out + h0);
+      else
+        mm_cols_avx512<1>(x, ld, R, n, w + h0, H, out + h0);
+    }
+    return;
+  }
   if (kHasAvx2 && H % 8 == 0) {
     for (int64_t h0 = 0; h0 < H; h0 += 32) {  // column blocks of 32 (the last may be 8..24)
       switch ((H - h0) >= 32 ? 4 : (H - h0) / 8) {
@@ -836,11 +1038,7 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
   const float* xp = x.data_ptr<float>();
   float* hp = h.data_ptr<float>();
   rows_times(xp, c.K, B, c.K, f.wg_t, f.H, hp);
-  for (int64_t b = 0; b < B; ++b) {
-    double s = 0, ss = 0;
-    moments(xp + b * c.K, c.K, s, ss);
-    f.finish(hp + b * f.H, nullptr, s, ss);
-  }
+  f.finish(hp, B, nullptr, xp, c.K, c.K, 0.0, 0.0);
   return h;
 }
 
@@ -869,11 +1067,7 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
   rows_times(yp, kc, M, kc, wc.data(), H, hp);
   double cs = 0, css = 0;
   moments(cp, K, cs, css);
-  for (int64_t m = 0; m < M; ++m) {
-    double s = 0, ss = 0;
-    moments(yp + m * kc, kc, s, ss);
-    f.finish(hp + m * H, pc.data(), s + cs, ss + css);
-  }
+  f.finish(hp, M, pc.data(), yp, kc, kc, cs, css);
   return h;
 }
 
