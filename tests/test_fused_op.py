@@ -98,9 +98,31 @@ def _cases(spec, pre, rng):
         yield _random_inputs(pre, b, rng)
 
 
-@pytest.fixture(params=["crossy", "tiny", "tiny_twins"])
+# rows 16, 32, 64 and 24 wide: the AVX-512 pooling's three widths and one it leaves to AVX2
+WIDE_SPEC = """
+version: 1
+name: wide
+label: {column: y}
+tables:
+  - {name: t_user, rows: 700, dim: 32}
+  - {name: t_ad, rows: 300, dim: 64}
+  - {name: t_tag, rows: 100, dim: 16, pooling: mean}
+  - {name: t_ctx, rows: 50, dim: 24}
+sparse:
+  - {name: user, column: user, dtype: int64, table: t_user}
+  - {name: ad, column: ad, dtype: string, table: t_ad}
+  - {name: tags, column: tags, dtype: int64, kind: list, table: t_tag, max_ids: 5}
+  - {name: ctx, column: ctx, dtype: int64, table: t_ctx}
+dense:
+  - {name: price, column: price, fill: 1.0, transform: log1p}
+light:
+  features: [user, ad, tags, ctx, price]
+"""
+
+
+@pytest.fixture(params=["crossy", "tiny", "tiny_twins", "wide"])
 def model(request, tmp_path):
-    text = CROSS_SPEC if request.param == "crossy" else TINY_SPEC
+    text = {"crossy": CROSS_SPEC, "wide": WIDE_SPEC}.get(request.param, TINY_SPEC)
     spec = _spec(tmp_path, text, request.param)
     return spec, _serving(spec, private=8 if request.param == "tiny_twins" else 0)
 
@@ -265,7 +287,7 @@ def test_tower_without_hidden_layers(tmp_path):
         )
 
 
-@pytest.mark.parametrize("mlp", [(12,), (40, 4), (64,)])
+@pytest.mark.parametrize("mlp", [(12,), (40, 4), (48,), (64,)])
 def test_first_layer_widths(tmp_path, mlp):
     """The folded first layer at widths off the AVX2 kernel's blocks: 12 (not a multiple
     of 8: at::mm), 40 (a block of 32 and one of 8), 64; batches 1..8 cover the kernel's
