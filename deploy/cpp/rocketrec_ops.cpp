@@ -226,7 +226,7 @@ int64_t check_inputs(const Config& c, const at::Tensor& values, const at::Tensor
 // their allocations were a visible share of a call.
 struct WorkBuffers {
   std::vector<int64_t> in_start, in_len, bucket;
-  std::vector<uint8_t> ctx_gives;
+  std::vector<uint8_t> ctx_gives, truncated;
   std::vector<uint64_t> scratch, next;
   std::vector<const uint8_t*> base;
   std::vector<int64_t> stride, nrows, rows, bag_end;
@@ -260,15 +260,19 @@ struct Work {
     const int64_t* l = lengths.data_ptr<int64_t>();
     in_start.resize(static_cast<size_t>(c.I * B));
     in_len.resize(static_cast<size_t>(c.I * B));
+    buf.truncated.assign(static_cast<size_t>(c.I), 0);
     int64_t pos = 0;
     for (int64_t i = 0; i < c.I; ++i) {
       const int64_t cap = c.id_cap[static_cast<size_t>(i)];
+      bool cut = false;
       for (int64_t b = 0; b < B; ++b) {
         const int64_t n = l[i * B + b];
         in_start[static_cast<size_t>(i * B + b)] = pos;
         in_len[static_cast<size_t>(i * B + b)] = cap > 0 ? std::min(n, cap) : n;
+        cut |= cap > 0 && n > cap;
         pos += n;
       }
+      buf.truncated[static_cast<size_t>(i)] = cut;
     }
     const float* x = dense.data_ptr<float>();
     const int64_t C = c.D + c.Kb;
@@ -342,7 +346,24 @@ struct Work {
   // Calls emit(lookup, row b, table row) for every id, in order; lens[l*B+b] via bag(l, b, n).
   template <class Emit, class Bag>
   void for_each_id(Emit&& emit, Bag&& bag) {
-    for (int64_t l = 0; l < c.L; ++l) {
+    for (int64_t l = 0; l < c.L; ++l) for_lookup(l, emit, bag);
+  }
+
+  // Lookup l's ids in one run, when it reads an id input none of whose bags max_ids cut:
+  // its ids are values[first, first + n) (input-major), in order. Returns n, or -1.
+  int64_t plain_run(int64_t l, int64_t& first) const {
+    const Lookup& k = c.lookups[static_cast<size_t>(l)];
+    const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
+    if (B == 0 || c.out_kind[static_cast<size_t>(k.out)] != 0 || buf.truncated[static_cast<size_t>(idx)])
+      return -1;
+    const size_t last = static_cast<size_t>(idx * B + B - 1);
+    first = in_start[static_cast<size_t>(idx * B)];
+    return in_start[last] + in_len[last] - first;
+  }
+
+  template <class Emit, class Bag>
+  void for_lookup(int64_t l, Emit&& emit, Bag&& bag) {
+    {
       const Lookup& k = c.lookups[static_cast<size_t>(l)];
       const int64_t kind = c.out_kind[static_cast<size_t>(k.out)];
       const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
@@ -475,26 +496,61 @@ __attribute__((target("avx2,fma"), always_inline)) inline void pool_bag_avx2(
   for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(acc[v], vsc));
 }
 
+// Whether every bag holds exactly one row (most lookups: one id per request), so the
+// loops below know n = 1 and the scale 1 at compile time.
+inline bool one_row_bags(int64_t nb, const int64_t* bag_end, int64_t start) {
+  bool one = true;
+  for (int64_t b = 0; b < nb; ++b) one &= bag_end[b] == start + b + 1;
+  return one;
+}
+
+// The bags of one lookup with the row kernel KERNEL (an always-inline pool_bag_*<NV>),
+// expanded inside each ISA's function (a template would not inline across target
+// attributes), with int8 and one-row bags as constants: no per-row branch on them, and
+// n = 1, scale 1 known for one-row bags.
+#define ROCKETREC_POOL_LOOP(KERNEL, I8, ONE)                                                    \
+  {                                                                                             \
+    const int64_t last = nb > 0 ? bag_end[nb - 1] : start;                                      \
+    int64_t s0 = start;                                                                         \
+    for (int64_t b = 0; b < nb; ++b) {                                                          \
+      const int64_t end = (ONE) ? s0 + 1 : bag_end[b];                                          \
+      const int64_t n = end - s0;                                                               \
+      const float scale = !(ONE) && mean && n > 1 ? 1.0f / static_cast<float>(n) : 1.0f;       \
+      KERNEL(out + b * ld, rows + s0, n, last - s0, base, stride, I8, qdim, scale);             \
+      s0 = end;                                                                                 \
+    }                                                                                           \
+  }
+#define ROCKETREC_POOL_BAGS(KERNEL)                                 \
+  do {                                                              \
+    const bool one = one_row_bags(nb, bag_end, start);              \
+    if (int8) {                                                     \
+      if (one) ROCKETREC_POOL_LOOP(KERNEL, true, true)              \
+      else ROCKETREC_POOL_LOOP(KERNEL, true, false)                 \
+    } else {                                                        \
+      if (one) ROCKETREC_POOL_LOOP(KERNEL, false, true)             \
+      else ROCKETREC_POOL_LOOP(KERNEL, false, false)                \
+    }                                                               \
+  } while (0)
+
 __attribute__((target("avx2,fma"))) void pool_lookup_avx2(float* out, int64_t ld, int64_t dim, bool mean,
                                                          int64_t nb, const int64_t* bag_end, int64_t start,
                                                          const int64_t* rows, const uint8_t* base,
                                                          int64_t stride, bool int8, int64_t qdim) {
-  const int64_t last = nb > 0 ? bag_end[nb - 1] : start;
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t end = bag_end[b];
-    const int64_t n = end - start;
-    const float scale = mean && n > 1 ? 1.0f / static_cast<float>(n) : 1.0f;
-    const int64_t* r = rows + start;
-    float* o = out + b * ld;
-    switch (dim) {
-      case 8: pool_bag_avx2<1>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
-      case 16: pool_bag_avx2<2>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
-      case 24: pool_bag_avx2<3>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
-      case 32: pool_bag_avx2<4>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
-      case 64: pool_bag_avx2<8>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
-      default: pool_bag_any(o, dim, r, n, last - start, base, stride, int8, qdim, scale);
+  switch (dim) {
+    case 8: ROCKETREC_POOL_BAGS(pool_bag_avx2<1>); break;
+    case 16: ROCKETREC_POOL_BAGS(pool_bag_avx2<2>); break;
+    case 24: ROCKETREC_POOL_BAGS(pool_bag_avx2<3>); break;
+    case 32: ROCKETREC_POOL_BAGS(pool_bag_avx2<4>); break;
+    case 64: ROCKETREC_POOL_BAGS(pool_bag_avx2<8>); break;
+    default: {
+      const int64_t last = nb > 0 ? bag_end[nb - 1] : start;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t n = bag_end[b] - start;
+        const float scale = mean && n > 1 ? 1.0f / static_cast<float>(n) : 1.0f;
+        pool_bag_any(out + b * ld, dim, rows + start, n, last - start, base, stride, int8, qdim, scale);
+        start = bag_end[b];
+      }
     }
-    start = end;
   }
 }
 
@@ -534,19 +590,10 @@ __attribute__((target("avx512f,avx2,fma"))) void pool_lookup_avx512(float* out, 
                                                                   int64_t nb, const int64_t* bag_end, int64_t start,
                                                                   const int64_t* rows, const uint8_t* base,
                                                                   int64_t stride, bool int8, int64_t qdim) {
-  const int64_t last = nb > 0 ? bag_end[nb - 1] : start;
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t end = bag_end[b];
-    const int64_t n = end - start;
-    const float scale = mean && n > 1 ? 1.0f / static_cast<float>(n) : 1.0f;
-    const int64_t* r = rows + start;
-    float* o = out + b * ld;
-    switch (dim) {
-      case 16: pool_bag_avx512<1>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
-      case 32: pool_bag_avx512<2>(o, r, n, last - start, base, stride, int8, qdim, scale); break;
-      default: pool_bag_avx512<4>(o, r, n, last - start, base, stride, int8, qdim, scale);  // 64
-    }
-    start = end;
+  switch (dim) {
+    case 16: ROCKETREC_POOL_BAGS(pool_bag_avx512<1>); break;
+    case 32: ROCKETREC_POOL_BAGS(pool_bag_avx512<2>); break;
+    default: ROCKETREC_POOL_BAGS(pool_bag_avx512<4>);  // 64
   }
 }
 
@@ -652,9 +699,27 @@ Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables,
   std::vector<int64_t>& rows = r.rows;
   std::vector<int64_t>& bag_end = r.bag_end;
   rows.clear();
-  bag_end.assign(static_cast<size_t>(c.L * B), 0);
-  w.for_each_id([&](int64_t, int64_t, int64_t row) { rows.push_back(row); },
-                [&](int64_t l, int64_t b, int64_t) { bag_end[static_cast<size_t>(l * B + b)] = static_cast<int64_t>(rows.size()); });
+  bag_end.resize(static_cast<size_t>(c.L * B));
+  for (int64_t l = 0; l < c.L; ++l) {
+    int64_t first = 0;
+    const int64_t n = w.plain_run(l, first);
+    if (n >= 0) {  // one tight loop over the input's ids, its bag ends from the lengths
+      const Lookup& k = c.lookups[static_cast<size_t>(l)];
+      const size_t at = rows.size();
+      rows.resize(at + static_cast<size_t>(n));
+      int64_t* out = rows.data() + at;
+      const int64_t* ids = w.v + first;
+      for (int64_t j = 0; j < n; ++j) out[j] = k.row_of(ids[j]) + k.offset;
+      const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
+      const int64_t* len = w.in_len.data() + idx * B;
+      int64_t* ends = bag_end.data() + l * B;
+      int64_t e = static_cast<int64_t>(at);
+      for (int64_t b = 0; b < B; ++b) ends[b] = e += len[b];
+      continue;
+    }
+    w.for_lookup(l, [&](int64_t, int64_t, int64_t row) { rows.push_back(row); },
+                 [&](int64_t, int64_t b, int64_t) { bag_end[static_cast<size_t>(l * B + b)] = static_cast<int64_t>(rows.size()); });
+  }
   return r;
 }
 
@@ -897,28 +962,26 @@ struct FirstLayer {
     wg_t = keep_t.data_ptr<float>(), wg_sum = keep_s.data_ptr<float>(), b_eff = keep_b.data_ptr<float>();
   }
 
-  // h [R, H] holds W(g*y) per row (+ pc [H] = W(g*c), when given); x [R, n] (row stride
-  // ld) the rows' own columns, (cs, css) the context's sum(x), sum(x^2) (0 without one) ->
-  // h = the first layer's output. The statistics of all rows first (independent rows:
-  // their divides and square roots overlap), then the affine step.
-  void finish(float* h, int64_t R, const float* pc, const float* x, int64_t ld, int64_t n, double cs,
-              double css) const {
+  // The rows' LayerNorm statistics: x [R, n] (row stride ld) the rows' own columns,
+  // (cs, css) the context's sum(x), sum(x^2) (0 without one) -> mean [R], rstd [R] (all
+  // rows first: independent rows, their divides and square roots overlap). Returns whether
+  // a row overflows: torch's float32 LayerNorm (the reference) overflows its sum of
+  // squares beyond |x| ~ 1e19: rstd 0, the row normalized to 0, h = W beta + b.
+  bool stats(const float* x, int64_t ld, int64_t R, int64_t n, double cs, double css, float* mean,
+             float* rstd) const {
     thread_local std::vector<double> s_v, ss_v;
-    thread_local std::vector<float> mean_v, rstd_v;
     s_v.resize(static_cast<size_t>(R));
     ss_v.resize(static_cast<size_t>(R));
-    mean_v.resize(static_cast<size_t>(R));
-    rstd_v.resize(static_cast<size_t>(R));
-    float* mean = mean_v.data();
-    float* rstd = rstd_v.data();
     for (int64_t r = 0; r < R; ++r) {
       moments(x + r * ld, n, s_v[static_cast<size_t>(r)], ss_v[static_cast<size_t>(r)]);
       s_v[static_cast<size_t>(r)] += cs;
       ss_v[static_cast<size_t>(r)] += css;
     }
-    // torch's float32 LayerNorm (the reference) overflows its sum of squares beyond |x| ~
-    // 1e19: rstd 0, the row normalized to 0, h = W beta + b (set below)
-    const bool overflow = row_stats(s_v.data(), ss_v.data(), R, K, eps, mean, rstd);
+    return row_stats(s_v.data(), ss_v.data(), R, K, eps, mean, rstd);
+  }
+
+  // h [R, H] holds W(g*y) per row (+ pc [H] = W(g*c), when given) -> the first layer's output
+  void affine(float* h, int64_t R, const float* pc, const float* mean, const float* rstd) const {
     for (int64_t r = 0; r < R; ++r) {
       float* hm = h + r * H;
       const float mf = mean[r], rs = rstd[r];
@@ -926,7 +989,6 @@ struct FirstLayer {
         for (int64_t k = 0; k < H; ++k) hm[k] = (pc[k] + hm[k] - mf * wg_sum[k]) * rs + b_eff[k];
       else
         for (int64_t k = 0; k < H; ++k) hm[k] = (hm[k] - mf * wg_sum[k]) * rs + b_eff[k];
-      if (overflow && rs == 0.0f) std::copy(b_eff, b_eff + H, hm);  // inf * 0 would be NaN
     }
   }
 };
@@ -960,11 +1022,23 @@ __attribute__((target("avx2,fma"))) void mm_cols_avx2(const float* x, int64_t ld
   if (R - r == 1) mm_block<1, NV>(x + r * ld, ld, n, w, H, out + r * H);
 }
 
+// The first layer's affine step, applied to a product's rows before they are stored:
+// h = (acc + pc - mean * wg_sum) * rstd + b_eff (pc: the context's share, or null); the
+// column pointers start at the block's first column, mean / rstd at its first row.
+struct Epilogue {
+  const float* mean;
+  const float* rstd;
+  const float* wg_sum;
+  const float* b_eff;
+  const float* pc;
+};
+
 // AVX-512: blocks of RB rows x NV vectors of 16 columns (at most 6 x 2: 12 accumulators)
 template <int RB, int NV>
 __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void mm_block512(const float* x, int64_t ld,
                                                                                   int64_t n, const float* w,
-                                                                                  int64_t H, float* out) {
+                                                                                  int64_t H, float* out,
+                                                                                  const Epilogue* e) {
   __m512 acc[RB][NV];
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -976,35 +1050,58 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void mm_block5
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
     }
   }
+  if (e != nullptr)
+    for (int r = 0; r < RB; ++r) {
+      const __m512 m = _mm512_set1_ps(e->mean[r]), rs = _mm512_set1_ps(e->rstd[r]);
+      for (int v = 0; v < NV; ++v) {
+        __m512 t = acc[r][v];
+        if (e->pc != nullptr) t = _mm512_add_ps(t, _mm512_loadu_ps(e->pc + 16 * v));
+        t = _mm512_fnmadd_ps(m, _mm512_loadu_ps(e->wg_sum + 16 * v), t);
+        acc[r][v] = _mm512_fmadd_ps(t, rs, _mm512_loadu_ps(e->b_eff + 16 * v));
+      }
+    }
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + r * H + 16 * v, acc[r][v]);
 }
 
 template <int NV>
 __attribute__((target("avx512f,avx2,fma"))) void mm_cols_avx512(const float* x, int64_t ld, int64_t R, int64_t n,
-                                                               const float* w, int64_t H, float* out) {
+                                                               const float* w, int64_t H, float* out,
+                                                               const Epilogue* e) {
+  Epilogue at = e != nullptr ? *e : Epilogue{};
+  const Epilogue* ep = e != nullptr ? &at : nullptr;
   int64_t r = 0;
-  for (; r + 6 <= R; r += 6) mm_block512<6, NV>(x + r * ld, ld, n, w, H, out + r * H);
+  for (; r + 6 <= R; r += 6, at.mean += 6, at.rstd += 6)
+    mm_block512<6, NV>(x + r * ld, ld, n, w, H, out + r * H, ep);
   switch (R - r) {
-    case 5: mm_block512<5, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
-    case 4: mm_block512<4, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
-    case 3: mm_block512<3, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
-    case 2: mm_block512<2, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
-    case 1: mm_block512<1, NV>(x + r * ld, ld, n, w, H, out + r * H); break;
+    case 5: mm_block512<5, NV>(x + r * ld, ld, n, w, H, out + r * H, ep); break;
+    case 4: mm_block512<4, NV>(x + r * ld, ld, n, w, H, out + r * H, ep); break;
+    case 3: mm_block512<3, NV>(x + r * ld, ld, n, w, H, out + r * H, ep); break;
+    case 2: mm_block512<2, NV>(x + r * ld, ld, n, w, H, out + r * H, ep); break;
+    case 1: mm_block512<1, NV>(x + r * ld, ld, n, w, H, out + r * H, ep); break;
     default: break;
   }
 }
 
-void rows_times(const float* x, int64_t ld, int64_t R, int64_t n, const float* w, int64_t H, float* out) {
-  if (kHasAvx512 && H % 16 == 0) {
-    for (int64_t h0 = 0; h0 < H; h0 += 32) {  // column blocks of 32 (the last may be 16)
-      if (H - h0 >= 32)
-        mm_cols_avx512<2>(x, ld, R, n, w + h0, H, out + h0);
-      else
-        mm_cols_avx512<1>(x, ld, R, n, w + h0, H, out + h0);
+// AVX-512 product, H % 16 == 0: column blocks of 32 (the last may be 16)
+void mm_avx512(const float* x, int64_t ld, int64_t R, int64_t n, const float* w, int64_t H, float* out,
+               const Epilogue* e) {
+  for (int64_t h0 = 0; h0 < H; h0 += 32) {
+    Epilogue eh = e != nullptr ? *e : Epilogue{};
+    if (e != nullptr) {
+      eh.wg_sum += h0, eh.b_eff += h0;
+      if (eh.pc != nullptr) eh.pc += h0;
     }
-    return;
+    const Epilogue* ep = e != nullptr ? &eh : nullptr;
+    if (H - h0 >= 32)
+      mm_cols_avx512<2>(x, ld, R, n, w + h0, H, out + h0, ep);
+    else
+      mm_cols_avx512<1>(x, ld, R, n, w + h0, H, out + h0, ep);
   }
+}
+
+void rows_times(const float* x, int64_t ld, int64_t R, int64_t n, const float* w, int64_t H, float* out) {
+  if (kHasAvx512 && H % 16 == 0) return mm_avx512(x, ld, R, n, w, H, out, nullptr);
   if (kHasAvx2 && H % 8 == 0) {
     for (int64_t h0 = 0; h0 < H; h0 += 32) {  // column blocks of 32 (the last may be 8..24)
       switch ((H - h0) >= 32 ? 4 : (H - h0) / 8) {
@@ -1022,6 +1119,27 @@ void rows_times(const float* x, int64_t ld, int64_t R, int64_t n, const float* w
   at::mm_out(ot, xt, wt);
 }
 
+// h [R, H] = the first layer of rows x [R, n] (row stride ld) with weights w [n, H] (wg_t's
+// rows of those n columns), plus the context's share pc [H] and moments (cs, css) when
+// given. On AVX-512 (H % 16 == 0) the affine step runs on the product's registers.
+void first_layer_rows(const FirstLayer& f, const float* x, int64_t ld, int64_t R, int64_t n, const float* w,
+                      const float* pc, double cs, double css, float* h) {
+  thread_local std::vector<float> mean_v, rstd_v;
+  mean_v.resize(static_cast<size_t>(R));
+  rstd_v.resize(static_cast<size_t>(R));
+  const bool overflow = f.stats(x, ld, R, n, cs, css, mean_v.data(), rstd_v.data());
+  if (kHasAvx512 && f.H % 16 == 0) {
+    const Epilogue e{mean_v.data(), rstd_v.data(), f.wg_sum, f.b_eff, pc};
+    mm_avx512(x, ld, R, n, w, f.H, h, &e);
+  } else {
+    rows_times(x, ld, R, n, w, f.H, h);
+    f.affine(h, R, pc, mean_v.data(), rstd_v.data());
+  }
+  if (overflow)  // rstd 0 marks those rows (inf * 0 would be NaN): h = W beta + b
+    for (int64_t r = 0; r < R; ++r)
+      if (rstd_v[static_cast<size_t>(r)] == 0.0f) std::copy(f.b_eff, f.b_eff + f.H, h + r * f.H);
+}
+
 // forward's first layer: the pooled rows x [B, K] -> h [B, H] (FirstLayer)
 at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
                              const at::Tensor& icfg, const at::Tensor& fcfg, at::TensorList tables, bool int8,
@@ -1037,8 +1155,7 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
   at::Tensor h = at::empty({B, f.H}, at::kFloat);
   const float* xp = x.data_ptr<float>();
   float* hp = h.data_ptr<float>();
-  rows_times(xp, c.K, B, c.K, f.wg_t, f.H, hp);
-  f.finish(hp, B, nullptr, xp, c.K, c.K, 0.0, 0.0);
+  first_layer_rows(f, xp, c.K, B, c.K, f.wg_t, nullptr, 0.0, 0.0, hp);
   return h;
 }
 
@@ -1064,10 +1181,9 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
   at::Tensor h = at::empty({M, H}, at::kFloat);
   const float* yp = sp.cand.data_ptr<float>();
   float* hp = h.data_ptr<float>();
-  rows_times(yp, kc, M, kc, wc.data(), H, hp);
   double cs = 0, css = 0;
   moments(cp, K, cs, css);
-  f.finish(hp, M, pc.data(), yp, kc, kc, cs, css);
+  first_layer_rows(f, yp, kc, M, kc, wc.data(), pc.data(), cs, css, hp);
   return h;
 }
 
