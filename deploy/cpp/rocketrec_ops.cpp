@@ -390,6 +390,25 @@ struct Work {
     }
   }
 
+  // Dense fill and transforms of every row (not context mode) into out + b * ld, column by
+  // column: one column's parameters held across the rows, its branches taken once.
+  void dense_rows(const float* x, float* out, int64_t ld) const {
+    const int64_t C = c.D + c.Kb;
+    for (int64_t j = 0; j < c.D; ++j) {
+      const float* q = c.dense_p + 6 * j;
+      const float fill = q[0], lo = q[2], hi = q[3], scale = q[4], shift = q[5];
+      const bool log = q[1] != 0.0f, affine = scale != 1.0f || shift != 0.0f;
+      for (int64_t b = 0; b < B; ++b) {
+        float val = x[b * C + j];
+        if (std::isnan(val)) val = fill;
+        if (log) val = std::log1p(std::max(val, 0.0f));
+        val = std::min(std::max(val, lo), hi);
+        if (affine) val = shift + val * scale;
+        out[b * ld + j] = val;
+      }
+    }
+  }
+
   // Dense fill and transforms of row b into out[0..D); context mode zeroes the other side.
   void dense_row(const float* x, int64_t b, float* out) const {
     const int64_t C = c.D + c.Kb;
@@ -726,12 +745,12 @@ Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables,
 // Pools every lookup into x [B, K] (embedding columns of each lookup, then the dense ones).
 at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
                   const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+  TORCH_INTERNAL_ASSERT(!w.context);
   const Rows r = table_rows(c, w, tables, int8, B);
   auto x = c.tiles ? at::empty({B, c.K}, at::kFloat) : at::zeros({B, c.K}, at::kFloat);
   float* xp = x.data_ptr<float>();
   for (int64_t l = 0; l < c.L; ++l) r.pool(c, l, B, 0, B, xp + c.lookups[static_cast<size_t>(l)].col, c.K, int8);
-  const float* dp = dense.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) w.dense_row(dp, b, xp + b * c.K + (c.K - c.D));
+  w.dense_rows(dense.data_ptr<float>(), xp + (c.K - c.D), c.K);
   return x;
 }
 
@@ -876,6 +895,31 @@ __attribute__((target("avx512f,avx512dq,avx2,fma"))) void moments_avx512(const f
   ss = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
 }
 
+// moments_avx512 over R rows (row stride ld) in one loop: no call per row, and the rows'
+// dependency chains overlap
+__attribute__((target("avx512f,avx512dq,avx2,fma"))) void moments_rows_avx512(const float* x, int64_t ld,
+                                                                              int64_t R, int64_t n, double* s,
+                                                                              double* ss) {
+  const int64_t full = n / 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1u);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* y = x + r * ld;
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd(), q0 = _mm512_setzero_pd(),
+            q1 = _mm512_setzero_pd();
+    for (int64_t i = 0; i <= full; ++i) {
+      const __m512 v = i < full ? _mm512_loadu_ps(y + 16 * i) : _mm512_maskz_loadu_ps(tail, y + 16 * i);
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+      a0 = _mm512_add_pd(a0, lo);
+      a1 = _mm512_add_pd(a1, hi);
+      q0 = _mm512_fmadd_pd(lo, lo, q0);
+      q1 = _mm512_fmadd_pd(hi, hi, q1);
+    }
+    s[r] = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+    ss[r] = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
+  }
+}
+
 void moments(const float* y, int64_t n, double& s, double& ss) {
   if (kHasAvx512) return moments_avx512(y, n, s, ss);
   if (kHasAvx2) return moments_avx2(y, n, s, ss);
@@ -972,8 +1016,11 @@ struct FirstLayer {
     thread_local std::vector<double> s_v, ss_v;
     s_v.resize(static_cast<size_t>(R));
     ss_v.resize(static_cast<size_t>(R));
+    if (kHasAvx512)
+      moments_rows_avx512(x, ld, R, n, s_v.data(), ss_v.data());
+    else
+      for (int64_t r = 0; r < R; ++r) moments(x + r * ld, n, s_v[static_cast<size_t>(r)], ss_v[static_cast<size_t>(r)]);
     for (int64_t r = 0; r < R; ++r) {
-      moments(x + r * ld, n, s_v[static_cast<size_t>(r)], ss_v[static_cast<size_t>(r)]);
       s_v[static_cast<size_t>(r)] += cs;
       ss_v[static_cast<size_t>(r)] += css;
     }
