@@ -302,31 +302,36 @@ std::vector<torch::jit::IValue> Predictor::build_inputs(const Request* first,
   const int64_t F = static_cast<int64_t>(sparse().size());
   const int64_t D = static_cast<int64_t>(dense().size());
   auto row = [&](int64_t b) -> const Request& { return b < extra ? *first : batch[static_cast<size_t>(b - extra)]; };
+  // the lengths first (input-major, like a KeyedJaggedTensor), then each input's ids
+  auto lengths = torch::empty({F * B}, torch::kInt64);
+  auto dense_t = torch::empty({B, D}, torch::kFloat32);
+  int64_t* l = lengths.data_ptr<int64_t>();
+  float* d = dense_t.data_ptr<float>();
   std::vector<int64_t> at(static_cast<size_t>(F) + 1, 0);  // ids per input, then where each input starts
   for (int64_t b = 0; b < B; ++b) {
     const Request& r = row(b);
     if (r.bags.size() != static_cast<size_t>(F) || r.dense.size() != static_cast<size_t>(D))  // names it
       parser_.check_shape(r, b < extra ? std::string("the context")
                                        : (extra ? "candidate " : "request ") + std::to_string(b - extra));
-    for (int64_t f = 0; f < F; ++f) at[static_cast<size_t>(f) + 1] += static_cast<int64_t>(r.bags[static_cast<size_t>(f)].size());
+    for (int64_t f = 0; f < F; ++f) {
+      const int64_t n = static_cast<int64_t>(r.bags[static_cast<size_t>(f)].size());
+      l[f * B + b] = n;
+      at[static_cast<size_t>(f) + 1] += n;
+    }
+    std::copy(r.dense.begin(), r.dense.end(), d + b * D);
   }
   for (int64_t f = 0; f < F; ++f) at[static_cast<size_t>(f) + 1] += at[static_cast<size_t>(f)];
   auto values = torch::empty({at[static_cast<size_t>(F)]}, torch::kInt64);
-  auto lengths = torch::empty({F * B}, torch::kInt64);
-  auto dense_t = torch::empty({B, D}, torch::kFloat32);
   int64_t* v = values.data_ptr<int64_t>();
-  int64_t* l = lengths.data_ptr<int64_t>();
-  float* d = dense_t.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {  // row by row (each request's bags sit together), written
-    const Request& r = row(b);       // input-major, like a KeyedJaggedTensor
+  for (int64_t b = 0; b < B; ++b) {  // row by row: each request's bags sit together
+    const Request& r = row(b);
     for (int64_t f = 0; f < F; ++f) {
-      const auto& bag = r.bags[static_cast<size_t>(f)];
-      l[f * B + b] = static_cast<int64_t>(bag.size());
+      const int64_t* ids = r.bags[static_cast<size_t>(f)].data();
+      const int64_t n = l[f * B + b];
       int64_t* out = v + at[static_cast<size_t>(f)];
-      for (int64_t id : bag) *out++ = id;  // bags are short: no memmove call per bag
-      at[static_cast<size_t>(f)] += static_cast<int64_t>(bag.size());
+      for (int64_t j = 0; j < n; ++j) out[j] = ids[j];  // bags are short: no memmove call per bag
+      at[static_cast<size_t>(f)] += n;
     }
-    std::copy(r.dense.begin(), r.dense.end(), d + b * D);
   }
   return {values, lengths, dense_t};
 }

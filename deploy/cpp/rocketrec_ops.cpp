@@ -717,27 +717,36 @@ Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables,
                 "rocketrec: a lookup's rows lie outside table ", k.group);
   std::vector<int64_t>& rows = r.rows;
   std::vector<int64_t>& bag_end = r.bag_end;
-  rows.clear();
+  // `rows` is a buffer that only grows (no clear and refill per call: resize zero-fills)
   bag_end.resize(static_cast<size_t>(c.L * B));
+  size_t used = 0;
+  auto room = [&](size_t n) {
+    if (rows.size() < used + n) rows.resize(std::max(2 * rows.size(), used + n + 1024));
+  };
   for (int64_t l = 0; l < c.L; ++l) {
     int64_t first = 0;
     const int64_t n = w.plain_run(l, first);
     if (n >= 0) {  // one tight loop over the input's ids, its bag ends from the lengths
       const Lookup& k = c.lookups[static_cast<size_t>(l)];
-      const size_t at = rows.size();
-      rows.resize(at + static_cast<size_t>(n));
-      int64_t* out = rows.data() + at;
+      room(static_cast<size_t>(n));
+      int64_t* out = rows.data() + used;
       const int64_t* ids = w.v + first;
       for (int64_t j = 0; j < n; ++j) out[j] = k.row_of(ids[j]) + k.offset;
       const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
       const int64_t* len = w.in_len.data() + idx * B;
       int64_t* ends = bag_end.data() + l * B;
-      int64_t e = static_cast<int64_t>(at);
+      int64_t e = static_cast<int64_t>(used);
       for (int64_t b = 0; b < B; ++b) ends[b] = e += len[b];
+      used += static_cast<size_t>(n);
       continue;
     }
-    w.for_lookup(l, [&](int64_t, int64_t, int64_t row) { rows.push_back(row); },
-                 [&](int64_t, int64_t b, int64_t) { bag_end[static_cast<size_t>(l * B + b)] = static_cast<int64_t>(rows.size()); });
+    w.for_lookup(
+        l,
+        [&](int64_t, int64_t, int64_t row) {
+          room(1);
+          rows[used++] = row;
+        },
+        [&](int64_t, int64_t b, int64_t) { bag_end[static_cast<size_t>(l * B + b)] = static_cast<int64_t>(used); });
   }
   return r;
 }
