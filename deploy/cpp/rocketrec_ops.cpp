@@ -752,14 +752,19 @@ Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables,
 }
 
 // Pools every lookup into x [B, K] (embedding columns of each lookup, then the dense ones).
-at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
-                  const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+void pool_into(const Config& c, Work& w, const at::Tensor& dense, const std::vector<at::Tensor>& tables, bool int8,
+               int64_t B, float* xp) {
   TORCH_INTERNAL_ASSERT(!w.context);
   const Rows r = table_rows(c, w, tables, int8, B);
-  auto x = c.tiles ? at::empty({B, c.K}, at::kFloat) : at::zeros({B, c.K}, at::kFloat);
-  float* xp = x.data_ptr<float>();
+  if (!c.tiles) std::fill(xp, xp + B * c.K, 0.0f);
   for (int64_t l = 0; l < c.L; ++l) r.pool(c, l, B, 0, B, xp + c.lookups[static_cast<size_t>(l)].col, c.K, int8);
   w.dense_rows(dense.data_ptr<float>(), xp + (c.K - c.D), c.K);
+}
+
+at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
+                  const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+  auto x = at::empty({B, c.K}, at::kFloat);
+  pool_into(c, w, dense, tables, int8, B, x.data_ptr<float>());
   return x;
 }
 
@@ -1207,9 +1212,13 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
   const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
   Work w(c, B, false);
   w.sources(vc, lc, dc);
-  const at::Tensor x = pooled(c, w, dc, tables.vec(), int8, B);
+  // x stays inside the call: a per-thread buffer (a fresh 100 KB block per call at batch
+  // 256 cost malloc's trimming and page faults)
+  thread_local std::vector<float> x;
+  if (x.size() < static_cast<size_t>(B * c.K)) x.resize(static_cast<size_t>(B * c.K));
+  float* xp = x.data();
+  pool_into(c, w, dc, tables.vec(), int8, B, xp);
   at::Tensor h = at::empty({B, f.H}, at::kFloat);
-  const float* xp = x.data_ptr<float>();
   float* hp = h.data_ptr<float>();
   first_layer_rows(f, xp, c.K, B, c.K, f.wg_t, nullptr, 0.0, 0.0, hp);
   return h;
