@@ -639,8 +639,8 @@ const bool kHasAvx512 = kIsa >= 2;
 
 // One lookup over bags b = 0..nb-1 (bag b: rows [start_b, bag_end[b]), starting at
 // `start`), bag b into out + b * ld (columns [0, dim)); mean = sum / length (one
-// multiply, as the portable module). On AVX2 + FMA machines pool_lookup_avx2; else the
-// portable loop (the baseline ISA).
+// multiply, as the portable module). On AVX-512 machines pool_lookup_avx512 for dims 16,
+// 32, 64; on AVX2 + FMA machines pool_lookup_avx2; else the portable loop (the baseline ISA).
 void pool_lookup_portable(float* out, int64_t ld, int64_t dim, bool mean, int64_t nb, const int64_t* bag_end,
                           int64_t start, const int64_t* rows, const uint8_t* base, int64_t stride, bool int8,
                           int64_t qdim) {
