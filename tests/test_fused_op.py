@@ -274,6 +274,34 @@ def test_candidates_split_first_layer(model, int8):
             )
 
 
+def _row(x, b: int, i: int):
+    """Row i of raw inputs x of b rows, as a batch of one."""
+    values, lengths, dense = x
+    n_in = lengths.numel() // b
+    starts = torch.cumsum(lengths, 0) - lengths
+    bags = [values[starts[k * b + i] : starts[k * b + i] + lengths[k * b + i]] for k in range(n_in)]
+    one = torch.stack([lengths[k * b + i] for k in range(n_in)])
+    return torch.cat(bags), one, dense[i : i + 1]
+
+
+def test_first_layer_does_not_depend_on_the_row_position(tmp_path):
+    """A row's first-layer output is the same bits alone and at any place in a batch: the
+    statistics' and the product's last rows (13 = 8 + 5 = 6 + 6 + 1) take the same
+    instructions as the others."""
+    spec = _spec(tmp_path, WIDE_SPEC, "wide")
+    m = _serving(spec, mlp=(48,))
+    fused = FusedLightServing(m).eval()
+    rng = np.random.default_rng(9)
+    b = 13
+    x = _random_inputs(m.preprocess, b, rng, extreme=False)
+    args = (fused.icfg, fused.fcfg, fused.tables, fused.int8, fused.wg_t, fused.wg_sum, fused.b_eff)
+    with torch.no_grad():
+        full = ops.light_first_layer(*x, *args, fused.eps)
+        for i in range(b):
+            one = ops.light_first_layer(*_row(x, b, i), *args, fused.eps)
+            assert torch.equal(one[0], full[i]), f"row {i}"
+
+
 def test_tower_without_hidden_layers(tmp_path):
     spec = _spec(tmp_path, CROSS_SPEC, "crossy")
     m = _serving(spec, mlp=())

@@ -43,11 +43,14 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
+
+#include <strings.h>  // strcasecmp
 
 #include "rocketrec_hash.h"
 
@@ -137,6 +140,7 @@ Config parse_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
   }
   for (int64_t g = 0; g < c.G; ++g) c.group_dim.push_back(next());
   TORCH_CHECK(at == n, "rocketrec: icfg has ", n - at, " trailing entries");
+  TORCH_CHECK(c.D <= c.K, "rocketrec: icfg has ", c.D, " dense columns in a row of ", c.K);
   {  // the lookups' columns and the D dense ones cover [0, K) once: x needs no zero fill
     std::vector<int> cover(static_cast<size_t>(c.K), 0);
     for (const Lookup& k : c.lookups)
@@ -626,11 +630,16 @@ int isa_level() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) level = 2;
   }
   const char* want = std::getenv("ROCKETREC_OPS_ISA");
-  const int cap = std::getenv("ROCKETREC_OPS_PORTABLE") != nullptr ? 0
-                  : want == nullptr                              ? 2
-                  : std::strcmp(want, "portable") == 0           ? 0
-                  : std::strcmp(want, "avx2") == 0               ? 1
-                                                                 : 2;
+  int cap = std::getenv("ROCKETREC_OPS_PORTABLE") != nullptr ? 0 : 2;
+  if (want != nullptr && *want != '\0') {
+    if (strcasecmp(want, "portable") == 0)
+      cap = std::min(cap, 0);
+    else if (strcasecmp(want, "avx2") == 0)
+      cap = std::min(cap, 1);
+    else if (strcasecmp(want, "avx512") != 0)  // a typo must not quietly test the best level
+      std::fprintf(stderr, "rocketrec ops: ROCKETREC_OPS_ISA=%s is not portable, avx2 or avx512: "
+                           "ignored\n", want);
+  }
   return std::min(level, cap);
 }
 const int kIsa = isa_level();
@@ -977,18 +986,24 @@ __attribute__((target("avx512f,avx512dq,avx2,fma"))) bool row_stats_avx512(const
                 one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd(),
                 fmax = _mm512_set1_pd(static_cast<double>(FLT_MAX));
   __mmask8 any = 0;
-  int64_t r = 0;
-  for (; r + 8 <= R; r += 8) {
-    const __m512d m = _mm512_div_pd(_mm512_loadu_pd(s + r), k);
+  for (int64_t r = 0; r < R; r += 8) {  // the last rows by masks: every row takes the same
+    // instructions (the compiler may fuse m * m into the subtraction: a scalar tail would not)
+    const __mmask8 rows = R - r >= 8 ? static_cast<__mmask8>(0xff) : static_cast<__mmask8>((1u << (R - r)) - 1u);
+    const __m512d m = _mm512_div_pd(_mm512_maskz_loadu_pd(rows, s + r), k);
     // max(zero, v): a NaN v stays NaN, as std::max(v, 0.0) (vmaxpd returns its second operand)
-    const __m512d var = _mm512_max_pd(zero, _mm512_sub_pd(_mm512_div_pd(_mm512_loadu_pd(ss + r), k), _mm512_mul_pd(m, m)));
-    const __mmask8 over = _mm512_cmp_pd_mask(_mm512_mul_pd(var, k), fmax, _CMP_GT_OQ);
+    const __m512d var =
+        _mm512_max_pd(zero, _mm512_sub_pd(_mm512_div_pd(_mm512_maskz_loadu_pd(rows, ss + r), k), _mm512_mul_pd(m, m)));
+    const __mmask8 over = _mm512_mask_cmp_pd_mask(rows, _mm512_mul_pd(var, k), fmax, _CMP_GT_OQ);
     any |= over;
     const __m512d rs = _mm512_div_pd(one, _mm512_sqrt_pd(_mm512_add_pd(var, e)));
-    _mm256_storeu_ps(mean + r, _mm512_cvtpd_ps(_mm512_mask_mov_pd(m, over, zero)));
-    _mm256_storeu_ps(rstd + r, _mm512_cvtpd_ps(_mm512_mask_mov_pd(rs, over, zero)));
+    alignas(32) float mt[8], rt[8];
+    _mm256_store_ps(mt, _mm512_cvtpd_ps(_mm512_mask_mov_pd(m, over, zero)));
+    _mm256_store_ps(rt, _mm512_cvtpd_ps(_mm512_mask_mov_pd(rs, over, zero)));
+    const int64_t cnt = std::min<int64_t>(8, R - r);
+    std::copy(mt, mt + cnt, mean + r);
+    std::copy(rt, rt + cnt, rstd + r);
   }
-  return row_stats_scalar(s, ss, R, K, eps, mean, rstd, r) || any != 0;
+  return any != 0;
 }
 
 bool row_stats(const double* s, const double* ss, int64_t R, int64_t K, double eps, float* mean, float* rstd) {
@@ -1132,8 +1147,10 @@ __attribute__((target("avx512f,avx2,fma"))) void mm_cols_avx512(const float* x, 
   Epilogue at = e != nullptr ? *e : Epilogue{};
   const Epilogue* ep = e != nullptr ? &at : nullptr;
   int64_t r = 0;
-  for (; r + 6 <= R; r += 6, at.mean += 6, at.rstd += 6)
+  for (; r + 6 <= R; r += 6) {
     mm_block512<6, NV>(x + r * ld, ld, n, w, H, out + r * H, ep);
+    if (ep != nullptr) at.mean += 6, at.rstd += 6;
+  }
   switch (R - r) {
     case 5: mm_block512<5, NV>(x + r * ld, ld, n, w, H, out + r * H, ep); break;
     case 4: mm_block512<4, NV>(x + r * ld, ld, n, w, H, out + r * H, ep); break;
