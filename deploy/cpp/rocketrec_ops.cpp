@@ -898,28 +898,9 @@ __attribute__((target("avx2,fma"))) void moments_avx2(const float* y, int64_t n,
   }
 }
 
-// AVX-512: 16 floats a step as two 8-lane float64 halves; the last n % 16 by a masked load
-__attribute__((target("avx512f,avx512dq,avx2,fma"))) void moments_avx512(const float* y, int64_t n, double& s,
-                                                                         double& ss) {
-  __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd(), q0 = _mm512_setzero_pd(),
-          q1 = _mm512_setzero_pd();
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff)
-                                    : static_cast<__mmask16>((1u << (n - j)) - 1u);
-    const __m512 v = _mm512_maskz_loadu_ps(m, y + j);
-    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-    const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
-    a0 = _mm512_add_pd(a0, lo);
-    a1 = _mm512_add_pd(a1, hi);
-    q0 = _mm512_fmadd_pd(lo, lo, q0);
-    q1 = _mm512_fmadd_pd(hi, hi, q1);
-  }
-  s = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
-  ss = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
-}
-
-// moments_avx512 over R rows (row stride ld) in one loop: no call per row, and the rows'
-// dependency chains overlap
+// sum(x) and sum(x^2) of each of R rows of n floats (row stride ld), in float64, AVX-512:
+// 16 floats a step as two 8-lane halves, the last n % 16 by a masked load; the rows in one
+// loop (no call per row: the rows' dependency chains overlap)
 __attribute__((target("avx512f,avx512dq,avx2,fma"))) void moments_rows_avx512(const float* x, int64_t ld,
                                                                               int64_t R, int64_t n, double* s,
                                                                               double* ss) {
@@ -944,7 +925,7 @@ __attribute__((target("avx512f,avx512dq,avx2,fma"))) void moments_rows_avx512(co
 }
 
 void moments(const float* y, int64_t n, double& s, double& ss) {
-  if (kHasAvx512) return moments_avx512(y, n, s, ss);
+  if (kHasAvx512) return moments_rows_avx512(y, n, 1, n, &s, &ss);
   if (kHasAvx2) return moments_avx2(y, n, s, ss);
   double s4[4] = {0, 0, 0, 0}, ss4[4] = {0, 0, 0, 0};
   int64_t j = 0;
@@ -965,9 +946,9 @@ void moments(const float* y, int64_t n, double& s, double& ss) {
 // mean and 1 / sqrt(var + eps) of R rows from their sum(x), sum(x^2) over K columns; a row
 // whose var * K passes FLT_MAX gets mean 0, rstd 0 (returns whether any did)
 bool row_stats_scalar(const double* s, const double* ss, int64_t R, int64_t K, double eps, float* mean,
-                      float* rstd, int64_t r = 0) {
+                      float* rstd) {
   bool overflow = false;
-  for (; r < R; ++r) {
+  for (int64_t r = 0; r < R; ++r) {
     const double m = s[r] / static_cast<double>(K);
     const double var = std::max(ss[r] / static_cast<double>(K) - m * m, 0.0);
     const bool over = var * static_cast<double>(K) > static_cast<double>(FLT_MAX);
