@@ -176,6 +176,9 @@ def test_rows_are_python_mod_for_any_table_size(tmp_path):
     sizes = [1, 2, 3, 7, 50, 1000, 99991, 2**20, 2**31 - 1, 2**32, 2**32 + 1, 10**12 + 39]
     sizes += [2**62, 2**62 + 1, 3 * 2**61 + 5, I64 - 2, I64 - 1]
     sizes += rng.integers(1, I64 - 1, size=20, dtype=np.int64).tolist()
+    # the vectorized path's range (2 <= rows < 2^40) and its edges
+    sizes += [2**40 - 1, 2**40, 2**40 + 1, 3**25, 2**53 + 1]
+    sizes += rng.integers(2, 2**40, size=20, dtype=np.int64).tolist()
     for rows in sizes:
         cfg = icfg.clone()
         cfg[at + 1], cfg[at + 2] = rows, 0
