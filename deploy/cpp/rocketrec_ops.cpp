@@ -84,6 +84,8 @@ struct Lookup {
 };
 // ids[0..n) -> out[j] = ids[j] mod k.rows + k.offset (below: vectorized where it can be)
 void rows_of_run(const Lookup& k, const int64_t* ids, int64_t n, int64_t* out);
+// v[i] = log1p(v[i]) for v[i] >= 0 or NaN (below: vectorized where it can be)
+void log1p_nonneg(float* v, int64_t n);
 
 struct Config {
   int64_t I, Kb, D, F, L, G, K, NC;
@@ -391,19 +393,27 @@ struct Work {
     }
   }
 
-  // Dense fill and transforms of every row (not context mode) into out + b * ld, column by
-  // column: one column's parameters held across the rows, its branches taken once.
-  void dense_rows(const float* x, float* out, int64_t ld) const {
+  // Dense fill and transforms of rows b0 .. b0 + nb - 1 (default: every row; not the
+  // context's split) into out + (b - b0) * ld, column by column: one column's parameters
+  // held across the rows, its branches taken once, its log1p over the column at once.
+  void dense_rows(const float* x, float* out, int64_t ld, int64_t b0 = 0, int64_t nb = -1) const {
     const int64_t C = c.D + c.Kb;
+    if (nb < 0) nb = B - b0;
+    thread_local std::vector<float> col;
+    if (col.size() < static_cast<size_t>(nb)) col.resize(static_cast<size_t>(nb));
+    float* v = col.data();
     for (int64_t j = 0; j < c.D; ++j) {
       const float* q = c.dense_p + 6 * j;
       const float fill = q[0], lo = q[2], hi = q[3], scale = q[4], shift = q[5];
       const bool log = q[1] != 0.0f, affine = scale != 1.0f || shift != 0.0f;
-      for (int64_t b = 0; b < B; ++b) {
-        float val = x[b * C + j];
+      for (int64_t b = 0; b < nb; ++b) {
+        float val = x[(b0 + b) * C + j];
         if (std::isnan(val)) val = fill;
-        if (log) val = std::log1p(std::max(val, 0.0f));
-        val = std::min(std::max(val, lo), hi);
+        v[b] = log ? std::max(val, 0.0f) : val;
+      }
+      if (log) log1p_nonneg(v, nb);
+      for (int64_t b = 0; b < nb; ++b) {
+        float val = std::min(std::max(v[b], lo), hi);
         if (affine) val = shift + val * scale;
         out[b * ld + j] = val;
       }
@@ -462,7 +472,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& valu
   if (!rows.empty()) std::memcpy(out_rows.data_ptr<int64_t>(), rows.data(), rows.size() * sizeof(int64_t));
   auto x = at::empty({B, c.D}, at::kFloat);
   float* xp = x.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) w.dense_row(dc.data_ptr<float>(), b, xp + b * c.D);
+  if (context)
+    for (int64_t b = 0; b < B; ++b) w.dense_row(dc.data_ptr<float>(), b, xp + b * c.D);
+  else
+    w.dense_rows(dc.data_ptr<float>(), xp, c.D);
   return {out_rows, lens, x};
 }
 
@@ -690,6 +703,56 @@ __attribute__((target("avx512f,avx512dq"))) void rows_of_avx512(const Lookup& k,
   }
 }
 
+// log1p of 8 floats >= 0 (or +inf, NaN) in double: u = 1 + x (exact for x >= 2^-29),
+// u = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
+// |s| <= 0.172, its series to s^11 (relative error < 1e-10: the float result is
+// correctly rounded but for ties closer than that); x < 2^-20 takes x - x^2/2 + x^3/3
+// (1 + x would round), +inf and NaN pass through. glibc's scalar log1pf was 2-5% of a
+// call (one call per row and log1p column).
+__attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512d log1p8(__m512d x) {
+  const __m512d one = _mm512_set1_pd(1.0);
+  const __m512d u = _mm512_add_pd(one, x);
+  __m512d e = _mm512_getexp_pd(u);
+  __m512d m = _mm512_getmant_pd(u, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+  const __mmask8 big = _mm512_cmp_pd_mask(m, _mm512_set1_pd(1.4142135623730951), _CMP_GT_OQ);
+  m = _mm512_mask_mul_pd(m, big, m, _mm512_set1_pd(0.5));
+  e = _mm512_mask_add_pd(e, big, e, one);
+  const __m512d s = _mm512_div_pd(_mm512_sub_pd(m, one), _mm512_add_pd(m, one));
+  const __m512d s2 = _mm512_mul_pd(s, s);
+  __m512d p = _mm512_set1_pd(1.0 / 11);
+  p = _mm512_fmadd_pd(p, s2, _mm512_set1_pd(1.0 / 9));
+  p = _mm512_fmadd_pd(p, s2, _mm512_set1_pd(1.0 / 7));
+  p = _mm512_fmadd_pd(p, s2, _mm512_set1_pd(1.0 / 5));
+  p = _mm512_fmadd_pd(p, s2, _mm512_set1_pd(1.0 / 3));
+  p = _mm512_fmadd_pd(p, s2, one);
+  const __m512d two_s = _mm512_add_pd(s, s);
+  __m512d r = _mm512_fmadd_pd(e, _mm512_set1_pd(0.6931471805599453), _mm512_mul_pd(two_s, p));
+  // small x: x - x^2/2 + x^3/3
+  const __mmask8 small = _mm512_cmp_pd_mask(x, _mm512_set1_pd(0x1p-20), _CMP_LT_OQ);
+  const __m512d t = _mm512_fmadd_pd(_mm512_fmsub_pd(x, _mm512_set1_pd(1.0 / 3), _mm512_set1_pd(0.5)), x, one);
+  r = _mm512_mask_mul_pd(r, small, x, t);
+  // +inf and NaN: x itself (log1p(inf) = inf)
+  const __mmask8 odd = _mm512_cmp_pd_mask(x, _mm512_set1_pd(1.7976931348623157e308), _CMP_NLE_UQ);
+  return _mm512_mask_mov_pd(r, odd, x);
+}
+
+__attribute__((target("avx512f,avx512dq"))) void log1p_avx512(float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(v + i, _mm512_cvtpd_ps(log1p8(_mm512_cvtps_pd(_mm256_loadu_ps(v + i)))));
+  if (i < n) {  // the tail through 8 local floats (masked 256-bit moves would need AVX-512VL)
+    alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::copy(v + i, v + n, t);
+    _mm256_store_ps(t, _mm512_cvtpd_ps(log1p8(_mm512_cvtps_pd(_mm256_load_ps(t)))));
+    std::copy(t, t + (n - i), v + i);
+  }
+}
+
+void log1p_nonneg(float* v, int64_t n) {
+  if (kHasAvx512) return log1p_avx512(v, n);
+  for (int64_t i = 0; i < n; ++i) v[i] = std::log1p(v[i]);
+}
+
 void rows_of_run(const Lookup& k, const int64_t* ids, int64_t n, int64_t* out) {
   if (kHasAvx512 && k.rows >= 2 && k.rows < kVectorRowsMax) return rows_of_avx512(k, ids, n, out);
   const Lookup kk = k;  // a local copy: the stores through `out` cannot alias it
@@ -883,14 +946,15 @@ Split context_split(const at::Tensor& values, const at::Tensor& lengths, const a
     }
   }
   if (c.D > 0) {
-    std::vector<float> row(static_cast<size_t>(c.D));
     w.dense_row(dp, 0, cp + (c.K - c.D));  // the candidates' columns come out 0
-    for (int64_t m = 0; m < M; ++m) {
-      w.dense_row(dp, m + 1, row.data());
-      for (int64_t j = 0; j < c.D; ++j) {
-        const int64_t q = pos[static_cast<size_t>(c.K - c.D + j)];
-        if (q >= 0) yp[m * kc + q] = row[static_cast<size_t>(j)];
-      }
+    // the candidates' rows column by column (the context's columns are computed and dropped)
+    thread_local std::vector<float> rows_d;
+    if (rows_d.size() < static_cast<size_t>(M * c.D)) rows_d.resize(static_cast<size_t>(M * c.D));
+    w.dense_rows(dp, rows_d.data(), c.D, 1, M);
+    for (int64_t j = 0; j < c.D; ++j) {
+      const int64_t q = pos[static_cast<size_t>(c.K - c.D + j)];
+      if (q >= 0)
+        for (int64_t m = 0; m < M; ++m) yp[m * kc + q] = rows_d[static_cast<size_t>(m * c.D + j)];
     }
   }
   return out;
