@@ -53,11 +53,15 @@ def _serving(spec, int8=False, private=0, seed=0, mlp=(16,)) -> LightServing:
 
 
 def _random_inputs(
-    pre, b: int, rng, extreme: bool = True
+    pre, b: int, rng, extreme: bool = True, one_id: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random raw inputs: bags of 0..5 ids over the whole int64 range (some tiny ids),
-    numbers with NaN, exact boundary values and (`extreme`) +-inf and +-1e30."""
+    """Random raw inputs: bags of 0..5 ids (`one_id`: one id in every bag, as most
+    requests, which sends crosses down the operator's one-hash-per-row path) over the
+    whole int64 range (some tiny ids), numbers with NaN, exact boundary values and
+    (`extreme`) +-inf and +-1e30."""
     lengths = rng.integers(0, 6, size=pre.num_ids * b)
+    if one_id:
+        lengths[:] = 1
     n = int(lengths.sum())
     values = rng.integers(-(I64), I64 - 1, size=n, dtype=np.int64, endpoint=True)
     small = rng.random(n) < 0.3
@@ -96,6 +100,8 @@ def _cases(spec, pre, rng):
     yield _edge_inputs(pre, [t.rows for t in spec.tables])
     for b in (1, 2, 7, 64):
         yield _random_inputs(pre, b, rng)
+    for b in (3, 64):
+        yield _random_inputs(pre, b, rng, one_id=True)
 
 
 # rows 16, 32, 64 and 24 wide: the AVX-512 pooling's three widths and one it leaves to AVX2
@@ -217,8 +223,31 @@ def test_log1p_is_float32_log1p(tmp_path):
     rng = np.random.default_rng(5)
     x = np.concatenate(
         [
-            [0.0, 1e-45, 1e-38, 1e-12, 2.0**-29, 2.0**-20, 2.0**-20 * (1 - 2**-23), 2.0**-20 * (1 + 2**-23)],
-            [0.4142135, 0.41421357, 0.5, 1.0, 2.0, np.e - 1, 1e6, 3.4e38, np.inf, -0.0, -1.0, -np.inf, np.nan],
+            [
+                0.0,
+                1e-45,
+                1e-38,
+                1e-12,
+                2.0**-29,
+                2.0**-20,
+                2.0**-20 * (1 - 2**-23),
+                2.0**-20 * (1 + 2**-23),
+            ],
+            [
+                0.4142135,
+                0.41421357,
+                0.5,
+                1.0,
+                2.0,
+                np.e - 1,
+                1e6,
+                3.4e38,
+                np.inf,
+                -0.0,
+                -1.0,
+                -np.inf,
+                np.nan,
+            ],
             np.exp(rng.uniform(np.log(1e-40), np.log(3e38), size=20000)),  # every binade
             rng.uniform(0, 4, size=5000),
             np.arange(0, 1000, dtype=np.float64),  # counts
@@ -226,7 +255,14 @@ def test_log1p_is_float32_log1p(tmp_path):
     ).astype(np.float32)
     dense = torch.from_numpy(x).view(-1, 1)
     n = dense.shape[0]
-    got = ops.preprocess(torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.int64), dense, icfg, fcfg, False)[2]
+    got = ops.preprocess(
+        torch.zeros(n, dtype=torch.int64),
+        torch.ones(n, dtype=torch.int64),
+        dense,
+        icfg,
+        fcfg,
+        False,
+    )[2]
     clamped = np.maximum(np.where(np.isnan(x), 0.0, x), 0.0).astype(np.float64)
     want = torch.from_numpy(np.log1p(clamped).astype(np.float32))  # correctly rounded
     got = got.view(-1) + 0.0  # -0.0 (log1p(-0.0) = -0.0) and 0.0 alike

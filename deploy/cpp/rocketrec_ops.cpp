@@ -352,6 +352,45 @@ struct Work {
     }
   }
 
+  // Lookup l's keys when every row has exactly one (not context mode): a bucket's index,
+  // or a cross's hash when each of its sources gives one id in every row. keys[b] then
+  // goes through `mod rows` like an id; false (keys untouched past what was written) when
+  // some row has more or fewer, which the general loop handles.
+  bool one_key_per_row(int64_t l, int64_t* keys) const {
+    if (context) return false;
+    const Lookup& k = c.lookups[static_cast<size_t>(l)];
+    const int64_t kind = c.out_kind[static_cast<size_t>(k.out)];
+    const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
+    const int64_t nB = B;
+    if (kind == 2) {
+      std::copy(bucket.data() + idx * nB, bucket.data() + idx * nB + nB, keys);
+      return true;
+    }
+    if (kind != 1) return false;
+    const int64_t s0 = c.cross_start[static_cast<size_t>(idx)];
+    const int64_t s1 = c.cross_start[static_cast<size_t>(idx + 1)];
+    if (s1 <= s0) return false;
+    std::fill(keys, keys + nB, static_cast<int64_t>(kFnvOffset));
+    for (int64_t q = s0; q < s1; ++q) {  // source by source: h = (h ^ id) * prime
+      const int64_t src = c.cross_src[static_cast<size_t>(q)];
+      if (src < c.I) {
+        const int64_t* len = in_len.data() + src * nB;
+        const int64_t* st = in_start.data() + src * nB;
+        int64_t ok = 1;
+        for (int64_t b = 0; b < nB; ++b) ok &= len[b] == 1;
+        if (!ok) return false;
+        for (int64_t b = 0; b < nB; ++b)
+          keys[b] = static_cast<int64_t>((static_cast<uint64_t>(keys[b]) ^ static_cast<uint64_t>(v[st[b]])) * kFnvPrime);
+      } else {
+        const int64_t* bk = bucket.data() + (src - c.I) * nB;
+        for (int64_t b = 0; b < nB; ++b)
+          keys[b] = static_cast<int64_t>((static_cast<uint64_t>(keys[b]) ^ static_cast<uint64_t>(bk[b])) * kFnvPrime);
+      }
+    }
+    for (int64_t b = 0; b < nB; ++b) keys[b] = static_cast<int64_t>(fmix64(static_cast<uint64_t>(keys[b])));
+    return true;  // one hash per row: a cap (>= 1) never cuts it
+  }
+
   // Cross x of row b -> scratch (hashed, capped).
   void cross(int64_t x, int64_t b) {
     const int64_t s0 = c.cross_start[static_cast<size_t>(x)];
@@ -895,6 +934,18 @@ Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables,
       for (int64_t b = 0; b < B; ++b) ends[b] = e += len[b];
       used += static_cast<size_t>(n);
       continue;
+    }
+    if (B > 0) {  // buckets, and crosses of one id per source: one key per row, vectorized rows
+      thread_local std::vector<int64_t> keys;
+      if (keys.size() < static_cast<size_t>(B)) keys.resize(static_cast<size_t>(B));
+      if (w.one_key_per_row(l, keys.data())) {
+        room(static_cast<size_t>(B));
+        rows_of_run(c.lookups[static_cast<size_t>(l)], keys.data(), B, rows.data() + used);
+        int64_t* ends = bag_end.data() + l * B;
+        for (int64_t b = 0; b < B; ++b) ends[b] = static_cast<int64_t>(used) + b + 1;
+        used += static_cast<size_t>(B);
+        continue;
+      }
     }
     w.for_lookup(
         l,
