@@ -270,7 +270,10 @@ def test_log1p_is_float32_log1p(tmp_path):
     fin = torch.isfinite(want)
     ulp = (got[fin].view(torch.int32).long() - want[fin].view(torch.int32).long()).abs()
     assert int(ulp.max()) <= 1, float(dense.view(-1)[fin][ulp.argmax()])
-    assert int((ulp > 0).sum()) <= n // 20, int((ulp > 0).sum())  # glibc's log1pf: 1.8%
+    # glibc's log1pf (below AVX-512) is one ulp off on 1.8% of these; the vector code on
+    # none of them (0.0008% of every float in [2^-21, 8))
+    allowed = n // 1000 if _ops_isa() == "avx512" else n // 20
+    assert int((ulp > 0).sum()) <= allowed, int((ulp > 0).sum())
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -556,22 +559,38 @@ def test_library_found_behind_a_working_dir_copy(tmp_path):
         assert r.returncode == 0 and r.stdout.strip().startswith(want), r.stdout + r.stderr
 
 
-def _lower_isa_levels() -> list[str]:
-    """The operator's instruction-set levels below this CPU's best (rocketrec_ops.cpp's
-    isa_level: portable, avx2, avx512)."""
-    flags: set[str] = set()
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+def _lower_isa_levels() -> list[str]:
+    """The operator's instruction-set levels below this CPU's best (rocketrec_ops.cpp's
+    isa_level: portable, avx2, avx512)."""
     levels = ["portable"]
-    if {"avx2", "fma", "avx512f", "avx512dq"} <= flags:
+    if {"avx2", "fma", "avx512f", "avx512dq"} <= _cpu_flags():
         levels.append("avx2")
     return levels
+
+
+def _ops_isa() -> str:
+    """The level the operator runs at here: the CPU's best, capped by ROCKETREC_OPS_ISA
+    or ROCKETREC_OPS_PORTABLE as isa_level() does."""
+    flags = _cpu_flags()
+    best = 0
+    if {"avx2", "fma"} <= flags:
+        best = 2 if {"avx512f", "avx512dq"} <= flags else 1
+    want = os.environ.get("ROCKETREC_OPS_ISA", "").lower()
+    cap = {"portable": 0, "avx2": 1}.get(want, 2)
+    if os.environ.get("ROCKETREC_OPS_PORTABLE") is not None:
+        cap = 0
+    return ["portable", "avx2", "avx512"][min(best, cap)]
 
 
 @pytest.mark.parametrize("isa", _lower_isa_levels())
@@ -582,7 +601,7 @@ def test_lower_isa_levels_match_too(isa):
     env = dict(os.environ, ROCKETREC_OPS_ISA=isa)
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-         __file__, "-k", "equals or candidates_split or without_hidden or widths or python_mod"],
+         __file__, "-k", "equals or candidates_split or without_hidden or widths or python_mod or log1p"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
