@@ -496,23 +496,10 @@ struct Work {
 
   // Dense fill and transforms of row b into out[0..D); context mode zeroes the other side.
   void dense_row(const float* x, int64_t b, float* out) const {
-    const int64_t C = c.D + c.Kb;
-    for (int64_t j = 0; j < c.D; ++j) {
-      const float* q = c.dense_p + 6 * j;
-      float val = x[b * C + j];
-      if (context && std::isnan(x[j]) == (b == 0)) {  // the other side gives this column
-        out[j] = 0.0f;
-        continue;
-      }
-      if (std::isnan(val)) val = q[0];
-      if (q[1] != 0.0f) {  // the same log1p as dense_rows: a context row and its merged rows agree
-        val = std::max(val, 0.0f);
-        log1p_nonneg(&val, 1);
-      }
-      val = std::min(std::max(val, q[2]), q[3]);
-      if (q[4] != 1.0f || q[5] != 0.0f) val = q[5] + val * q[4];
-      out[j] = val;
-    }
+    dense_rows(x, out, c.D, b, 1);  // one transform code for every path
+    if (!context) return;
+    for (int64_t j = 0; j < c.D; ++j)
+      if (std::isnan(x[j]) == (b == 0)) out[j] = 0.0f;  // the other side gives this column
   }
 };
 
