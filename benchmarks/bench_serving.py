@@ -280,6 +280,45 @@ def bench_paired(exe: Path, models: dict[str, Path], math: Path, seconds: float)
     return res
 
 
+FOLD_MB = (0, 1024)  # unfolded, and the library's default budget
+
+
+def bench_fold(exe: Path, models: dict[str, Path], seconds: float) -> dict:
+    """One `rocketrec_predict --bench-paired --fold-mb 0,1024` run: each model with the
+    first layer unfolded and folded into its single-id tables, taking turns in one process:
+    {(kind, name, fold MiB): p50 us}."""
+    names = {str(p): k for k, p in models.items()}
+    out = subprocess.run(
+        [str(exe), "--bench-paired", *map(str, models.values()),
+         "--fold-mb", ",".join(map(str, FOLD_MB)), "--seconds", str(seconds)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    res = {}
+    for r in (json.loads(x) for x in out.stdout.splitlines()):
+        path, fold = r["model"].rsplit("@fold=", 1)
+        res[(r["kind"], names[path], int(fold))] = r["p50_us"]
+    return res
+
+
+def report_fold(folds: list[dict], folded: tuple[int, int, int]) -> None:
+    """Folded / unfolded p50 per model and kind: medians over rounds, min..max."""
+    import statistics
+
+    models, lookups, size = folded
+    print(
+        f"First layer folded into single-id tables (deploy/README.md section 4): {lookups} "
+        f"lookups, {size:,} bytes for the light model; folded / unfolded p50, paired in one "
+        f"process, {len(folds)} rounds"
+    )
+    keys = sorted({(k, n) for r in folds for k, n, _ in r}, key=lambda t: (t[1], t[0]))
+    for kind, name in keys:
+        vals = [r[(kind, name, FOLD_MB[1])] / r[(kind, name, FOLD_MB[0])] for r in folds]
+        print(
+            f"ratio {'folded / unfolded ' + name + ', ' + kind:<44} "
+            f"{statistics.median(vals):6.2f}  rounds {min(vals):.2f}..{max(vals):.2f}"
+        )
+
+
 def report_targets(paired: list[dict]) -> None:
     """The serving targets from paired rounds (the models take turns in the same seconds, so
     the machine's drifting speed cancels out of each ratio): per ratio the median over
@@ -355,6 +394,7 @@ def main() -> None:
 
     quiet_library_noise()
     import dataclasses
+    import gc
 
     import pyarrow.parquet as pq
     import torch
@@ -424,6 +464,10 @@ def main() -> None:
     if seq_ckpt is not None:  # the light tower of the run whose booster reads sequences
         pair_models["light_seq_ts"] = light_seq
     paired: list[dict] = []
+    folds: list[dict] = []
+    fold_models = {"light": aoti["light"] if "light" in r_a else light}
+    if "int8" in r_a:
+        fold_models["int8"] = aoti["int8"]
     rounds: list[list[dict]] = []
     for i in range(max(1, a.repeat)):  # interleaved: drift hits every model alike
         # each round turns the models' order by one: a model's place in the turns is
@@ -431,6 +475,7 @@ def main() -> None:
         order = list(pair_models.items())
         order = order[i % len(order) :] + order[: i % len(order)]
         paired.append(bench_paired(exe, dict(order), math, 2 * a.seconds))
+        folds.append(bench_fold(exe, fold_models, a.seconds))
         rounds.append(
             [
                 bench(exe, light, a.seconds),
@@ -550,6 +595,13 @@ def main() -> None:
             )
         )
     report_targets(paired)
+    gc.collect()
+    base = torch.ops.rocketrec.fold_stats()
+    lm = torch.jit.load(str(light))
+    with torch.no_grad():
+        lm(*x)  # the first call folds
+    now = torch.ops.rocketrec.fold_stats()
+    report_fold(folds, tuple(a - b for a, b in zip(now, base, strict=True)))  # type: ignore[arg-type]
     print(
         f"light file: fp32 {r_fp['bytes']:,} bytes, int8 {r_q['bytes']:,} bytes "
         f"({r_fp['bytes'] / r_q['bytes']:.2f}x smaller); booster fp32 {r_b['bytes']:,} bytes"

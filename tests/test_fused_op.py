@@ -606,3 +606,72 @@ def test_lower_isa_levels_match_too(isa):
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_first_layer_folding_equals_unfolded(model, int8):
+    """The first layer folded into the single-id tables (FoldSet in rocketrec_ops.cpp) gives
+    forward and score_candidates within rounding of the unfolded operator (budget 0), and
+    the portable module; it folds only lookups of one id per row, and only within budget."""
+    spec, m0 = model
+    m = _serving(spec, int8=int8, private=8 if m0.preprocess.twins else 0, mlp=(16, 8))
+    fused = FusedLightServing(m).eval()
+    pre = m.preprocess
+    rng = np.random.default_rng(5)
+    n_in = pre.num_ids + len(pre.numeric_inputs)
+    old = ops.fold_budget_mb(1024)
+    try:
+        with torch.no_grad():
+            cases = [x for x in _cases(spec, pre, rng) if x is not None]
+            folded = [fused(*x) for x in cases]
+            models, lookups, size = ops.fold_stats()
+            assert models >= 1 and lookups >= 1 and size > 0, (models, lookups, size)
+            reqs = []
+            for trial in range(6):
+                x = _random_inputs(pre, [2, 3, 41][trial % 3], rng, extreme=False)
+                reqs.append(_disjoint(pre, x, {i for i in range(n_in) if rng.random() < 0.5}))
+            folded_c = [fused.score_candidates(*req) for req, _ in reqs]
+            ops.fold_budget_mb(0)
+            assert ops.fold_stats()[0] == models  # built sets stay while their model lives
+            for x, got in zip(cases, folded, strict=True):
+                want = fused(*x)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6, equal_nan=True)
+                torch.testing.assert_close(got, m(*x), rtol=0, atol=1e-6, equal_nan=True)
+            for (req, merged), got in zip(reqs, folded_c, strict=True):
+                torch.testing.assert_close(got, fused.score_candidates(*req), rtol=0, atol=1e-6)
+                torch.testing.assert_close(got, m(*merged), rtol=0, atol=2e-6)
+    finally:
+        ops.fold_budget_mb(old)
+
+
+def test_folded_tables_follow_the_model(tmp_path):
+    """A table changed in place (its version) is folded again, a freed model's folded tables
+    are dropped, and lookups of lists are never folded."""
+    import gc
+
+    spec = _spec(tmp_path, WIDE_SPEC, "wide")
+    old = ops.fold_budget_mb(1024)
+    try:
+        gc.collect()
+        base = ops.fold_stats()
+        m = _serving(spec)
+        fused = FusedLightServing(m).eval()
+        x = _random_inputs(m.preprocess, 16, np.random.default_rng(7), extreme=False)
+        with torch.no_grad():
+            before = fused(*x)
+            stats = ops.fold_stats()
+            # user, ad, ctx fold; tags (a list) does not
+            assert stats[0] == base[0] + 1 and stats[1] == base[1] + 3, (base, stats)
+            for t in fused.tables:
+                t.mul_(0.5)  # in place: the same storage, a new version
+            after = fused(*x)
+            ops.fold_budget_mb(0)
+            want = fused(*x)
+        assert (after - before).abs().max() > 1e-3
+        torch.testing.assert_close(after, want, rtol=0, atol=1e-6)
+        ops.fold_budget_mb(1024)
+        del fused, m
+        gc.collect()
+        assert ops.fold_stats()[0] == base[0]
+    finally:
+        ops.fold_budget_mb(old)

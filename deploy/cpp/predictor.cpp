@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <cctype>
 #include <fstream>
+#include <limits>
 #include <thread>
 #include <unordered_map>
 
@@ -264,6 +265,7 @@ Predictor::Predictor(const std::string& path, Limits limits, Runtime runtime, si
       throw std::runtime_error(path + ": " + e.what());
     }
     has_candidates_ = aoti_->candidates != nullptr;
+    warm_up();
     return;
   }
   torch::jit::ExtraFilesMap extra{{"manifest.json", ""}};
@@ -288,6 +290,18 @@ Predictor::Predictor(const std::string& path, Limits limits, Runtime runtime, si
   if (runtime != Runtime::kInterpreter) static_forward_ = make_static(module_, "forward");
   if (runtime == Runtime::kStaticAll && has_candidates_)
     static_candidates_ = make_static(module_, "score_candidates");
+  warm_up();
+}
+
+// One row with every input missing, before the first request: the fused operator folds the
+// first layer into the single-id tables on a model's first call (tens of ms per million
+// rows; deploy/README.md), which a request would otherwise wait for.
+void Predictor::warm_up() const {
+  if (!ops_library_) return;
+  Request r;
+  r.bags.resize(sparse().size());
+  r.dense.assign(dense().size(), std::numeric_limits<float>::quiet_NaN());
+  predict({r});
 }
 
 std::vector<torch::jit::IValue> Predictor::inputs(const std::vector<Request>& batch) const {

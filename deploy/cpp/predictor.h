@@ -101,6 +101,7 @@ class Predictor {
   std::shared_ptr<StaticMethod> static_forward_, static_candidates_;
   std::shared_ptr<AotiModels> aoti_;
   void load_aoti(const std::string& path, size_t runners);
+  void warm_up() const;
   at::Tensor run_aoti(bool candidates, std::vector<c10::IValue> in) const;
   c10::IValue run(const std::shared_ptr<StaticMethod>& sm, const char* method, std::vector<c10::IValue> in) const;
 };

@@ -16,6 +16,9 @@
 //   rocketrec::preprocess(values, lengths, dense, icfg, fcfg, context)
 //       -> (rows int64 [N'], lengths int64 [L*B], dense float32 [B, D])
 //   rocketrec::version() -> int
+//   rocketrec::fold_budget_mb(mb) -> the previous budget (MiB) of the first layer folded
+//       into single-id tables (FoldSet below; mb < 0 reads it)
+//   rocketrec::fold_stats() -> [models, lookups, bytes] folded in this process
 //
 // Inputs are the serving contract's: values int64 [N] raw ids (strings hashed with FNV-1a
 // 64 first), lengths int64 [I*B] input-major, dense float32 [B, C] raw numbers (NaN =
@@ -46,11 +49,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include <strings.h>  // strcasecmp
+#include <sys/mman.h>  // madvise
 
 #include "rocketrec_hash.h"
 
@@ -974,10 +980,17 @@ at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
 struct Split {
   at::Tensor ctx, cand;
   std::vector<int64_t> cols;
+  std::vector<int64_t> folded;  // the candidates' lookups left to `fold` (not in cand)
 };
+struct FoldSet;  // below: the first layer folded into single-id tables
+bool folds(const FoldSet& fs, int64_t l);
+bool at_most_one_row(const Rows& r, int64_t l, int64_t B, int64_t b0, int64_t b1);
 
+// `fold` (or null): the candidates' lookups it folds with at most one row per candidate are
+// left out of cand and listed in `folded` (light_first_layer_context adds their shares).
 Split context_split(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
-                    const at::Tensor& icfg, const at::Tensor& fcfg, at::TensorList tables, bool int8) {
+                    const at::Tensor& icfg, const at::Tensor& fcfg, at::TensorList tables, bool int8,
+                    const FoldSet* fold = nullptr) {
   const Config& c = cached_config(icfg, fcfg);
   const int64_t B = check_inputs(c, values, lengths, dense);
   TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
@@ -999,9 +1012,16 @@ Split context_split(const at::Tensor& values, const at::Tensor& lengths, const a
     given[static_cast<size_t>(l)] = g;
     if (g) std::fill(ctx_col.begin() + k.col, ctx_col.begin() + k.col + k.dim, 1);
   }
+  Split out;
+  if (fold != nullptr)
+    for (int64_t l = 0; l < c.L; ++l)
+      if (!given[static_cast<size_t>(l)] && folds(*fold, l) && at_most_one_row(r, l, B, 1, B)) {
+        const Lookup& k = c.lookups[static_cast<size_t>(l)];
+        out.folded.push_back(l);
+        std::fill(ctx_col.begin() + k.col, ctx_col.begin() + k.col + k.dim, 1);  // not a candidate column
+      }
   const float* dp = dc.data_ptr<float>();
   for (int64_t j = 0; j < c.D; ++j) ctx_col[static_cast<size_t>(c.K - c.D + j)] = !std::isnan(dp[j]);
-  Split out;
   std::vector<int64_t> pos(static_cast<size_t>(c.K), -1);  // column -> candidate column
   for (int64_t j = 0; j < c.K; ++j)
     if (!ctx_col[static_cast<size_t>(j)]) {
@@ -1017,6 +1037,8 @@ Split context_split(const at::Tensor& values, const at::Tensor& lengths, const a
     const Lookup& k = c.lookups[static_cast<size_t>(l)];
     if (given[static_cast<size_t>(l)]) {
       r.pool(c, l, B, 0, 1, cp + k.col, c.K, int8);
+    } else if (std::find(out.folded.begin(), out.folded.end(), l) != out.folded.end()) {
+      continue;
     } else {
       const int64_t at_col = k.dim > 0 ? pos[static_cast<size_t>(k.col)] : 0;
       TORCH_CHECK(k.dim == 0 || (at_col >= 0 && pos[static_cast<size_t>(k.col + k.dim - 1)] == at_col + k.dim - 1),
@@ -1209,12 +1231,13 @@ struct FirstLayer {
   }
 
   // The rows' LayerNorm statistics: x [R, n] (row stride ld) the rows' own columns,
-  // (cs, css) the context's sum(x), sum(x^2) (0 without one) -> mean [R], rstd [R] (all
+  // (cs, css) the context's sum(x), sum(x^2) (0 without one), (rs, rss) per row those of
+// the folded lookups (null without) -> mean [R], rstd [R] (all
   // rows first: independent rows, their divides and square roots overlap). Returns whether
   // a row overflows: torch's float32 LayerNorm (the reference) overflows its sum of
   // squares beyond |x| ~ 1e19: rstd 0, the row normalized to 0, h = W beta + b.
-  bool stats(const float* x, int64_t ld, int64_t R, int64_t n, double cs, double css, float* mean,
-             float* rstd) const {
+  bool stats(const float* x, int64_t ld, int64_t R, int64_t n, double cs, double css, const double* rs,
+             const double* rss, float* mean, float* rstd) const {
     thread_local std::vector<double> s_v, ss_v;
     s_v.resize(static_cast<size_t>(R));
     ss_v.resize(static_cast<size_t>(R));
@@ -1226,6 +1249,11 @@ struct FirstLayer {
       s_v[static_cast<size_t>(r)] += cs;
       ss_v[static_cast<size_t>(r)] += css;
     }
+    if (rs != nullptr)  // the folded lookups' share (FoldSet)
+      for (int64_t r = 0; r < R; ++r) {
+        s_v[static_cast<size_t>(r)] += rs[r];
+        ss_v[static_cast<size_t>(r)] += rss[r];
+      }
     return row_stats(s_v.data(), ss_v.data(), R, K, eps, mean, rstd);
   }
 
@@ -1272,14 +1300,16 @@ __attribute__((target("avx2,fma"))) void mm_cols_avx2(const float* x, int64_t ld
 }
 
 // The first layer's affine step, applied to a product's rows before they are stored:
-// h = (acc + pc - mean * wg_sum) * rstd + b_eff (pc: the context's share, or null); the
-// column pointers start at the block's first column, mean / rstd at its first row.
+// h = (acc + pc + pr - mean * wg_sum) * rstd + b_eff (pc: the context's share [H], pr: a
+// share per row [R, H] (the folded lookups'), each or both null); the column pointers start
+// at the block's first column, mean / rstd / pr at its first row.
 struct Epilogue {
   const float* mean;
   const float* rstd;
   const float* wg_sum;
   const float* b_eff;
   const float* pc;
+  const float* pr;
 };
 
 // AVX-512: blocks of RB rows x NV vectors of 16 columns (at most 6 x 2: 12 accumulators)
@@ -1305,6 +1335,7 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void mm_block5
       for (int v = 0; v < NV; ++v) {
         __m512 t = acc[r][v];
         if (e->pc != nullptr) t = _mm512_add_ps(t, _mm512_loadu_ps(e->pc + 16 * v));
+        if (e->pr != nullptr) t = _mm512_add_ps(t, _mm512_loadu_ps(e->pr + r * H + 16 * v));
         t = _mm512_fnmadd_ps(m, _mm512_loadu_ps(e->wg_sum + 16 * v), t);
         acc[r][v] = _mm512_fmadd_ps(t, rs, _mm512_loadu_ps(e->b_eff + 16 * v));
       }
@@ -1322,7 +1353,10 @@ __attribute__((target("avx512f,avx2,fma"))) void mm_cols_avx512(const float* x, 
   int64_t r = 0;
   for (; r + 6 <= R; r += 6) {
     mm_block512<6, NV>(x + r * ld, ld, n, w, H, out + r * H, ep);
-    if (ep != nullptr) at.mean += 6, at.rstd += 6;
+    if (ep != nullptr) {
+      at.mean += 6, at.rstd += 6;
+      if (at.pr != nullptr) at.pr += 6 * H;
+    }
   }
   switch (R - r) {
     case 5: mm_block512<5, NV>(x + r * ld, ld, n, w, H, out + r * H, ep); break;
@@ -1342,6 +1376,7 @@ void mm_avx512(const float* x, int64_t ld, int64_t R, int64_t n, const float* w,
     if (e != nullptr) {
       eh.wg_sum += h0, eh.b_eff += h0;
       if (eh.pc != nullptr) eh.pc += h0;
+      if (eh.pr != nullptr) eh.pr += h0;
     }
     const Epilogue* ep = e != nullptr ? &eh : nullptr;
     if (H - h0 >= 32)
@@ -1370,20 +1405,31 @@ void rows_times(const float* x, int64_t ld, int64_t R, int64_t n, const float* w
   at::mm_out(ot, xt, wt);
 }
 
+// The folded lookups' share of R rows (FoldSet): pr [R, H] of W(g*x) and per row (rs, rss)
+// of sum(x), sum(x^2); all null when no lookup is folded.
+struct RowShare {
+  const float* pr = nullptr;
+  const double* rs = nullptr;
+  const double* rss = nullptr;
+};
+
 // h [R, H] = the first layer of rows x [R, n] (row stride ld) with weights w [n, H] (wg_t's
-// rows of those n columns), plus the context's share pc [H] and moments (cs, css) when
-// given. On AVX-512 (H % 16 == 0) the affine step runs on the product's registers.
+// rows of those n columns), plus the context's share pc [H] and moments (cs, css) and the
+// folded lookups' share `fold` when given. On AVX-512 (H % 16 == 0) the affine step runs on
+// the product's registers.
 void first_layer_rows(const FirstLayer& f, const float* x, int64_t ld, int64_t R, int64_t n, const float* w,
-                      const float* pc, double cs, double css, float* h) {
+                      const float* pc, double cs, double css, float* h, const RowShare& fold = {}) {
   thread_local std::vector<float> mean_v, rstd_v;
   mean_v.resize(static_cast<size_t>(R));
   rstd_v.resize(static_cast<size_t>(R));
-  const bool overflow = f.stats(x, ld, R, n, cs, css, mean_v.data(), rstd_v.data());
+  const bool overflow = f.stats(x, ld, R, n, cs, css, fold.rs, fold.rss, mean_v.data(), rstd_v.data());
   if (kHasAvx512 && f.H % 16 == 0) {
-    const Epilogue e{mean_v.data(), rstd_v.data(), f.wg_sum, f.b_eff, pc};
+    const Epilogue e{mean_v.data(), rstd_v.data(), f.wg_sum, f.b_eff, pc, fold.pr};
     mm_avx512(x, ld, R, n, w, f.H, h, &e);
   } else {
     rows_times(x, ld, R, n, w, f.H, h);
+    if (fold.pr != nullptr)
+      for (int64_t i = 0; i < R * f.H; ++i) h[i] += fold.pr[i];
     f.affine(h, R, pc, mean_v.data(), rstd_v.data());
   }
   if (overflow)  // rstd 0 marks those rows (inf * 0 would be NaN): h = W beta + b
@@ -1391,7 +1437,343 @@ void first_layer_rows(const FirstLayer& f, const float* x, int64_t ld, int64_t R
       if (rstd_v[static_cast<size_t>(r)] == 0.0f) std::copy(f.b_eff, f.b_eff + f.H, h + r * f.H);
 }
 
-// forward's first layer: the pooled rows x [B, K] -> h [B, H] (FirstLayer)
+// -- The first layer folded into the tables of single-id lookups ---------------------------
+//
+// A lookup whose bags hold at most one row each (a scalar id, a bucket, a cross of those)
+// adds to a row's first layer W(g*e) over its columns, e its table row: a function of the
+// table row alone. FoldSet holds, per such lookup, P[row] = sum_j e_j wg_t[col + j] ([H])
+// with sum(e) and sum(e^2) (float64) for the LayerNorm statistics, computed once per model
+// (its tables, wg_t and icfg; the first call pays: about 0.18 s per million table rows
+// here). A request's row then pays one H-wide add per folded lookup instead of copying e
+// into x and dim x H multiply-adds: the product keeps the lists' and dense columns only.
+// Folding costs memory: (H + 4) floats per table row, against dim (or dim + 8 bytes in
+// int8). Lookups fold smallest table first while the model's folded bytes fit the budget
+// (ROCKETREC_OPS_FOLD_MB, default 1024; 0 = never fold; rocketrec::fold_budget_mb sets it
+// at run time); the others are pooled as before. A FoldSet is shared by every thread and
+// entry point of a model, found by the identity (storage, data pointer, version) of the
+// model's tensors; it holds weak references to their storages, so a freed model's set is
+// dropped (a hot swap does not accumulate sets) and an address reused by another model
+// never matches an old set; an in-place change of a table or of wg_t (its version) builds a
+// new one.
+struct FreeFloats {
+  void operator()(float* p) const { std::free(p); }
+};
+using FoldBuffer = std::unique_ptr<float[], FreeFloats>;
+
+// n floats, on 2 MB pages from 2 MB up (madvise: random rows over tens of MB otherwise miss
+// the TLB on most reads; the Predictor puts the tables on them too, ROCKETREC_HUGE_PAGES=0
+// turns both off)
+FoldBuffer fold_buffer(size_t n) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  static const bool huge_ok = [] {
+    const char* e = std::getenv("ROCKETREC_HUGE_PAGES");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  const size_t bytes = std::max<size_t>(n * sizeof(float), 64);
+  const bool huge = huge_ok && bytes >= kHuge;
+  const size_t align = huge ? kHuge : 64;
+  void* p = std::aligned_alloc(align, (bytes + align - 1) / align * align);
+  TORCH_CHECK(p != nullptr, "rocketrec: out of memory folding the first layer (", bytes,
+              " bytes; ROCKETREC_OPS_FOLD_MB lowers the budget)");
+  if (huge) ::madvise(p, (bytes + align - 1) / align * align, MADV_HUGEPAGE);
+  return FoldBuffer(static_cast<float*>(p));
+}
+
+struct FoldSet {
+  int64_t H = 0, stride = 0;     // floats per folded row: H, then sum(e), sum(e^2) as 2 doubles
+  std::vector<int64_t> slot;     // [L]: index into data, or -1
+  std::vector<FoldBuffer> data;  // per folded lookup: [rows, stride]
+  int64_t bytes = 0;
+};
+
+bool folds(const FoldSet& fs, int64_t l) { return fs.slot[static_cast<size_t>(l)] >= 0; }
+
+std::atomic<int64_t>& fold_budget_mb_ref() {
+  static std::atomic<int64_t> mb{[] {
+    const char* v = std::getenv("ROCKETREC_OPS_FOLD_MB");
+    if (v == nullptr || *v == '\0') return int64_t{1024};
+    char* end = nullptr;
+    const long long x = std::strtoll(v, &end, 10);
+    if (end == v || *end != '\0' || x < 0) {
+      std::fprintf(stderr, "rocketrec ops: ROCKETREC_OPS_FOLD_MB=%s is not a number of MiB >= 0: 1024 used\n", v);
+      return int64_t{1024};
+    }
+    return static_cast<int64_t>(x);
+  }()};
+  return mb;
+}
+
+// rocketrec::fold_budget_mb(mb): sets the budget (mb >= 0; < 0 only reads it), returns the
+// previous one. Sets already built stay until their model is freed.
+int64_t fold_budget_mb(int64_t mb) {
+  return mb >= 0 ? fold_budget_mb_ref().exchange(mb) : fold_budget_mb_ref().load();
+}
+
+// Whether lookup l gives at most one id per row whatever the request: a scalar id input
+// (max_ids 1), a bucket, a cross whose sources are all such.
+bool single_id_lookup(const Config& c, int64_t l) {
+  const Lookup& k = c.lookups[static_cast<size_t>(l)];
+  const int64_t kind = c.out_kind[static_cast<size_t>(k.out)], idx = c.out_index[static_cast<size_t>(k.out)];
+  auto one = [&](int64_t src) { return src >= c.I || c.id_cap[static_cast<size_t>(src)] == 1; };
+  if (kind == 0) return one(idx);
+  if (kind == 2) return true;
+  for (int64_t j = c.cross_start[static_cast<size_t>(idx)]; j < c.cross_start[static_cast<size_t>(idx) + 1]; ++j)
+    if (!one(c.cross_src[static_cast<size_t>(j)])) return false;
+  return true;
+}
+
+std::shared_ptr<const FoldSet> build_fold_set(const Config& c, const std::vector<at::Tensor>& tables, bool int8,
+                                              const float* wg_t, int64_t H, int64_t budget_bytes) {
+  auto fs = std::make_shared<FoldSet>();
+  fs->H = H;
+  fs->stride = (H + 4 + 3) / 4 * 4;  // rows 16-byte aligned
+  fs->slot.assign(static_cast<size_t>(c.L), -1);
+  // columns written by two lookups (not a layout pack_config writes) would not add up: no folding
+  std::vector<uint8_t> used(static_cast<size_t>(c.K), 0);
+  for (const Lookup& k : c.lookups)
+    for (int64_t j = k.col; j < k.col + k.dim; ++j) {
+      if (j < 0 || j >= c.K || used[static_cast<size_t>(j)]) return fs;
+      used[static_cast<size_t>(j)] = 1;
+    }
+  std::vector<int64_t> order;
+  for (int64_t l = 0; l < c.L; ++l)
+    if (c.lookups[static_cast<size_t>(l)].dim > 0 && single_id_lookup(c, l)) order.push_back(l);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return c.lookups[static_cast<size_t>(a)].rows < c.lookups[static_cast<size_t>(b)].rows;
+  });
+  constexpr int64_t kChunk = 256;
+  std::vector<float> e, p(static_cast<size_t>(kChunk * H));
+  for (int64_t l : order) {
+    const Lookup& k = c.lookups[static_cast<size_t>(l)];
+    const int64_t bytes = k.rows * fs->stride * static_cast<int64_t>(sizeof(float));
+    if (fs->bytes + bytes > budget_bytes) continue;
+    const at::Tensor& t = tables[static_cast<size_t>(k.group)];
+    const uint8_t* base = static_cast<const uint8_t*>(t.data_ptr());
+    const int64_t tstride = t.size(1) * (int8 ? 1 : 4), qdim = c.group_dim[static_cast<size_t>(k.group)];
+    FoldBuffer out = fold_buffer(static_cast<size_t>(k.rows * fs->stride));
+    e.resize(static_cast<size_t>(kChunk * k.dim));
+    for (int64_t r0 = 0; r0 < k.rows; r0 += kChunk) {
+      const int64_t n = std::min(kChunk, k.rows - r0);
+      for (int64_t i = 0; i < n; ++i) {  // the pooled values of a one-row bag, as the kernels make them
+        const uint8_t* row = base + (k.offset + r0 + i) * tstride;
+        float* ei = e.data() + i * k.dim;
+        if (int8) {
+          float sc, bi;
+          scale_bias(row, qdim, sc, bi);
+          for (int64_t j = 0; j < k.dim; ++j)
+            ei[j] = kHasAvx2 ? std::fma(sc, static_cast<float>(row[j]), bi) : sc * static_cast<float>(row[j]) + bi;
+        } else {
+          std::memcpy(ei, row, static_cast<size_t>(k.dim) * sizeof(float));
+        }
+      }
+      rows_times(e.data(), k.dim, n, k.dim, wg_t + k.col * H, H, p.data());
+      for (int64_t i = 0; i < n; ++i) {
+        float* o = out.get() + (r0 + i) * fs->stride;
+        std::memcpy(o, p.data() + i * H, static_cast<size_t>(H) * sizeof(float));
+        std::fill(o + H + 4, o + fs->stride, 0.0f);  // padding
+        double sm = 0, sq = 0;
+        moments(e.data() + i * k.dim, k.dim, sm, sq);
+        std::memcpy(o + H, &sm, sizeof(double));
+        std::memcpy(o + H + 2, &sq, sizeof(double));
+      }
+    }
+    fs->slot[static_cast<size_t>(l)] = static_cast<int64_t>(fs->data.size());
+    fs->data.push_back(std::move(out));
+    fs->bytes += bytes;
+  }
+  return fs;
+}
+
+using Weak = c10::weak_intrusive_ptr<c10::StorageImpl>;
+struct FoldEntry {
+  std::vector<int64_t> key;
+  std::vector<Weak> keep;  // the model's storages (icfg, wg_t, tables)
+  std::shared_ptr<const FoldSet> set;
+  bool alive() const {
+    for (const Weak& w : keep)
+      if (w.expired()) return false;
+    return true;
+  }
+};
+
+struct FoldStore {  // every live model's FoldSet (process-wide)
+  std::mutex mu;
+  std::vector<FoldEntry> all;
+  void purge() {  // under mu
+    all.erase(std::remove_if(all.begin(), all.end(), [](const FoldEntry& e) { return !e.alive(); }), all.end());
+  }
+};
+
+FoldStore& fold_store() {
+  static FoldStore* s = new FoldStore();  // never destroyed: threads may still call at exit
+  return *s;
+}
+
+// rocketrec::fold_stats() -> [models, folded lookups, bytes] over the live FoldSets
+std::vector<int64_t> fold_stats() {
+  FoldStore& store = fold_store();
+  std::lock_guard<std::mutex> lock(store.mu);
+  store.purge();
+  std::vector<int64_t> out{0, 0, 0};
+  for (const FoldEntry& e : store.all) {
+    if (e.set->data.empty()) continue;
+    out[0] += 1;
+    out[1] += static_cast<int64_t>(e.set->data.size());
+    out[2] += e.set->bytes;
+  }
+  return out;
+}
+
+// The model's FoldSet (null when nothing folds): looked up by its tensors' identity, in a
+// per-thread list first, then in the process-wide one (built there on a miss). The pointer
+// stays valid until this thread's next call: its list holds the set.
+const FoldSet* fold_set(const Config& c, const at::Tensor& icfg,
+                                        const std::vector<at::Tensor>& tables, bool int8, const at::Tensor& wg_t,
+                                        int64_t H) {
+  const int64_t budget = fold_budget_mb_ref().load();
+  if (budget <= 0 || !wg_t.is_contiguous() || wg_t.scalar_type() != at::kFloat || c.L == 0) return nullptr;
+  using Entry = FoldEntry;
+  thread_local std::vector<int64_t> key;
+  key.assign({budget, int8 ? 1 : 0, H});
+  auto id = [&](const at::Tensor& t) {
+    key.push_back(reinterpret_cast<intptr_t>(t.storage().unsafeGetStorageImpl()));
+    key.push_back(t.storage_offset());
+    key.push_back(t.is_inference() ? -1 : static_cast<int64_t>(t._version()));
+    key.push_back(t.numel());
+  };
+  id(icfg);
+  id(wg_t);
+  for (const at::Tensor& t : tables) id(t);
+  thread_local std::vector<Entry> mine;  // this thread's recent sets (a few models at most)
+  for (const Entry& e : mine)  // a match is alive: its storages are this call's tensors'
+    if (e.key == key) return e.set->data.empty() ? nullptr : e.set.get();
+  mine.erase(std::remove_if(mine.begin(), mine.end(), [](const Entry& e) { return !e.alive(); }), mine.end());
+  FoldStore& store = fold_store();
+  std::vector<FoldEntry>& all = store.all;
+  std::shared_ptr<const FoldSet> set;
+  {
+    std::lock_guard<std::mutex> lock(store.mu);
+    store.purge();
+    for (const Entry& e : all)
+      if (e.key == key) set = e.set;
+    if (set == nullptr) {
+      set = build_fold_set(c, tables, int8, wg_t.data_ptr<float>(), H, std::min(budget, int64_t{1} << 30) << 20);
+      std::vector<Weak> keep{Weak(icfg.storage().getWeakStorageImpl()), Weak(wg_t.storage().getWeakStorageImpl())};
+      for (const at::Tensor& t : tables) keep.push_back(t.storage().getWeakStorageImpl());
+      all.push_back({key, keep, set});
+    }
+    Entry mine_e{key, {}, set};
+    for (const Entry& e : all)
+      if (e.set == set) mine_e.keep = e.keep;
+    if (mine.size() >= 4) mine.erase(mine.begin());
+    mine.push_back(std::move(mine_e));
+  }
+  return set->data.empty() ? nullptr : set.get();
+}
+
+// Whether lookup l's bags b0..b1-1 hold at most one row each
+bool at_most_one_row(const Rows& r, int64_t l, int64_t B, int64_t b0, int64_t b1) {
+  if (b1 <= b0) return true;
+  const int64_t* ends = r.bag_end.data() + l * B;
+  int64_t prev = b0 > 0 ? ends[b0 - 1] : (l > 0 ? r.bag_end[static_cast<size_t>(l * B - 1)] : 0);
+  bool ok = true;
+  for (int64_t b = b0; b < b1; ++b) {
+    ok &= ends[b] - prev <= 1;
+    prev = ends[b];
+  }
+  return ok;
+}
+
+// The folded lookups `use` (each with at most one row per bag) of rows b0..b1-1: pr [R, H]
+// their W(g*x) summed, rs / rss [R] their sum(x), sum(x^2).
+struct FoldedLookup {
+  const float* data;
+  int64_t offset;
+  const int64_t* ends;
+  int64_t start;  // where bag b0 starts
+};
+
+template <int NV>
+__attribute__((target("avx512f,avx2,fma"))) void gather_folded_avx512(const FoldedLookup* u, size_t nu,
+                                                                      const int64_t* rows, int64_t stride,
+                                                                      int64_t b0, int64_t R, float* pr,
+                                                                      double* rs, double* rss) {
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t b = b0 + i;
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    double s = 0, ss = 0;
+    for (size_t q = 0; q < nu; ++q) {
+      const FoldedLookup& f = u[q];
+      const int64_t start = i == 0 ? f.start : f.ends[b - 1];
+      if (i + 4 < R) {  // the row 4 ahead
+        const int64_t s4 = f.ends[b + 3];
+        if (f.ends[b + 4] > s4) {
+          const char* p4 = reinterpret_cast<const char*>(f.data + (rows[s4] - f.offset) * stride);
+          __builtin_prefetch(p4);
+          __builtin_prefetch(p4 + 64);
+          __builtin_prefetch(p4 + stride * 4 - 1);
+        }
+      }
+      if (f.ends[b] == start) continue;  // an empty bag adds nothing
+      const float* p = f.data + (rows[start] - f.offset) * stride;
+      for (int v = 0; v < NV; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_loadu_ps(p + 16 * v));
+      double a, c;
+      std::memcpy(&a, p + 16 * NV, sizeof(double));
+      std::memcpy(&c, p + 16 * NV + 2, sizeof(double));
+      s += a;
+      ss += c;
+    }
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(pr + i * 16 * NV + 16 * v, acc[v]);
+    rs[i] = s;
+    rss[i] = ss;
+  }
+}
+
+void gather_folded(const FoldSet& fs, const Config& c, const Rows& r, const std::vector<int64_t>& use, int64_t B,
+                   int64_t b0, int64_t b1, float* pr, double* rs, double* rss) {
+  if (b1 <= b0) return;  // no rows (B = 0: bag_end may be empty)
+  thread_local std::vector<FoldedLookup> u;
+  u.clear();
+  for (int64_t l : use) {
+    const Lookup& k = c.lookups[static_cast<size_t>(l)];
+    const int64_t* ends = r.bag_end.data() + l * B;
+    const int64_t start = b0 > 0 ? ends[b0 - 1] : (l > 0 ? r.bag_end[static_cast<size_t>(l * B - 1)] : 0);
+    u.push_back({fs.data[static_cast<size_t>(fs.slot[static_cast<size_t>(l)])].get(), k.offset, ends, start});
+  }
+  const int64_t H = fs.H, R = b1 - b0, st = fs.stride;
+  const int64_t* rows = r.rows.data();
+  if (kHasAvx512 && H % 16 == 0 && H <= 64) {
+    switch (H / 16) {
+      case 1: return gather_folded_avx512<1>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss);
+      case 2: return gather_folded_avx512<2>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss);
+      case 3: return gather_folded_avx512<3>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss);
+      default: return gather_folded_avx512<4>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss);
+    }
+  }
+  std::fill(pr, pr + R * H, 0.0f);
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t b = b0 + i;
+    float* o = pr + i * H;
+    double s = 0, ss = 0;
+    for (const FoldedLookup& f : u) {
+      const int64_t start = i == 0 ? f.start : f.ends[b - 1];
+      if (f.ends[b] == start) continue;
+      const float* p = f.data + (rows[start] - f.offset) * st;
+      for (int64_t k = 0; k < H; ++k) o[k] += p[k];
+      double a, cc;
+      std::memcpy(&a, p + H, sizeof(double));
+      std::memcpy(&cc, p + H + 2, sizeof(double));
+      s += a;
+      ss += cc;
+    }
+    rs[i] = s;
+    rss[i] = ss;
+  }
+}
+
+// forward's first layer: the pooled rows x [B, K] -> h [B, H] (FirstLayer); the folded
+// lookups (FoldSet) add their rows' shares, x keeps the other lookups' and the dense columns
 at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
                              const at::Tensor& icfg, const at::Tensor& fcfg, at::TensorList tables, bool int8,
                              const at::Tensor& wg_t, const at::Tensor& wg_sum, const at::Tensor& b_eff,
@@ -1402,15 +1784,58 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
   const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
   Work w(c, B, false);
   w.sources(vc, lc, dc);
+  const std::vector<at::Tensor> tv = tables.vec();
+  const Rows r = table_rows(c, w, tv, int8, B);
+  at::Tensor h = at::empty({B, f.H}, at::kFloat);
+  float* hp = h.data_ptr<float>();
   // x stays inside the call: a per-thread buffer (a fresh 100 KB block per call at batch
   // 256 cost malloc's trimming and page faults)
   thread_local std::vector<float> x;
-  if (x.size() < static_cast<size_t>(B * c.K)) x.resize(static_cast<size_t>(B * c.K));
+  const FoldSet* fs = fold_set(c, icfg, tv, int8, wg_t, f.H);
+  thread_local std::vector<int64_t> use, kept;
+  use.clear();
+  kept.clear();
+  if (fs != nullptr)
+    for (int64_t l = 0; l < c.L; ++l) {
+      if (fs->slot[static_cast<size_t>(l)] >= 0 && at_most_one_row(r, l, B, 0, B))
+        use.push_back(l);
+      else
+        kept.push_back(l);
+    }
+  if (use.empty()) {
+    if (x.size() < static_cast<size_t>(B * c.K)) x.resize(static_cast<size_t>(B * c.K));
+    float* xp = x.data();
+    if (!c.tiles) std::fill(xp, xp + B * c.K, 0.0f);
+    for (int64_t l = 0; l < c.L; ++l) r.pool(c, l, B, 0, B, xp + c.lookups[static_cast<size_t>(l)].col, c.K, int8);
+    w.dense_rows(dc.data_ptr<float>(), xp + (c.K - c.D), c.K);
+    first_layer_rows(f, xp, c.K, B, c.K, f.wg_t, nullptr, 0.0, 0.0, hp);
+    return h;
+  }
+  // x [B, n]: the kept lookups' columns side by side, then the dense ones; wx [n, H] their wg_t rows
+  int64_t n = c.D;
+  for (int64_t l : kept) n += c.lookups[static_cast<size_t>(l)].dim;
+  thread_local std::vector<float> wx, pr;
+  thread_local std::vector<double> rs, rss;
+  if (x.size() < static_cast<size_t>(B * n)) x.resize(static_cast<size_t>(B * n));
+  wx.resize(static_cast<size_t>(n * f.H));
+  pr.resize(static_cast<size_t>(B * f.H));
+  rs.resize(static_cast<size_t>(B));
+  rss.resize(static_cast<size_t>(B));
   float* xp = x.data();
-  pool_into(c, w, dc, tables.vec(), int8, B, xp);
-  at::Tensor h = at::empty({B, f.H}, at::kFloat);
-  float* hp = h.data_ptr<float>();
-  first_layer_rows(f, xp, c.K, B, c.K, f.wg_t, nullptr, 0.0, 0.0, hp);
+  int64_t at_col = 0;
+  auto take_w = [&](int64_t col, int64_t cnt) {
+    std::memcpy(wx.data() + at_col * f.H, f.wg_t + col * f.H, static_cast<size_t>(cnt * f.H) * sizeof(float));
+  };
+  for (int64_t l : kept) {
+    const Lookup& k = c.lookups[static_cast<size_t>(l)];
+    r.pool(c, l, B, 0, B, xp + at_col, n, int8);
+    take_w(k.col, k.dim);
+    at_col += k.dim;
+  }
+  w.dense_rows(dc.data_ptr<float>(), xp + at_col, n);
+  take_w(c.K - c.D, c.D);
+  gather_folded(*fs, c, r, use, B, 0, B, pr.data(), rs.data(), rss.data());
+  first_layer_rows(f, xp, n, B, n, wx.data(), nullptr, 0.0, 0.0, hp, RowShare{pr.data(), rs.data(), rss.data()});
   return h;
 }
 
@@ -1422,10 +1847,12 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
                                      const at::Tensor& dense, const at::Tensor& icfg, const at::Tensor& fcfg,
                                      at::TensorList tables, bool int8, const at::Tensor& wg_t,
                                      const at::Tensor& wg_sum, const at::Tensor& b_eff, double eps) {
-  Split sp = context_split(values, lengths, dense, icfg, fcfg, tables, int8);
+  const Config& c = cached_config(icfg, fcfg);
+  const FirstLayer f(wg_t, wg_sum, b_eff, c.K, eps);  // checks wg_t's shape before fold_set reads it
+  const FoldSet* fs = fold_set(c, icfg, tables.vec(), int8, wg_t, f.H);
+  Split sp = context_split(values, lengths, dense, icfg, fcfg, tables, int8, fs);
   const std::vector<int64_t>& cols = sp.cols;
   const int64_t K = sp.ctx.size(1), M = sp.cand.size(0);
-  const FirstLayer f(wg_t, wg_sum, b_eff, K, eps);
   const int64_t H = f.H, kc = sp.cand.size(1);
   std::vector<float> pc(static_cast<size_t>(H));  // W(g*c): [1, H]
   const float* cp = sp.ctx.data_ptr<float>();
@@ -1438,7 +1865,19 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
   float* hp = h.data_ptr<float>();
   double cs = 0, css = 0;
   moments(cp, K, cs, css);
-  first_layer_rows(f, yp, kc, M, kc, wc.data(), pc.data(), cs, css, hp);
+  RowShare share;
+  thread_local std::vector<float> pr;
+  thread_local std::vector<double> rs, rss;
+  if (!sp.folded.empty()) {  // the candidates' folded lookups (context_split left them out)
+    pr.resize(static_cast<size_t>(M * H));
+    rs.resize(static_cast<size_t>(M));
+    rss.resize(static_cast<size_t>(M));
+    WorkBuffers& wb = work_buffers();  // the rows context_split computed
+    const Rows r{wb.base, wb.stride, wb.rows, wb.bag_end};
+    gather_folded(*fs, c, r, sp.folded, M + 1, 1, M + 1, pr.data(), rs.data(), rss.data());
+    share = RowShare{pr.data(), rs.data(), rss.data()};
+  }
+  first_layer_rows(f, yp, kc, M, kc, wc.data(), pc.data(), cs, css, hp, share);
   return h;
 }
 
@@ -1485,6 +1924,8 @@ TORCH_LIBRARY(rocketrec, m) {
       "preprocess(Tensor values, Tensor lengths, Tensor dense, Tensor icfg, Tensor fcfg, "
       "bool context) -> (Tensor, Tensor, Tensor)");
   m.def("version() -> int", &rocketrec_ops::version);
+  m.def("fold_budget_mb(int mb) -> int", &rocketrec_ops::fold_budget_mb);
+  m.def("fold_stats() -> int[]", &rocketrec_ops::fold_stats);
 }
 
 TORCH_LIBRARY_IMPL(rocketrec, CPU, m) {

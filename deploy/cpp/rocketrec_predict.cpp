@@ -23,7 +23,8 @@
 //   rocketrec_predict --bench-math MATH.pt [--seconds S]   the math-only baseline
 //       (benchmarks/bench_serving.py): p50/p99 of its forward on prepared inputs
 //   rocketrec_predict --bench-paired MODEL... [--math MATH.pt] [--seconds S] [--context a,b]
-//       [--candidates N] [--only batch1|batch16|batch256|candidates]
+//       [--candidates N] [--only batch1|batch16|batch256|candidates|candidate_rows]
+//       [--fold-mb A,B]  (each model once per fold budget: rocketrec::fold_budget_mb)
 //       the models (and the math baseline) timed taking turns in short blocks over the
 //       same seconds: ratios between them that the machine's drifting speed cancels out of
 //
@@ -44,6 +45,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -71,7 +73,7 @@ int usage() {
                "       rocketrec_predict --watch DIR [REQUESTS.jsonl|-] [--load-test SECONDS --threads T]\n"
                "       rocketrec_predict MODEL.pt --manifest\n"
                "       rocketrec_predict --bench-math MATH.pt [--seconds S]\n"
-               "       rocketrec_predict --bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND]\n"
+               "       rocketrec_predict --bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND] [--fold-mb A,B]\n"
                "       rocketrec_predict --hash STRING...\n"
                "       rocketrec_predict --cross-hash ID,ID[,ID...]...\n";
   return 2;
@@ -321,11 +323,34 @@ void paired(std::vector<Timed>& ts, double seconds) {
 }
 
 
-int bench_paired(const std::vector<std::string>& paths, const std::string& math, double seconds,
-                 std::vector<std::string> context, int n_cand, const std::string& only) {
+// `folds` (--fold-mb A,B,...): each model is loaded and timed once per budget of the first
+// layer folded into single-id tables (rocketrec::fold_budget_mb, set before each call), as
+// "MODEL@fold=A": the folding's effect measured in one process.
+int bench_paired(const std::vector<std::string>& model_paths, const std::string& math, double seconds,
+                 std::vector<std::string> context, int n_cand, const std::string& only,
+                 const std::vector<int64_t>& folds) {
   at::set_num_threads(1);
   std::vector<std::unique_ptr<rocketrec::Predictor>> ps;
-  for (const auto& path : paths) ps.push_back(std::make_unique<rocketrec::Predictor>(path));
+  std::vector<std::string> paths;  // the models' names in the output
+  std::vector<int64_t> budget;     // per model: the fold budget to set, or -1
+  for (const auto& path : model_paths)
+    for (int64_t f : folds.empty() ? std::vector<int64_t>{-1} : folds) {
+      ps.push_back(std::make_unique<rocketrec::Predictor>(path));
+      paths.push_back(f < 0 ? path : path + "@fold=" + std::to_string(f));
+      budget.push_back(f);
+    }
+  std::optional<c10::TypedOperatorHandle<int64_t(int64_t)>> fold_op;
+  if (!folds.empty())
+    fold_op = c10::Dispatcher::singleton().findSchemaOrThrow("rocketrec::fold_budget_mb", "").typed<int64_t(int64_t)>();
+  auto with_budget = [&](size_t m, std::function<void()> fn) -> std::function<void()> {
+    if (budget[m] < 0) return fn;
+    const int64_t mb = budget[m];
+    auto op = *fold_op;
+    return [op, mb, fn] {
+      op.call(mb);
+      fn();
+    };
+  };
   torch::jit::script::Module mm;
   if (!math.empty()) mm = torch::jit::load(math);
   auto emit = [&](const std::string& kind, const std::string& name, const std::vector<double>& us) {
@@ -344,7 +369,7 @@ int bench_paired(const std::vector<std::string>& paths, const std::string& math,
       for (int b = 0; b < B; ++b) batches[m].push_back(gen.row(none));
       const rocketrec::Predictor* p = ps[m].get();
       const auto* batch = &batches[m];
-      ts.push_back({[p, batch] { p->predict(*batch); }, {}});
+      ts.push_back({with_budget(m, [p, batch] { p->predict(*batch); }), {}});
     }
     std::vector<c10::IValue> min;
     if (!math.empty()) {
@@ -360,7 +385,8 @@ int bench_paired(const std::vector<std::string>& paths, const std::string& math,
     for (size_t m = 0; m < ps.size(); ++m) emit(kind, paths[m], ts[m].us);
     if (!math.empty()) emit(kind, "math:" + math, ts.back().us);
   }
-  if (!only.empty() && only != "candidates") return 0;
+  const bool cands = only.empty() || only == "candidates", rows = only.empty() || only == "candidate_rows";
+  if (!cands && !rows) return 0;
   std::vector<Timed> ts;
   std::vector<Candidates> cs;
   for (const auto& p : ps) {
@@ -370,14 +396,14 @@ int bench_paired(const std::vector<std::string>& paths, const std::string& math,
   for (size_t m = 0; m < ps.size(); ++m) {
     const rocketrec::Predictor* p = ps[m].get();
     const Candidates* c = &cs[m];
-    ts.push_back({[p, c] { p->score(c->ctx, c->cands); }, {}});
-    if (only.empty()) ts.push_back({[p, c] { p->predict(c->merged); }, {}});
+    if (cands) ts.push_back({with_budget(m, [p, c] { p->score(c->ctx, c->cands); }), {}});
+    if (rows) ts.push_back({with_budget(m, [p, c] { p->predict(c->merged); }), {}});
   }
   paired(ts, seconds);
-  const size_t per = only.empty() ? 2 : 1;
+  const size_t per = cands && rows ? 2 : 1;
   for (size_t m = 0; m < ps.size(); ++m) {
-    emit("candidates", paths[m], ts[per * m].us);
-    if (only.empty()) emit("candidate_rows", paths[m], ts[per * m + 1].us);
+    if (cands) emit("candidates", paths[m], ts[per * m].us);
+    if (rows) emit("candidate_rows", paths[m], ts[per * m + (cands ? 1 : 0)].us);
   }
   return 0;
 }
@@ -550,6 +576,7 @@ int main(int argc, char** argv) {
   if (args[0] == "--bench-paired") {
     std::vector<std::string> paths;
     std::string math, context, only;
+    std::vector<int64_t> folds;
     double secs = 2.0;
     int n_cand = 200;
     for (size_t i = 1; i < args.size(); ++i) {
@@ -560,16 +587,24 @@ int main(int argc, char** argv) {
         else if (a == "--context" && i + 1 < args.size()) context = args[++i];
         else if (a == "--candidates" && i + 1 < args.size()) n_cand = std::stoi(args[++i]);
         else if (a == "--only" && i + 1 < args.size()) only = args[++i];
+        else if (a == "--fold-mb" && i + 1 < args.size())
+          for (const auto& f : split(args[++i], ',')) folds.push_back(std::stoll(f));
         else if (a.rfind("--", 0) == 0) return fail("unknown option " + a);
         else paths.push_back(a);
       } catch (const std::exception&) {
         return fail("bad value for " + a);
       }
     }
-    if (paths.empty()) return fail("--bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND]");
+    if (paths.empty())
+      return fail("--bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND] [--fold-mb A,B]");
     if (n_cand < 1) return fail("--candidates must be >= 1");
+    for (int64_t f : folds)
+      if (f < 0) return fail("--fold-mb takes budgets in MiB >= 0");
+    const std::vector<std::string> kinds{"", "batch1", "batch16", "batch256", "candidates", "candidate_rows"};
+    if (std::find(kinds.begin(), kinds.end(), only) == kinds.end())
+      return fail("--only takes batch1, batch16, batch256, candidates or candidate_rows");
     try {
-      return bench_paired(paths, math, secs, split(context, ','), n_cand, only);
+      return bench_paired(paths, math, secs, split(context, ','), n_cand, only, folds);
     } catch (const std::exception& e) {
       std::string msg = e.what();
       return fail(msg.substr(0, msg.find('\n')));
