@@ -348,8 +348,8 @@ def test_candidates_split_first_layer(model, int8):
     rng = np.random.default_rng(3)
     n_in = pre.num_ids + len(pre.numeric_inputs)
     with torch.no_grad():
-        for trial in range(8):
-            x = _random_inputs(pre, [2, 3, 41][trial % 3], rng, extreme=False)
+        for trial in range(12):  # from 8 on one id in every bag (crosses' one-key path)
+            x = _random_inputs(pre, [2, 3, 41][trial % 3], rng, extreme=False, one_id=trial >= 8)
             context = {i for i in range(n_in) if rng.random() < 0.5}
             req, merged = _disjoint(pre, x, context)
             want = m(*merged)
@@ -662,6 +662,13 @@ def test_folded_tables_follow_the_model(tmp_path):
             stats = ops.fold_stats()
             # user, ad, ctx fold; tags (a list) does not
             assert stats[0] == base[0] + 1 and stats[1] == base[1] + 3, (base, stats)
+            # another module on the same tables, its own (equal) icfg and wg_t tensors, as
+            # AOTInductor's two entry points: the same folded tables, not a second set
+            twin = FusedLightServing(m).eval()
+            assert twin.wg_t.data_ptr() != fused.wg_t.data_ptr()
+            torch.testing.assert_close(twin(*x), before, rtol=0, atol=0)
+            assert ops.fold_stats() == stats
+            del twin
             for t in fused.tables:
                 t.mul_(0.5)  # in place: the same storage, a new version
             after = fused(*x)

@@ -358,42 +358,54 @@ struct Work {
     }
   }
 
-  // Lookup l's keys when every row has exactly one (not context mode): a bucket's index,
-  // or a cross's hash when each of its sources gives one id in every row. keys[b] then
-  // goes through `mod rows` like an id; false (keys untouched past what was written) when
-  // some row has more or fewer, which the general loop handles.
+  // Lookup l's keys when every row has exactly one: a bucket's index, or a cross's hash when
+  // each of its sources gives one id in every row. keys[b] then goes through `mod rows`
+  // like an id; false (keys untouched past what was written) when some row has more or
+  // fewer, which the general loop handles. Context mode: the candidates' rows 1..B-1 (row 0,
+  // the context, has none: a cross is the merged rows', a bucket here not the context's), a
+  // source the context gives taken from row 0 in every row.
   bool one_key_per_row(int64_t l, int64_t* keys) const {
-    if (context) return false;
     const Lookup& k = c.lookups[static_cast<size_t>(l)];
     const int64_t kind = c.out_kind[static_cast<size_t>(k.out)];
     const int64_t idx = c.out_index[static_cast<size_t>(k.out)];
-    const int64_t nB = B;
+    const int64_t nB = B, b0 = context ? 1 : 0, nk = nB - b0;
+    auto given = [&](int64_t s) { return context && ctx_gives[static_cast<size_t>(s)] != 0; };
     if (kind == 2) {
-      std::copy(bucket.data() + idx * nB, bucket.data() + idx * nB + nB, keys);
+      if (given(c.I + idx)) return false;
+      std::copy(bucket.data() + idx * nB + b0, bucket.data() + idx * nB + nB, keys);
       return true;
     }
     if (kind != 1) return false;
     const int64_t s0 = c.cross_start[static_cast<size_t>(idx)];
     const int64_t s1 = c.cross_start[static_cast<size_t>(idx + 1)];
     if (s1 <= s0) return false;
-    std::fill(keys, keys + nB, static_cast<int64_t>(kFnvOffset));
+    std::fill(keys, keys + nk, static_cast<int64_t>(kFnvOffset));
     for (int64_t q = s0; q < s1; ++q) {  // source by source: h = (h ^ id) * prime
       const int64_t src = c.cross_src[static_cast<size_t>(q)];
-      if (src < c.I) {
-        const int64_t* len = in_len.data() + src * nB;
-        const int64_t* st = in_start.data() + src * nB;
+      if (given(src)) {  // the context's id (or bucket) in every candidate's cross
+        uint64_t id;
+        if (src < c.I) {
+          if (in_len[static_cast<size_t>(src * nB)] != 1) return false;
+          id = static_cast<uint64_t>(v[in_start[static_cast<size_t>(src * nB)]]);
+        } else {
+          id = static_cast<uint64_t>(bucket[static_cast<size_t>((src - c.I) * nB)]);
+        }
+        for (int64_t b = 0; b < nk; ++b) keys[b] = static_cast<int64_t>((static_cast<uint64_t>(keys[b]) ^ id) * kFnvPrime);
+      } else if (src < c.I) {
+        const int64_t* len = in_len.data() + src * nB + b0;
+        const int64_t* st = in_start.data() + src * nB + b0;
         int64_t ok = 1;
-        for (int64_t b = 0; b < nB; ++b) ok &= len[b] == 1;
+        for (int64_t b = 0; b < nk; ++b) ok &= len[b] == 1;
         if (!ok) return false;
-        for (int64_t b = 0; b < nB; ++b)
+        for (int64_t b = 0; b < nk; ++b)
           keys[b] = static_cast<int64_t>((static_cast<uint64_t>(keys[b]) ^ static_cast<uint64_t>(v[st[b]])) * kFnvPrime);
       } else {
-        const int64_t* bk = bucket.data() + (src - c.I) * nB;
-        for (int64_t b = 0; b < nB; ++b)
+        const int64_t* bk = bucket.data() + (src - c.I) * nB + b0;
+        for (int64_t b = 0; b < nk; ++b)
           keys[b] = static_cast<int64_t>((static_cast<uint64_t>(keys[b]) ^ static_cast<uint64_t>(bk[b])) * kFnvPrime);
       }
     }
-    for (int64_t b = 0; b < nB; ++b) keys[b] = static_cast<int64_t>(fmix64(static_cast<uint64_t>(keys[b])));
+    for (int64_t b = 0; b < nk; ++b) keys[b] = static_cast<int64_t>(fmix64(static_cast<uint64_t>(keys[b])));
     return true;  // one hash per row: a cap (>= 1) never cuts it
   }
 
@@ -937,12 +949,14 @@ Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables,
     if (B > 0) {  // buckets, and crosses of one id per source: one key per row, vectorized rows
       thread_local std::vector<int64_t> keys;
       if (keys.size() < static_cast<size_t>(B)) keys.resize(static_cast<size_t>(B));
-      if (w.one_key_per_row(l, keys.data())) {
-        room(static_cast<size_t>(B));
-        rows_of_run(c.lookups[static_cast<size_t>(l)], keys.data(), B, rows.data() + used);
+      if (w.one_key_per_row(l, keys.data())) {  // context mode: none in row 0
+        const int64_t b0 = w.context ? 1 : 0, nk = B - b0;
+        room(static_cast<size_t>(nk));
+        rows_of_run(c.lookups[static_cast<size_t>(l)], keys.data(), nk, rows.data() + used);
         int64_t* ends = bag_end.data() + l * B;
-        for (int64_t b = 0; b < B; ++b) ends[b] = static_cast<int64_t>(used) + b + 1;
-        used += static_cast<size_t>(B);
+        if (b0 == 1) ends[0] = static_cast<int64_t>(used);
+        for (int64_t b = b0; b < B; ++b) ends[b] = static_cast<int64_t>(used) + b - b0 + 1;
+        used += static_cast<size_t>(nk);
         continue;
       }
     }
@@ -978,7 +992,9 @@ at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
 // and the candidates' own columns cand [M, Kc] (every column the context does not give,
 // ascending), pooled straight into place; `cols` lists those Kc columns.
 struct Split {
-  at::Tensor ctx, cand;
+  at::Tensor ctx, cand;  // cand: only when asked for (else cand_p is a per-thread buffer)
+  float* cand_p = nullptr;
+  int64_t M = 0, kc = 0;
   std::vector<int64_t> cols;
   std::vector<int64_t> folded;  // the candidates' lookups left to `fold` (not in cand)
 };
@@ -990,7 +1006,7 @@ bool at_most_one_row(const Rows& r, int64_t l, int64_t B, int64_t b0, int64_t b1
 // left out of cand and listed in `folded` (light_first_layer_context adds their shares).
 Split context_split(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
                     const at::Tensor& icfg, const at::Tensor& fcfg, at::TensorList tables, bool int8,
-                    const FoldSet* fold = nullptr) {
+                    const FoldSet* fold = nullptr, bool cand_tensor = true) {
   const Config& c = cached_config(icfg, fcfg);
   const int64_t B = check_inputs(c, values, lengths, dense);
   TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
@@ -1030,9 +1046,17 @@ Split context_split(const at::Tensor& values, const at::Tensor& lengths, const a
     }
   const int64_t kc = static_cast<int64_t>(out.cols.size());
   out.ctx = at::zeros({1, c.K}, at::kFloat);
-  out.cand = at::empty({M, kc}, at::kFloat);
+  out.M = M, out.kc = kc;
+  thread_local std::vector<float> cand_buf;  // the first layer's: no fresh block per call
+  if (cand_tensor) {
+    out.cand = at::empty({M, kc}, at::kFloat);
+    out.cand_p = out.cand.data_ptr<float>();
+  } else {
+    if (cand_buf.size() < static_cast<size_t>(M * kc)) cand_buf.resize(static_cast<size_t>(M * kc));
+    out.cand_p = cand_buf.data();
+  }
   float* cp = out.ctx.data_ptr<float>();
-  float* yp = out.cand.data_ptr<float>();
+  float* yp = out.cand_p;
   for (int64_t l = 0; l < c.L; ++l) {
     const Lookup& k = c.lookups[static_cast<size_t>(l)];
     if (given[static_cast<size_t>(l)]) {
@@ -1484,6 +1508,8 @@ struct FoldSet {
   std::vector<int64_t> slot;     // [L]: index into data, or -1
   std::vector<FoldBuffer> data;  // per folded lookup: [rows, stride]
   int64_t bytes = 0;
+  std::vector<int64_t> icfg;     // what it was folded from (besides the tables): another
+  std::vector<float> wg;         // model's tensors of equal contents share the set
 };
 
 bool folds(const FoldSet& fs, int64_t l) { return fs.slot[static_cast<size_t>(l)] >= 0; }
@@ -1522,9 +1548,13 @@ bool single_id_lookup(const Config& c, int64_t l) {
   return true;
 }
 
-std::shared_ptr<const FoldSet> build_fold_set(const Config& c, const std::vector<at::Tensor>& tables, bool int8,
-                                              const float* wg_t, int64_t H, int64_t budget_bytes) {
+std::shared_ptr<const FoldSet> build_fold_set(const Config& c, const at::Tensor& icfg,
+                                              const std::vector<at::Tensor>& tables, bool int8,
+                                              const at::Tensor& wg, int64_t H, int64_t budget_bytes) {
   auto fs = std::make_shared<FoldSet>();
+  const float* wg_t = wg.data_ptr<float>();
+  fs->icfg.assign(icfg.data_ptr<int64_t>(), icfg.data_ptr<int64_t>() + icfg.numel());
+  fs->wg.assign(wg_t, wg_t + wg.numel());
   fs->H = H;
   fs->stride = (H + 4 + 3) / 4 * 4;  // rows 16-byte aligned
   fs->slot.assign(static_cast<size_t>(c.L), -1);
@@ -1609,14 +1639,16 @@ FoldStore& fold_store() {
   return *s;
 }
 
-// rocketrec::fold_stats() -> [models, folded lookups, bytes] over the live FoldSets
+// rocketrec::fold_stats() -> [folded sets (models), folded lookups, bytes] over the live FoldSets
 std::vector<int64_t> fold_stats() {
   FoldStore& store = fold_store();
   std::lock_guard<std::mutex> lock(store.mu);
   store.purge();
   std::vector<int64_t> out{0, 0, 0};
+  std::vector<const FoldSet*> seen;  // entries may share a set (equal small tensors)
   for (const FoldEntry& e : store.all) {
-    if (e.set->data.empty()) continue;
+    if (e.set->data.empty() || std::find(seen.begin(), seen.end(), e.set.get()) != seen.end()) continue;
+    seen.push_back(e.set.get());
     out[0] += 1;
     out[1] += static_cast<int64_t>(e.set->data.size());
     out[2] += e.set->bytes;
@@ -1654,17 +1686,30 @@ const FoldSet* fold_set(const Config& c, const at::Tensor& icfg,
   {
     std::lock_guard<std::mutex> lock(store.mu);
     store.purge();
+    const Entry* hit = nullptr;
     for (const Entry& e : all)
-      if (e.key == key) set = e.set;
-    if (set == nullptr) {
-      set = build_fold_set(c, tables, int8, wg_t.data_ptr<float>(), H, std::min(budget, int64_t{1} << 30) << 20);
+      if (e.key == key) hit = &e;
+    if (hit == nullptr) {
+      // the same tables with equal icfg and wg_t in other tensors (AOTInductor's two entry
+      // points hold their own copies of the small constants): the same folded tables
+      const int64_t* ip = icfg.data_ptr<int64_t>();
+      const float* wp = wg_t.data_ptr<float>();
+      for (const Entry& e : all)
+        if (std::equal(e.key.begin(), e.key.begin() + 3, key.begin()) &&
+            std::equal(e.key.begin() + 11, e.key.end(), key.begin() + 11, key.end()) &&
+            e.set->icfg.size() == static_cast<size_t>(icfg.numel()) && std::equal(e.set->icfg.begin(), e.set->icfg.end(), ip) &&
+            e.set->wg.size() == static_cast<size_t>(wg_t.numel()) &&
+            std::memcmp(e.set->wg.data(), wp, e.set->wg.size() * sizeof(float)) == 0)
+          set = e.set;
+      if (set == nullptr)
+        set = build_fold_set(c, icfg, tables, int8, wg_t, H, std::min(budget, int64_t{1} << 30) << 20);
       std::vector<Weak> keep{Weak(icfg.storage().getWeakStorageImpl()), Weak(wg_t.storage().getWeakStorageImpl())};
       for (const at::Tensor& t : tables) keep.push_back(t.storage().getWeakStorageImpl());
       all.push_back({key, keep, set});
+      hit = &all.back();
     }
-    Entry mine_e{key, {}, set};
-    for (const Entry& e : all)
-      if (e.set == set) mine_e.keep = e.keep;
+    set = hit->set;
+    Entry mine_e{key, hit->keep, set};
     if (mine.size() >= 4) mine.erase(mine.begin());
     mine.push_back(std::move(mine_e));
   }
@@ -1850,18 +1895,19 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
   const Config& c = cached_config(icfg, fcfg);
   const FirstLayer f(wg_t, wg_sum, b_eff, c.K, eps);  // checks wg_t's shape before fold_set reads it
   const FoldSet* fs = fold_set(c, icfg, tables.vec(), int8, wg_t, f.H);
-  Split sp = context_split(values, lengths, dense, icfg, fcfg, tables, int8, fs);
+  Split sp = context_split(values, lengths, dense, icfg, fcfg, tables, int8, fs, false);
   const std::vector<int64_t>& cols = sp.cols;
-  const int64_t K = sp.ctx.size(1), M = sp.cand.size(0);
-  const int64_t H = f.H, kc = sp.cand.size(1);
-  std::vector<float> pc(static_cast<size_t>(H));  // W(g*c): [1, H]
+  const int64_t K = sp.ctx.size(1), M = sp.M;
+  const int64_t H = f.H, kc = sp.kc;
+  thread_local std::vector<float> pc, wc;
+  pc.resize(static_cast<size_t>(H));  // W(g*c): [1, H]
   const float* cp = sp.ctx.data_ptr<float>();
   rows_times(cp, K, 1, K, f.wg_t, H, pc.data());
-  std::vector<float> wc(static_cast<size_t>(kc * H));  // wg_t's rows of the candidates' columns
+  wc.resize(static_cast<size_t>(kc * H));  // wg_t's rows of the candidates' columns
   for (int64_t j = 0; j < kc; ++j)
     std::memcpy(wc.data() + j * H, f.wg_t + cols[static_cast<size_t>(j)] * H, static_cast<size_t>(H) * sizeof(float));
   at::Tensor h = at::empty({M, H}, at::kFloat);
-  const float* yp = sp.cand.data_ptr<float>();
+  const float* yp = sp.cand_p;
   float* hp = h.data_ptr<float>();
   double cs = 0, css = 0;
   moments(cp, K, cs, css);
