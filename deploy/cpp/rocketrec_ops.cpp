@@ -1716,17 +1716,15 @@ const FoldSet* fold_set(const Config& c, const at::Tensor& icfg,
   return set->data.empty() ? nullptr : set.get();
 }
 
-// Whether lookup l's bags b0..b1-1 hold at most one row each
+// Whether lookup l's bags b0..b1-1 hold at most one row each (differences of neighbouring
+// bag ends: a loop the compiler vectorizes)
 bool at_most_one_row(const Rows& r, int64_t l, int64_t B, int64_t b0, int64_t b1) {
   if (b1 <= b0) return true;
   const int64_t* ends = r.bag_end.data() + l * B;
-  int64_t prev = b0 > 0 ? ends[b0 - 1] : (l > 0 ? r.bag_end[static_cast<size_t>(l * B - 1)] : 0);
-  bool ok = true;
-  for (int64_t b = b0; b < b1; ++b) {
-    ok &= ends[b] - prev <= 1;
-    prev = ends[b];
-  }
-  return ok;
+  const int64_t prev = b0 > 0 ? ends[b0 - 1] : (l > 0 ? r.bag_end[static_cast<size_t>(l * B - 1)] : 0);
+  int64_t more = ends[b0] - prev > 1;
+  for (int64_t b = b0 + 1; b < b1; ++b) more |= ends[b] - ends[b - 1] > 1;
+  return more == 0;
 }
 
 // The folded lookups `use` (each with at most one row per bag) of rows b0..b1-1: pr [R, H]
