@@ -470,6 +470,15 @@ def test_op_checks_inputs(tmp_path):
     with pytest.raises(RuntimeError, match="format"):
         ops.preprocess(v, l, d, torch.cat([icfg[:1] + 7, icfg[1:]]), fcfg, False)
     assert m0 is not None
+    # bad tables: one clear error from both first-layer ops, before anything is folded
+    for name in ("light_first_layer", "light_first_layer_context"):
+        for tabs, msg in (
+            (m.tables[:-1], "tables expected"),
+            ([m.tables[0].double(), *m.tables[1:]], "must be float32"),
+            ([t[:2].contiguous() for t in m.tables], "rows lie outside"),
+        ):
+            with pytest.raises(RuntimeError, match=msg):
+                getattr(ops, name)(v, l, d, m.icfg, m.fcfg, tabs, False, m.wg_t, m.wg_sum, m.b_eff, m.eps)
 
 
 def test_torch_export_runs_the_op(tmp_path):
@@ -672,13 +681,20 @@ def test_folded_tables_follow_the_model(tmp_path):
             for t in fused.tables:
                 t.mul_(0.5)  # in place: the same storage, a new version
             after = fused(*x)
+            assert ops.fold_stats() == stats  # the old version's set is dropped
             ops.fold_budget_mb(0)
             want = fused(*x)
-        assert (after - before).abs().max() > 1e-3
-        torch.testing.assert_close(after, want, rtol=0, atol=1e-6)
-        ops.fold_budget_mb(1024)
+            assert (after - before).abs().max() > 1e-3
+            torch.testing.assert_close(after, want, rtol=0, atol=1e-6)
+            # a write the version counter does not see: fold_clear folds again
+            fused.tables[0].data.mul_(2.0)
+            want = fused(*x)
+            ops.fold_budget_mb(1024)
+            assert ops.fold_clear() >= 1
+            torch.testing.assert_close(fused(*x), want, rtol=0, atol=1e-6)
+            assert ops.fold_stats() == [1, 3, stats[2] - base[2]]  # every other set dropped
         del fused, m
         gc.collect()
-        assert ops.fold_stats()[0] == base[0]
+        assert ops.fold_stats()[0] == 0
     finally:
         ops.fold_budget_mb(old)

@@ -19,6 +19,7 @@
 //   rocketrec::fold_budget_mb(mb) -> the previous budget (MiB) of the first layer folded
 //       into single-id tables (FoldSet below; mb < 0 reads it)
 //   rocketrec::fold_stats() -> [models, lookups, bytes] folded in this process
+//   rocketrec::fold_clear() -> sets dropped (weights changed behind the version counter)
 //
 // Inputs are the serving contract's: values int64 [N] raw ids (strings hashed with FNV-1a
 // 64 first), lengths int64 [I*B] input-major, dense float32 [B, C] raw numbers (NaN =
@@ -892,15 +893,12 @@ struct Rows {
   }
 };
 
-Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+// The fused tables against the config: count, shape, dtype, and every lookup's rows inside
+// its table (rows come out of `id mod rows` + the lookup's offset: checking each lookup's
+// range once bounds every row, so a corrupt config cannot read past a table).
+void check_tables(const Config& c, const std::vector<at::Tensor>& tables, bool int8) {
   TORCH_CHECK(static_cast<int64_t>(tables.size()) == c.G, "rocketrec: ", c.G, " tables expected, got ",
               tables.size());
-  WorkBuffers& wb = w.buf;
-  Rows r{wb.base, wb.stride, wb.rows, wb.bag_end};
-  r.base.resize(static_cast<size_t>(c.G));
-  r.stride.resize(static_cast<size_t>(c.G));
-  std::vector<int64_t>& nrows = wb.nrows;
-  nrows.assign(static_cast<size_t>(c.G), 0);
   for (int64_t g = 0; g < c.G; ++g) {
     const at::Tensor& t = tables[static_cast<size_t>(g)];
     const int64_t d = c.group_dim[static_cast<size_t>(g)];
@@ -912,16 +910,25 @@ Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables,
       TORCH_CHECK(t.scalar_type() == at::kFloat && t.size(1) == d, "rocketrec: table ", g,
                   " must be float32 [R, ", d, "]");
     }
-    r.base[static_cast<size_t>(g)] = static_cast<const uint8_t*>(t.data_ptr());
-    r.stride[static_cast<size_t>(g)] = t.size(1) * (int8 ? 1 : 4);
-    nrows[static_cast<size_t>(g)] = t.size(0);
   }
-  // rows come out of `id mod rows` + the lookup's offset: checking each lookup's range
-  // once bounds every row (a corrupt config cannot read past a table)
   for (const Lookup& k : c.lookups)
-    TORCH_CHECK(k.offset >= 0 && k.offset + k.rows <= nrows[static_cast<size_t>(k.group)] &&
+    TORCH_CHECK(k.group >= 0 && k.group < c.G && k.offset >= 0 &&
+                    k.offset + k.rows <= tables[static_cast<size_t>(k.group)].size(0) &&
                     k.dim <= c.group_dim[static_cast<size_t>(k.group)],
                 "rocketrec: a lookup's rows lie outside table ", k.group);
+}
+
+Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+  check_tables(c, tables, int8);
+  WorkBuffers& wb = w.buf;
+  Rows r{wb.base, wb.stride, wb.rows, wb.bag_end};
+  r.base.resize(static_cast<size_t>(c.G));
+  r.stride.resize(static_cast<size_t>(c.G));
+  for (int64_t g = 0; g < c.G; ++g) {
+    const at::Tensor& t = tables[static_cast<size_t>(g)];
+    r.base[static_cast<size_t>(g)] = static_cast<const uint8_t*>(t.data_ptr());
+    r.stride[static_cast<size_t>(g)] = t.size(1) * (int8 ? 1 : 4);
+  }
   std::vector<int64_t>& rows = r.rows;
   std::vector<int64_t>& bag_end = r.bag_end;
   // `rows` is a buffer that only grows (no clear and refill per call: resize zero-fills)
@@ -1560,6 +1567,7 @@ std::shared_ptr<const FoldSet> build_fold_set(const Config& c, const at::Tensor&
   fs->slot.assign(static_cast<size_t>(c.L), -1);
   // columns written by two lookups (not a layout pack_config writes) would not add up: no folding
   std::vector<uint8_t> used(static_cast<size_t>(c.K), 0);
+  std::fill(used.end() - c.D, used.end(), 1);  // the dense columns
   for (const Lookup& k : c.lookups)
     for (int64_t j = k.col; j < k.col + k.dim; ++j) {
       if (j < 0 || j >= c.K || used[static_cast<size_t>(j)]) return fs;
@@ -1629,6 +1637,7 @@ struct FoldEntry {
 struct FoldStore {  // every live model's FoldSet (process-wide)
   std::mutex mu;
   std::vector<FoldEntry> all;
+  std::atomic<int64_t> generation{0};  // fold_clear's count: part of every key
   void purge() {  // under mu
     all.erase(std::remove_if(all.begin(), all.end(), [](const FoldEntry& e) { return !e.alive(); }), all.end());
   }
@@ -1637,6 +1646,18 @@ struct FoldStore {  // every live model's FoldSet (process-wide)
 FoldStore& fold_store() {
   static FoldStore* s = new FoldStore();  // never destroyed: threads may still call at exit
   return *s;
+}
+
+// A key: budget, int8, H, generation, then (storage, offset, version, numel) of icfg, wg_t
+// and each table
+constexpr size_t kKeyHead = 4, kKeyTables = kKeyHead + 8;
+
+// Whether two keys name the same tensors (whatever their versions, budget or generation)
+bool same_tensors(const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
+  if (a.size() != b.size() || a[1] != b[1] || a[2] != b[2]) return false;
+  for (size_t i = kKeyHead; i < a.size(); i += 4)
+    if (a[i] != b[i] || a[i + 1] != b[i + 1] || a[i + 3] != b[i + 3]) return false;
+  return true;
 }
 
 // rocketrec::fold_stats() -> [folded sets (models), folded lookups, bytes] over the live FoldSets
@@ -1656,17 +1677,35 @@ std::vector<int64_t> fold_stats() {
   return out;
 }
 
+// rocketrec::fold_clear() -> the number of sets dropped: every model folds again on its next
+// call. For weights changed where the version counter does not see it (through `.data`, a
+// numpy view, an inference tensor); an in-place op on the tensors themselves is seen.
+int64_t fold_clear() {
+  FoldStore& store = fold_store();
+  std::lock_guard<std::mutex> lock(store.mu);
+  store.purge();
+  const auto n = static_cast<int64_t>(store.all.size());
+  store.all.clear();
+  store.generation.fetch_add(1);
+  return n;
+}
+
 // The model's FoldSet (null when nothing folds): looked up by its tensors' identity, in a
 // per-thread list first, then in the process-wide one (built there on a miss). The pointer
-// stays valid until this thread's next call: its list holds the set.
+// stays valid until this thread's next call: its list holds the set. A set that can no
+// longer be found (a table or wg_t changed in place: a new version; another budget;
+// fold_clear) is dropped when its successor is built; a freed model's, at the next miss or
+// within 1024 calls of each thread.
 const FoldSet* fold_set(const Config& c, const at::Tensor& icfg,
                                         const std::vector<at::Tensor>& tables, bool int8, const at::Tensor& wg_t,
                                         int64_t H) {
   const int64_t budget = fold_budget_mb_ref().load();
-  if (budget <= 0 || !wg_t.is_contiguous() || wg_t.scalar_type() != at::kFloat || c.L == 0) return nullptr;
+  if (budget <= 0 || H <= 0 || !wg_t.is_contiguous() || wg_t.scalar_type() != at::kFloat || c.L == 0)
+    return nullptr;
   using Entry = FoldEntry;
+  FoldStore& store = fold_store();
   thread_local std::vector<int64_t> key;
-  key.assign({budget, int8 ? 1 : 0, H});
+  key.assign({budget, int8 ? 1 : 0, H, store.generation.load()});
   auto id = [&](const at::Tensor& t) {
     key.push_back(reinterpret_cast<intptr_t>(t.storage().unsafeGetStorageImpl()));
     key.push_back(t.storage_offset());
@@ -1676,11 +1715,19 @@ const FoldSet* fold_set(const Config& c, const at::Tensor& icfg,
   id(icfg);
   id(wg_t);
   for (const at::Tensor& t : tables) id(t);
-  thread_local std::vector<Entry> mine;  // this thread's recent sets (a few models at most)
+  thread_local std::vector<Entry> mine;  // this thread's recent sets (a few models)
+  thread_local uint32_t calls = 0;
+  auto stale = [&](const Entry& e) { return !e.alive() || e.key[3] != key[3]; };
+  if (++calls % 1024 == 0) {  // let a freed model's set go
+    mine.erase(std::remove_if(mine.begin(), mine.end(), stale), mine.end());
+    std::unique_lock<std::mutex> lock(store.mu, std::try_to_lock);
+    if (lock.owns_lock()) store.purge();
+  }
   for (const Entry& e : mine)  // a match is alive: its storages are this call's tensors'
     if (e.key == key) return e.set->data.empty() ? nullptr : e.set.get();
-  mine.erase(std::remove_if(mine.begin(), mine.end(), [](const Entry& e) { return !e.alive(); }), mine.end());
-  FoldStore& store = fold_store();
+  mine.erase(std::remove_if(mine.begin(), mine.end(),
+                            [&](const Entry& e) { return stale(e) || same_tensors(e.key, key); }),
+             mine.end());
   std::vector<FoldEntry>& all = store.all;
   std::shared_ptr<const FoldSet> set;
   {
@@ -1690,13 +1737,16 @@ const FoldSet* fold_set(const Config& c, const at::Tensor& icfg,
     for (const Entry& e : all)
       if (e.key == key) hit = &e;
     if (hit == nullptr) {
+      // superseded sets of these tensors (older versions, another budget or generation)
+      all.erase(std::remove_if(all.begin(), all.end(), [&](const Entry& e) { return same_tensors(e.key, key); }),
+                all.end());
       // the same tables with equal icfg and wg_t in other tensors (AOTInductor's two entry
       // points hold their own copies of the small constants): the same folded tables
       const int64_t* ip = icfg.data_ptr<int64_t>();
       const float* wp = wg_t.data_ptr<float>();
       for (const Entry& e : all)
-        if (std::equal(e.key.begin(), e.key.begin() + 3, key.begin()) &&
-            std::equal(e.key.begin() + 11, e.key.end(), key.begin() + 11, key.end()) &&
+        if (std::equal(e.key.begin(), e.key.begin() + kKeyHead, key.begin()) &&
+            std::equal(e.key.begin() + kKeyTables, e.key.end(), key.begin() + kKeyTables, key.end()) &&
             e.set->icfg.size() == static_cast<size_t>(icfg.numel()) && std::equal(e.set->icfg.begin(), e.set->icfg.end(), ip) &&
             e.set->wg.size() == static_cast<size_t>(wg_t.numel()) &&
             std::memcmp(e.set->wg.data(), wp, e.set->wg.size() * sizeof(float)) == 0)
@@ -1710,7 +1760,7 @@ const FoldSet* fold_set(const Config& c, const at::Tensor& icfg,
     }
     set = hit->set;
     Entry mine_e{key, hit->keep, set};
-    if (mine.size() >= 4) mine.erase(mine.begin());
+    if (mine.size() >= 16) mine.erase(mine.begin());
     mine.push_back(std::move(mine_e));
   }
   return set->data.empty() ? nullptr : set.get();
@@ -1753,8 +1803,7 @@ __attribute__((target("avx512f,avx2,fma"))) void gather_folded_avx512(const Fold
         const int64_t s4 = f.ends[b + 3];
         if (f.ends[b + 4] > s4) {
           const char* p4 = reinterpret_cast<const char*>(f.data + (rows[s4] - f.offset) * stride);
-          __builtin_prefetch(p4);
-          __builtin_prefetch(p4 + 64);
+          for (int64_t o = 0; o < stride * 4; o += 64) __builtin_prefetch(p4 + o);  // every line it spans
           __builtin_prefetch(p4 + stride * 4 - 1);
         }
       }
@@ -1892,7 +1941,9 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
                                      const at::Tensor& wg_sum, const at::Tensor& b_eff, double eps) {
   const Config& c = cached_config(icfg, fcfg);
   const FirstLayer f(wg_t, wg_sum, b_eff, c.K, eps);  // checks wg_t's shape before fold_set reads it
-  const FoldSet* fs = fold_set(c, icfg, tables.vec(), int8, wg_t, f.H);
+  const std::vector<at::Tensor> tv = tables.vec();
+  check_tables(c, tv, int8);  // and the tables'
+  const FoldSet* fs = fold_set(c, icfg, tv, int8, wg_t, f.H);
   Split sp = context_split(values, lengths, dense, icfg, fcfg, tables, int8, fs, false);
   const std::vector<int64_t>& cols = sp.cols;
   const int64_t K = sp.ctx.size(1), M = sp.M;
@@ -1970,6 +2021,7 @@ TORCH_LIBRARY(rocketrec, m) {
   m.def("version() -> int", &rocketrec_ops::version);
   m.def("fold_budget_mb(int mb) -> int", &rocketrec_ops::fold_budget_mb);
   m.def("fold_stats() -> int[]", &rocketrec_ops::fold_stats);
+  m.def("fold_clear() -> int", &rocketrec_ops::fold_clear);
 }
 
 TORCH_LIBRARY_IMPL(rocketrec, CPU, m) {
