@@ -478,7 +478,9 @@ def test_op_checks_inputs(tmp_path):
             ([t[:2].contiguous() for t in m.tables], "rows lie outside"),
         ):
             with pytest.raises(RuntimeError, match=msg):
-                getattr(ops, name)(v, l, d, m.icfg, m.fcfg, tabs, False, m.wg_t, m.wg_sum, m.b_eff, m.eps)
+                getattr(ops, name)(
+                    v, l, d, m.icfg, m.fcfg, tabs, False, m.wg_t, m.wg_sum, m.b_eff, m.eps
+                )
 
 
 def test_torch_export_runs_the_op(tmp_path):
