@@ -1263,7 +1263,7 @@ struct FirstLayer {
 
   // The rows' LayerNorm statistics: x [R, n] (row stride ld) the rows' own columns,
   // (cs, css) the context's sum(x), sum(x^2) (0 without one), (rs, rss) per row those of
-// the folded lookups (null without) -> mean [R], rstd [R] (all
+  // the folded lookups (null without) -> mean [R], rstd [R] (all
   // rows first: independent rows, their divides and square roots overlap). Returns whether
   // a row overflows: torch's float32 LayerNorm (the reference) overflows its sum of
   // squares beyond |x| ~ 1e19: rstd 0, the row normalized to 0, h = W beta + b.
@@ -1481,11 +1481,11 @@ void first_layer_rows(const FirstLayer& f, const float* x, int64_t ld, int64_t R
 // int8). Lookups fold smallest table first while the model's folded bytes fit the budget
 // (ROCKETREC_OPS_FOLD_MB, default 1024; 0 = never fold; rocketrec::fold_budget_mb sets it
 // at run time); the others are pooled as before. A FoldSet is shared by every thread and
-// entry point of a model, found by the identity (storage, data pointer, version) of the
-// model's tensors; it holds weak references to their storages, so a freed model's set is
-// dropped (a hot swap does not accumulate sets) and an address reused by another model
-// never matches an old set; an in-place change of a table or of wg_t (its version) builds a
-// new one.
+// entry point of a model, found by the identity (storage, offset, version) of the model's
+// tensors (fold_set below); it holds weak references to their storages, so a freed model's
+// set is let go (a hot swap does not accumulate sets) and an address reused by another
+// model never matches an old set; an in-place change of a table or of wg_t (its version)
+// builds a new one and drops the old.
 struct FreeFloats {
   void operator()(float* p) const { std::free(p); }
 };
