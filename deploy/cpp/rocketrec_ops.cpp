@@ -1537,7 +1537,8 @@ std::atomic<int64_t>& fold_budget_mb_ref() {
 }
 
 // rocketrec::fold_budget_mb(mb): sets the budget (mb >= 0; < 0 only reads it), returns the
-// previous one. Sets already built stay until their model is freed.
+// previous one. A model's next call folds again under a new budget > 0 (its old set
+// dropped); under 0 nothing folds and built sets stay until their model is freed.
 int64_t fold_budget_mb(int64_t mb) {
   return mb >= 0 ? fold_budget_mb_ref().exchange(mb) : fold_budget_mb_ref().load();
 }
