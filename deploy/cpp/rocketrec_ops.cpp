@@ -880,6 +880,12 @@ struct Rows {
   std::vector<int64_t>& rows;
   std::vector<int64_t>& bag_end;
 
+  // where lookup l's bag b starts in `rows` (B > 0)
+  int64_t bag_start(int64_t l, int64_t B, int64_t b) const {
+    const int64_t at = l * B + b;
+    return at > 0 ? bag_end[static_cast<size_t>(at - 1)] : 0;
+  }
+
   // pools lookup l's bags b0..b1-1 into out + (b - b0) * ld
   void pool(const Config& c, int64_t l, int64_t B, int64_t b0, int64_t b1, float* out, int64_t ld,
             bool int8) const {
@@ -887,7 +893,7 @@ struct Rows {
     const Lookup& k = c.lookups[static_cast<size_t>(l)];
     const size_t g = static_cast<size_t>(k.group);
     const int64_t* ends = bag_end.data() + l * B;
-    const int64_t start = b0 > 0 ? ends[b0 - 1] : (l > 0 ? bag_end[static_cast<size_t>(l * B - 1)] : 0);
+    const int64_t start = bag_start(l, B, b0);
     pool_lookup(out, ld, k.dim, k.mean != 0, b1 - b0, ends + b0, start, rows.data(), base[g], stride[g], int8,
                 c.group_dim[g]);
   }
@@ -979,10 +985,9 @@ Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables,
 }
 
 // Pools every lookup into x [B, K] (embedding columns of each lookup, then the dense ones).
-void pool_into(const Config& c, Work& w, const at::Tensor& dense, const std::vector<at::Tensor>& tables, bool int8,
-               int64_t B, float* xp) {
+void pool_into(const Config& c, const Work& w, const Rows& r, const at::Tensor& dense, bool int8, int64_t B,
+               float* xp) {
   TORCH_INTERNAL_ASSERT(!w.context);
-  const Rows r = table_rows(c, w, tables, int8, B);
   if (!c.tiles) std::fill(xp, xp + B * c.K, 0.0f);
   for (int64_t l = 0; l < c.L; ++l) r.pool(c, l, B, 0, B, xp + c.lookups[static_cast<size_t>(l)].col, c.K, int8);
   w.dense_rows(dense.data_ptr<float>(), xp + (c.K - c.D), c.K);
@@ -991,7 +996,7 @@ void pool_into(const Config& c, Work& w, const at::Tensor& dense, const std::vec
 at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
                   const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
   auto x = at::empty({B, c.K}, at::kFloat);
-  pool_into(c, w, dense, tables, int8, B, x.data_ptr<float>());
+  pool_into(c, w, table_rows(c, w, tables, int8, B), dense, int8, B, x.data_ptr<float>());
   return x;
 }
 
@@ -1772,14 +1777,13 @@ const FoldSet* fold_set(const Config& c, const at::Tensor& icfg,
 bool at_most_one_row(const Rows& r, int64_t l, int64_t B, int64_t b0, int64_t b1) {
   if (b1 <= b0) return true;
   const int64_t* ends = r.bag_end.data() + l * B;
-  const int64_t prev = b0 > 0 ? ends[b0 - 1] : (l > 0 ? r.bag_end[static_cast<size_t>(l * B - 1)] : 0);
-  int64_t more = ends[b0] - prev > 1;
+  int64_t more = ends[b0] - r.bag_start(l, B, b0) > 1;
   for (int64_t b = b0 + 1; b < b1; ++b) more |= ends[b] - ends[b - 1] > 1;
   return more == 0;
 }
 
 // The folded lookups `use` (each with at most one row per bag) of rows b0..b1-1: pr [R, H]
-// their W(g*x) summed, rs / rss [R] their sum(x), sum(x^2).
+// their W(g*x) summed, rs / rss [R] their sum(x), sum(x^2) (folded_share below).
 struct FoldedLookup {
   const float* data;
   int64_t offset;
@@ -1823,26 +1827,36 @@ __attribute__((target("avx512f,avx2,fma"))) void gather_folded_avx512(const Fold
   }
 }
 
-void gather_folded(const FoldSet& fs, const Config& c, const Rows& r, const std::vector<int64_t>& use, int64_t B,
-                   int64_t b0, int64_t b1, float* pr, double* rs, double* rss) {
-  if (b1 <= b0) return;  // no rows (B = 0: bag_end may be empty)
+// The folded lookups' share (RowShare, in per-thread buffers valid until the next call) of
+// rows b0..b1-1
+RowShare folded_share(const FoldSet& fs, const Config& c, const Rows& r, const std::vector<int64_t>& use,
+                      int64_t B, int64_t b0, int64_t b1) {
+  thread_local std::vector<float> pr_v;
+  thread_local std::vector<double> rs_v, rss_v;
+  const int64_t H = fs.H, R = b1 - b0, st = fs.stride;
+  pr_v.resize(static_cast<size_t>(std::max<int64_t>(R, 0) * H));
+  rs_v.resize(static_cast<size_t>(std::max<int64_t>(R, 0)));
+  rss_v.resize(rs_v.size());
+  float* pr = pr_v.data();
+  double *rs = rs_v.data(), *rss = rss_v.data();
+  const RowShare share{pr, rs, rss};
+  if (R <= 0) return share;  // no rows (B = 0: bag_end may be empty)
   thread_local std::vector<FoldedLookup> u;
   u.clear();
   for (int64_t l : use) {
     const Lookup& k = c.lookups[static_cast<size_t>(l)];
-    const int64_t* ends = r.bag_end.data() + l * B;
-    const int64_t start = b0 > 0 ? ends[b0 - 1] : (l > 0 ? r.bag_end[static_cast<size_t>(l * B - 1)] : 0);
-    u.push_back({fs.data[static_cast<size_t>(fs.slot[static_cast<size_t>(l)])].get(), k.offset, ends, start});
+    u.push_back({fs.data[static_cast<size_t>(fs.slot[static_cast<size_t>(l)])].get(), k.offset,
+                 r.bag_end.data() + l * B, r.bag_start(l, B, b0)});
   }
-  const int64_t H = fs.H, R = b1 - b0, st = fs.stride;
   const int64_t* rows = r.rows.data();
   if (kHasAvx512 && H % 16 == 0 && H <= 64) {
     switch (H / 16) {
-      case 1: return gather_folded_avx512<1>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss);
-      case 2: return gather_folded_avx512<2>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss);
-      case 3: return gather_folded_avx512<3>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss);
-      default: return gather_folded_avx512<4>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss);
+      case 1: gather_folded_avx512<1>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss); break;
+      case 2: gather_folded_avx512<2>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss); break;
+      case 3: gather_folded_avx512<3>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss); break;
+      default: gather_folded_avx512<4>(u.data(), u.size(), rows, st, b0, R, pr, rs, rss);
     }
+    return share;
   }
   std::fill(pr, pr + R * H, 0.0f);
   for (int64_t i = 0; i < R; ++i) {
@@ -1863,6 +1877,7 @@ void gather_folded(const FoldSet& fs, const Config& c, const Rows& r, const std:
     rs[i] = s;
     rss[i] = ss;
   }
+  return share;
 }
 
 // forward's first layer: the pooled rows x [B, K] -> h [B, H] (FirstLayer); the folded
@@ -1898,22 +1913,16 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
   if (use.empty()) {
     if (x.size() < static_cast<size_t>(B * c.K)) x.resize(static_cast<size_t>(B * c.K));
     float* xp = x.data();
-    if (!c.tiles) std::fill(xp, xp + B * c.K, 0.0f);
-    for (int64_t l = 0; l < c.L; ++l) r.pool(c, l, B, 0, B, xp + c.lookups[static_cast<size_t>(l)].col, c.K, int8);
-    w.dense_rows(dc.data_ptr<float>(), xp + (c.K - c.D), c.K);
+    pool_into(c, w, r, dc, int8, B, xp);
     first_layer_rows(f, xp, c.K, B, c.K, f.wg_t, nullptr, 0.0, 0.0, hp);
     return h;
   }
   // x [B, n]: the kept lookups' columns side by side, then the dense ones; wx [n, H] their wg_t rows
   int64_t n = c.D;
   for (int64_t l : kept) n += c.lookups[static_cast<size_t>(l)].dim;
-  thread_local std::vector<float> wx, pr;
-  thread_local std::vector<double> rs, rss;
+  thread_local std::vector<float> wx;
   if (x.size() < static_cast<size_t>(B * n)) x.resize(static_cast<size_t>(B * n));
   wx.resize(static_cast<size_t>(n * f.H));
-  pr.resize(static_cast<size_t>(B * f.H));
-  rs.resize(static_cast<size_t>(B));
-  rss.resize(static_cast<size_t>(B));
   float* xp = x.data();
   int64_t at_col = 0;
   auto take_w = [&](int64_t col, int64_t cnt) {
@@ -1927,8 +1936,7 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
   }
   w.dense_rows(dc.data_ptr<float>(), xp + at_col, n);
   take_w(c.K - c.D, c.D);
-  gather_folded(*fs, c, r, use, B, 0, B, pr.data(), rs.data(), rss.data());
-  first_layer_rows(f, xp, n, B, n, wx.data(), nullptr, 0.0, 0.0, hp, RowShare{pr.data(), rs.data(), rss.data()});
+  first_layer_rows(f, xp, n, B, n, wx.data(), nullptr, 0.0, 0.0, hp, folded_share(*fs, c, r, use, B, 0, B));
   return h;
 }
 
@@ -1962,16 +1970,10 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
   double cs = 0, css = 0;
   moments(cp, K, cs, css);
   RowShare share;
-  thread_local std::vector<float> pr;
-  thread_local std::vector<double> rs, rss;
   if (!sp.folded.empty()) {  // the candidates' folded lookups (context_split left them out)
-    pr.resize(static_cast<size_t>(M * H));
-    rs.resize(static_cast<size_t>(M));
-    rss.resize(static_cast<size_t>(M));
     WorkBuffers& wb = work_buffers();  // the rows context_split computed
     const Rows r{wb.base, wb.stride, wb.rows, wb.bag_end};
-    gather_folded(*fs, c, r, sp.folded, M + 1, 1, M + 1, pr.data(), rs.data(), rss.data());
-    share = RowShare{pr.data(), rs.data(), rss.data()};
+    share = folded_share(*fs, c, r, sp.folded, M + 1, 1, M + 1);
   }
   first_layer_rows(f, yp, kc, M, kc, wc.data(), pc.data(), cs, css, hp, share);
   return h;
