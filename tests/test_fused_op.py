@@ -700,3 +700,91 @@ def test_folded_tables_follow_the_model(tmp_path):
         assert ops.fold_stats()[0] == 0
     finally:
         ops.fold_budget_mb(old)
+
+
+LEAN_SPEC = """
+version: 1
+name: lean
+label: {column: y}
+tables:
+  - {name: t_user, rows: 400, dim: 8}
+  - {name: t_city, rows: 60, dim: 8}
+  - {name: t_ad, rows: 300, dim: 16}
+  - {name: t_tag, rows: 100, dim: 4, pooling: mean}
+  - {name: t_cross, rows: 997, dim: 4}
+  - {name: t_band, rows: 8, dim: 4}
+sparse:
+  - {name: user_id, column: user_id, dtype: int64, table: t_user}
+  - {name: user_city, column: user_city, dtype: string, table: t_city}
+  - {name: user_tags, column: user_tags, dtype: int64, kind: list, table: t_tag, max_ids: 4}
+  - {name: ad_id, column: ad_id, dtype: string, table: t_ad}
+  - {name: ad_cat, column: ad_cat, dtype: int64, table: t_tag}
+  - {name: city_x_cat, kind: cross, inputs: [user_city, ad_cat], table: t_cross}
+  - {name: price_band, column: ad_price, kind: bucketize, boundaries: [0.5, 1, 5, 20, 100], table: t_band}
+  - {name: band_x_cat_x_city, kind: cross, inputs: [price_band, ad_cat, user_city], table: t_cross}
+dense:
+  - {name: ad_price, column: ad_price, fill: 1.0, transform: log1p}
+  - {name: user_age, column: user_age, fill: 0.0, transform: standardize, mean: 3.0, std: 2.0}
+light:
+  features: [user_id, user_tags, ad_id, ad_cat, city_x_cat, price_band, band_x_cat_x_city, ad_price, user_age]
+"""
+
+
+@pytest.mark.parametrize("mlp", [(16, 8), (12,)])
+@pytest.mark.parametrize("int8", [False, True])
+def test_lean_candidates_equals_general(tmp_path, int8, mlp):
+    """score_candidates' lean path (candidates_lean in rocketrec_ops.cpp: each candidate's
+    folded rows found straight from the raw inputs, the context pooled from row 0 alone)
+    scores what the general path scores and what forward scores on the merged rows: for
+    every split of the inputs between context and candidates that leaves the list to the
+    context, with candidates of one id or none per input, crosses with sources on either
+    side (a bucket among them), buckets on either side. A request it cannot take (a
+    candidate's list, a candidate with two ids) goes the general way. H = 16 takes the
+    AVX-512 gather, H = 12 the portable one."""
+    spec = _spec(tmp_path, LEAN_SPEC, "lean")
+    m = _serving(spec, int8=int8, mlp=mlp)
+    fused = FusedLightServing(m).eval()
+    pre = m.preprocess
+    rng = np.random.default_rng(11)
+    n_in = pre.num_ids + len(pre.numeric_inputs)
+    lists = {i for i, c in enumerate(pre.id_cap.tolist()) if c != 1}
+    assert lists, pre.id_cap
+
+    def one_or_none(x, keep):  # one id per bag, some bags emptied (not the list's: an empty
+        values, lengths, dense = x  # list in the context leaves it to the candidates)
+        kept = torch.from_numpy(rng.random(lengths.numel()) < keep)
+        b = dense.size(0)
+        for i in lists:
+            kept[i * b : (i + 1) * b] = True
+        return values[kept], kept.to(torch.int64), dense
+
+    takes, falls = [], []
+    for trial in range(16):
+        b = [2, 3, 41, 200][trial % 4]
+        x = _random_inputs(pre, b, rng, extreme=False, one_id=True)
+        if trial % 2:
+            x = one_or_none(x, 0.7)
+        context = lists | {i for i in range(n_in) if rng.random() < 0.5}
+        takes.append(_disjoint(pre, x, context))
+    for trial in range(4):  # the list on the candidates' side, or a candidate with 3 ids
+        x = _random_inputs(pre, 9, rng, extreme=False, one_id=trial % 2 == 0)
+        context = {i for i in range(n_in) if rng.random() < 0.5} - lists
+        falls.append(_disjoint(pre, x, context))
+    old_fold, old_lean = ops.fold_budget_mb(1024), ops.lean_candidates(1)
+    try:
+        with torch.no_grad():
+            n0 = ops.lean_calls()
+            lean = [fused.score_candidates(*req) for req, _ in takes]
+            assert ops.lean_calls() - n0 == len(takes)
+            general_fallback = [fused.score_candidates(*req) for req, _ in falls]
+            assert ops.lean_calls() - n0 == len(takes)  # none of these took it
+            ops.lean_candidates(0)
+            for (req, merged), got in zip(takes, lean, strict=True):
+                torch.testing.assert_close(got, fused.score_candidates(*req), rtol=0, atol=1e-6)
+                torch.testing.assert_close(got, m(*merged), rtol=0, atol=2e-6)
+            for (req, merged), got in zip(falls, general_fallback, strict=True):
+                torch.testing.assert_close(got, m(*merged), rtol=0, atol=2e-6)
+            assert ops.lean_calls() - n0 == len(takes)  # off: none taken
+    finally:
+        ops.fold_budget_mb(old_fold)
+        ops.lean_candidates(old_lean)

@@ -309,8 +309,12 @@ std::vector<torch::jit::IValue> Predictor::inputs(const std::vector<Request>& ba
 }
 
 // Rows [first (if any), batch...] -> values [N], lengths [I*B] (input-major), dense [B, C].
-std::vector<torch::jit::IValue> Predictor::build_inputs(const Request* first,
-                                                        const std::vector<Request>& batch) const {
+// With a context (`first`), also whether a candidate gives an input the context gives
+// (`overlap`; check_disjoint then names it). Two passes over the rows (the sizes, then the
+// ids), each prefetching the rows a few ahead: a request's bags are separate heap blocks,
+// and waiting on them was most of the time here (1 context x 200 candidates).
+std::vector<torch::jit::IValue> Predictor::build_inputs(const Request* first, const std::vector<Request>& batch,
+                                                        bool* overlap) const {
   const int64_t extra = first ? 1 : 0;
   const int64_t B = static_cast<int64_t>(batch.size()) + extra;
   const int64_t F = static_cast<int64_t>(sparse().size());
@@ -322,25 +326,40 @@ std::vector<torch::jit::IValue> Predictor::build_inputs(const Request* first,
   int64_t* l = lengths.data_ptr<int64_t>();
   float* d = dense_t.data_ptr<float>();
   std::vector<int64_t> at(static_cast<size_t>(F) + 1, 0);  // ids per input, then where each input starts
+  int64_t given = 0;  // with a context: a candidate's non-empty bag or number where the context gives one
+  std::vector<int64_t> ctx_bags, ctx_dense;
   for (int64_t b = 0; b < B; ++b) {
     const Request& r = row(b);
     if (r.bags.size() != static_cast<size_t>(F) || r.dense.size() != static_cast<size_t>(D))  // names it
       parser_.check_shape(r, b < extra ? std::string("the context")
                                        : (extra ? "candidate " : "request ") + std::to_string(b - extra));
+    const std::vector<int64_t>* bags = r.bags.data();
     for (int64_t f = 0; f < F; ++f) {
-      const int64_t n = static_cast<int64_t>(r.bags[static_cast<size_t>(f)].size());
+      const int64_t n = static_cast<int64_t>(bags[f].size());
       l[f * B + b] = n;
       at[static_cast<size_t>(f) + 1] += n;
     }
-    std::copy(r.dense.begin(), r.dense.end(), d + b * D);
+    const float* rd = r.dense.data();
+    float* db = d + b * D;
+    for (int64_t k = 0; k < D; ++k) db[k] = rd[k];
+    if (b == 0 && extra) {  // what the context gives: only those can overlap
+      for (int64_t f = 0; f < F; ++f)
+        if (l[f * B] != 0) ctx_bags.push_back(f);
+      for (int64_t k = 0; k < D; ++k)
+        if (!std::isnan(rd[k])) ctx_dense.push_back(k);
+    } else if (extra) {
+      for (int64_t f : ctx_bags) given |= !bags[f].empty();
+      for (int64_t k : ctx_dense) given |= !std::isnan(rd[k]);
+    }
   }
+  if (overlap != nullptr) *overlap = given != 0;
   for (int64_t f = 0; f < F; ++f) at[static_cast<size_t>(f) + 1] += at[static_cast<size_t>(f)];
   auto values = torch::empty({at[static_cast<size_t>(F)]}, torch::kInt64);
   int64_t* v = values.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {  // row by row: each request's bags sit together
-    const Request& r = row(b);
+    const std::vector<int64_t>* bags = row(b).bags.data();
     for (int64_t f = 0; f < F; ++f) {
-      const int64_t* ids = r.bags[static_cast<size_t>(f)].data();
+      const int64_t* ids = bags[f].data();
       const int64_t n = l[f * B + b];
       int64_t* out = v + at[static_cast<size_t>(f)];
       for (int64_t j = 0; j < n; ++j) out[j] = ids[j];  // bags are short: no memmove call per bag
@@ -365,8 +384,9 @@ std::vector<float> Predictor::score(const Request& context, const std::vector<Re
   if (candidates.empty()) return {};
   if (!has_candidates_)
     throw RequestError("this model file has no score_candidates entry point (exported by an older rocketrec)");
-  auto in = build_inputs(&context, candidates);  // row 0 = the context; checks every shape
-  parser_.check_disjoint(context, candidates);
+  bool overlap = false;
+  auto in = build_inputs(&context, candidates, &overlap);  // row 0 = the context; checks every shape
+  if (overlap) parser_.check_disjoint(context, candidates);  // throws, naming the input
   if (aoti_) {
     if (candidates.size() == 1) {  // compiled for >= 2 candidates: score this one twice
       auto two = to_vector(run_aoti(true, build_inputs(&context, {candidates[0], candidates[0]})));

@@ -92,7 +92,8 @@ class Predictor {
   std::vector<torch::jit::IValue> inputs(const std::vector<Request>& batch) const;
 
  private:
-  std::vector<torch::jit::IValue> build_inputs(const Request* first, const std::vector<Request>& batch) const;
+  std::vector<torch::jit::IValue> build_inputs(const Request* first, const std::vector<Request>& batch,
+                                               bool* overlap = nullptr) const;
   torch::jit::script::Module module_;
   std::string manifest_text_;
   RequestParser parser_;

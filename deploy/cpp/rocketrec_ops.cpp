@@ -20,6 +20,9 @@
 //       into single-id tables (FoldSet below; mb < 0 reads it)
 //   rocketrec::fold_stats() -> [models, lookups, bytes] folded in this process
 //   rocketrec::fold_clear() -> sets dropped (weights changed behind the version counter)
+//   rocketrec::lean_candidates(on) -> whether score_candidates' lean path was on (on < 0
+//       reads it; candidates_lean below)
+//   rocketrec::lean_calls() -> score_candidates calls the lean path scored in this process
 //
 // Inputs are the serving contract's: values int64 [N] raw ids (strings hashed with FNV-1a
 // 64 first), lengths int64 [I*B] input-major, dense float32 [B, C] raw numbers (NaN =
@@ -262,6 +265,30 @@ WorkBuffers& work_buffers() {
   return b;
 }
 
+// Bucket input k of rows b0..b0+n-1 (dense x [B, D + Kb]) -> out[0..n): 0 for NaN, else 1 +
+// the number of boundaries <= the value (float32)
+void buckets(const Config& c, int64_t k, const float* x, int64_t b0, int64_t n, int64_t* out) {
+  const int64_t C = c.D + c.Kb;
+  const float* lo = c.bounds + c.bound_start[static_cast<size_t>(k)];
+  const float* hi = c.bounds + c.bound_start[static_cast<size_t>(k + 1)];
+  const float* col = x + b0 * C + c.D + k;
+  if (hi - lo <= 32) {  // few boundaries: count those <= val without a branch (a binary
+                        // search mispredicted about twice a row on random prices)
+    const int64_t nb = hi - lo;
+    for (int64_t b = 0; b < n; ++b) {
+      const float val = col[b * C];
+      int64_t m = 1;
+      for (int64_t j = 0; j < nb; ++j) m += lo[j] <= val;
+      out[b] = std::isnan(val) ? 0 : m;
+    }
+  } else {
+    for (int64_t b = 0; b < n; ++b) {
+      const float val = col[b * C];
+      out[b] = std::isnan(val) ? 0 : 1 + static_cast<int64_t>(std::upper_bound(lo, hi, val) - lo);
+    }
+  }
+}
+
 struct Work {
   const Config& c;
   int64_t B;
@@ -315,28 +342,8 @@ struct Work {
       buf.truncated[static_cast<size_t>(i)] = cut != 0;
     }
     const float* x = dense.data_ptr<float>();
-    const int64_t C = c.D + c.Kb;
     bucket.resize(static_cast<size_t>(c.Kb * B));
-    for (int64_t k = 0; k < c.Kb; ++k) {
-      const float* lo = c.bounds + c.bound_start[static_cast<size_t>(k)];
-      const float* hi = c.bounds + c.bound_start[static_cast<size_t>(k + 1)];
-      int64_t* out = bucket.data() + k * B;
-      if (hi - lo <= 32) {  // few boundaries: count those <= val without a branch (a binary
-                            // search mispredicted about twice a row on random prices)
-        const int64_t nb = hi - lo;
-        for (int64_t b = 0; b < B; ++b) {
-          const float val = x[b * C + c.D + k];
-          int64_t n = 1;
-          for (int64_t j = 0; j < nb; ++j) n += lo[j] <= val;
-          out[b] = std::isnan(val) ? 0 : n;
-        }
-      } else {
-        for (int64_t b = 0; b < B; ++b) {
-          const float val = x[b * C + c.D + k];
-          out[b] = std::isnan(val) ? 0 : 1 + static_cast<int64_t>(std::upper_bound(lo, hi, val) - lo);
-        }
-      }
-    }
+    for (int64_t k = 0; k < c.Kb; ++k) buckets(c, k, x, 0, B, bucket.data() + k * B);
     if (context) {
       ctx_gives.assign(static_cast<size_t>(c.I + c.Kb), 0);
       for (int64_t i = 0; i < c.I; ++i) ctx_gives[static_cast<size_t>(i)] = in_len[static_cast<size_t>(i * B)] > 0;
@@ -1940,6 +1947,285 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
   return h;
 }
 
+// -- score_candidates' lean path ------------------------------------------------------------
+//
+// When every lookup the candidates give is folded (FoldSet) and reads at most one id or key
+// per candidate, each candidate's folded rows are found straight from the raw inputs: no
+// per-input bookkeeping over every row (Work::sources), no bag ends, no candidate columns
+// but the dense ones; the context's share is pooled from row 0 alone. On ads_ctr (1 context
+// x 200 candidates) that bookkeeping and the general gather were about a third of a call.
+// candidates_lean returns false, having written nothing, when a request does not qualify (a
+// lookup not folded, a candidate with two ids, a cross source the context gives twice...):
+// the general path (context_split) then runs. Both compute the same rows and sums.
+
+// The ids of id input i's candidates (rows 1..B-1), each bag holding at most one: id[m], and
+// has[m] = 0 for an empty bag. `first` indexes the input's first id in values. False when a
+// candidate has more than one id.
+bool candidate_ids(const int64_t* v, const int64_t* l, int64_t B, int64_t i, int64_t first, int64_t* id,
+                   uint8_t* has) {
+  const int64_t M = B - 1;
+  const int64_t* li = l + i * B + 1;
+  int64_t all_one = 1, over = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    all_one &= li[m] == 1;
+    over |= li[m] > 1;
+  }
+  if (over) return false;
+  const int64_t* p = v + first + l[i * B];  // after the context's bag
+  if (all_one) {
+    std::memcpy(id, p, static_cast<size_t>(M) * sizeof(int64_t));
+    std::memset(has, 1, static_cast<size_t>(M));
+    return true;
+  }
+  int64_t at = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    has[m] = static_cast<uint8_t>(li[m]);
+    id[m] = li[m] != 0 ? p[at] : 0;
+    at += li[m];
+  }
+  return true;
+}
+
+// Phase one of the candidates' first layer, per candidate i < R: the sum over q < nq of its
+// folded rows ptr[i * nq + q] (H floats, then sum(e) and sum(e^2) as two doubles) plus its
+// nd dense columns x[i * ld + j] times their wg_t rows wx [nd, H] -> pr [R, H]; the folded
+// rows' and dense columns' sum(x) and sum(x^2) -> rs, rss [R] (float64)
+struct CandRows {
+  const float* const* ptr;
+  int64_t nq;
+  const float* x;
+  int64_t ld, nd;
+  const float* wx;
+};
+
+template <int NV>
+__attribute__((target("avx512f,avx2,fma"))) void gather_rows_avx512(const CandRows& c, int64_t R, int64_t stride,
+                                                                    float* pr, double* rs, double* rss) {
+  const int64_t last = stride * 4 - 1, nq = c.nq, nd = c.nd;
+  for (int64_t i = 0; i < R; ++i) {
+    const float* const* pi = c.ptr + i * nq;
+    if (i + 4 < R)  // the first and last lines of the rows 4 ahead (a prefetch per line cost
+                    // more than it saved on ads_ctr's 144-byte rows)
+      for (int64_t q = 0; q < nq; ++q) {
+        const char* p4 = reinterpret_cast<const char*>(pi[4 * nq + q]);
+        __builtin_prefetch(p4);
+        __builtin_prefetch(p4 + last);
+      }
+    __m512 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+    __m128d st = _mm_setzero_pd();
+    for (int64_t q = 0; q < nq; ++q) {
+      const float* p = pi[q];
+      for (int v = 0; v < NV; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_loadu_ps(p + 16 * v));
+      st = _mm_add_pd(st, _mm_loadu_pd(reinterpret_cast<const double*>(p + 16 * NV)));
+    }
+    const float* xi = c.x + i * c.ld;
+    for (int64_t j = 0; j < nd; ++j) {
+      const __m512 xv = _mm512_set1_ps(xi[j]);
+      for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(c.wx + j * 16 * NV + 16 * v), acc[v]);
+      const double xd = xi[j];
+      st = _mm_add_pd(st, _mm_set_pd(xd * xd, xd));
+    }
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(pr + i * 16 * NV + 16 * v, acc[v]);
+    rs[i] = _mm_cvtsd_f64(st);
+    rss[i] = _mm_cvtsd_f64(_mm_unpackhi_pd(st, st));
+  }
+}
+
+void gather_rows(const CandRows& c, int64_t R, int64_t H, int64_t stride, float* pr, double* rs, double* rss) {
+  if (kHasAvx512 && H % 16 == 0 && H >= 16 && H <= 64) {
+    switch (H / 16) {
+      case 1: return gather_rows_avx512<1>(c, R, stride, pr, rs, rss);
+      case 2: return gather_rows_avx512<2>(c, R, stride, pr, rs, rss);
+      case 3: return gather_rows_avx512<3>(c, R, stride, pr, rs, rss);
+      default: return gather_rows_avx512<4>(c, R, stride, pr, rs, rss);
+    }
+  }
+  std::fill(pr, pr + R * H, 0.0f);
+  for (int64_t i = 0; i < R; ++i) {
+    float* o = pr + i * H;
+    double s = 0, ss = 0;
+    for (int64_t q = 0; q < c.nq; ++q) {
+      const float* p = c.ptr[i * c.nq + q];
+      for (int64_t k = 0; k < H; ++k) o[k] += p[k];
+      double a, cc;
+      std::memcpy(&a, p + H, sizeof(double));
+      std::memcpy(&cc, p + H + 2, sizeof(double));
+      s += a;
+      ss += cc;
+    }
+    for (int64_t j = 0; j < c.nd; ++j) {
+      const float xv = c.x[i * c.ld + j];
+      for (int64_t k = 0; k < H; ++k) o[k] += xv * c.wx[j * H + k];
+      s += xv;
+      ss += static_cast<double>(xv) * xv;
+    }
+    rs[i] = s;
+    rss[i] = ss;
+  }
+}
+
+// Whether score_candidates takes the lean path when a request qualifies: ROCKETREC_OPS_LEAN=0
+// turns it off, rocketrec::lean_candidates(on) at run time (tests compare both paths).
+std::atomic<int64_t>& lean_ref() {
+  static std::atomic<int64_t> on{[] {
+    const char* e = std::getenv("ROCKETREC_OPS_LEAN");
+    return int64_t{e == nullptr || std::strcmp(e, "0") != 0};
+  }()};
+  return on;
+}
+bool lean_enabled() { return lean_ref().load(std::memory_order_relaxed) != 0; }
+int64_t lean_candidates(int64_t on) { return on >= 0 ? lean_ref().exchange(on != 0) : lean_ref().load(); }
+std::atomic<int64_t> lean_count{0};  // calls the lean path scored (rocketrec::lean_calls)
+int64_t lean_calls() { return lean_count.load(); }
+
+// values, lengths, dense: contiguous and checked (check_inputs: B rows); tables checked
+bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, const at::Tensor& values,
+                     const at::Tensor& lengths, const at::Tensor& dense, const std::vector<at::Tensor>& tables,
+                     bool int8, int64_t B, float* hp) {
+  const int64_t M = B - 1, H = f.H, K = c.K;
+  const int64_t* v = values.data_ptr<int64_t>();
+  const int64_t* l = lengths.data_ptr<int64_t>();
+  const float* dp = dense.data_ptr<float>();
+  thread_local std::vector<int64_t> first;  // where each id input's ids start in values
+  first.assign(static_cast<size_t>(c.I) + 1, 0);
+  for (int64_t i = 0; i < c.I; ++i) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < B; ++b) n += l[i * B + b];
+    first[static_cast<size_t>(i) + 1] = first[static_cast<size_t>(i)] + n;
+  }
+  auto given = [&](int64_t s) {  // source s (an id input, or bucket s - I) is the context's
+    return s < c.I ? l[s * B] > 0 : !std::isnan(dp[c.D + (s - c.I)]);
+  };
+  auto source_of = [&](const Lookup& k) {  // a lookup's source, -1 for a cross
+    const int64_t kind = c.out_kind[static_cast<size_t>(k.out)], idx = c.out_index[static_cast<size_t>(k.out)];
+    return kind == 0 ? idx : kind == 2 ? c.I + idx : int64_t{-1};
+  };
+  thread_local std::vector<int64_t> cand;  // the candidates' lookups (all folded)
+  cand.clear();
+  for (int64_t l_ = 0; l_ < c.L; ++l_) {
+    const int64_t s = source_of(c.lookups[static_cast<size_t>(l_)]);
+    if (s >= 0 && given(s)) continue;
+    if (!folds(fs, l_)) return false;
+    cand.push_back(l_);
+  }
+  // each candidate's folded row per lookup (an empty bag: a row of zeros)
+  const int64_t nq = static_cast<int64_t>(cand.size());
+  thread_local std::vector<const float*> ptr;
+  thread_local std::vector<int64_t> keys, tmp, rows;
+  thread_local std::vector<uint8_t> has, tmp_has;
+  thread_local std::vector<float> zero_row;
+  ptr.resize(static_cast<size_t>(M * nq));
+  keys.resize(static_cast<size_t>(M));
+  tmp.resize(static_cast<size_t>(M));
+  rows.resize(static_cast<size_t>(M));
+  has.resize(static_cast<size_t>(M));
+  tmp_has.resize(static_cast<size_t>(M));
+  zero_row.assign(static_cast<size_t>(fs.stride), 0.0f);
+  for (int64_t q = 0; q < nq; ++q) {
+    const int64_t l_ = cand[static_cast<size_t>(q)];
+    const Lookup& k = c.lookups[static_cast<size_t>(l_)];
+    const int64_t kind = c.out_kind[static_cast<size_t>(k.out)], idx = c.out_index[static_cast<size_t>(k.out)];
+    if (kind == 0) {
+      if (!candidate_ids(v, l, B, idx, first[static_cast<size_t>(idx)], keys.data(), has.data())) return false;
+    } else if (kind == 2) {
+      buckets(c, idx, dp, 1, M, keys.data());
+      std::memset(has.data(), 1, static_cast<size_t>(M));
+    } else {  // a cross: FNV-1a over one id per source, then fmix64 (Work::cross)
+      const int64_t s0 = c.cross_start[static_cast<size_t>(idx)], s1 = c.cross_start[static_cast<size_t>(idx + 1)];
+      if (s1 <= s0) return false;
+      std::fill(keys.begin(), keys.end(), static_cast<int64_t>(kFnvOffset));
+      std::memset(has.data(), 1, static_cast<size_t>(M));
+      for (int64_t q2 = s0; q2 < s1; ++q2) {
+        const int64_t src = c.cross_src[static_cast<size_t>(q2)];
+        if (given(src)) {  // the context's id (or bucket) in every candidate's cross
+          int64_t id;
+          if (src < c.I) {
+            if (l[src * B] != 1) return false;
+            id = v[first[static_cast<size_t>(src)]];
+          } else {
+            buckets(c, src - c.I, dp, 0, 1, &id);
+          }
+          for (int64_t m = 0; m < M; ++m)
+            keys[m] = static_cast<int64_t>((static_cast<uint64_t>(keys[m]) ^ static_cast<uint64_t>(id)) * kFnvPrime);
+          continue;
+        }
+        if (src < c.I) {
+          if (!candidate_ids(v, l, B, src, first[static_cast<size_t>(src)], tmp.data(), tmp_has.data())) return false;
+          for (int64_t m = 0; m < M; ++m) has[m] &= tmp_has[m];
+        } else {
+          buckets(c, src - c.I, dp, 1, M, tmp.data());
+        }
+        for (int64_t m = 0; m < M; ++m)
+          keys[m] = static_cast<int64_t>((static_cast<uint64_t>(keys[m]) ^ static_cast<uint64_t>(tmp[m])) * kFnvPrime);
+      }
+      for (int64_t m = 0; m < M; ++m) keys[m] = static_cast<int64_t>(fmix64(static_cast<uint64_t>(keys[m])));
+    }
+    rows_of_run(k, keys.data(), M, rows.data());
+    const float* data = fs.data[static_cast<size_t>(fs.slot[static_cast<size_t>(l_)])].get();
+    for (int64_t m = 0; m < M; ++m)
+      ptr[static_cast<size_t>(m * nq + q)] = has[m] ? data + (rows[m] - k.offset) * fs.stride : zero_row.data();
+  }
+  // the context's share: its lookups pooled from row 0, its dense columns
+  thread_local std::vector<float> ctx, pc;
+  ctx.assign(static_cast<size_t>(K), 0.0f);
+  for (int64_t l_ = 0; l_ < c.L; ++l_) {
+    const Lookup& k = c.lookups[static_cast<size_t>(l_)];
+    const int64_t s = source_of(k);
+    if (s < 0 || !given(s)) continue;
+    int64_t n = 1;
+    if (s < c.I) {
+      const int64_t cap = c.id_cap[static_cast<size_t>(s)];
+      n = cap > 0 ? std::min(l[s * B], cap) : l[s * B];
+      if (rows.size() < static_cast<size_t>(n)) rows.resize(static_cast<size_t>(n));
+      rows_of_run(k, v + first[static_cast<size_t>(s)], n, rows.data());
+    } else {
+      int64_t bk;
+      buckets(c, s - c.I, dp, 0, 1, &bk);
+      rows_of_run(k, &bk, 1, rows.data());
+    }
+    const at::Tensor& t = tables[static_cast<size_t>(k.group)];
+    pool_lookup(ctx.data() + k.col, K, k.dim, k.mean != 0, 1, &n, 0, rows.data(),
+                static_cast<const uint8_t*>(t.data_ptr()), t.size(1) * (int8 ? 1 : 4), int8,
+                c.group_dim[static_cast<size_t>(k.group)]);
+  }
+  const Work w(c, B, true);
+  if (c.D > 0) w.dense_row(dp, 0, ctx.data() + (K - c.D));  // the candidates' columns come out 0
+  pc.resize(static_cast<size_t>(H));
+  rows_times(ctx.data(), K, 1, K, f.wg_t, H, pc.data());
+  double cs = 0, css = 0;
+  moments(ctx.data(), K, cs, css);
+  // the candidates' dense columns (row 0 NaN) and their wg_t rows
+  thread_local std::vector<float> xd, x, wx, pr;
+  thread_local std::vector<double> rs, rss;
+  thread_local std::vector<int64_t> dcols;
+  dcols.clear();
+  for (int64_t j = 0; j < c.D; ++j)
+    if (std::isnan(dp[j])) dcols.push_back(j);
+  const int64_t nd = static_cast<int64_t>(dcols.size());
+  xd.resize(static_cast<size_t>(M * std::max<int64_t>(c.D, 1)));
+  if (c.D > 0) w.dense_rows(dp, xd.data(), c.D, 1, M);
+  const float* xp = xd.data();
+  int64_t ld = c.D;
+  if (nd < c.D) {
+    x.resize(static_cast<size_t>(M * std::max<int64_t>(nd, 1)));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < nd; ++j) x[static_cast<size_t>(m * nd + j)] = xd[static_cast<size_t>(m * c.D + dcols[static_cast<size_t>(j)])];
+    xp = x.data(), ld = nd;
+  }
+  wx.resize(static_cast<size_t>(std::max<int64_t>(nd, 1) * H));
+  for (int64_t j = 0; j < nd; ++j)
+    std::memcpy(wx.data() + j * H, f.wg_t + (K - c.D + dcols[static_cast<size_t>(j)]) * H,
+                static_cast<size_t>(H) * sizeof(float));
+  pr.resize(static_cast<size_t>(M * H));
+  rs.resize(static_cast<size_t>(M));
+  rss.resize(static_cast<size_t>(M));
+  gather_rows(CandRows{ptr.data(), nq, xp, ld, nd, wx.data()}, M, H, fs.stride, pr.data(), rs.data(), rss.data());
+  // phase two: the statistics and the affine step (no columns left: all in pr, rs, rss)
+  first_layer_rows(f, pr.data(), 0, M, 0, wx.data(), pc.data(), cs, css, hp, RowShare{pr.data(), rs.data(), rss.data()});
+  return true;
+}
+
 // score_candidates' first layer (FirstLayer) for each merged row x = c + y (disjoint
 // columns, so sum(x) and sum(x^2) split too): h [M, H] = rstd * (W(g*c) + W(g*y) - mean *
 // W g) + (W beta + b). The context's product is one [1, K] x [K, H]; each candidate pays
@@ -1953,6 +2239,16 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
   const std::vector<at::Tensor> tv = tables.vec();
   check_tables(c, tv, int8);  // and the tables'
   const FoldSet* fs = fold_set(c, icfg, tv, int8, wg_t, f.H);
+  if (fs != nullptr && lean_enabled()) {
+    const int64_t B = check_inputs(c, values, lengths, dense);
+    TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
+    const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+    at::Tensor h = at::empty({B - 1, f.H}, at::kFloat);
+    if (candidates_lean(c, f, *fs, vc, lc, dc, tv, int8, B, h.data_ptr<float>())) {
+      lean_count.fetch_add(1, std::memory_order_relaxed);
+      return h;
+    }
+  }
   Split sp = context_split(values, lengths, dense, icfg, fcfg, tables, int8, fs, false);
   const std::vector<int64_t>& cols = sp.cols;
   const int64_t K = sp.ctx.size(1), M = sp.M;
@@ -2025,6 +2321,8 @@ TORCH_LIBRARY(rocketrec, m) {
   m.def("fold_budget_mb(int mb) -> int", &rocketrec_ops::fold_budget_mb);
   m.def("fold_stats() -> int[]", &rocketrec_ops::fold_stats);
   m.def("fold_clear() -> int", &rocketrec_ops::fold_clear);
+  m.def("lean_candidates(int on) -> int", &rocketrec_ops::lean_candidates);
+  m.def("lean_calls() -> int", &rocketrec_ops::lean_calls);
 }
 
 TORCH_LIBRARY_IMPL(rocketrec, CPU, m) {

@@ -25,6 +25,7 @@
 //   rocketrec_predict --bench-paired MODEL... [--math MATH.pt] [--seconds S] [--context a,b]
 //       [--candidates N] [--only batch1|batch16|batch256|candidates|candidate_rows]
 //       [--fold-mb A,B]  (each model once per fold budget: rocketrec::fold_budget_mb)
+//       [--lean 0,1]  (each model with score_candidates' lean path off, on: lean_candidates)
 //       the models (and the math baseline) timed taking turns in short blocks over the
 //       same seconds: ratios between them that the machine's drifting speed cancels out of
 //
@@ -73,7 +74,7 @@ int usage() {
                "       rocketrec_predict --watch DIR [REQUESTS.jsonl|-] [--load-test SECONDS --threads T]\n"
                "       rocketrec_predict MODEL.pt --manifest\n"
                "       rocketrec_predict --bench-math MATH.pt [--seconds S]\n"
-               "       rocketrec_predict --bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND] [--fold-mb A,B]\n"
+               "       rocketrec_predict --bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND] [--fold-mb A,B | --lean A,B]\n"
                "       rocketrec_predict --hash STRING...\n"
                "       rocketrec_predict --cross-hash ID,ID[,ID...]...\n";
   return 2;
@@ -323,31 +324,34 @@ void paired(std::vector<Timed>& ts, double seconds) {
 }
 
 
-// `folds` (--fold-mb A,B,...): each model is loaded and timed once per budget of the first
-// layer folded into single-id tables (rocketrec::fold_budget_mb, set before each call), as
-// "MODEL@fold=A": the folding's effect measured in one process.
+// `knob` / `values` (--fold-mb A,B,... or --lean A,B): each model is loaded and timed once
+// per value of an operator knob (rocketrec::fold_budget_mb: the budget of the first layer
+// folded into single-id tables; rocketrec::lean_candidates: score_candidates' lean path on or
+// off), set before each call, as "MODEL@fold=A" or "MODEL@lean=A": the knob's effect
+// measured in one process.
 int bench_paired(const std::vector<std::string>& model_paths, const std::string& math, double seconds,
                  std::vector<std::string> context, int n_cand, const std::string& only,
-                 const std::vector<int64_t>& folds) {
+                 const std::string& knob, const std::vector<int64_t>& values) {
   at::set_num_threads(1);
   std::vector<std::unique_ptr<rocketrec::Predictor>> ps;
   std::vector<std::string> paths;  // the models' names in the output
-  std::vector<int64_t> budget;     // per model: the fold budget to set, or -1
+  std::vector<int64_t> setting;    // per model: the knob's value to set, or -1
+  const std::string label = knob == "fold_budget_mb" ? "fold" : "lean";
   for (const auto& path : model_paths)
-    for (int64_t f : folds.empty() ? std::vector<int64_t>{-1} : folds) {
+    for (int64_t f : values.empty() ? std::vector<int64_t>{-1} : values) {
       ps.push_back(std::make_unique<rocketrec::Predictor>(path));
-      paths.push_back(f < 0 ? path : path + "@fold=" + std::to_string(f));
-      budget.push_back(f);
+      paths.push_back(f < 0 ? path : path + "@" + label + "=" + std::to_string(f));
+      setting.push_back(f);
     }
-  std::optional<c10::TypedOperatorHandle<int64_t(int64_t)>> fold_op;
-  if (!folds.empty())
-    fold_op = c10::Dispatcher::singleton().findSchemaOrThrow("rocketrec::fold_budget_mb", "").typed<int64_t(int64_t)>();
+  std::optional<c10::TypedOperatorHandle<int64_t(int64_t)>> knob_op;
+  if (!values.empty())
+    knob_op = c10::Dispatcher::singleton().findSchemaOrThrow(("rocketrec::" + knob).c_str(), "").typed<int64_t(int64_t)>();
   auto with_budget = [&](size_t m, std::function<void()> fn) -> std::function<void()> {
-    if (budget[m] < 0) return fn;
-    const int64_t mb = budget[m];
-    auto op = *fold_op;
-    return [op, mb, fn] {
-      op.call(mb);
+    if (setting[m] < 0) return fn;
+    const int64_t value = setting[m];
+    auto op = *knob_op;
+    return [op, value, fn] {
+      op.call(value);
       fn();
     };
   };
@@ -576,7 +580,8 @@ int main(int argc, char** argv) {
   if (args[0] == "--bench-paired") {
     std::vector<std::string> paths;
     std::string math, context, only;
-    std::vector<int64_t> folds;
+    std::vector<int64_t> values;
+    std::string knob;
     double secs = 2.0;
     int n_cand = 200;
     for (size_t i = 1; i < args.size(); ++i) {
@@ -587,24 +592,27 @@ int main(int argc, char** argv) {
         else if (a == "--context" && i + 1 < args.size()) context = args[++i];
         else if (a == "--candidates" && i + 1 < args.size()) n_cand = std::stoi(args[++i]);
         else if (a == "--only" && i + 1 < args.size()) only = args[++i];
-        else if (a == "--fold-mb" && i + 1 < args.size())
-          for (const auto& f : split(args[++i], ',')) folds.push_back(std::stoll(f));
-        else if (a.rfind("--", 0) == 0) return fail("unknown option " + a);
+        else if ((a == "--fold-mb" || a == "--lean") && i + 1 < args.size()) {
+          if (!knob.empty()) return fail("--fold-mb and --lean: one at a time");
+          knob = a == "--lean" ? "lean_candidates" : "fold_budget_mb";
+          for (const auto& f : split(args[++i], ',')) values.push_back(std::stoll(f));
+        } else if (a.rfind("--", 0) == 0) return fail("unknown option " + a);
         else paths.push_back(a);
       } catch (const std::exception&) {
         return fail("bad value for " + a);
       }
     }
     if (paths.empty())
-      return fail("--bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND] [--fold-mb A,B]");
+      return fail("--bench-paired MODEL... [--math MATH.pt] [--seconds S] [--only KIND] [--fold-mb A,B | --lean A,B]");
     if (n_cand < 1) return fail("--candidates must be >= 1");
-    for (int64_t f : folds)
-      if (f < 0) return fail("--fold-mb takes budgets in MiB >= 0");
+    for (int64_t f : values)
+      if (f < 0 || (knob == "lean_candidates" && f > 1))
+        return fail(knob == "lean_candidates" ? "--lean takes 0 (off) or 1 (on)" : "--fold-mb takes budgets in MiB >= 0");
     const std::vector<std::string> kinds{"", "batch1", "batch16", "batch256", "candidates", "candidate_rows"};
     if (std::find(kinds.begin(), kinds.end(), only) == kinds.end())
       return fail("--only takes batch1, batch16, batch256, candidates or candidate_rows");
     try {
-      return bench_paired(paths, math, secs, split(context, ','), n_cand, only, folds);
+      return bench_paired(paths, math, secs, split(context, ','), n_cand, only, knob, values);
     } catch (const std::exception& e) {
       std::string msg = e.what();
       return fail(msg.substr(0, msg.find('\n')));
