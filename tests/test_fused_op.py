@@ -782,7 +782,7 @@ def test_lean_candidates_equals_general(tmp_path, int8, mlp):
             for (req, merged), got in zip(takes, lean, strict=True):
                 torch.testing.assert_close(got, fused.score_candidates(*req), rtol=0, atol=1e-6)
                 torch.testing.assert_close(got, m(*merged), rtol=0, atol=2e-6)
-            for (req, merged), got in zip(falls, general_fallback, strict=True):
+            for (_req, merged), got in zip(falls, general_fallback, strict=True):
                 torch.testing.assert_close(got, m(*merged), rtol=0, atol=2e-6)
             assert ops.lean_calls() - n0 == len(takes)  # off: none taken
     finally:
