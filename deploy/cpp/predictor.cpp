@@ -323,9 +323,12 @@ std::vector<torch::jit::IValue> Predictor::build_inputs(const Request* first, co
   // the lengths first (input-major, like a KeyedJaggedTensor), then each input's ids
   auto lengths = torch::empty({F * B}, torch::kInt64);
   auto dense_t = torch::empty({B, D}, torch::kFloat32);
-  int64_t* l = lengths.data_ptr<int64_t>();
-  float* d = dense_t.data_ptr<float>();
-  std::vector<int64_t> at(static_cast<size_t>(F) + 1, 0);  // ids per input, then where each input starts
+  // restrict: the stores through l, d and v below cannot change `at` (without it, at[f] was
+  // reloaded after every store)
+  int64_t* __restrict l = lengths.data_ptr<int64_t>();
+  float* __restrict d = dense_t.data_ptr<float>();
+  std::vector<int64_t> at_v(static_cast<size_t>(F) + 1, 0);  // ids per input, then where each input starts
+  int64_t* __restrict at = at_v.data();
   int64_t given = 0;  // with a context: a candidate's non-empty bag or number where the context gives one
   std::vector<int64_t> ctx_bags, ctx_dense;
   for (int64_t b = 0; b < B; ++b) {
@@ -337,7 +340,7 @@ std::vector<torch::jit::IValue> Predictor::build_inputs(const Request* first, co
     for (int64_t f = 0; f < F; ++f) {
       const int64_t n = static_cast<int64_t>(bags[f].size());
       l[f * B + b] = n;
-      at[static_cast<size_t>(f) + 1] += n;
+      at[f + 1] += n;
     }
     const float* rd = r.dense.data();
     float* db = d + b * D;
@@ -353,17 +356,17 @@ std::vector<torch::jit::IValue> Predictor::build_inputs(const Request* first, co
     }
   }
   if (overlap != nullptr) *overlap = given != 0;
-  for (int64_t f = 0; f < F; ++f) at[static_cast<size_t>(f) + 1] += at[static_cast<size_t>(f)];
-  auto values = torch::empty({at[static_cast<size_t>(F)]}, torch::kInt64);
-  int64_t* v = values.data_ptr<int64_t>();
+  for (int64_t f = 0; f < F; ++f) at[f + 1] += at[f];
+  auto values = torch::empty({at[F]}, torch::kInt64);
+  int64_t* __restrict v = values.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {  // row by row: each request's bags sit together
     const std::vector<int64_t>* bags = row(b).bags.data();
     for (int64_t f = 0; f < F; ++f) {
       const int64_t* ids = bags[f].data();
-      const int64_t n = l[f * B + b];
-      int64_t* out = v + at[static_cast<size_t>(f)];
+      const int64_t n = static_cast<int64_t>(bags[f].size());
+      int64_t* out = v + at[f];
       for (int64_t j = 0; j < n; ++j) out[j] = ids[j];  // bags are short: no memmove call per bag
-      at[static_cast<size_t>(f)] += n;
+      at[f] += n;
     }
   }
   return {values, lengths, dense_t};

@@ -1284,7 +1284,9 @@ struct FirstLayer {
     thread_local std::vector<double> s_v, ss_v;
     s_v.resize(static_cast<size_t>(R));
     ss_v.resize(static_cast<size_t>(R));
-    if (kHasAvx512)
+    if (n == 0)  // no columns (the lean candidates: all in rs, rss)
+      std::fill(s_v.begin(), s_v.end(), 0.0), std::fill(ss_v.begin(), ss_v.end(), 0.0);
+    else if (kHasAvx512)
       moments_rows_avx512(x, ld, R, n, s_v.data(), ss_v.data());
     else
       for (int64_t r = 0; r < R; ++r) moments(x + r * ld, n, s_v[static_cast<size_t>(r)], ss_v[static_cast<size_t>(r)]);
@@ -1525,7 +1527,7 @@ FoldBuffer fold_buffer(size_t n) {
 struct FoldSet {
   int64_t H = 0, stride = 0;     // floats per folded row: H, then sum(e), sum(e^2) as 2 doubles
   std::vector<int64_t> slot;     // [L]: index into data, or -1
-  std::vector<FoldBuffer> data;  // per folded lookup: [rows, stride]
+  std::vector<FoldBuffer> data;  // per folded lookup: [rows + 1, stride] (the last row zeros)
   int64_t bytes = 0;
   std::vector<int64_t> icfg;     // what it was folded from (besides the tables): another
   std::vector<float> wg;         // model's tensors of equal contents share the set
@@ -1596,12 +1598,14 @@ std::shared_ptr<const FoldSet> build_fold_set(const Config& c, const at::Tensor&
   std::vector<float> e, p(static_cast<size_t>(kChunk * H));
   for (int64_t l : order) {
     const Lookup& k = c.lookups[static_cast<size_t>(l)];
-    const int64_t bytes = k.rows * fs->stride * static_cast<int64_t>(sizeof(float));
+    const int64_t bytes = (k.rows + 1) * fs->stride * static_cast<int64_t>(sizeof(float));
     if (fs->bytes + bytes > budget_bytes) continue;
     const at::Tensor& t = tables[static_cast<size_t>(k.group)];
     const uint8_t* base = static_cast<const uint8_t*>(t.data_ptr());
     const int64_t tstride = t.size(1) * (int8 ? 1 : 4), qdim = c.group_dim[static_cast<size_t>(k.group)];
-    FoldBuffer out = fold_buffer(static_cast<size_t>(k.rows * fs->stride));
+    // rows + 1: row `rows` is zeros (an empty bag's share, for score_candidates' lean path)
+    FoldBuffer out = fold_buffer(static_cast<size_t>((k.rows + 1) * fs->stride));
+    std::fill(out.get() + k.rows * fs->stride, out.get() + (k.rows + 1) * fs->stride, 0.0f);
     e.resize(static_cast<size_t>(kChunk * k.dim));
     for (int64_t r0 = 0; r0 < k.rows; r0 += kChunk) {
       const int64_t n = std::min(kChunk, k.rows - r0);
@@ -1987,11 +1991,13 @@ bool candidate_ids(const int64_t* v, const int64_t* l, int64_t B, int64_t i, int
 }
 
 // Phase one of the candidates' first layer, per candidate i < R: the sum over q < nq of its
-// folded rows ptr[i * nq + q] (H floats, then sum(e) and sum(e^2) as two doubles) plus its
+// folded rows data[q] + row[q * R + i] * stride (H floats, then sum(e) and sum(e^2) as two
+// doubles) plus its
 // nd dense columns x[i * ld + j] times their wg_t rows wx [nd, H] -> pr [R, H]; the folded
 // rows' and dense columns' sum(x) and sum(x^2) -> rs, rss [R] (float64)
 struct CandRows {
-  const float* const* ptr;
+  const float* const* data;  // [nq]: each lookup's folded table
+  const int64_t* row;        // [nq, R]: each candidate's row in it
   int64_t nq;
   const float* x;
   int64_t ld, nd;
@@ -2003,30 +2009,43 @@ __attribute__((target("avx512f,avx2,fma"))) void gather_rows_avx512(const CandRo
                                                                     float* pr, double* rs, double* rss) {
   const int64_t last = stride * 4 - 1, nq = c.nq, nd = c.nd;
   for (int64_t i = 0; i < R; ++i) {
-    const float* const* pi = c.ptr + i * nq;
-    if (i + 4 < R)  // the first and last lines of the rows 4 ahead (a prefetch per line cost
-                    // more than it saved on ads_ctr's 144-byte rows)
+    if (i + kAhead < R)  // the first and last lines of the rows kAhead ahead (a prefetch per
+                         // line cost more than it saved on ads_ctr's 144-byte rows)
       for (int64_t q = 0; q < nq; ++q) {
-        const char* p4 = reinterpret_cast<const char*>(pi[4 * nq + q]);
+        const char* p4 = reinterpret_cast<const char*>(c.data[q] + c.row[q * R + i + kAhead] * stride);
         __builtin_prefetch(p4);
         __builtin_prefetch(p4 + last);
       }
-    __m512 acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
-    __m128d st = _mm_setzero_pd();
-    for (int64_t q = 0; q < nq; ++q) {
-      const float* p = pi[q];
+    // two chains of adds (the folded rows, the dense columns), added at the end: one chain
+    // of eight dependent adds per candidate left the gather waiting on their latency
+    __m512 acc[NV], acd[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps(), acd[v] = _mm512_setzero_ps();
+    __m128d st = _mm_setzero_pd(), sd = _mm_setzero_pd();
+    int64_t q = 0;
+    for (; q + 2 <= nq; q += 2) {
+      const float* p = c.data[q] + c.row[q * R + i] * stride;
+      const float* p1 = c.data[q + 1] + c.row[(q + 1) * R + i] * stride;
+      for (int v = 0; v < NV; ++v) {
+        acc[v] = _mm512_add_ps(acc[v], _mm512_loadu_ps(p + 16 * v));
+        acd[v] = _mm512_add_ps(acd[v], _mm512_loadu_ps(p1 + 16 * v));
+      }
+      st = _mm_add_pd(st, _mm_loadu_pd(reinterpret_cast<const double*>(p + 16 * NV)));
+      sd = _mm_add_pd(sd, _mm_loadu_pd(reinterpret_cast<const double*>(p1 + 16 * NV)));
+    }
+    if (q < nq) {
+      const float* p = c.data[q] + c.row[q * R + i] * stride;
       for (int v = 0; v < NV; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_loadu_ps(p + 16 * v));
       st = _mm_add_pd(st, _mm_loadu_pd(reinterpret_cast<const double*>(p + 16 * NV)));
     }
     const float* xi = c.x + i * c.ld;
     for (int64_t j = 0; j < nd; ++j) {
       const __m512 xv = _mm512_set1_ps(xi[j]);
-      for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(c.wx + j * 16 * NV + 16 * v), acc[v]);
+      for (int v = 0; v < NV; ++v) acd[v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(c.wx + j * 16 * NV + 16 * v), acd[v]);
       const double xd = xi[j];
-      st = _mm_add_pd(st, _mm_set_pd(xd * xd, xd));
+      sd = _mm_add_pd(sd, _mm_set_pd(xd * xd, xd));
     }
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(pr + i * 16 * NV + 16 * v, acc[v]);
+    st = _mm_add_pd(st, sd);
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(pr + i * 16 * NV + 16 * v, _mm512_add_ps(acc[v], acd[v]));
     rs[i] = _mm_cvtsd_f64(st);
     rss[i] = _mm_cvtsd_f64(_mm_unpackhi_pd(st, st));
   }
@@ -2046,7 +2065,7 @@ void gather_rows(const CandRows& c, int64_t R, int64_t H, int64_t stride, float*
     float* o = pr + i * H;
     double s = 0, ss = 0;
     for (int64_t q = 0; q < c.nq; ++q) {
-      const float* p = c.ptr[i * c.nq + q];
+      const float* p = c.data[q] + c.row[q * R + i] * stride;
       for (int64_t k = 0; k < H; ++k) o[k] += p[k];
       double a, cc;
       std::memcpy(&a, p + H, sizeof(double));
@@ -2109,19 +2128,18 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
     if (!folds(fs, l_)) return false;
     cand.push_back(l_);
   }
-  // each candidate's folded row per lookup (an empty bag: a row of zeros)
+  // each candidate's row per lookup in its folded table (an empty bag: the table's zero row)
   const int64_t nq = static_cast<int64_t>(cand.size());
-  thread_local std::vector<const float*> ptr;
-  thread_local std::vector<int64_t> keys, tmp, rows;
+  thread_local std::vector<const float*> data;
+  thread_local std::vector<int64_t> crow, keys, tmp, rows;
   thread_local std::vector<uint8_t> has, tmp_has;
-  thread_local std::vector<float> zero_row;
-  ptr.resize(static_cast<size_t>(M * nq));
+  data.resize(static_cast<size_t>(nq));
+  crow.resize(static_cast<size_t>(M * nq));
   keys.resize(static_cast<size_t>(M));
   tmp.resize(static_cast<size_t>(M));
   rows.resize(static_cast<size_t>(M));
   has.resize(static_cast<size_t>(M));
   tmp_has.resize(static_cast<size_t>(M));
-  zero_row.assign(static_cast<size_t>(fs.stride), 0.0f);
   for (int64_t q = 0; q < nq; ++q) {
     const int64_t l_ = cand[static_cast<size_t>(q)];
     const Lookup& k = c.lookups[static_cast<size_t>(l_)];
@@ -2161,10 +2179,16 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
       }
       for (int64_t m = 0; m < M; ++m) keys[m] = static_cast<int64_t>(fmix64(static_cast<uint64_t>(keys[m])));
     }
-    rows_of_run(k, keys.data(), M, rows.data());
-    const float* data = fs.data[static_cast<size_t>(fs.slot[static_cast<size_t>(l_)])].get();
-    for (int64_t m = 0; m < M; ++m)
-      ptr[static_cast<size_t>(m * nq + q)] = has[m] ? data + (rows[m] - k.offset) * fs.stride : zero_row.data();
+    Lookup k0 = k;  // rows in the folded table: no offset
+    k0.offset = 0;
+    int64_t* rq = crow.data() + q * M;
+    rows_of_run(k0, keys.data(), M, rq);
+    int64_t all = 1;
+    for (int64_t m = 0; m < M; ++m) all &= has[m];
+    if (!all)
+      for (int64_t m = 0; m < M; ++m)
+        if (!has[m]) rq[m] = k.rows;  // the zero row
+    data[static_cast<size_t>(q)] = fs.data[static_cast<size_t>(fs.slot[static_cast<size_t>(l_)])].get();
   }
   // the context's share: its lookups pooled from row 0, its dense columns
   thread_local std::vector<float> ctx, pc;
@@ -2220,7 +2244,8 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
   pr.resize(static_cast<size_t>(M * H));
   rs.resize(static_cast<size_t>(M));
   rss.resize(static_cast<size_t>(M));
-  gather_rows(CandRows{ptr.data(), nq, xp, ld, nd, wx.data()}, M, H, fs.stride, pr.data(), rs.data(), rss.data());
+  gather_rows(CandRows{data.data(), crow.data(), nq, xp, ld, nd, wx.data()}, M, H, fs.stride, pr.data(), rs.data(),
+              rss.data());
   // phase two: the statistics and the affine step (no columns left: all in pr, rs, rss)
   first_layer_rows(f, pr.data(), 0, M, 0, wx.data(), pc.data(), cs, css, hp, RowShare{pr.data(), rs.data(), rss.data()});
   return true;

@@ -7,7 +7,7 @@ preprocessing, lookups and the first layer with one operator call
 
     forward(values [N], lengths [I*B], dense [B, C]) -> probabilities [B]
         h = light_first_layer(...)            # [B, H]: LayerNorm and the first Linear
-        sigmoid(rest(h) + log(negative_sample_rate))
+        sigmoid(rest(h) . w_head + b_head + log(negative_sample_rate))
 
     score_candidates(values, lengths, dense [1+M, C]) -> probabilities [M]
         h = light_first_layer_context(...)    # [M, H], the context's share once
@@ -46,6 +46,7 @@ class FusedLightServing(nn.Module):
     logit_offset: float
     split: bool
     eps: float
+    dot_head: bool
 
     def __init__(self, portable: LightServing) -> None:
         super().__init__()
@@ -83,11 +84,32 @@ class FusedLightServing(nn.Module):
             self.register_buffer("wg_sum", wg.sum(1).view(1, -1))  # W g: [1, H]
             b = first.bias.detach() if first.bias is not None else torch.zeros(w.shape[0])
             self.register_buffer("b_eff", (w @ beta + b).view(1, -1))  # W beta + b: [1, H]
-            self.rest = nn.Sequential(*layers[1:])
+            rest = layers[1:]
+            # a last Linear to one logit runs as a product and a sum (head_w, head_b): the
+            # compilers fuse it with the activation before it and the sigmoid after it into
+            # one loop, where a [B, H] x [H, 1] matmul is a library call of its own
+            last = rest[-1] if rest else None
+            self.dot_head = isinstance(last, nn.Linear) and last.out_features == 1
+            if isinstance(last, nn.Linear) and self.dot_head:
+                self.register_buffer("head_w", last.weight.detach().reshape(-1).clone())
+                hb = last.bias.detach() if last.bias is not None else torch.zeros(1)
+                self.register_buffer("head_b", hb.reshape(1).clone())
+                rest = rest[:-1]
+            else:
+                for name in ("head_w", "head_b"):
+                    self.register_buffer(name, torch.zeros(0))
+            self.rest = nn.Sequential(*rest)
         else:
-            for name in ("wg_t", "wg_sum", "b_eff"):
+            for name in ("wg_t", "wg_sum", "b_eff", "head_w", "head_b"):
                 self.register_buffer(name, torch.zeros(0, 0))
+            self.dot_head = False
             self.rest = nn.Sequential()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The tower after its first layer: h [B, H] -> logits [B]."""
+        if self.dot_head:
+            return (self.rest(h) * self.head_w).sum(-1) + self.head_b
+        return self.rest(h).view(-1)
 
     def forward(
         self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
@@ -111,7 +133,7 @@ class FusedLightServing(nn.Module):
             self.b_eff,
             self.eps,
         )  # [B, H]: LayerNorm and the first Linear, before its activation
-        return torch.sigmoid(self.rest(h).view(-1) + self.logit_offset)
+        return torch.sigmoid(self._logits(h) + self.logit_offset)
 
     @torch.jit.export
     def score_candidates(
@@ -139,4 +161,4 @@ class FusedLightServing(nn.Module):
             self.b_eff,
             self.eps,
         )  # [M, H]: the first layer's output before its activation
-        return torch.sigmoid(self.rest(h).view(-1) + self.logit_offset)
+        return torch.sigmoid(self._logits(h) + self.logit_offset)
