@@ -280,41 +280,45 @@ def bench_paired(exe: Path, models: dict[str, Path], math: Path, seconds: float)
     return res
 
 
-FOLD_MB = (0, 1024)  # unfolded, and the library's default budget
+# the operator's knobs timed off and on in one process (rocketrec_predict --bench-paired):
+# the first layer folded into single-id tables (budget 0 MiB, then the library's default),
+# score_candidates' lean path (off, on: candidates only)
+KNOBS = {
+    "fold": ("--fold-mb", (0, 1024), None, "folded / unfolded"),
+    "lean": ("--lean", (0, 1), "candidates", "lean / general"),
+}
 
 
-def bench_fold(exe: Path, models: dict[str, Path], seconds: float) -> dict:
-    """One `rocketrec_predict --bench-paired --fold-mb 0,1024` run: each model with the
-    first layer unfolded and folded into its single-id tables, taking turns in one process:
-    {(kind, name, fold MiB): p50 us}."""
+def bench_knob(exe: Path, models: dict[str, Path], seconds: float, knob: str) -> dict:
+    """One `rocketrec_predict --bench-paired --fold-mb 0,1024` (or `--lean 0,1`) run: each
+    model with the knob off and on, taking turns in one process: {(kind, name, value): p50
+    us}."""
+    flag, values, only = KNOBS[knob][:3]
     names = {str(p): k for k, p in models.items()}
     out = subprocess.run(
         [str(exe), "--bench-paired", *map(str, models.values()),
-         "--fold-mb", ",".join(map(str, FOLD_MB)), "--seconds", str(seconds)],
+         flag, ",".join(map(str, values)), "--seconds", str(seconds),
+         *(["--only", only] if only else [])],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     res = {}
     for r in (json.loads(x) for x in out.stdout.splitlines()):
-        path, fold = r["model"].rsplit("@fold=", 1)
-        res[(r["kind"], names[path], int(fold))] = r["p50_us"]
+        path, value = r["model"].rsplit(f"@{knob}=", 1)
+        res[(r["kind"], names[path], int(value))] = r["p50_us"]
     return res
 
 
-def report_fold(folds: list[dict], folded: tuple[int, int, int]) -> None:
-    """Folded / unfolded p50 per model and kind: medians over rounds, min..max."""
+def report_knob(runs: list[dict], knob: str, title: str) -> None:
+    """On / off p50 per model and kind: medians over rounds, min..max."""
     import statistics
 
-    models, lookups, size = folded
-    print(
-        f"First layer folded into single-id tables (deploy/README.md section 4): {lookups} "
-        f"lookups, {size:,} bytes for the light model; folded / unfolded p50, paired in one "
-        f"process, {len(folds)} rounds"
-    )
-    keys = sorted({(k, n) for r in folds for k, n, _ in r}, key=lambda t: (t[1], t[0]))
+    values, what = KNOBS[knob][1], KNOBS[knob][3]
+    print(f"{title}; {what} p50, paired in one process, {len(runs)} rounds")
+    keys = sorted({(k, n) for r in runs for k, n, _ in r}, key=lambda t: (t[1], t[0]))
     for kind, name in keys:
-        vals = [r[(kind, name, FOLD_MB[1])] / r[(kind, name, FOLD_MB[0])] for r in folds]
+        vals = [r[(kind, name, values[1])] / r[(kind, name, values[0])] for r in runs]
         print(
-            f"ratio {'folded / unfolded ' + name + ', ' + kind:<44} "
+            f"ratio {what + ' ' + name + ', ' + kind:<44} "
             f"{statistics.median(vals):6.2f}  rounds {min(vals):.2f}..{max(vals):.2f}"
         )
 
@@ -465,6 +469,7 @@ def main() -> None:
         pair_models["light_seq_ts"] = light_seq
     paired: list[dict] = []
     folds: list[dict] = []
+    leans: list[dict] = []
     fold_models = {"light": aoti["light"] if "light" in r_a else light}
     if "int8" in r_a:
         fold_models["int8"] = aoti["int8"]
@@ -475,7 +480,8 @@ def main() -> None:
         order = list(pair_models.items())
         order = order[i % len(order) :] + order[: i % len(order)]
         paired.append(bench_paired(exe, dict(order), math, 2 * a.seconds))
-        folds.append(bench_fold(exe, fold_models, a.seconds))
+        folds.append(bench_knob(exe, fold_models, a.seconds, "fold"))
+        leans.append(bench_knob(exe, fold_models, a.seconds, "lean"))
         rounds.append(
             [
                 bench(exe, light, a.seconds),
@@ -601,7 +607,19 @@ def main() -> None:
     with torch.no_grad():
         lm(*x)  # the first call folds
     now = torch.ops.rocketrec.fold_stats()
-    report_fold(folds, tuple(a - b for a, b in zip(now, base, strict=True)))  # type: ignore[arg-type]
+    _, lookups, size = (a - b for a, b in zip(now, base, strict=True))
+    report_knob(
+        folds,
+        "fold",
+        f"First layer folded into single-id tables (deploy/README.md section 4): {lookups} "
+        f"lookups, {size:,} bytes for the light model",
+    )
+    report_knob(
+        leans,
+        "lean",
+        "score_candidates' lean path (deploy/README.md section 4): the candidates' folded rows "
+        "straight from the raw inputs",
+    )
     print(
         f"light file: fp32 {r_fp['bytes']:,} bytes, int8 {r_q['bytes']:,} bytes "
         f"({r_fp['bytes'] / r_q['bytes']:.2f}x smaller); booster fp32 {r_b['bytes']:,} bytes"
