@@ -1838,6 +1838,16 @@ __attribute__((target("avx512f,avx2,fma"))) void gather_folded_avx512(const Fold
   }
 }
 
+// o [H] += a folded row's H floats; s, ss += its sum(e), sum(e^2) (the portable gathers)
+inline void add_folded_row(float* o, const float* p, int64_t H, double& s, double& ss) {
+  for (int64_t k = 0; k < H; ++k) o[k] += p[k];
+  double a, cc;
+  std::memcpy(&a, p + H, sizeof(double));
+  std::memcpy(&cc, p + H + 2, sizeof(double));
+  s += a;
+  ss += cc;
+}
+
 // The folded lookups' share (RowShare, in per-thread buffers valid until the next call) of
 // rows b0..b1-1
 RowShare folded_share(const FoldSet& fs, const Config& c, const Rows& r, const std::vector<int64_t>& use,
@@ -1878,12 +1888,7 @@ RowShare folded_share(const FoldSet& fs, const Config& c, const Rows& r, const s
       const int64_t start = i == 0 ? f.start : f.ends[b - 1];
       if (f.ends[b] == start) continue;
       const float* p = f.data + (rows[start] - f.offset) * st;
-      for (int64_t k = 0; k < H; ++k) o[k] += p[k];
-      double a, cc;
-      std::memcpy(&a, p + H, sizeof(double));
-      std::memcpy(&cc, p + H + 2, sizeof(double));
-      s += a;
-      ss += cc;
+      add_folded_row(o, p, H, s, ss);
     }
     rs[i] = s;
     rss[i] = ss;
@@ -2066,12 +2071,7 @@ void gather_rows(const CandRows& c, int64_t R, int64_t H, int64_t stride, float*
     double s = 0, ss = 0;
     for (int64_t q = 0; q < c.nq; ++q) {
       const float* p = c.data[q] + c.row[q * R + i] * stride;
-      for (int64_t k = 0; k < H; ++k) o[k] += p[k];
-      double a, cc;
-      std::memcpy(&a, p + H, sizeof(double));
-      std::memcpy(&cc, p + H + 2, sizeof(double));
-      s += a;
-      ss += cc;
+      add_folded_row(o, p, H, s, ss);
     }
     for (int64_t j = 0; j < c.nd; ++j) {
       const float xv = c.x[i * c.ld + j];
