@@ -1996,13 +1996,11 @@ bool candidate_ids(const int64_t* v, const int64_t* l, int64_t B, int64_t i, int
 }
 
 // Phase one of the candidates' first layer, per candidate i < R: the sum over q < nq of its
-// folded rows data[q] + row[q * R + i] * stride (H floats, then sum(e) and sum(e^2) as two
-// doubles) plus its
+// folded rows row[q * R + i] (H floats, then sum(e) and sum(e^2) as two doubles) plus its
 // nd dense columns x[i * ld + j] times their wg_t rows wx [nd, H] -> pr [R, H]; the folded
 // rows' and dense columns' sum(x) and sum(x^2) -> rs, rss [R] (float64)
 struct CandRows {
-  const float* const* data;  // [nq]: each lookup's folded table
-  const int64_t* row;        // [nq, R]: each candidate's row in it
+  const float* const* row;  // [nq, R]: each candidate's row in each lookup's folded table
   int64_t nq;
   const float* x;
   int64_t ld, nd;
@@ -2013,11 +2011,12 @@ template <int NV>
 __attribute__((target("avx512f,avx2,fma"))) void gather_rows_avx512(const CandRows& c, int64_t R, int64_t stride,
                                                                     float* pr, double* rs, double* rss) {
   const int64_t last = stride * 4 - 1, nq = c.nq, nd = c.nd;
+  const float* const* row = c.row;
   for (int64_t i = 0; i < R; ++i) {
     if (i + kAhead < R)  // the first and last lines of the rows kAhead ahead (a prefetch per
                          // line cost more than it saved on ads_ctr's 144-byte rows)
       for (int64_t q = 0; q < nq; ++q) {
-        const char* p4 = reinterpret_cast<const char*>(c.data[q] + c.row[q * R + i + kAhead] * stride);
+        const char* p4 = reinterpret_cast<const char*>(row[q * R + i + kAhead]);
         __builtin_prefetch(p4);
         __builtin_prefetch(p4 + last);
       }
@@ -2028,8 +2027,8 @@ __attribute__((target("avx512f,avx2,fma"))) void gather_rows_avx512(const CandRo
     __m128d st = _mm_setzero_pd(), sd = _mm_setzero_pd();
     int64_t q = 0;
     for (; q + 2 <= nq; q += 2) {
-      const float* p = c.data[q] + c.row[q * R + i] * stride;
-      const float* p1 = c.data[q + 1] + c.row[(q + 1) * R + i] * stride;
+      const float* p = row[q * R + i];
+      const float* p1 = row[(q + 1) * R + i];
       for (int v = 0; v < NV; ++v) {
         acc[v] = _mm512_add_ps(acc[v], _mm512_loadu_ps(p + 16 * v));
         acd[v] = _mm512_add_ps(acd[v], _mm512_loadu_ps(p1 + 16 * v));
@@ -2038,7 +2037,7 @@ __attribute__((target("avx512f,avx2,fma"))) void gather_rows_avx512(const CandRo
       sd = _mm_add_pd(sd, _mm_loadu_pd(reinterpret_cast<const double*>(p1 + 16 * NV)));
     }
     if (q < nq) {
-      const float* p = c.data[q] + c.row[q * R + i] * stride;
+      const float* p = row[q * R + i];
       for (int v = 0; v < NV; ++v) acc[v] = _mm512_add_ps(acc[v], _mm512_loadu_ps(p + 16 * v));
       st = _mm_add_pd(st, _mm_loadu_pd(reinterpret_cast<const double*>(p + 16 * NV)));
     }
@@ -2069,10 +2068,7 @@ void gather_rows(const CandRows& c, int64_t R, int64_t H, int64_t stride, float*
   for (int64_t i = 0; i < R; ++i) {
     float* o = pr + i * H;
     double s = 0, ss = 0;
-    for (int64_t q = 0; q < c.nq; ++q) {
-      const float* p = c.data[q] + c.row[q * R + i] * stride;
-      add_folded_row(o, p, H, s, ss);
-    }
+    for (int64_t q = 0; q < c.nq; ++q) add_folded_row(o, c.row[q * R + i], H, s, ss);
     for (int64_t j = 0; j < c.nd; ++j) {
       const float xv = c.x[i * c.ld + j];
       for (int64_t k = 0; k < H; ++k) o[k] += xv * c.wx[j * H + k];
@@ -2130,30 +2126,39 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
   }
   // each candidate's row per lookup in its folded table (an empty bag: the table's zero row)
   const int64_t nq = static_cast<int64_t>(cand.size());
-  thread_local std::vector<const float*> data;
-  thread_local std::vector<int64_t> crow, keys, tmp, rows;
+  thread_local std::vector<const float*> crow;  // [nq, M]: each candidate's folded row per lookup
+  thread_local std::vector<int64_t> rowi, keys, tmp, rows;
   thread_local std::vector<uint8_t> has, tmp_has;
-  data.resize(static_cast<size_t>(nq));
   crow.resize(static_cast<size_t>(M * nq));
+  rowi.resize(static_cast<size_t>(M));
   keys.resize(static_cast<size_t>(M));
   tmp.resize(static_cast<size_t>(M));
   rows.resize(static_cast<size_t>(M));
   has.resize(static_cast<size_t>(M));
   tmp_has.resize(static_cast<size_t>(M));
+  // raw pointers: a thread_local's address is a call in a shared library, and the uint8_t
+  // stores below may alias anything, so the loops would call it again every iteration
+  int64_t* __restrict key = keys.data();
+  int64_t* __restrict tid = tmp.data();
+  uint8_t* __restrict hs = has.data();
+  uint8_t* __restrict ths = tmp_has.data();
+  int64_t* __restrict rq = rowi.data();
+  const float** cp = crow.data();
+  const int64_t stride = fs.stride;
   for (int64_t q = 0; q < nq; ++q) {
     const int64_t l_ = cand[static_cast<size_t>(q)];
     const Lookup& k = c.lookups[static_cast<size_t>(l_)];
     const int64_t kind = c.out_kind[static_cast<size_t>(k.out)], idx = c.out_index[static_cast<size_t>(k.out)];
     if (kind == 0) {
-      if (!candidate_ids(v, l, B, idx, first[static_cast<size_t>(idx)], keys.data(), has.data())) return false;
+      if (!candidate_ids(v, l, B, idx, first[static_cast<size_t>(idx)], key, hs)) return false;
     } else if (kind == 2) {
-      buckets(c, idx, dp, 1, M, keys.data());
-      std::memset(has.data(), 1, static_cast<size_t>(M));
+      buckets(c, idx, dp, 1, M, key);
+      std::memset(hs, 1, static_cast<size_t>(M));
     } else {  // a cross: FNV-1a over one id per source, then fmix64 (Work::cross)
       const int64_t s0 = c.cross_start[static_cast<size_t>(idx)], s1 = c.cross_start[static_cast<size_t>(idx + 1)];
       if (s1 <= s0) return false;
-      std::fill(keys.begin(), keys.end(), static_cast<int64_t>(kFnvOffset));
-      std::memset(has.data(), 1, static_cast<size_t>(M));
+      std::fill(key, key + M, static_cast<int64_t>(kFnvOffset));
+      std::memset(hs, 1, static_cast<size_t>(M));
       for (int64_t q2 = s0; q2 < s1; ++q2) {
         const int64_t src = c.cross_src[static_cast<size_t>(q2)];
         if (given(src)) {  // the context's id (or bucket) in every candidate's cross
@@ -2165,30 +2170,31 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
             buckets(c, src - c.I, dp, 0, 1, &id);
           }
           for (int64_t m = 0; m < M; ++m)
-            keys[m] = static_cast<int64_t>((static_cast<uint64_t>(keys[m]) ^ static_cast<uint64_t>(id)) * kFnvPrime);
+            key[m] = static_cast<int64_t>((static_cast<uint64_t>(key[m]) ^ static_cast<uint64_t>(id)) * kFnvPrime);
           continue;
         }
         if (src < c.I) {
-          if (!candidate_ids(v, l, B, src, first[static_cast<size_t>(src)], tmp.data(), tmp_has.data())) return false;
-          for (int64_t m = 0; m < M; ++m) has[m] &= tmp_has[m];
+          if (!candidate_ids(v, l, B, src, first[static_cast<size_t>(src)], tid, ths)) return false;
+          for (int64_t m = 0; m < M; ++m) hs[m] &= ths[m];
         } else {
-          buckets(c, src - c.I, dp, 1, M, tmp.data());
+          buckets(c, src - c.I, dp, 1, M, tid);
         }
         for (int64_t m = 0; m < M; ++m)
-          keys[m] = static_cast<int64_t>((static_cast<uint64_t>(keys[m]) ^ static_cast<uint64_t>(tmp[m])) * kFnvPrime);
+          key[m] = static_cast<int64_t>((static_cast<uint64_t>(key[m]) ^ static_cast<uint64_t>(tid[m])) * kFnvPrime);
       }
-      for (int64_t m = 0; m < M; ++m) keys[m] = static_cast<int64_t>(fmix64(static_cast<uint64_t>(keys[m])));
+      for (int64_t m = 0; m < M; ++m) key[m] = static_cast<int64_t>(fmix64(static_cast<uint64_t>(key[m])));
     }
     Lookup k0 = k;  // rows in the folded table: no offset
     k0.offset = 0;
-    int64_t* rq = crow.data() + q * M;
-    rows_of_run(k0, keys.data(), M, rq);
+    rows_of_run(k0, key, M, rq);
     int64_t all = 1;
-    for (int64_t m = 0; m < M; ++m) all &= has[m];
+    for (int64_t m = 0; m < M; ++m) all &= hs[m];
     if (!all)
       for (int64_t m = 0; m < M; ++m)
-        if (!has[m]) rq[m] = k.rows;  // the zero row
-    data[static_cast<size_t>(q)] = fs.data[static_cast<size_t>(fs.slot[static_cast<size_t>(l_)])].get();
+        if (!hs[m]) rq[m] = k.rows;  // the zero row
+    const float* base = fs.data[static_cast<size_t>(fs.slot[static_cast<size_t>(l_)])].get();
+    const float** cq = cp + q * M;
+    for (int64_t m = 0; m < M; ++m) cq[m] = base + rq[m] * stride;
   }
   // the context's share: its lookups pooled from row 0, its dense columns
   thread_local std::vector<float> ctx, pc;
@@ -2244,7 +2250,7 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
   pr.resize(static_cast<size_t>(M * H));
   rs.resize(static_cast<size_t>(M));
   rss.resize(static_cast<size_t>(M));
-  gather_rows(CandRows{data.data(), crow.data(), nq, xp, ld, nd, wx.data()}, M, H, fs.stride, pr.data(), rs.data(),
+  gather_rows(CandRows{crow.data(), nq, xp, ld, nd, wx.data()}, M, H, fs.stride, pr.data(), rs.data(),
               rss.data());
   // phase two: the statistics and the affine step (no columns left: all in pr, rs, rss)
   first_layer_rows(f, pr.data(), 0, M, 0, wx.data(), pc.data(), cs, css, hp, RowShare{pr.data(), rs.data(), rss.data()});
