@@ -315,6 +315,30 @@ def test_train_refuses_unservable_settings_before_training(tmp_path, tiny_spec_p
     )
     assert r.returncode == 2 and "5 embedding dims" in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1
+    # --no-export trains it, but says at the start that a later export would refuse it
+    data = tmp_path / "five_data"
+    synth = [exe, "synth", "--spec", str(five), "--rows", "300", "--out", str(data), "--quiet"]
+    subprocess.run(synth, check=True)
+    r = subprocess.run(
+        [
+            *common[:2],
+            "--spec",
+            str(five),
+            "--train",
+            str(data),
+            "--out",
+            str(tmp_path / "c"),
+            "--no-export",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "warning: --no-export" in r.stderr and "5 embedding dims" in r.stderr, r.stderr
 
 
 def test_preprocess_hash_constants_match_hashing():

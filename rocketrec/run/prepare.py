@@ -16,6 +16,7 @@ or any worker starts.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from rocketrec.checkpoint.files import latest_checkpoint, read_meta
 from rocketrec.checkpoint.resume import check_resume_compatible
 from rocketrec.data.reader import ParquetReader
-from rocketrec.errors import CheckpointNotFound, UserError
+from rocketrec.errors import CheckpointNotFound, ExportError, UserError
 from rocketrec.run.config_file import portable_paths, write_resolved
 from rocketrec.run.run_dir import RunDir
 from rocketrec.serving.module import check_exportable
@@ -69,6 +70,14 @@ def prepare_run(job: JobConfig) -> tuple[FeatureSpec, JobConfig]:
     job.check(spec)  # sharding: tables and kinds
     if not job.data.no_export:
         check_exportable(spec, job.model, job.loss.mode)  # never a run that cannot be served
+    else:  # the run goes on, but a later `rocketrec export` would refuse it: say so now
+        try:
+            check_exportable(spec, job.model, job.loss.mode)
+        except ExportError as e:
+            print(
+                f"rocketrec: warning: --no-export: {e} (a later export would refuse it)",
+                file=sys.stderr,
+            )
     out = Path(job.data.out)
     if job.resume:
         ck = latest_checkpoint(job.resume)
