@@ -309,3 +309,47 @@ def test_scripting_frees_its_tables(tiny_spec, portable):
         sizes.append(proc.memory_info().rss)
     growth = sizes[-1] - sizes[0]  # after the first: allocator and TorchScript warm-up
     assert growth < 0.5 * table_bytes, (growth / 1e6, table_bytes / 1e6)
+
+
+def test_aoti_export_of_a_one_id_tower_takes_any_number_of_ids(tmp_path):
+    """A light tower whose one id input the held-out candidates example puts in the context
+    (so the example request has exactly one id): torch.export would have specialized the
+    number of ids to 1 and the export failed. The package scores requests with 0, 1 and
+    many ids, rows and candidates, as the TorchScript file does."""
+    from rocketrec.data.synth import SynthConfig, synth
+    from rocketrec.serving.ops import load_model
+    from rocketrec.spec import load_spec
+
+    path = tmp_path / "one_id.yaml"
+    path.write_text(
+        "version: 1\nlabel: y\ntables:\n"
+        "  - {name: shops, rows: 50, dim: 8}\n  - {name: bands, rows: 5, dim: 8}\n"
+        "sparse:\n  - {name: shop, column: shop, table: shops}\n"
+        "  - {name: band, column: amount, kind: bucketize, boundaries: [0.5, 3], table: bands}\n"
+        "dense:\n  - {name: amount, column: amount, transform: log1p}\n"
+    )
+    spec = load_spec(path)
+    data = {"train": str(tmp_path / "train"), "val": str(tmp_path / "val")}
+    synth(spec, data["train"], SynthConfig(rows=1024, seed=1))
+    synth(spec, data["val"], SynthConfig(rows=256, seed=2))
+    train_small(spec, data, tmp_path / "run", steps=2)
+    export_checkpoint(tmp_path / "run", tmp_path / "m.pt2", fmt="aoti", data=data["val"])
+    export_checkpoint(tmp_path / "run", tmp_path / "m.pt", data=data["val"])
+    aoti, ts = load_model(tmp_path / "m.pt2"), load_model(tmp_path / "m.pt")
+    nan = float("nan")
+    rows = (  # 0, 1 and 3 ids over 3 rows
+        (torch.tensor([], dtype=torch.int64), torch.tensor([0, 0, 0])),
+        (torch.tensor([7]), torch.tensor([0, 1, 0])),
+        (torch.tensor([7, 9, 11]), torch.tensor([1, 1, 1])),
+    )
+    with torch.no_grad():
+        for values, lengths in rows:
+            dense = torch.tensor([[2.0, 2.0], [nan, nan], [0.1, 0.1]])
+            torch.testing.assert_close(aoti(values, lengths, dense), ts(values, lengths, dense))
+            # row 0 the context (the shop, or nothing), rows 1..2 candidates (the amount)
+            ctx = torch.tensor([[nan, nan], [2.0, 2.0], [0.1, 0.1]])
+            lens = torch.tensor([int(lengths.sum() > 0), 0, 0])
+            v = values[:1]
+            torch.testing.assert_close(
+                aoti.score_candidates(v, lens, ctx), ts.score_candidates(v, lens, ctx)
+            )

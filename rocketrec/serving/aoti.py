@@ -70,10 +70,26 @@ def _dynamic(inputs: tuple[torch.Tensor, ...], min_rows: int, name: str) -> dict
     rows = Dim(f"{name}_rows", min=min_rows, max=MAX_ROWS)
     ids = Dim(f"{name}_ids", min=0, max=1 << 40)
     return {
-        "values": {0: ids},
+        "values": {0: ids} if n_inputs else None,  # no id inputs: always empty
         "lengths": {0: n_inputs * rows} if n_inputs else None,
         "dense": {0: rows},
     }
+
+
+def _trace_example(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The example inputs with at least 2 ids: torch.export specializes a size seen as 0
+    or 1 to that constant, and the compiled model would then refuse any other number of
+    ids (a held-out sample whose only id input is the context's one id, or whose ids are
+    all null, gives such an example). The extra ids go to the first row's bag of the first
+    id input; tracing reads shapes only."""
+    values, lengths, dense = inputs
+    rows = max(1, dense.shape[0])
+    if lengths.shape[0] < rows or values.shape[0] >= 2:
+        return inputs
+    extra = 2 - values.shape[0]
+    lengths = lengths.clone()
+    lengths[0] += extra
+    return torch.cat([values.new_zeros(extra), values]), lengths, dense
 
 
 def _compile(module: nn.Module, method: str, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -81,6 +97,7 @@ def _compile(module: nn.Module, method: str, inputs: tuple[torch.Tensor, ...]) -
     # specializes a single row); one candidate is scored as two (repeat_last_row)
     min_rows = 3 if method == CANDIDATES else 1
     entry = _Entry(module, method).eval()
+    inputs = _trace_example(inputs)
     with torch.no_grad():
         ep = torch.export.export(entry, inputs, dynamic_shapes=_dynamic(inputs, min_rows, method))
         return torch._inductor.aot_compile(ep.module(), inputs, options=dict(_COMPILE_OPTIONS))
