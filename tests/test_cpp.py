@@ -575,6 +575,60 @@ def test_minimal_server_from_readme(minimal_server, predictor, cross_exported, c
         assert out.returncode == 1 and "librocketrec_ops.so" in out.stderr, (name, out.stderr)
 
 
+def test_json_server_from_readme(tmp_path_factory, cross_exported, cross_data):
+    """deploy/README.md's JSON-lines server on the Predictor, built as the README says
+    (CMake, add_subdirectory of deploy/cpp): every request form, .pt and .pt2, scores as
+    Python; a bad line is named and the rest go on; a missing model is one line."""
+    import sys
+
+    from rocketrec.serving import requests as rq
+    from rocketrec.serving.ops import load_model
+
+    src = tmp_path_factory.mktemp("json_server")
+    (src / "json_server.cpp").write_text(_readme_block("cpp", "// json_server.cpp"))
+    (src / "CMakeLists.txt").write_text(_readme_block("cmake", "# CMakeLists.txt for json_server"))
+    b = src / "build"
+    cfg = subprocess.run(
+        ["cmake", "-S", str(src), "-B", str(b), f"-DROCKETREC_DIR={ROOT}",
+         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython_EXECUTABLE={sys.executable}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    out = subprocess.run(
+        ["cmake", "--build", str(b), "-j2"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    exe = b / "json_server"
+    for name in ("light.pt", "light.pt2"):
+        model = cross_exported / name
+        man = read_manifest(model)
+        grouped, full = _hostile_requests(cross_data["val"], man, 60)
+        lines = full[:20] + grouped + ['{"no_such_input": 1}'] + _one_candidate(grouped[:2])
+        r = subprocess.run(
+            [str(exe), str(model)], input="\n".join(lines) + "\n", capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        got = r.stdout.splitlines()
+        bad = 20 + 60
+        assert (
+            got[bad].startswith(f"error: line {20 + len(grouped) + 1}: ")
+            and "no_such_input" in got[bad]
+        )
+        cpp = [float(x) for x in got[:bad] + got[bad + 1 :]]
+        good = lines[: 20 + len(grouped)] + lines[20 + len(grouped) + 1 :]
+        py = rq.score_lines(load_model(model), good, man)
+        assert len(cpp) == len(py) == 20 + 60 + 2
+        assert max(abs(a - c) for a, c in zip(cpp, py)) <= 1e-6
+    r = subprocess.run(
+        [str(exe), str(tmp_path_factory.mktemp("none") / "light.pt2")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_predictor_without_op_library_fails_in_one_line(predictor, cross_exported, tmp_path):
     env = {**os.environ, "ROCKETREC_OPS_LIBRARY": str(tmp_path / "missing" / "librocketrec_ops.so")}
     out = subprocess.run(

@@ -738,3 +738,22 @@ def test_padding_rows_weigh_nothing(tmp_path, tiny_spec, tiny_data):
     assert abs(float(full) - float(loss2)) > 1e-4  # the padding rows would change it
     for k in terms1:
         assert abs(float(terms1[k]) - float(terms2[k])) < 1e-5, k
+
+
+def test_last_step_on_the_periodic_schedule_is_evaluated_and_saved_once(
+    tmp_path, tiny_spec, tiny_data
+):
+    """max_steps a multiple of eval_every and checkpoint_every: the run's end reuses the
+    periodic evaluation and checkpoint of that step (it wrote a second evaluation and a
+    second checkpoint, step_N-1, before)."""
+    tc = dataclasses.replace(TC, max_steps=6, eval_every=3, checkpoint_every=3, keep_checkpoints=5)
+    out, res = _run(tmp_path, tiny_spec, tiny_data, "r", LossConfig(), tc)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert names == ["step_000000003", "step_000000006"], names
+    log = (out / "train.log").read_text()
+    assert log.count("eval step 6:") == 1 and log.count("eval step 3:") == 1, log
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in recs if "train_seconds" in r]
+    assert len(final) == 1 and final[0]["step"] == 6 and final[0]["light_auc"] == res["light_auc"]
+    _, meta = _final_model(out)
+    assert meta["step"] == 6

@@ -51,6 +51,17 @@ def log_step(t: Trainer, plan: PhasePlan, terms: dict[str, Any], rate: Rate, tot
     )
 
 
+def _ends_run(t: Trainer, epoch_done: bool) -> bool:
+    """Whether the step just trained is the run's last (not for --follow, whose loop goes
+    on with the next partition): the last phase's step budget is spent, or its last epoch
+    is done."""
+    cfg, p = t.cfg, t.progress
+    if cfg.follow or p.phase_idx != len(t.phases) - 1:
+        return False
+    spent = bool(cfg.max_steps) and p.step - p.phase_start >= cfg.max_steps
+    return spent or (epoch_done and t.train_reader.epoch >= cfg.epochs - 1)
+
+
 def train_epoch(t: Trainer, plan: PhasePlan, rate: Rate, total: int) -> bool:
     """Train the rest of the reader's current epoch in `plan`'s phase, within the step
     budget. Returns False when the phase's step budget ran out before the epoch's end."""
@@ -80,12 +91,15 @@ def train_epoch(t: Trainer, plan: PhasePlan, rate: Rate, total: int) -> bool:
                 f"pipeline: TorchRec pipelines {', '.join(mods) or 'no sharded module'} "
                 f"(input distribution) and {', '.join(post) or 'no module'} (preprocessing)"
             )
-        if cfg.eval_every and p.step % cfg.eval_every == 0:
+        # the run's last step is evaluated and saved by the run's end (loop.run), which
+        # also marks the checkpoint finished: not twice (a second checkpoint, step_N-1)
+        last = _ends_run(t, p.epoch_step >= n_epoch)
+        if cfg.eval_every and p.step % cfg.eval_every == 0 and not last:
             detach(steps)  # evaluation calls the model's own forwards
             t.check_finite()
             t.log.record(t.evaluate())
             attach(steps)
-        if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
+        if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and not last:
             t.save()
         if t.stop_requested():
             break
