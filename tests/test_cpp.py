@@ -141,14 +141,39 @@ def test_malformed_requests_fail_cleanly(predictor, exported, line, needle):
     ), err
 
 
-def test_bad_model_files_fail_cleanly(predictor, tmp_path):
+def test_bad_model_files_fail_cleanly(predictor, cross_exported, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"garbage")
-    for path in (junk, tmp_path / "missing.pt"):
+    for path, why in ((junk, "not a model file"), (tmp_path / "missing.pt", "cannot open")):
         out = subprocess.run(
             [str(predictor), str(path), "-"], input="{}\n", capture_output=True, text=True
         )
-        assert out.returncode == 2 and "cannot load TorchScript model" in out.stderr
+        assert out.returncode == 2 and why in out.stderr and str(path) in out.stderr, out.stderr
+    # damaged copies of real exports: bytes overwritten inside the tables, or cut short
+    for name in ("light.pt", "light.pt2"):
+        data = (cross_exported / name).read_bytes()
+        bad = tmp_path / f"damaged_{name}"
+        mid = len(data) // 2
+        bad.write_bytes(
+            data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :]
+        )
+        short = tmp_path / f"short_{name}"
+        short.write_bytes(data[: len(data) - 100])
+        for path, why in ((bad, "is damaged (CRC-32"), (short, "not a model file")):
+            out = subprocess.run(
+                [str(predictor), str(path), "-"], input="{}\n", capture_output=True, text=True
+            )
+            err = out.stderr.strip().splitlines()
+            assert out.returncode == 2 and len(err) == 1 and why in err[0], (path, out.stderr)
+            assert str(path) in err[0]
+    # without the check (ROCKETREC_VERIFY_MODEL=0) the damaged TorchScript file loads: the
+    # check is what refuses it
+    out = subprocess.run(
+        [str(predictor), str(tmp_path / "damaged_light.pt"), "-"],
+        input="{}\n", capture_output=True, text=True,
+        env={**os.environ, "ROCKETREC_VERIFY_MODEL": "0"},
+    )  # fmt: skip
+    assert "is damaged" not in out.stderr
     plain = tmp_path / "plain.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 1)), str(plain))
     out = subprocess.run(
@@ -704,6 +729,10 @@ def test_runtimes_agree(predictor, cross_exported, cross_data, tmp_path):
         ('{"user_id": 4.0}', "expects int64 ids"),
         ('{"context": {"user_id": 1}, "candidates": []}', "non-empty list"),
         ('{"context": {"user_id": 1}, "user_id": 2}', "unexpected key 'user_id'"),
+        (
+            '{"sparse": {"ad_price": 50}, "dense": [1, 2, 3]}',
+            "'ad_price' is given in 'sparse' and in 'dense'",
+        ),
     ],
 )
 def test_documented_request_cases(predictor, cross_exported, line, needle):

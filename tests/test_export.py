@@ -353,3 +353,42 @@ def test_aoti_export_of_a_one_id_tower_takes_any_number_of_ids(tmp_path):
             torch.testing.assert_close(
                 aoti.score_candidates(v, lens, ctx), ts.score_candidates(v, lens, ctx)
             )
+
+
+def test_predict_refuses_damaged_or_truncated_model_files(tmp_path, trained):
+    """`rocketrec predict` checks the file's records (CRC-32) before loading: a table
+    overwritten in the middle is refused naming the record (torch.jit.load alone scored
+    it), a cut file is not a model file; each in one line. ROCKETREC_VERIFY_MODEL=0 skips
+    the check (and the damaged file then loads)."""
+    import os
+
+    good = tmp_path / "m.pt"
+    export_checkpoint(trained, good)
+    data = good.read_bytes()
+    mid = len(data) // 2
+    damaged, short = tmp_path / "damaged.pt", tmp_path / "short.pt"
+    damaged.write_bytes(
+        data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :]
+    )
+    short.write_bytes(data[:-100])
+    req = tmp_path / "r.jsonl"
+    req.write_text('{"user": 1}\n')
+    exe = venv_bin("rocketrec")
+    for path, needle in ((damaged, "is damaged"), (short, "not a model file"), (good, None)):
+        r = subprocess.run(
+            [exe, "predict", "--model", str(path), "--requests", str(req)],
+            capture_output=True,
+            text=True,
+        )
+        err = r.stderr.strip().splitlines()
+        if needle is None:
+            assert r.returncode == 0 and len(r.stdout.split()) == 1, r.stderr
+            continue
+        assert r.returncode == 2 and len(err) == 1 and needle in err[0] and str(path) in err[0], (
+            r.stderr
+        )
+    r = subprocess.run(
+        [exe, "predict", "--model", str(damaged), "--requests", str(req)],
+        capture_output=True, text=True, env={**os.environ, "ROCKETREC_VERIFY_MODEL": "0"},
+    )  # fmt: skip
+    assert "is damaged" not in r.stderr

@@ -8,12 +8,15 @@
 #include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
 #include <cctype>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <thread>
@@ -34,6 +37,66 @@ std::string exe_dir() {
   std::string p(buf, static_cast<size_t>(n));
   return p.substr(0, p.rfind('/'));
 }
+
+uint32_t le(const unsigned char* p, int n) {  // little-endian, n <= 4 bytes
+  uint32_t v = 0;
+  for (int i = n - 1; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+}  // namespace
+
+bool verify_files_enabled() {
+  const char* e = std::getenv("ROCKETREC_VERIFY_MODEL");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
+void verify_model_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error(path + ": cannot open: " + std::strerror(errno));
+  std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
+  try {
+    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(path);
+  } catch (const std::exception&) {
+    throw std::runtime_error(path + ": not a model file: neither a TorchScript file nor an AOTInductor package " +
+                             "opens (not a zip archive, or a truncated or damaged one)");
+  }
+  std::vector<char> buf(size_t{1} << 20);
+  for (const std::string& name : reader->getAllRecords()) {
+    auto damaged = [&](const std::string& why) {
+      return std::runtime_error(path + ": record '" + name + "' is damaged (" + why +
+                                "): copy or export the model again");
+    };
+    const uint64_t header = reader->getRecordHeaderOffset(name), start = reader->getRecordOffset(name),
+                   size = reader->getRecordSize(name);
+    unsigned char h[30];
+    f.seekg(static_cast<std::streamoff>(header));
+    if (!f.read(reinterpret_cast<char*>(h), sizeof(h)) || le(h, 4) != 0x04034b50) throw damaged("no zip header");
+    if (le(h + 8, 2) != 0) continue;  // compressed (torch writes records stored): not checked
+    uint32_t want = le(h + 14, 4);
+    if (le(h + 6, 2) & 8) {  // the CRC follows the data (a data descriptor, signature optional)
+      unsigned char d[8];
+      f.seekg(static_cast<std::streamoff>(start + size));
+      if (!f.read(reinterpret_cast<char*>(d), sizeof(d))) throw damaged("the file ends inside it");
+      want = le(d, 4) == 0x08074b50 ? le(d + 4, 4) : le(d, 4);
+    }
+    uLong crc = crc32(0L, Z_NULL, 0);
+    f.seekg(static_cast<std::streamoff>(start));
+    for (uint64_t left = size; left > 0;) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(left, buf.size()));
+      if (!f.read(buf.data(), static_cast<std::streamsize>(n))) throw damaged("the file ends inside it");
+      crc = crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), static_cast<uInt>(n));
+      left -= n;
+    }
+    if (static_cast<uint32_t>(crc) != want) {
+      char msg[96];
+      std::snprintf(msg, sizeof(msg), "CRC-32 %08x, the archive says %08x", static_cast<uint32_t>(crc), want);
+      throw damaged(msg);
+    }
+  }
+}
+
+namespace {
 
 // manifest.json straight from the archive (readable without the op library).
 std::string peek_manifest(const std::string& path) {
@@ -235,6 +298,7 @@ c10::IValue Predictor::run(const std::shared_ptr<StaticMethod>& sm, const char* 
 }
 
 Predictor::Predictor(const std::string& path, Limits limits, Runtime runtime, size_t aoti_runners) {
+  if (verify_files_enabled()) verify_model_file(path);  // before anything reads it
   const std::string peek = peek_manifest(path);
   if (!peek.empty()) {
     auto j = nlohmann::json::parse(peek, nullptr, false);

@@ -264,6 +264,7 @@ struct RowBuilder {
     static const json empty_object = json::object();
     auto sp = obj.find("sparse");
     auto dv = obj.find("dense");
+    bool positional = false;  // the numbers were given by position ('dense')
     if (sp != obj.end() || (dv != obj.end() && dv->is_array())) {
       for (auto it = obj.begin(); it != obj.end(); ++it)
         if (it.key() != "sparse" && it.key() != "dense")
@@ -273,17 +274,25 @@ struct RowBuilder {
           throw RequestError(where + "'dense' must be a list of " + std::to_string(dense.size()) + " numbers, got " +
                              (dv->is_array() ? std::to_string(dv->size()) : std::string(type_name(*dv))));
         for (size_t i = 0; i < dense.size(); ++i) r.dense[i] = number(dense[i].name, (*dv)[i]);
+        positional = true;
       }
       named = sp != obj.end() ? &*sp : &empty_object;
       if (!named->is_object()) throw RequestError(where + "'sparse' must be an object");
     }
     for (auto it = named->begin(); it != named->end(); ++it) {
       auto f = index.find(it.key());
-      if (f == index.end()) throw RequestError(where + "unknown feature '" + it.key() + "'");
+      if (f == index.end()) {  // as Python: name what the model reads
+        std::string names;
+        for (const auto& x : sparse) names += (names.empty() ? "" : ", ") + x.name;
+        for (const auto& x : dense) names += (names.empty() ? "" : ", ") + x.name;
+        throw RequestError(where + "unknown feature '" + it.key() + "' (the model reads: " + names + ")");
+      }
       if (f->second >= 0) {
         add_ids(static_cast<size_t>(f->second), it.value(), r.bags[static_cast<size_t>(f->second)]);
       } else {
         const size_t i = static_cast<size_t>(-f->second - 1);
+        if (positional)  // one value would silently win over the other
+          throw RequestError(where + "'" + it.key() + "' is given in 'sparse' and in 'dense': give it once");
         r.dense[i] = number(dense[i].name, it.value());
       }
     }

@@ -63,6 +63,8 @@ def _load_model(path: str):  # type: ignore[no-untyped-def]
 
     try:
         return load_model(path), read_manifest(path)
+    except UserError:
+        raise  # already names the file and says what is wrong
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise UserError(f"{path}: cannot load the model: {msg[0] if msg else e}") from None
@@ -278,7 +280,7 @@ def add_serving_commands(sub: Any) -> None:
     p.set_defaults(fn=_cmd_predict)
     r = sub.add_parser("requests", help="write JSON-lines requests for a model from Parquet rows")
     r.add_argument(
-        "--model", required=True, help="exported .pt file (its manifest names the inputs)"
+        "--model", required=True, help="exported .pt or .pt2 file (its manifest names the inputs)"
     )
     r.add_argument("--data", required=True, help="Parquet file, directory or glob")
     r.add_argument("--rows", type=int, default=16, help="how many rows")

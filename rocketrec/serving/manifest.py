@@ -128,10 +128,16 @@ def read_manifest(path: str | Path, check_format: bool = True) -> dict[str, Any]
         with zipfile.ZipFile(path) as z:
             names = [n for n in z.namelist() if n.endswith("/extra/manifest.json")]
             if not names:
-                raise UserError(f"{path}: no manifest.json inside: not a rocketrec export")
+                raise UserError(
+                    f"{path}: no manifest.json inside: not a rocketrec export (or a truncated "
+                    "or damaged file)"
+                )
             man = json.loads(z.read(names[0]))
     except zipfile.BadZipFile as e:
-        raise UserError(f"{path}: not a TorchScript file ({e})") from e
+        raise UserError(
+            f"{path}: not a model file: neither a TorchScript file nor an AOTInductor package "
+            f"opens (not a zip archive, or a truncated or damaged one: {e})"
+        ) from e
     if not isinstance(man, dict):
         raise UserError(f"{path}: manifest.json is not a JSON object")
     if check_format:

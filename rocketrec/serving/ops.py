@@ -107,12 +107,41 @@ def op_library_entry() -> dict[str, Any]:
     }
 
 
+def verify_model_file(path: str | Path) -> None:
+    """Every record of a model file (TorchScript files and AOTInductor packages are zip
+    archives) against the CRC-32 its writer stored, as the C++ Predictor does at load
+    (deploy/README.md): torch.jit.load does not check them, and a damaged table would be
+    served with wrong scores. UserError naming the file (and the damaged record). Skipped
+    when the environment has ROCKETREC_VERIFY_MODEL=0."""
+    import zipfile
+
+    if os.environ.get("ROCKETREC_VERIFY_MODEL") == "0":
+        return
+    if not Path(path).is_file():
+        raise UserError(f"{path}: cannot open: no such file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise UserError(
+            f"{path}: not a model file: neither a TorchScript file nor an AOTInductor package "
+            f"opens (not a zip archive, or a truncated or damaged one: {e})"
+        ) from None
+    if bad is not None:
+        raise UserError(
+            f"{path}: record '{bad}' is damaged (its CRC-32 does not match the archive's): "
+            "copy or export the model again"
+        )
+
+
 def load_model(path: str | Path) -> Any:
     """Load an exported model (torch.jit.load, or an AOTInductor package as
     rocketrec.serving.aoti.AotiModel: the same calls), loading the op library first when
-    its manifest says it needs it (a clear OpsLibraryError naming the library if missing)."""
+    its manifest says it needs it (a clear OpsLibraryError naming the library if missing).
+    The file's records are checked first (verify_model_file)."""
     from rocketrec.serving.manifest import check_manifest_format, read_manifest
 
+    verify_model_file(path)
     man = read_manifest(path, check_format=False)  # a missing library is said first
     if man.get("op_library"):
         try:

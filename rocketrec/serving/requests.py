@@ -104,6 +104,7 @@ def parse_row(obj: Any, inp: Inputs, where: str = "") -> Row:
     bags: list[list[int]] = [[] for _ in inp.sparse]
     dense = [float("nan")] * len(inp.dense)
     items = dict(obj)
+    positional = False  # the numbers were given by position ('dense')
     if "sparse" in items or "dense" in items and isinstance(items.get("dense"), list):
         sp = items.pop("sparse", {})
         dv = items.pop("dense", None)
@@ -120,6 +121,7 @@ def parse_row(obj: Any, inp: Inputs, where: str = "") -> Row:
                 )
             for i, v in enumerate(dv):  # null = missing -> the feature's fill
                 dense[i] = float("nan") if v is None else _num(v, inp.dense[i], pre)
+            positional = True
         items = sp
     for k, v in items.items():
         if k in inp.sparse_index:
@@ -141,6 +143,8 @@ def parse_row(obj: Any, inp: Inputs, where: str = "") -> Row:
             if len(bags[i]) > MAX_IDS_PER_BAG:
                 raise DataError(f"{pre}feature '{k}': more than {MAX_IDS_PER_BAG} ids")
         elif k in inp.dense_index:
+            if positional:  # one value would silently win over the other
+                raise DataError(f"{pre}'{k}' is given in 'sparse' and in 'dense': give it once")
             dense[inp.dense_index[k]] = float("nan") if v is None else _num(v, k, pre)
         else:
             raise DataError(f"{pre}unknown feature '{k}' (the model reads: {inp.all_names()})")
