@@ -80,15 +80,18 @@ def _trace_example(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]
     """The example inputs with at least 2 ids: torch.export specializes a size seen as 0
     or 1 to that constant, and the compiled model would then refuse any other number of
     ids (a held-out sample whose only id input is the context's one id, or whose ids are
-    all null, gives such an example). The extra ids go to the first row's bag of the first
-    id input; tracing reads shapes only."""
+    all null, gives such an example). The extra ids join the bag that holds the one id (a
+    context's bag stays the context's: no input given twice), else the first row's bag
+    of the first id input."""
     values, lengths, dense = inputs
     rows = max(1, dense.shape[0])
     if lengths.shape[0] < rows or values.shape[0] >= 2:
         return inputs
     extra = 2 - values.shape[0]
+    given = torch.nonzero(lengths).flatten()
+    j = int(given[0]) if given.numel() else 0  # input-major: (input, row) of that bag
     lengths = lengths.clone()
-    lengths[0] += extra
+    lengths[j] += extra
     return torch.cat([values.new_zeros(extra), values]), lengths, dense
 
 
