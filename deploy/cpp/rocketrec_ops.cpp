@@ -207,6 +207,9 @@ const Config& cached_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
 }
 
 // The serving contract's input checks (the same messages as the portable module's).
+extern const bool kHasAvx512;
+uint64_t lengths_scan_avx512(const int64_t* l, int64_t n, uint64_t nv, uint64_t& sum);
+
 int64_t check_inputs(const Config& c, const at::Tensor& values, const at::Tensor& lengths,
                      const at::Tensor& dense) {
   const int64_t C = c.D + c.Kb;
@@ -229,9 +232,13 @@ int64_t check_inputs(const Config& c, const at::Tensor& values, const at::Tensor
   const int64_t n = lc.numel();
   uint64_t bad = 0, sum = 0, cap = 0;
   if (!__builtin_mul_overflow(nv, static_cast<uint64_t>(n), &cap)) {
-    for (int64_t i = 0; i < n; ++i) {
-      bad |= static_cast<uint64_t>(static_cast<uint64_t>(l[i]) > nv);
-      sum += static_cast<uint64_t>(l[i]);
+    if (kHasAvx512) {
+      bad = lengths_scan_avx512(l, n, nv, sum);
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        bad |= static_cast<uint64_t>(static_cast<uint64_t>(l[i]) > nv);
+        sum += static_cast<uint64_t>(l[i]);
+      }
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
@@ -781,6 +788,28 @@ int isa_level() {
 const int kIsa = isa_level();
 const bool kHasAvx2 = kIsa >= 1;
 const bool kHasAvx512 = kIsa >= 2;
+
+// check_inputs' scan, 8 lengths at a time: 1 when one of l[0..n) is above nv as unsigned
+// (a negative length is huge), with their sum (wrapping: only read when none is). The
+// scalar loop was about 3% of a 200-candidate call.
+__attribute__((target("avx512f"))) uint64_t lengths_scan_avx512(const int64_t* l, int64_t n, uint64_t nv,
+                                                                uint64_t& sum) {
+  __m512i mx = _mm512_setzero_si512(), acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m512i x = _mm512_loadu_si512(l + i);
+    mx = _mm512_max_epu64(mx, x);
+    acc = _mm512_add_epi64(acc, x);
+  }
+  if (i < n) {
+    const __mmask8 m = static_cast<__mmask8>((1u << (n - i)) - 1);
+    const __m512i x = _mm512_maskz_loadu_epi64(m, l + i);
+    mx = _mm512_max_epu64(mx, x);
+    acc = _mm512_add_epi64(acc, x);
+  }
+  sum = static_cast<uint64_t>(_mm512_reduce_add_epi64(acc));
+  return static_cast<uint64_t>(_mm512_reduce_max_epu64(mx) > nv);
+}
 
 // A run of ids -> out[j] = ids[j] mod rows + offset (Python's %), for one lookup. On
 // AVX-512 (DQ) with 2 <= rows < 2^40, 8 ids at a time in two floating-point rounds, exact
@@ -1990,11 +2019,12 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
 // lookup not folded, a candidate with two ids, a cross source the context gives twice...):
 // the general path (context_split) then runs. Both compute the same rows and sums.
 
-// The ids of id input i's candidates (rows 1..B-1), each bag holding at most one: id[m], and
-// has[m] = 0 for an empty bag. `first` indexes the input's first id in values. False when a
-// candidate has more than one id.
-bool candidate_ids(const int64_t* v, const int64_t* l, int64_t B, int64_t i, int64_t first, int64_t* id,
-                   uint8_t* has) {
+// The ids of id input i's candidates (rows 1..B-1), each bag holding at most one: ids[m],
+// and has[m] = 0 for an empty bag (ids[m] then 0). `first` indexes the input's first id in
+// values. When every bag holds one id, ids point into values (no copy) and `has` is left
+// unwritten (*all = true); else the ids go to `id`. Null when a candidate has two ids.
+const int64_t* candidate_ids(const int64_t* v, const int64_t* l, int64_t B, int64_t i, int64_t first, int64_t* id,
+                             uint8_t* has, bool* all) {
   const int64_t M = B - 1;
   const int64_t* li = l + i * B + 1;
   int64_t all_one = 1, over = 0;
@@ -2002,20 +2032,47 @@ bool candidate_ids(const int64_t* v, const int64_t* l, int64_t B, int64_t i, int
     all_one &= li[m] == 1;
     over |= li[m] > 1;
   }
-  if (over) return false;
+  if (over) return nullptr;
   const int64_t* p = v + first + l[i * B];  // after the context's bag
-  if (all_one) {
-    std::memcpy(id, p, static_cast<size_t>(M) * sizeof(int64_t));
-    std::memset(has, 1, static_cast<size_t>(M));
-    return true;
-  }
+  *all = all_one != 0;
+  if (all_one) return p;
   int64_t at = 0;
   for (int64_t m = 0; m < M; ++m) {
     has[m] = static_cast<uint8_t>(li[m]);
     id[m] = li[m] != 0 ? p[at] : 0;
     at += li[m];
   }
-  return true;
+  return id;
+}
+
+// ids[0..n) -> their rows' addresses in a folded table: base + (ids[j] mod k.rows) * stride
+// floats (Python's %), one pass (rows_of_run, then the addresses, was two over the candidates)
+__attribute__((target("avx512f,avx512dq"))) void row_ptrs_avx512(const Lookup& k, const int64_t* ids, int64_t n,
+                                                                  const float* base, int64_t stride,
+                                                                  const float** out) {
+  const __m512i d = _mm512_set1_epi64(k.rows), zero = _mm512_setzero_si512();
+  const __m512i sb = _mm512_set1_epi64(stride * static_cast<int64_t>(sizeof(float)));
+  const __m512i b = _mm512_set1_epi64(static_cast<int64_t>(reinterpret_cast<uintptr_t>(base)));
+  const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(k.rows));
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m512i r = rows_of8(_mm512_loadu_si512(ids + j), d, inv, zero);
+    _mm512_storeu_si512(out + j, _mm512_add_epi64(b, _mm512_mullo_epi64(r, sb)));
+  }
+  if (j < n) {
+    const __mmask8 m = static_cast<__mmask8>((1u << (n - j)) - 1);
+    const __m512i r = rows_of8(_mm512_maskz_loadu_epi64(m, ids + j), d, inv, zero);
+    _mm512_mask_storeu_epi64(out + j, m, _mm512_add_epi64(b, _mm512_mullo_epi64(r, sb)));
+  }
+}
+
+void row_ptrs(const Lookup& k, const int64_t* ids, int64_t n, const float* base, int64_t stride, const float** out,
+              int64_t* scratch) {
+  if (kHasAvx512 && k.rows >= 2 && k.rows < kVectorRowsMax) return row_ptrs_avx512(k, ids, n, base, stride, out);
+  Lookup k0 = k;  // rows in the folded table: no offset
+  k0.offset = 0;
+  rows_of_run(k0, ids, n, scratch);
+  for (int64_t m = 0; m < n; ++m) out[m] = base + scratch[m] * stride;
 }
 
 // Phase one of the candidates' first layer, per candidate i < R: the sum over q < nq of its
@@ -2031,11 +2088,12 @@ struct CandRows {
 };
 
 template <int NV>
-__attribute__((target("avx512f,avx2,fma"))) void gather_rows_avx512(const CandRows& c, int64_t R, int64_t stride,
-                                                                    float* pr, double* rs, double* rss) {
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void gather_rows_avx512(
+    const CandRows& c, int64_t R, int64_t stride, int64_t i0, int64_t i1, float* pr, double* rs, double* rss) {
   const int64_t last = stride * 4 - 1, nq = c.nq, nd = c.nd;
   const float* const* row = c.row;
-  for (int64_t i = 0; i < R; ++i) {
+  pr -= i0 * 16 * NV, rs -= i0, rss -= i0;  // candidates i0..i1 of R -> pr, rs, rss from 0
+  for (int64_t i = i0; i < i1; ++i) {
     if (i + kAhead < R)  // the first and last lines of the rows kAhead ahead (a prefetch per
                          // line cost more than it saved on ads_ctr's 144-byte rows)
       for (int64_t q = 0; q < nq; ++q) {
@@ -2078,15 +2136,67 @@ __attribute__((target("avx512f,avx2,fma"))) void gather_rows_avx512(const CandRo
   }
 }
 
-void gather_rows(const CandRows& c, int64_t R, int64_t H, int64_t stride, float* pr, double* rs, double* rss) {
-  if (kHasAvx512 && H % 16 == 0 && H >= 16 && H <= 64) {
-    switch (H / 16) {
-      case 1: return gather_rows_avx512<1>(c, R, stride, pr, rs, rss);
-      case 2: return gather_rows_avx512<2>(c, R, stride, pr, rs, rss);
-      case 3: return gather_rows_avx512<3>(c, R, stride, pr, rs, rss);
-      default: return gather_rows_avx512<4>(c, R, stride, pr, rs, rss);
+// The lean candidates' first layer on AVX-512, 8 candidates at a time: their gathered sums
+// (gather_rows_avx512) in a block that stays in L1, the block's LayerNorm statistics
+// (row_stats_avx512) and the affine step (mm_block512's epilogue with no columns) straight
+// to h: one pass over the candidates where gather, statistics and epilogue took three.
+template <int NV>
+__attribute__((target("avx512f,avx512dq,avx2,fma"))) void lean_rows_avx512(const CandRows& c, int64_t R,
+                                                                          int64_t stride, const FirstLayer& f,
+                                                                          const float* pc, double cs, double css,
+                                                                          float* h) {
+  constexpr int64_t H = 16 * NV;
+  alignas(64) float pr[8 * H];
+  double s[8], ss[8];
+  float mean[8], rstd[8];
+  __m512 pcv[NV], wsv[NV], bv[NV];
+  for (int v = 0; v < NV; ++v)
+    pcv[v] = _mm512_loadu_ps(pc + 16 * v), wsv[v] = _mm512_loadu_ps(f.wg_sum + 16 * v),
+    bv[v] = _mm512_loadu_ps(f.b_eff + 16 * v);
+  for (int64_t r0 = 0; r0 < R; r0 += 8) {
+    const int64_t nb = std::min<int64_t>(8, R - r0);
+    gather_rows_avx512<NV>(c, R, stride, r0, r0 + nb, pr, s, ss);
+    for (int64_t i = 0; i < nb; ++i) s[i] = cs + s[i], ss[i] = css + ss[i];  // + the context's
+    const bool over = row_stats_avx512(s, ss, nb, f.K, f.eps, mean, rstd);
+    float* hb = h + r0 * H;
+    for (int64_t i = 0; i < nb; ++i) {
+      const __m512 m = _mm512_set1_ps(mean[i]), rs = _mm512_set1_ps(rstd[i]);
+      for (int v = 0; v < NV; ++v) {
+        __m512 t = _mm512_add_ps(pcv[v], _mm512_loadu_ps(pr + i * H + 16 * v));
+        t = _mm512_fnmadd_ps(m, wsv[v], t);
+        _mm512_storeu_ps(hb + i * H + 16 * v, _mm512_fmadd_ps(t, rs, bv[v]));
+      }
+      if (over && rstd[i] == 0.0f) std::copy(f.b_eff, f.b_eff + H, hb + i * H);  // as first_layer_rows
     }
   }
+}
+
+// false when lean_rows_avx512 does not apply (then gather_rows and first_layer_rows)
+bool lean_rows(const CandRows& c, int64_t R, int64_t stride, const FirstLayer& f, const float* pc, double cs,
+               double css, float* h) {
+  if (!kHasAvx512 || f.H % 16 != 0 || f.H < 16 || f.H > 64) return false;
+  switch (f.H / 16) {
+    case 1: lean_rows_avx512<1>(c, R, stride, f, pc, cs, css, h); break;
+    case 2: lean_rows_avx512<2>(c, R, stride, f, pc, cs, css, h); break;
+    case 3: lean_rows_avx512<3>(c, R, stride, f, pc, cs, css, h); break;
+    default: lean_rows_avx512<4>(c, R, stride, f, pc, cs, css, h);
+  }
+  return true;
+}
+
+__attribute__((target("avx512f,avx2,fma"))) void gather_rows_all_avx512(int nv, const CandRows& c, int64_t R,
+                                                                        int64_t stride, float* pr, double* rs,
+                                                                        double* rss) {
+  switch (nv) {
+    case 1: return gather_rows_avx512<1>(c, R, stride, 0, R, pr, rs, rss);
+    case 2: return gather_rows_avx512<2>(c, R, stride, 0, R, pr, rs, rss);
+    case 3: return gather_rows_avx512<3>(c, R, stride, 0, R, pr, rs, rss);
+    default: return gather_rows_avx512<4>(c, R, stride, 0, R, pr, rs, rss);
+  }
+}
+
+void gather_rows(const CandRows& c, int64_t R, int64_t H, int64_t stride, float* pr, double* rs, double* rss) {
+  if (kHasAvx512 && H % 16 == 0 && H >= 16 && H <= 64) return gather_rows_all_avx512(static_cast<int>(H / 16), c, R, stride, pr, rs, rss);
   std::fill(pr, pr + R * H, 0.0f);
   for (int64_t i = 0; i < R; ++i) {
     float* o = pr + i * H;
@@ -2172,11 +2282,14 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
     const int64_t l_ = cand[static_cast<size_t>(q)];
     const Lookup& k = c.lookups[static_cast<size_t>(l_)];
     const int64_t kind = c.out_kind[static_cast<size_t>(k.out)], idx = c.out_index[static_cast<size_t>(k.out)];
+    const int64_t* ids = key;  // each candidate's id (or key) for this lookup
+    bool all = false;            // every candidate has one (hs not written)
     if (kind == 0) {
-      if (!candidate_ids(v, l, B, idx, first[static_cast<size_t>(idx)], key, hs)) return false;
+      ids = candidate_ids(v, l, B, idx, first[static_cast<size_t>(idx)], key, hs, &all);
+      if (ids == nullptr) return false;
     } else if (kind == 2) {
       buckets(c, idx, dp, 1, M, key);
-      std::memset(hs, 1, static_cast<size_t>(M));
+      all = true;  // every candidate has a bucket
     } else {  // a cross: FNV-1a over one id per source, then fmix64 (Work::cross)
       const int64_t s0 = c.cross_start[static_cast<size_t>(idx)], s1 = c.cross_start[static_cast<size_t>(idx + 1)];
       if (s1 <= s0) return false;
@@ -2196,28 +2309,31 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
             key[m] = static_cast<int64_t>((static_cast<uint64_t>(key[m]) ^ static_cast<uint64_t>(id)) * kFnvPrime);
           continue;
         }
+        const int64_t* sid = tid;
         if (src < c.I) {
-          if (!candidate_ids(v, l, B, src, first[static_cast<size_t>(src)], tid, ths)) return false;
-          for (int64_t m = 0; m < M; ++m) hs[m] &= ths[m];
+          bool one = false;
+          sid = candidate_ids(v, l, B, src, first[static_cast<size_t>(src)], tid, ths, &one);
+          if (sid == nullptr) return false;
+          if (!one)
+            for (int64_t m = 0; m < M; ++m) hs[m] &= ths[m];
         } else {
           buckets(c, src - c.I, dp, 1, M, tid);
         }
         for (int64_t m = 0; m < M; ++m)
-          key[m] = static_cast<int64_t>((static_cast<uint64_t>(key[m]) ^ static_cast<uint64_t>(tid[m])) * kFnvPrime);
+          key[m] = static_cast<int64_t>((static_cast<uint64_t>(key[m]) ^ static_cast<uint64_t>(sid[m])) * kFnvPrime);
       }
       for (int64_t m = 0; m < M; ++m) key[m] = static_cast<int64_t>(fmix64(static_cast<uint64_t>(key[m])));
     }
-    Lookup k0 = k;  // rows in the folded table: no offset
-    k0.offset = 0;
-    rows_of_run(k0, key, M, rq);
-    int64_t all = 1;
-    for (int64_t m = 0; m < M; ++m) all &= hs[m];
-    if (!all)
-      for (int64_t m = 0; m < M; ++m)
-        if (!hs[m]) rq[m] = k.rows;  // the zero row
     const float* base = fs.data[static_cast<size_t>(fs.slot[static_cast<size_t>(l_)])].get();
     const float** cq = cp + q * M;
-    for (int64_t m = 0; m < M; ++m) cq[m] = base + rq[m] * stride;
+    row_ptrs(k, ids, M, base, stride, cq, rq);
+    if (!all) {
+      int64_t every = 1;
+      for (int64_t m = 0; m < M; ++m) every &= hs[m];
+      if (!every)
+        for (int64_t m = 0; m < M; ++m)
+          if (!hs[m]) cq[m] = base + k.rows * stride;  // the zero row
+    }
   }
   // the context's share: its lookups pooled from row 0, its dense columns
   thread_local std::vector<float> ctx, pc;
@@ -2270,11 +2386,12 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
   for (int64_t j = 0; j < nd; ++j)
     std::memcpy(wx.data() + j * H, f.wg_t + (K - c.D + dcols[static_cast<size_t>(j)]) * H,
                 static_cast<size_t>(H) * sizeof(float));
+  const CandRows cr{crow.data(), nq, xp, ld, nd, wx.data()};
+  if (lean_rows(cr, M, fs.stride, f, pc.data(), cs, css, hp)) return true;
   pr.resize(static_cast<size_t>(M * H));
   rs.resize(static_cast<size_t>(M));
   rss.resize(static_cast<size_t>(M));
-  gather_rows(CandRows{crow.data(), nq, xp, ld, nd, wx.data()}, M, H, fs.stride, pr.data(), rs.data(),
-              rss.data());
+  gather_rows(cr, M, H, fs.stride, pr.data(), rs.data(), rss.data());
   // phase two: the statistics and the affine step (no columns left: all in pr, rs, rss)
   first_layer_rows(f, pr.data(), 0, M, 0, wx.data(), pc.data(), cs, css, hp, RowShare{pr.data(), rs.data(), rss.data()});
   return true;
