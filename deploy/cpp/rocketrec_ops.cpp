@@ -2026,11 +2026,17 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
 const int64_t* candidate_ids(const int64_t* v, const int64_t* l, int64_t B, int64_t i, int64_t first, int64_t* id,
                              uint8_t* has, bool* all) {
   const int64_t M = B - 1;
-  const int64_t* li = l + i * B + 1;
+  const int64_t* li = l + i * B + 1;  // lengths >= 0 (check_inputs)
   int64_t all_one = 1, over = 0;
-  for (int64_t m = 0; m < M; ++m) {
-    all_one &= li[m] == 1;
-    over |= li[m] > 1;
+  if (kHasAvx512) {
+    uint64_t sum = 0;
+    over = static_cast<int64_t>(lengths_scan_avx512(li, M, 1, sum));  // a length above 1
+    all_one = sum == static_cast<uint64_t>(M);
+  } else {
+    for (int64_t m = 0; m < M; ++m) {
+      all_one &= li[m] == 1;
+      over |= li[m] > 1;
+    }
   }
   if (over) return nullptr;
   const int64_t* p = v + first + l[i * B];  // after the context's bag
@@ -2136,8 +2142,9 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void gather_ro
   }
 }
 
-// The lean candidates' first layer on AVX-512, 8 candidates at a time: their gathered sums
-// (gather_rows_avx512) in a block that stays in L1, the block's LayerNorm statistics
+// The lean candidates' first layer on AVX-512, 32 candidates at a time: their gathered sums
+// (gather_rows_avx512) in a block that stays in L1 (32 rows: the statistics' divides and
+// square roots of 4 vectors of rows overlap; 8 rows left them waiting on their latency), the block's LayerNorm statistics
 // (row_stats_avx512) and the affine step (mm_block512's epilogue with no columns) straight
 // to h: one pass over the candidates where gather, statistics and epilogue took three.
 template <int NV>
@@ -2146,15 +2153,16 @@ __attribute__((target("avx512f,avx512dq,avx2,fma"))) void lean_rows_avx512(const
                                                                           const float* pc, double cs, double css,
                                                                           float* h) {
   constexpr int64_t H = 16 * NV;
-  alignas(64) float pr[8 * H];
-  double s[8], ss[8];
-  float mean[8], rstd[8];
+  constexpr int64_t kB = 32;
+  alignas(64) float pr[kB * H];
+  double s[kB], ss[kB];
+  float mean[kB], rstd[kB];
   __m512 pcv[NV], wsv[NV], bv[NV];
   for (int v = 0; v < NV; ++v)
     pcv[v] = _mm512_loadu_ps(pc + 16 * v), wsv[v] = _mm512_loadu_ps(f.wg_sum + 16 * v),
     bv[v] = _mm512_loadu_ps(f.b_eff + 16 * v);
-  for (int64_t r0 = 0; r0 < R; r0 += 8) {
-    const int64_t nb = std::min<int64_t>(8, R - r0);
+  for (int64_t r0 = 0; r0 < R; r0 += kB) {
+    const int64_t nb = std::min<int64_t>(kB, R - r0);
     gather_rows_avx512<NV>(c, R, stride, r0, r0 + nb, pr, s, ss);
     for (int64_t i = 0; i < nb; ++i) s[i] = cs + s[i], ss[i] = css + ss[i];  // + the context's
     const bool over = row_stats_avx512(s, ss, nb, f.K, f.eps, mean, rstd);
@@ -2238,9 +2246,12 @@ bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, co
   thread_local std::vector<int64_t> first;  // where each id input's ids start in values
   first.assign(static_cast<size_t>(c.I) + 1, 0);
   for (int64_t i = 0; i < c.I; ++i) {
-    int64_t n = 0;
-    for (int64_t b = 0; b < B; ++b) n += l[i * B + b];
-    first[static_cast<size_t>(i) + 1] = first[static_cast<size_t>(i)] + n;
+    uint64_t n = 0;
+    if (kHasAvx512)
+      lengths_scan_avx512(l + i * B, B, ~uint64_t{0}, n);
+    else
+      for (int64_t b = 0; b < B; ++b) n += static_cast<uint64_t>(l[i * B + b]);
+    first[static_cast<size_t>(i) + 1] = first[static_cast<size_t>(i)] + static_cast<int64_t>(n);
   }
   auto given = [&](int64_t s) {  // source s (an id input, or bucket s - I) is the context's
     return s < c.I ? l[s * B] > 0 : !std::isnan(dp[c.D + (s - c.I)]);
