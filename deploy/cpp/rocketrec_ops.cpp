@@ -274,11 +274,33 @@ WorkBuffers& work_buffers() {
 
 // Bucket input k of rows b0..b0+n-1 (dense x [B, D + Kb]) -> out[0..n): 0 for NaN, else 1 +
 // the number of boundaries <= the value (float32)
+// buckets' count on AVX-512, 16 rows at a time: out[b] = 1 + #{j : lo[j] <= col[b * C]},
+// 0 for NaN (the scalar loop's compares, as masks)
+__attribute__((target("avx512f"))) void buckets_avx512(const float* lo, int64_t nb, const float* col, int64_t C,
+                                                       int64_t n, int64_t* out) {
+  const __m512i one = _mm512_set1_epi32(1), step = _mm512_mullo_epi32(
+                                                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                _mm512_set1_epi32(static_cast<int>(C)));
+  for (int64_t b = 0; b < n; b += 16) {
+    const __mmask16 m = n - b >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - b)) - 1u);
+    const __m512 val = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, step, col + b * C, 4);
+    __m512i cnt = one;
+    for (int64_t j = 0; j < nb; ++j)
+      cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(_mm512_set1_ps(lo[j]), val, _CMP_LE_OQ), cnt, one);
+    cnt = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(val, val, _CMP_ORD_Q), cnt);  // NaN -> 0
+    _mm512_mask_storeu_epi64(out + b, static_cast<__mmask8>(m), _mm512_cvtepi32_epi64(_mm512_castsi512_si256(cnt)));
+    _mm512_mask_storeu_epi64(out + b + 8, static_cast<__mmask8>(m >> 8),
+                             _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(cnt, 1)));
+  }
+}
+
 void buckets(const Config& c, int64_t k, const float* x, int64_t b0, int64_t n, int64_t* out) {
   const int64_t C = c.D + c.Kb;
   const float* lo = c.bounds + c.bound_start[static_cast<size_t>(k)];
   const float* hi = c.bounds + c.bound_start[static_cast<size_t>(k + 1)];
   const float* col = x + b0 * C + c.D + k;
+  // the gather's int32 offsets: (16 rows) x C floats must fit
+  if (kHasAvx512 && n >= 8 && hi - lo <= 32 && C < (int64_t{1} << 26)) return buckets_avx512(lo, hi - lo, col, C, n, out);
   if (hi - lo <= 32) {  // few boundaries: count those <= val without a branch (a binary
                         // search mispredicted about twice a row on random prices)
     const int64_t nb = hi - lo;
@@ -795,7 +817,14 @@ const bool kHasAvx512 = kIsa >= 2;
 __attribute__((target("avx512f"))) uint64_t lengths_scan_avx512(const int64_t* l, int64_t n, uint64_t nv,
                                                                 uint64_t& sum) {
   __m512i mx = _mm512_setzero_si512(), acc = _mm512_setzero_si512();
+  __m512i mx2 = _mm512_setzero_si512(), acc2 = _mm512_setzero_si512();  // two chains
   int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i x = _mm512_loadu_si512(l + i), y = _mm512_loadu_si512(l + i + 8);
+    mx = _mm512_max_epu64(mx, x), mx2 = _mm512_max_epu64(mx2, y);
+    acc = _mm512_add_epi64(acc, x), acc2 = _mm512_add_epi64(acc2, y);
+  }
+  mx = _mm512_max_epu64(mx, mx2), acc = _mm512_add_epi64(acc, acc2);
   for (; i + 8 <= n; i += 8) {
     const __m512i x = _mm512_loadu_si512(l + i);
     mx = _mm512_max_epu64(mx, x);
