@@ -211,7 +211,20 @@ def test_bench_paired_times_the_models_in_turns(predictor, cross_exported, tmp_p
     )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(x) for x in out.stdout.splitlines()]
-    kinds = ("batch1", "batch16", "batch256", "candidates", "candidate_rows")
+    # the column forms score what the Request forms score, bit for bit, per model
+    checks = [r for r in rows if r["mode"] == "paired_columns_check"]
+    assert sorted(r["model"] for r in checks) == sorted([str(a), str(b)])
+    assert all(r["max_abs_diff"] == 0 for r in checks), checks
+    rows = [r for r in rows if r["mode"] == "paired"]
+    kinds = (
+        "batch1",
+        "batch16",
+        "batch256",
+        "candidates",
+        "candidate_rows",
+        "candidates_columns",
+        "candidate_rows_columns",
+    )
     assert {(r["kind"], r["model"]) for r in rows} == {(k, str(m)) for k in kinds for m in (a, b)}
     assert len(rows) == 2 * len(kinds)
     for k in kinds:
@@ -321,6 +334,13 @@ def test_cpp_crosses_and_candidates_match_python(
     py = rq.score_lines(m, mixed, man)
     assert len(cpp) == len(py) == 50 + 300 + 30 + 5
     assert max(abs(a - b) for a, b in zip(cpp, py)) <= 1e-6
+    # the same lines through the Predictor's column API (rocketrec::Columns): bit for bit
+    cols = subprocess.run(
+        [str(predictor), str(model), str(req), "--batch", "16", "--columns"],
+        capture_output=True,
+        text=True,
+    )
+    assert cols.returncode == 0 and cols.stdout == out.stdout, cols.stderr
     # the candidates' scores equal the full rows' (Python and C++ alike)
     cand = cpp[50:350]
     full_py = rq.score_lines(m, full, man)
@@ -405,7 +425,9 @@ def test_cpp_api_checks_sizes(predictor, cross_exported):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 8 and all(x.startswith("ok ") for x in lines), lines  # 7 checks + a score
+    # 7 checks of Request rows, 8 of Columns, an empty row's score (Columns == Request)
+    assert len(lines) == 16 and all(x.startswith("ok ") for x in lines), lines
+    assert sum(x.startswith("ok columns: ") for x in lines) == 8
 
 
 def _mutate(line: bytes, rng: random.Random) -> bytes:

@@ -466,6 +466,134 @@ std::vector<float> Predictor::score(const Request& context, const std::vector<Re
   return to_vector(run(static_candidates_, "score_candidates", std::move(in)).toTensor());
 }
 
+// -- Columns ---------------------------------------------------------------------------
+
+Columns Predictor::columns(const std::vector<Request>& rows) const {
+  const size_t F = sparse().size(), D = dense().size(), M = rows.size();
+  for (size_t b = 0; b < M; ++b)
+    if (rows[b].bags.size() != F || rows[b].dense.size() != D) parser_.check_shape(rows[b], "request " + std::to_string(b));
+  Columns c;
+  c.rows = static_cast<int64_t>(M);
+  c.lengths.resize(F * M);
+  c.dense.resize(M * D);
+  for (size_t f = 0; f < F; ++f)
+    for (size_t b = 0; b < M; ++b) {
+      const std::vector<int64_t>& bag = rows[b].bags[f];
+      c.lengths[f * M + b] = static_cast<int64_t>(bag.size());
+      c.ids.insert(c.ids.end(), bag.begin(), bag.end());
+    }
+  for (size_t b = 0; b < M; ++b) std::copy(rows[b].dense.begin(), rows[b].dense.end(), c.dense.begin() + b * D);
+  return c;
+}
+
+// Columns (after `context` as row 0, when given) -> values, lengths, dense: the columns are
+// the model's layout already, so each input's lengths and ids are one copy each.
+std::vector<torch::jit::IValue> Predictor::column_inputs(const Request* context, const Columns& c) const {
+  const int64_t F = static_cast<int64_t>(sparse().size()), D = static_cast<int64_t>(dense().size());
+  const int64_t M = c.rows, extra = context ? 1 : 0, B = M + extra;
+  const std::string what = context ? "candidates" : "columns";
+  if (M < 0) throw RequestError(what + ": rows is " + std::to_string(M));
+  if (static_cast<int64_t>(c.lengths.size()) != F * M)
+    throw RequestError(what + ": lengths has " + std::to_string(c.lengths.size()) + " entries; the model's " +
+                       std::to_string(F) + " sparse inputs x " + std::to_string(M) + " rows need " +
+                       std::to_string(F * M));
+  if (static_cast<int64_t>(c.dense.size()) != M * D)
+    throw RequestError(what + ": dense has " + std::to_string(c.dense.size()) + " values; the model's " +
+                       std::to_string(D) + " dense inputs x " + std::to_string(M) + " rows need " +
+                       std::to_string(M * D));
+  if (context && (context->bags.size() != static_cast<size_t>(F) || context->dense.size() != static_cast<size_t>(D)))
+    parser_.check_shape(*context, "the context");
+  const int64_t* cl = c.lengths.data();
+  int64_t neg = 0;
+  uint64_t sum = 0;
+  for (int64_t i = 0; i < F * M; ++i) {
+    neg |= cl[i] < 0;
+    sum += static_cast<uint64_t>(cl[i]);
+  }
+  if (neg)
+    for (int64_t i = 0; i < F * M; ++i)
+      if (cl[i] < 0)
+        throw RequestError(what + ": lengths[" + std::to_string(i) + "] (input '" + sparse()[static_cast<size_t>(i / M)].name +
+                           "', row " + std::to_string(i % M) + ") is negative");
+  if (sum != static_cast<uint64_t>(c.ids.size()))
+    throw RequestError(what + ": lengths sum to " + std::to_string(sum) + " but ids has " +
+                       std::to_string(c.ids.size()) + " entries");
+  int64_t ctx_ids = 0;
+  if (context)
+    for (const auto& bag : context->bags) ctx_ids += static_cast<int64_t>(bag.size());
+  auto values = torch::empty({static_cast<int64_t>(sum) + ctx_ids}, torch::kInt64);
+  auto lengths = torch::empty({F * B}, torch::kInt64);
+  auto dense_t = torch::empty({B, D}, torch::kFloat32);
+  int64_t* v = values.data_ptr<int64_t>();
+  int64_t* l = lengths.data_ptr<int64_t>();
+  float* d = dense_t.data_ptr<float>();
+  const int64_t* ids = c.ids.data();
+  for (int64_t f = 0; f < F; ++f) {  // input by input: the context's bag, then the rows'
+    int64_t n = 0;
+    if (context) {
+      const std::vector<int64_t>& bag = context->bags[static_cast<size_t>(f)];
+      l[f * B] = static_cast<int64_t>(bag.size());
+      std::copy(bag.begin(), bag.end(), v);
+      v += bag.size();
+      if (!bag.empty())  // an input the context gives: no candidate may give it too
+        for (int64_t m = 0; m < M; ++m)
+          if (cl[f * M + m] != 0)
+            throw RequestError("feature '" + sparse()[static_cast<size_t>(f)].name +
+                               "' is given in the context and in candidate " + std::to_string(m));
+    }
+    std::memcpy(l + f * B + extra, cl + f * M, static_cast<size_t>(M) * sizeof(int64_t));
+    for (int64_t m = 0; m < M; ++m) n += cl[f * M + m];
+    std::memcpy(v, ids, static_cast<size_t>(n) * sizeof(int64_t));
+    v += n, ids += n;
+  }
+  if (context) {
+    for (int64_t k = 0; k < D; ++k) {
+      const float x = context->dense[static_cast<size_t>(k)];
+      d[k] = x;
+      if (!std::isnan(x))
+        for (int64_t m = 0; m < M; ++m)
+          if (!std::isnan(c.dense[static_cast<size_t>(m * D + k)]))
+            throw RequestError("feature '" + dense()[static_cast<size_t>(k)].name +
+                               "' is given in the context and in candidate " + std::to_string(m));
+    }
+  }
+  if (M * D > 0) std::memcpy(d + extra * D, c.dense.data(), static_cast<size_t>(M * D) * sizeof(float));
+  return {values, lengths, dense_t};
+}
+
+std::vector<float> Predictor::predict(const Columns& batch) const {
+  auto in = column_inputs(nullptr, batch);  // checks the columns first, even when empty
+  if (batch.rows == 0) return {};
+  if (aoti_) return to_vector(run_aoti(false, std::move(in)));
+  return to_vector(run(static_forward_, "forward", std::move(in)).toTensor());
+}
+
+std::vector<float> Predictor::score(const Request& context, const Columns& candidates) const {
+  if (!has_candidates_)
+    throw RequestError("this model file has no score_candidates entry point (exported by an older rocketrec)");
+  auto in = column_inputs(&context, candidates);  // checks shapes and that no input is given twice
+  if (candidates.rows == 0) return {};
+  if (aoti_) {
+    if (candidates.rows == 1) {  // compiled for >= 2 candidates: score this one twice
+      Columns two;
+      two.rows = 2;
+      const size_t F = sparse().size();
+      for (size_t f = 0; f < F; ++f) two.lengths.insert(two.lengths.end(), 2, candidates.lengths[f]);
+      size_t at = 0;
+      for (size_t f = 0; f < F; ++f) {
+        const auto n = static_cast<size_t>(candidates.lengths[f]);
+        for (int k = 0; k < 2; ++k) two.ids.insert(two.ids.end(), candidates.ids.begin() + static_cast<long>(at),
+                                                   candidates.ids.begin() + static_cast<long>(at + n));
+        at += n;
+      }
+      for (int k = 0; k < 2; ++k) two.dense.insert(two.dense.end(), candidates.dense.begin(), candidates.dense.end());
+      return {to_vector(run_aoti(true, column_inputs(&context, two))).at(0)};
+    }
+    return to_vector(run_aoti(true, std::move(in)));
+  }
+  return to_vector(run(static_candidates_, "score_candidates", std::move(in)).toTensor());
+}
+
 // -- PredictorWatch ----------------------------------------------------------------------
 
 PredictorWatch::PredictorWatch(std::string dir, Limits limits, Runtime runtime, size_t aoti_runners)

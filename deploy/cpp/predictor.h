@@ -97,12 +97,21 @@ class Predictor {
   std::vector<float> score(const Request& context, const std::vector<Request>& candidates) const;
   std::vector<float> score(const CandidatesRequest& r) const { return score(r.context, r.candidates); }
 
+  // The same from columns (request.h): predict(columns(batch)) == predict(batch), and
+  // score(context, columns(candidates)) == score(context, candidates), bit for bit. Throws
+  // RequestError, naming the field (and the input and row), when the columns' sizes do
+  // not fit the model, a length is negative, or the lengths do not sum to ids' size.
+  std::vector<float> predict(const Columns& batch) const;
+  std::vector<float> score(const Request& context, const Columns& candidates) const;
+  // Requests as columns (checks each request's shape, as predict does).
+  Columns columns(const std::vector<Request>& rows) const;
   // The model inputs for a batch: values [N], lengths [I*B] (input-major), dense [B, C].
   std::vector<torch::jit::IValue> inputs(const std::vector<Request>& batch) const;
 
  private:
   std::vector<torch::jit::IValue> build_inputs(const Request* first, const std::vector<Request>& batch,
                                                bool* overlap = nullptr) const;
+  std::vector<torch::jit::IValue> column_inputs(const Request* context, const Columns& c) const;
   torch::jit::script::Module module_;
   std::string manifest_text_;
   RequestParser parser_;

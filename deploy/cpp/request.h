@@ -35,6 +35,20 @@ struct Request {
 
 // One context row against N candidate rows. Every input is given by the context or
 // by the candidates, never by both (checked by the parser and by Predictor::score).
+// Rows as columns, in the model's own layout (a KeyedJaggedTensor's): for `rows` rows and
+// the model's F sparse inputs (Predictor::sparse(), in order), lengths[f * rows + r] is
+// the number of ids input f has in row r; ids holds input 0's ids of rows 0, 1, ...,
+// then input 1's, and so on (string inputs: their fnv1a64 hashes, rocketrec_hash.h);
+// dense is [rows x D] row by row, NaN where a value is missing. A server that holds its
+// candidates' features as arrays scores them without one Request (and its heap vectors)
+// per row: Predictor::predict(Columns) and score(context, Columns).
+struct Columns {
+  int64_t rows = 0;
+  std::vector<int64_t> lengths;  // [F * rows]
+  std::vector<int64_t> ids;      // sum(lengths)
+  std::vector<float> dense;      // [rows * D]
+};
+
 struct CandidatesRequest {
   Request context;
   std::vector<Request> candidates;

@@ -1,11 +1,12 @@
 // rocketrec_predict: score JSON-lines requests with an exported rocketrec light model.
 //
 //   rocketrec_predict MODEL.pt [REQUESTS.jsonl | -] [--batch N] [--keep-going] [--runtime static|interpreter|static-all]
-//                     [--aoti-runners N]
+//                     [--aoti-runners N] [--columns]
 //       one probability per line: per one-row request, and per candidate of a
 //       {"context": {...}, "candidates": [...]} request, in order. MODEL is a TorchScript
 //       file (`rocketrec export`) or an AOTInductor package (`--format aoti`, light.pt2):
-//       the type is detected; --runtime applies to TorchScript, --aoti-runners to .pt2
+//       the type is detected; --runtime applies to TorchScript, --aoti-runners to .pt2;
+//       --columns scores through the Predictor's column API (rocketrec::Columns)
 //   rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] [--threads T]
 //       p50/p99 latency at batch 1/16/256, 1 context x N candidates vs the same N rows
 //       as a batch, and requests/s of T threads sharing one Predictor vs 1 thread
@@ -23,7 +24,7 @@
 //   rocketrec_predict --bench-math MATH.pt [--seconds S]   the math-only baseline
 //       (benchmarks/bench_serving.py): p50/p99 of its forward on prepared inputs
 //   rocketrec_predict --bench-paired MODEL... [--math MATH.pt] [--seconds S] [--context a,b]
-//       [--candidates N] [--only batch1|batch16|batch256|candidates|candidate_rows]
+//       [--candidates N] [--only batch1|batch16|batch256|candidates|candidate_rows|candidates_columns|candidate_rows_columns]
 //       [--fold-mb A,B]  (each model once per fold budget: rocketrec::fold_budget_mb)
 //       [--lean 0,1]  (each model with score_candidates' lean path off, on: lean_candidates)
 //       the models (and the math baseline) timed taking turns in short blocks over the
@@ -67,7 +68,7 @@ int fail(const std::string& msg) {
 }
 
 int usage() {
-  std::cerr << "usage: rocketrec_predict MODEL.pt [REQUESTS.jsonl|-] [--batch N] [--keep-going] "
+  std::cerr << "usage: rocketrec_predict MODEL.pt [REQUESTS.jsonl|-] [--batch N] [--keep-going] [--columns] "
                "[--runtime static|interpreter|static-all] [--aoti-runners N]\n"
                "       rocketrec_predict MODEL.pt --bench [--seconds S] [--context a,b] [--candidates N] "
                "[--threads T]\n"
@@ -389,26 +390,44 @@ int bench_paired(const std::vector<std::string>& model_paths, const std::string&
     for (size_t m = 0; m < ps.size(); ++m) emit(kind, paths[m], ts[m].us);
     if (!math.empty()) emit(kind, "math:" + math, ts.back().us);
   }
-  const bool cands = only.empty() || only == "candidates", rows = only.empty() || only == "candidate_rows";
-  if (!cands && !rows) return 0;
+  // one context x N candidates and the same rows as a batch, each as Request rows and as
+  // Columns (Predictor::columns: the model's own layout, no heap vector per row)
+  const std::vector<std::string> ckinds{"candidates", "candidate_rows", "candidates_columns", "candidate_rows_columns"};
+  std::vector<std::string> run_kinds;
+  for (const auto& k : ckinds)
+    if (only.empty() || only == k) run_kinds.push_back(k);
+  if (run_kinds.empty()) return 0;
   std::vector<Timed> ts;
   std::vector<Candidates> cs;
+  std::vector<std::pair<rocketrec::Columns, rocketrec::Columns>> cols;  // candidates, merged rows
   for (const auto& p : ps) {
     Gen gen{*p};
     cs.push_back(candidate_requests(*p, gen, context_inputs(*p, context, false), n_cand));
+    cols.emplace_back(p->columns(cs.back().cands), p->columns(cs.back().merged));
   }
   for (size_t m = 0; m < ps.size(); ++m) {
     const rocketrec::Predictor* p = ps[m].get();
     const Candidates* c = &cs[m];
-    if (cands) ts.push_back({with_budget(m, [p, c] { p->score(c->ctx, c->cands); }), {}});
-    if (rows) ts.push_back({with_budget(m, [p, c] { p->predict(c->merged); }), {}});
+    const auto* cc = &cols[m];
+    double diff = 0;  // the column forms score what the Request forms score, bit for bit
+    auto a = p->score(c->ctx, c->cands), b = p->score(c->ctx, cc->first);
+    auto a2 = p->predict(c->merged), b2 = p->predict(cc->second);
+    for (size_t i = 0; i < a.size(); ++i)
+      diff = std::max({diff, static_cast<double>(std::abs(a[i] - b[i])), static_cast<double>(std::abs(a2[i] - b2[i]))});
+    std::printf("{\"mode\": \"paired_columns_check\", \"model\": \"%s\", \"max_abs_diff\": %.3g}\n",
+                paths[m].c_str(), diff);
+    for (const auto& k : run_kinds) {
+      std::function<void()> fn;
+      if (k == "candidates") fn = [p, c] { p->score(c->ctx, c->cands); };
+      else if (k == "candidate_rows") fn = [p, c] { p->predict(c->merged); };
+      else if (k == "candidates_columns") fn = [p, c, cc] { p->score(c->ctx, cc->first); };
+      else fn = [p, cc] { p->predict(cc->second); };
+      ts.push_back({with_budget(m, fn), {}});
+    }
   }
   paired(ts, seconds);
-  const size_t per = cands && rows ? 2 : 1;
-  for (size_t m = 0; m < ps.size(); ++m) {
-    if (cands) emit("candidates", paths[m], ts[per * m].us);
-    if (rows) emit("candidate_rows", paths[m], ts[per * m + (cands ? 1 : 0)].us);
-  }
+  for (size_t m = 0; m < ps.size(); ++m)
+    for (size_t k = 0; k < run_kinds.size(); ++k) emit(run_kinds[k], paths[m], ts[run_kinds.size() * m + k].us);
   return 0;
 }
 
@@ -434,6 +453,29 @@ int self_test(const rocketrec::Predictor& p) {
     if (F) { r.bags[0] = {1}; c.bags[0] = {2}; } else { r.dense[0] = 1.f; c.dense[0] = 2.f; }
     p.score(r, {good(), c});
   }});
+  // the column forms (rocketrec::Columns): sizes, lengths, ids and overlap checked
+  auto cols = [&](int64_t rows) {
+    rocketrec::Columns c;
+    c.rows = rows;
+    c.lengths.assign(F * static_cast<size_t>(rows), 0);
+    c.dense.assign(D * static_cast<size_t>(rows), std::numeric_limits<float>::quiet_NaN());
+    return c;
+  };
+  checks.push_back({"columns: lengths size", [&] { auto c = cols(2); c.lengths.push_back(0); p.predict(c); }});
+  checks.push_back({"columns: dense size", [&] { auto c = cols(2); c.dense.pop_back(); p.predict(c); }});
+  checks.push_back({"columns: negative rows", [&] { auto c = cols(0); c.rows = -1; p.predict(c); }});
+  if (F > 0) {
+    checks.push_back({"columns: negative length", [&] { auto c = cols(2); c.lengths[1] = -1; c.ids.push_back(1); p.predict(c); }});
+    checks.push_back({"columns: lengths past ids", [&] { auto c = cols(2); c.lengths[0] = 3; c.ids = {1, 2}; p.predict(c); }});
+    checks.push_back({"columns: ids past lengths", [&] { auto c = cols(2); c.ids = {1}; p.predict(c); }});
+  }
+  checks.push_back({"columns: bad context", [&] { auto r = good(); r.bags.resize(F + 1); p.score(r, cols(2)); }});
+  checks.push_back({"columns: overlap", [&] {
+    auto r = good();
+    auto c = cols(2);
+    if (F) { r.bags[0] = {1}; c.lengths[1] = 1; c.ids = {2}; } else { r.dense[0] = 1.f; c.dense[D] = 2.f; }
+    p.score(r, c);
+  }});
   int bad = 0;
   for (auto& [name, fn] : checks) {
     try {
@@ -445,7 +487,12 @@ int self_test(const rocketrec::Predictor& p) {
     }
   }
   auto r = good();
-  std::printf("ok empty request scores %.6g\n", p.predict({r}).at(0));
+  const float one = p.predict({r}).at(0), col = p.predict(cols(1)).at(0);
+  std::printf("ok empty request scores %.6g\n", one);
+  if (col != one) {
+    std::printf("FAIL columns: an empty row scores %.9g, as a Request %.9g\n", col, one);
+    ++bad;
+  }
   return bad ? 1 : 0;
 }
 
@@ -457,7 +504,7 @@ int self_test(const rocketrec::Predictor& p) {
 // when it started, and a batch is cut where the model changes (--watch). `live`: stdin
 // lines are answered at once (an interactive client waits for them).
 int serve(const std::function<std::shared_ptr<const rocketrec::Predictor>()>& current,
-          const std::string& requests, size_t batch_size, bool keep_going, bool live) {
+          const std::string& requests, size_t batch_size, bool keep_going, bool live, bool columns = false) {
   std::ifstream file;
   if (requests != "-") {
     file.open(requests);
@@ -473,7 +520,7 @@ int serve(const std::function<std::shared_ptr<const rocketrec::Predictor>()>& cu
   };
   auto flush = [&]() {
     if (batch.empty()) return;
-    print(model->predict(batch));
+    print(columns ? model->predict(model->columns(batch)) : model->predict(batch));
     total += batch.size();
     batch.clear();
   };
@@ -492,7 +539,8 @@ int serve(const std::function<std::shared_ptr<const rocketrec::Predictor>()>& cu
         if (batch.size() == batch_size || keep_going || (live && requests == "-")) flush();
       } else {
         flush();  // keep the output in request order
-        print(model->score(r.candidates));
+        print(columns ? model->score(r.candidates.context, model->columns(r.candidates.candidates))
+                      : model->score(r.candidates));
         total += r.candidates.candidates.size();
       }
       if (live) std::fflush(stdout);
@@ -608,9 +656,10 @@ int main(int argc, char** argv) {
     for (int64_t f : values)
       if (f < 0 || (knob == "lean_candidates" && f > 1))
         return fail(knob == "lean_candidates" ? "--lean takes 0 (off) or 1 (on)" : "--fold-mb takes budgets in MiB >= 0");
-    const std::vector<std::string> kinds{"", "batch1", "batch16", "batch256", "candidates", "candidate_rows"};
+    const std::vector<std::string> kinds{"",           "batch1",         "batch16",           "batch256",
+                                         "candidates", "candidate_rows", "candidates_columns", "candidate_rows_columns"};
     if (std::find(kinds.begin(), kinds.end(), only) == kinds.end())
-      return fail("--only takes batch1, batch16, batch256, candidates or candidate_rows");
+      return fail("--only takes batch1, batch16, batch256, candidates, candidate_rows, candidates_columns or candidate_rows_columns");
     try {
       return bench_paired(paths, math, secs, split(context, ','), n_cand, only, knob, values);
     } catch (const std::exception& e) {
@@ -625,7 +674,7 @@ int main(int argc, char** argv) {
     return bench_math(args[1], secs);
   }
   std::string model = args[0], requests = "-", context, watch_dir;
-  bool do_bench = false, manifest = false, keep_going = false, do_self_test = false;
+  bool do_bench = false, manifest = false, keep_going = false, do_self_test = false, columns = false;
   double load_seconds = 0;
   size_t first = 1;
   if (args[0] == "--watch") {
@@ -645,6 +694,7 @@ int main(int argc, char** argv) {
       else if (a == "--load-test" && i + 1 < args.size() && !watch_dir.empty()) load_seconds = std::stod(args[++i]);
       else if (a == "--manifest") manifest = true;
       else if (a == "--keep-going") keep_going = true;
+      else if (a == "--columns") columns = true;
       else if (a == "--self-test") do_self_test = true;
       else if (a == "--batch" && i + 1 < args.size()) batch_size = std::stoul(args[++i]);
       else if (a == "--seconds" && i + 1 < args.size()) seconds = std::stod(args[++i]);
@@ -682,7 +732,7 @@ int main(int argc, char** argv) {
       }
       watch.start(std::chrono::milliseconds(100),
                   [](const std::string& line) { std::cerr << "rocketrec_predict: " << line << std::endl; });
-      int rc = serve([&] { return watch.current(); }, requests, batch_size, keep_going, true);
+      int rc = serve([&] { return watch.current(); }, requests, batch_size, keep_going, true, columns);
       watch.stop();
       return rc;
     } catch (const std::exception& e) {
@@ -704,7 +754,7 @@ int main(int argc, char** argv) {
     }
     if (do_self_test) return self_test(p);
     std::shared_ptr<const rocketrec::Predictor> one(&p, [](const rocketrec::Predictor*) {});
-    return serve([&] { return one; }, requests, batch_size, keep_going, false);
+    return serve([&] { return one; }, requests, batch_size, keep_going, false, columns);
   } catch (const std::exception& e) {
     std::string msg = e.what();
     return fail(msg.substr(0, msg.find('\n')));
