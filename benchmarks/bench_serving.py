@@ -280,7 +280,9 @@ def bench_paired(exe: Path, models: dict[str, Path], math: Path, seconds: float)
     for r in (json.loads(x) for x in out.stdout.splitlines()):
         if r["mode"] == "paired_columns_check":  # Columns score what Request rows score
             if r["max_abs_diff"] != 0:
-                print(f"WARNING: {names[r['model']]}: Columns and Request rows differ by {r['max_abs_diff']}")
+                print(
+                    f"WARNING: {names[r['model']]}: Columns and Request rows differ by {r['max_abs_diff']}"
+                )
             continue
         res[(r["kind"], names[r["model"]])] = r["p50_us"]
     return res
