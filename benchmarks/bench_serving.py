@@ -311,6 +311,8 @@ def bench_knob(exe: Path, models: dict[str, Path], seconds: float, knob: str) ->
     )  # fmt: skip
     res = {}
     for r in (json.loads(x) for x in out.stdout.splitlines()):
+        if r["mode"] != "paired":  # the Columns-vs-Requests check line (bench_paired reads it)
+            continue
         path, value = r["model"].rsplit(f"@{knob}=", 1)
         res[(r["kind"], names[path], int(value))] = r["p50_us"]
     return res

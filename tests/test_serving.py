@@ -282,6 +282,59 @@ def test_cli_requests_candidates_and_predict(tmp_path, cross_model, cross_data):
     assert p.returncode == 2 and "bin.jsonl:2" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_cli_requests_over_files_whose_types_drift(tmp_path, cross_model, cross_data):
+    """`rocketrec requests` reads files that store a column differently (string in one,
+    dictionary strings in the next, int32 vs int64) as the trainer does: the requests
+    equal those of the undrifted rows; `predict | head -1` ends without a traceback."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    exe = venv_bin("rocketrec")
+    model = str(cross_model / "light.pt")
+    table = pq.read_table(sorted(glob.glob(cross_data["val"] + "/*.parquet"))[0]).slice(0, 60)
+    half = table.slice(30)
+    for i, f in enumerate(half.schema):
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            half = half.set_column(i, f.name, half.column(i).dictionary_encode())
+        elif pa.types.is_int64(f.type) and f.name != "y":
+            half = half.set_column(i, f.name, half.column(i).cast(pa.int32(), safe=False))
+    assert any(pa.types.is_dictionary(f.type) for f in half.schema)
+    (tmp_path / "drift").mkdir()
+    (tmp_path / "plain").mkdir()
+    pq.write_table(table.slice(0, 30), tmp_path / "drift" / "a.parquet")
+    pq.write_table(half, tmp_path / "drift" / "b.parquet")
+    pq.write_table(table, tmp_path / "plain" / "a.parquet")
+    got = {}
+    for d in ("drift", "plain"):
+        out = subprocess.run(
+            [exe, "requests", "--model", model, "--data", str(tmp_path / d), "--rows", "60",
+             "--out", str(tmp_path / f"{d}.jsonl")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        got[d] = (tmp_path / f"{d}.jsonl").read_text().splitlines()
+    assert len(got["drift"]) == 60
+    if any(pa.types.is_int64(f.type) for f in table.schema):  # int32 ids read back exactly
+        small = all(
+            v is None or abs(v) < 2**31
+            for f in table.schema
+            if pa.types.is_int64(f.type) and f.name != "y"
+            for v in table.slice(30).column(f.name).to_pylist()
+        )
+        if small:
+            assert got["drift"] == got["plain"]
+    assert got["drift"][:30] == got["plain"][:30]
+    many = tmp_path / "many.jsonl"  # scores past a pipe's buffer: head leaves first
+    many.write_text("\n".join(got["drift"] * 400) + "\n")
+    head = subprocess.run(
+        f"'{exe}' predict --model '{model}' --requests '{many}' | head -1",
+        shell=True, capture_output=True, text=True,
+    )  # fmt: skip
+    assert len(head.stdout.split()) == 1 and "Traceback" not in head.stderr, head.stderr
+
+
 def test_train_refuses_unservable_settings_before_training(tmp_path, tiny_spec_path, tiny_data):
     exe = venv_bin("rocketrec")
     common = [exe, "train", "--spec", str(tiny_spec_path), "--train", tiny_data["train"]]

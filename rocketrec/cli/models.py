@@ -95,6 +95,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _cmd_requests(a: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from rocketrec.data.reader import list_parquet_files
@@ -116,13 +117,22 @@ def _cmd_requests(a: argparse.Namespace) -> int:
             if n >= a.rows:
                 break
             t = pf.read_row_group(rg, columns=cols).slice(0, a.rows - n)
-            tables.append(t)
+            for i, field in enumerate(t.schema):  # dictionary strings: their values (as
+                if pa.types.is_dictionary(field.type):  # the reader does), so files can mix
+                    t = t.set_column(i, field.name, t.column(i).cast(field.type.value_type))
+            tables.append((f, t))
             n += t.num_rows
         if n >= a.rows:
             break
-    import pyarrow as pa
-
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    table = None
+    try:
+        if tables:
+            table = pa.concat_tables([t for _, t in tables], promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        first = tables[0][0]
+        raise UserError(
+            f"{a.data}: its files' columns cannot be read together (from {first} on): {e}"
+        ) from None
     if table is None or table.num_rows == 0:
         raise UserError(f"{a.data}: no rows")
     if a.candidates:
@@ -294,7 +304,7 @@ def add_serving_commands(sub: Any) -> None:
         "--context",
         default=None,
         help="with --candidates: comma-separated inputs given in the context (from the "
-        "group's first row; default: the inputs whose name mentions 'user')",
+        "group's first row; default: the inputs whose name mentions 'user', else the first input)",
     )
     r.add_argument(
         "--full-rows",

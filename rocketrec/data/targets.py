@@ -44,7 +44,7 @@ def _decode_labels(col: pa.Array, name: str, source: str) -> np.ndarray:
     if bad.any():
         raise DataError(
             f"{source}: label column '{name}' has {int(bad.sum())} value(s) outside {{0, 1}} "
-            f"(first: {y[bad][0]!r})"
+            f"(first: {y[bad][0].item()!r})"
         )
     return y.astype(np.float32)
 

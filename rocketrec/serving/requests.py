@@ -310,7 +310,7 @@ def requests_from_table(table: pa.Table, manifest: dict[str, Any]) -> list[str]:
 
 
 def default_context(manifest: dict[str, Any]) -> list[str]:
-    """Inputs put in the context by default: those whose name mentions 'user'."""
+    """Inputs put in the context by default: those whose name mentions 'user' (none: the first input)."""
     names = [f["name"] for f in manifest["sparse_features"] + manifest["dense_features"]]
     return [n for n in names if "user" in n.lower()] or names[:1]
 
