@@ -503,18 +503,28 @@ std::vector<torch::jit::IValue> Predictor::column_inputs(const Request* context,
                        std::to_string(M * D));
   if (context && (context->bags.size() != static_cast<size_t>(F) || context->dense.size() != static_cast<size_t>(D)))
     parser_.check_shape(*context, "the context");
+  // one pass over the lengths: each input's sum (its ids' count), and the OR of them all:
+  // a sign bit means a negative length, a bit from 32 up one longer than any ids vector
+  // can be (so the sums of fewer than 2^31 lengths cannot wrap)
   const int64_t* cl = c.lengths.data();
-  int64_t neg = 0;
-  uint64_t sum = 0;
-  for (int64_t i = 0; i < F * M; ++i) {
-    neg |= cl[i] < 0;
-    sum += static_cast<uint64_t>(cl[i]);
+  thread_local std::vector<int64_t> per_v;
+  per_v.assign(static_cast<size_t>(F), 0);
+  int64_t* per = per_v.data();
+  uint64_t bits = 0, sum = 0;
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t* lf = cl + f * M;
+    int64_t s = 0, o = 0;
+    for (int64_t m = 0; m < M; ++m) s += lf[m], o |= lf[m];  // vectorizes
+    per[f] = s;
+    bits |= static_cast<uint64_t>(o);
+    sum += static_cast<uint64_t>(s);
   }
-  if (neg)
+  if ((bits >> 31) != 0 || F * M >= (int64_t{1} << 31))
     for (int64_t i = 0; i < F * M; ++i)
-      if (cl[i] < 0)
+      if (cl[i] < 0 || static_cast<uint64_t>(cl[i]) > c.ids.size())
         throw RequestError(what + ": lengths[" + std::to_string(i) + "] (input '" + sparse()[static_cast<size_t>(i / M)].name +
-                           "', row " + std::to_string(i % M) + ") is negative");
+                           "', row " + std::to_string(i % M) + ") is " + std::to_string(cl[i]) +
+                           (cl[i] < 0 ? ": negative" : ": more than ids has"));
   if (sum != static_cast<uint64_t>(c.ids.size()))
     throw RequestError(what + ": lengths sum to " + std::to_string(sum) + " but ids has " +
                        std::to_string(c.ids.size()) + " entries");
@@ -529,20 +539,19 @@ std::vector<torch::jit::IValue> Predictor::column_inputs(const Request* context,
   float* d = dense_t.data_ptr<float>();
   const int64_t* ids = c.ids.data();
   for (int64_t f = 0; f < F; ++f) {  // input by input: the context's bag, then the rows'
-    int64_t n = 0;
+    const int64_t n = per[f];
     if (context) {
       const std::vector<int64_t>& bag = context->bags[static_cast<size_t>(f)];
       l[f * B] = static_cast<int64_t>(bag.size());
       std::copy(bag.begin(), bag.end(), v);
       v += bag.size();
-      if (!bag.empty())  // an input the context gives: no candidate may give it too
+      if (!bag.empty() && n != 0)  // an input the context gives: no candidate may give it too
         for (int64_t m = 0; m < M; ++m)
           if (cl[f * M + m] != 0)
             throw RequestError("feature '" + sparse()[static_cast<size_t>(f)].name +
                                "' is given in the context and in candidate " + std::to_string(m));
     }
     std::memcpy(l + f * B + extra, cl + f * M, static_cast<size_t>(M) * sizeof(int64_t));
-    for (int64_t m = 0; m < M; ++m) n += cl[f * M + m];
     std::memcpy(v, ids, static_cast<size_t>(n) * sizeof(int64_t));
     v += n, ids += n;
   }
