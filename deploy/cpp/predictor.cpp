@@ -269,6 +269,10 @@ void Predictor::load_aoti(const std::string& path, size_t runners) {
     if (!models->forward) throw std::runtime_error("no 'forward' entry point");
   } catch (const std::exception& e) {
     std::string msg = e.what();
+    if (msg.find("undefined symbol: aoti_torch_cpu_light") != std::string::npos)  // the C shims
+      throw std::runtime_error(path + ": this package calls librocketrec_ops.so's C shims, which are not "
+                               "visible: load the library with dlopen(path, RTLD_NOW | RTLD_GLOBAL) or link "
+                               "it (and build it from the rocketrec that exported the model)");
     throw std::runtime_error(path + ": cannot load AOTInductor package: " + msg.substr(0, msg.find('\n')));
   }
   aoti_ = std::move(models);
@@ -279,7 +283,15 @@ at::Tensor Predictor::run_aoti(bool candidates, std::vector<c10::IValue> in) con
   std::vector<at::Tensor> t;
   for (auto& v : in) t.push_back(v.toTensor());
   auto& loader = candidates ? aoti_->candidates : aoti_->forward;
-  return loader->run(t).at(0);
+  try {
+    return loader->run(t).at(0);
+  } catch (const std::exception& e) {  // a failed C shim call: the operator's own message
+    using LastError = const char* (*)();
+    auto last = reinterpret_cast<LastError>(::dlsym(RTLD_DEFAULT, "rocketrec_ops_last_error"));
+    const char* why = last != nullptr ? last() : nullptr;
+    if (why != nullptr && *why != '\0') throw std::runtime_error(why);
+    throw;
+  }
 }
 
 std::string Predictor::runtime_of(const std::string& method) const {

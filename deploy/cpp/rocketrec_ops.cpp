@@ -43,6 +43,7 @@
 // columns, and their sum is the merged rows' input.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>  // AtenTensorHandle, AOTITorchError (C shims)
 
 #include <immintrin.h>
 
@@ -2548,4 +2549,80 @@ TORCH_LIBRARY_IMPL(rocketrec, Meta, m) {
   m.impl("light_features", &rocketrec_ops::light_features_meta);
   m.impl("light_first_layer", &rocketrec_ops::light_first_layer_meta);
   m.impl("light_first_layer_context", &rocketrec_ops::light_first_layer_context_meta);
+}
+
+// -- C shims: what an AOTInductor package calls ---------------------------------------------
+//
+// `rocketrec export --format aoti` names these functions in the package
+// (aot_inductor.custom_ops_to_c_shims, rocketrec/serving/aoti.py): the compiled model calls
+// the operators straight through them, where the proxy executor boxed every argument and
+// went through the dispatcher (about 0.5 us a call here, a seventh of the light tower at
+// batch 1). The package's shared object finds them when this library is loaded with
+// RTLD_GLOBAL or linked (the Predictor and rocketrec.serving.ops do so). An error is kept
+// per thread for rocketrec_ops_last_error(): the package itself reports only that a call failed.
+namespace {
+thread_local std::string shim_error;
+
+template <class F>
+AOTITorchError shim_call(F&& f) {
+  try {
+    f();
+    if (!shim_error.empty()) shim_error.clear();  // a later failure elsewhere is not this one
+    return AOTI_TORCH_SUCCESS;
+  } catch (const c10::Error& e) {
+    shim_error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    shim_error = e.what();
+  }
+  return AOTI_TORCH_FAILURE;
+}
+
+const at::Tensor& tensor_of(AtenTensorHandle h) { return *reinterpret_cast<at::Tensor*>(h); }
+
+std::vector<at::Tensor> tensors_of(const AtenTensorHandle* h, int64_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out.push_back(tensor_of(h[i]));
+  return out;
+}
+
+AtenTensorHandle handle_of(at::Tensor&& t) { return reinterpret_cast<AtenTensorHandle>(new at::Tensor(std::move(t))); }
+}  // namespace
+
+extern "C" {
+__attribute__((visibility("default"))) AOTITorchError aoti_torch_cpu_light_features(
+    AtenTensorHandle values, AtenTensorHandle lengths, AtenTensorHandle dense, AtenTensorHandle icfg,
+    AtenTensorHandle fcfg, const AtenTensorHandle* tables, int64_t tables_len_, int32_t int8, int64_t out_dim,
+    AtenTensorHandle* ret0) {
+  return shim_call([&] {
+    *ret0 = handle_of(rocketrec_ops::light_features(tensor_of(values), tensor_of(lengths), tensor_of(dense),
+                                                    tensor_of(icfg), tensor_of(fcfg), tensors_of(tables, tables_len_),
+                                                    int8 != 0, out_dim));
+  });
+}
+
+__attribute__((visibility("default"))) AOTITorchError aoti_torch_cpu_light_first_layer(
+    AtenTensorHandle values, AtenTensorHandle lengths, AtenTensorHandle dense, AtenTensorHandle icfg,
+    AtenTensorHandle fcfg, const AtenTensorHandle* tables, int64_t tables_len_, int32_t int8, AtenTensorHandle wg_t,
+    AtenTensorHandle wg_sum, AtenTensorHandle b_eff, double eps, AtenTensorHandle* ret0) {
+  return shim_call([&] {
+    *ret0 = handle_of(rocketrec_ops::light_first_layer(
+        tensor_of(values), tensor_of(lengths), tensor_of(dense), tensor_of(icfg), tensor_of(fcfg),
+        tensors_of(tables, tables_len_), int8 != 0, tensor_of(wg_t), tensor_of(wg_sum), tensor_of(b_eff), eps));
+  });
+}
+
+__attribute__((visibility("default"))) AOTITorchError aoti_torch_cpu_light_first_layer_context(
+    AtenTensorHandle values, AtenTensorHandle lengths, AtenTensorHandle dense, AtenTensorHandle icfg,
+    AtenTensorHandle fcfg, const AtenTensorHandle* tables, int64_t tables_len_, int32_t int8, AtenTensorHandle wg_t,
+    AtenTensorHandle wg_sum, AtenTensorHandle b_eff, double eps, AtenTensorHandle* ret0) {
+  return shim_call([&] {
+    *ret0 = handle_of(rocketrec_ops::light_first_layer_context(
+        tensor_of(values), tensor_of(lengths), tensor_of(dense), tensor_of(icfg), tensor_of(fcfg),
+        tensors_of(tables, tables_len_), int8 != 0, tensor_of(wg_t), tensor_of(wg_sum), tensor_of(b_eff), eps));
+  });
+}
+
+// The message of this thread's last failed shim call ("" if none failed yet).
+__attribute__((visibility("default"))) const char* rocketrec_ops_last_error() { return shim_error.c_str(); }
 }

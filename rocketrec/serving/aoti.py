@@ -95,6 +95,33 @@ def _trace_example(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]
     return torch.cat([values.new_zeros(extra), values]), lengths, dense
 
 
+_TENSORS = (
+    "AtenTensorHandle values, AtenTensorHandle lengths, AtenTensorHandle dense, "
+    "AtenTensorHandle icfg, AtenTensorHandle fcfg, const AtenTensorHandle* tables, "
+    "int64_t tables_len_, int32_t int8"
+)
+_LAYER = f"{_TENSORS}, AtenTensorHandle wg_t, AtenTensorHandle wg_sum, AtenTensorHandle b_eff, double eps"
+
+
+def _c_shims() -> dict[Any, list[str]]:
+    """The operators' C shims (deploy/cpp/rocketrec_ops.cpp, end): the compiled model calls
+    them directly instead of through the proxy executor's boxed dispatch."""
+    ops = torch.ops.rocketrec
+    return {
+        ops.light_features.default: [
+            f"AOTITorchError aoti_torch_cpu_light_features({_TENSORS}, int64_t out_dim, "
+            "AtenTensorHandle* ret0)"
+        ],
+        ops.light_first_layer.default: [
+            f"AOTITorchError aoti_torch_cpu_light_first_layer({_LAYER}, AtenTensorHandle* ret0)"
+        ],
+        ops.light_first_layer_context.default: [
+            f"AOTITorchError aoti_torch_cpu_light_first_layer_context({_LAYER}, "
+            "AtenTensorHandle* ret0)"
+        ],
+    }
+
+
 def _compile(module: nn.Module, method: str, inputs: tuple[torch.Tensor, ...]) -> Any:
     # score_candidates is compiled for a context and >= 2 candidates (the traced tower
     # specializes a single row); one candidate is scored as two (repeat_last_row)
@@ -103,7 +130,17 @@ def _compile(module: nn.Module, method: str, inputs: tuple[torch.Tensor, ...]) -
     inputs = _trace_example(inputs)
     with torch.no_grad():
         ep = torch.export.export(entry, inputs, dynamic_shapes=_dynamic(inputs, min_rows, method))
-        return torch._inductor.aot_compile(ep.module(), inputs, options=dict(_COMPILE_OPTIONS))
+        options: dict[str, Any] = dict(_COMPILE_OPTIONS)
+        if _uses_ops(ep):
+            options["aot_inductor.custom_ops_to_c_shims"] = _c_shims()
+        return torch._inductor.aot_compile(ep.module(), inputs, options=options)
+
+
+def _uses_ops(ep: Any) -> bool:
+    """Whether the exported program calls a rocketrec operator (the portable module does not)."""
+    return any(
+        n.op == "call_function" and str(n.target).startswith("rocketrec.") for n in ep.graph.nodes
+    )
 
 
 def write_package(
@@ -143,6 +180,20 @@ def write_package(
     return time.perf_counter() - t0
 
 
+def _last_op_error() -> str:
+    """This thread's last failed operator call through a C shim ('' if none)."""
+    import ctypes
+
+    from rocketrec.serving.ops import library_path
+
+    try:
+        fn = ctypes.CDLL(str(library_path())).rocketrec_ops_last_error
+    except (OSError, AttributeError):
+        return ""
+    fn.restype = ctypes.c_char_p
+    return (fn() or b"").decode("utf-8", "replace")
+
+
 class AotiModel:
     """A loaded `.pt2`: `model(values, lengths, dense)` and `model.score_candidates(...)`,
     like the TorchScript module (`rocketrec.serving.ops.load_model` returns either)."""
@@ -153,7 +204,16 @@ class AotiModel:
 
         from torch.export.pt2_archive._package import load_pt2
 
-        contents = load_pt2(str(path), num_runners=num_runners)
+        try:
+            contents = load_pt2(str(path), num_runners=num_runners)
+        except RuntimeError as e:
+            if "undefined symbol: aoti_torch_cpu_light" in str(e):  # the operators' C shims
+                raise RuntimeError(
+                    f"{path}: this package calls the rocketrec op library's C shims, which are "
+                    "not loaded (rocketrec.serving.ops.load_library loads them; an older build "
+                    "of the library lacks them: rebuild it)"
+                ) from None
+            raise
         self.path = str(path)
         self._runners = contents.aoti_runners
         if FORWARD not in self._runners:
@@ -184,7 +244,13 @@ class AotiModel:
         return self._run(CANDIDATES, values, lengths, dense)
 
     def _run(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
-        out = self._runners[name](*inputs)
+        try:
+            out = self._runners[name](*inputs)
+        except RuntimeError as e:  # a failed C shim call: the operator's own message
+            why = _last_op_error()
+            if why:
+                raise RuntimeError(why) from e
+            raise
         return out[0] if isinstance(out, list | tuple) else out  # type: ignore[no-any-return]
 
     def eval(self) -> AotiModel:  # module-like: nothing to switch

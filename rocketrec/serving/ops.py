@@ -21,6 +21,7 @@ Legend: I id inputs, Kb bucketized inputs, D dense outputs, F sparse outputs, L 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import sys
@@ -78,6 +79,8 @@ def load_library() -> str:
         raise OpsLibraryError(f"{path}: rocketrec op library not found ({LIBRARY_NAME})")
     try:
         torch.ops.load_library(str(path))
+        # its symbols global: an AOTInductor package calls the operators' C shims by name
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         raise OpsLibraryError(f"{path}: cannot load the rocketrec op library: {e}") from e
     got = int(torch.ops.rocketrec.version())
