@@ -2601,27 +2601,22 @@ __attribute__((visibility("default"))) AOTITorchError aoti_torch_cpu_light_featu
   });
 }
 
-__attribute__((visibility("default"))) AOTITorchError aoti_torch_cpu_light_first_layer(
-    AtenTensorHandle values, AtenTensorHandle lengths, AtenTensorHandle dense, AtenTensorHandle icfg,
-    AtenTensorHandle fcfg, const AtenTensorHandle* tables, int64_t tables_len_, int32_t int8, AtenTensorHandle wg_t,
-    AtenTensorHandle wg_sum, AtenTensorHandle b_eff, double eps, AtenTensorHandle* ret0) {
-  return shim_call([&] {
-    *ret0 = handle_of(rocketrec_ops::light_first_layer(
-        tensor_of(values), tensor_of(lengths), tensor_of(dense), tensor_of(icfg), tensor_of(fcfg),
-        tensors_of(tables, tables_len_), int8 != 0, tensor_of(wg_t), tensor_of(wg_sum), tensor_of(b_eff), eps));
-  });
-}
+// forward's and score_candidates' first layer: the same arguments
+#define ROCKETREC_FIRST_LAYER_SHIM(NAME, FN)                                                                       \
+  __attribute__((visibility("default"))) AOTITorchError NAME(                                                      \
+      AtenTensorHandle values, AtenTensorHandle lengths, AtenTensorHandle dense, AtenTensorHandle icfg,            \
+      AtenTensorHandle fcfg, const AtenTensorHandle* tables, int64_t tables_len_, int32_t int8,                    \
+      AtenTensorHandle wg_t, AtenTensorHandle wg_sum, AtenTensorHandle b_eff, double eps, AtenTensorHandle* ret0) { \
+    return shim_call([&] {                                                                                         \
+      *ret0 = handle_of(rocketrec_ops::FN(tensor_of(values), tensor_of(lengths), tensor_of(dense),                \
+                                          tensor_of(icfg), tensor_of(fcfg), tensors_of(tables, tables_len_),       \
+                                          int8 != 0, tensor_of(wg_t), tensor_of(wg_sum), tensor_of(b_eff), eps));  \
+    });                                                                                                            \
+  }
 
-__attribute__((visibility("default"))) AOTITorchError aoti_torch_cpu_light_first_layer_context(
-    AtenTensorHandle values, AtenTensorHandle lengths, AtenTensorHandle dense, AtenTensorHandle icfg,
-    AtenTensorHandle fcfg, const AtenTensorHandle* tables, int64_t tables_len_, int32_t int8, AtenTensorHandle wg_t,
-    AtenTensorHandle wg_sum, AtenTensorHandle b_eff, double eps, AtenTensorHandle* ret0) {
-  return shim_call([&] {
-    *ret0 = handle_of(rocketrec_ops::light_first_layer_context(
-        tensor_of(values), tensor_of(lengths), tensor_of(dense), tensor_of(icfg), tensor_of(fcfg),
-        tensors_of(tables, tables_len_), int8 != 0, tensor_of(wg_t), tensor_of(wg_sum), tensor_of(b_eff), eps));
-  });
-}
+ROCKETREC_FIRST_LAYER_SHIM(aoti_torch_cpu_light_first_layer, light_first_layer)
+ROCKETREC_FIRST_LAYER_SHIM(aoti_torch_cpu_light_first_layer_context, light_first_layer_context)
+#undef ROCKETREC_FIRST_LAYER_SHIM
 
 // The message of this thread's last failed shim call ("" if none failed yet).
 __attribute__((visibility("default"))) const char* rocketrec_ops_last_error() { return shim_error.c_str(); }
