@@ -239,6 +239,20 @@ def test_cli_export_aoti_and_predict(tmp_path, trained):
     assert len(got["m.pt2"]) == 6
     assert max(abs(a - b) for a, b in zip(got["m.pt2"], got["m.pt"])) <= 1e-6
     assert read_manifest(tmp_path / "m.pt2")["op_library"]
+    # the package calls the operator through its C shims (no proxy executor), and an
+    # error inside the operator reaches Python with the operator's own message
+    import zipfile
+
+    import torch
+
+    from rocketrec.serving.ops import load_model
+
+    with zipfile.ZipFile(tmp_path / "m.pt2") as z:
+        cpp = "".join(z.read(n).decode() for n in z.namelist() if n.endswith(".wrapper.cpp"))
+    assert "aoti_torch_cpu_light_first_layer(" in cpp and "proxy_executor_call" not in cpp
+    m = load_model(tmp_path / "m.pt2")
+    with pytest.raises(RuntimeError, match="^rocketrec: (dense|lengths) must"):
+        m(torch.tensor([1, 2]), torch.tensor([1, 1]), torch.zeros(1, 1))
 
 
 def test_export_with_light_private_tables(tmp_path, tiny_spec, tiny_data):

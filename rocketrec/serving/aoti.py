@@ -184,10 +184,8 @@ def _last_op_error() -> str:
     """This thread's last failed operator call through a C shim ('' if none)."""
     import ctypes
 
-    from rocketrec.serving.ops import library_path
-
-    try:
-        fn = ctypes.CDLL(str(library_path())).rocketrec_ops_last_error
+    try:  # the library is loaded with its symbols global (rocketrec.serving.ops)
+        fn = ctypes.CDLL(None).rocketrec_ops_last_error
     except (OSError, AttributeError):
         return ""
     fn.restype = ctypes.c_char_p
