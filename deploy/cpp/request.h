@@ -33,15 +33,15 @@ struct Request {
   std::vector<float> dense;
 };
 
-// One context row against N candidate rows. Every input is given by the context or
-// by the candidates, never by both (checked by the parser and by Predictor::score).
 // Rows as columns, in the model's own layout (a KeyedJaggedTensor's): for `rows` rows and
 // the model's F sparse inputs (Predictor::sparse(), in order), lengths[f * rows + r] is
 // the number of ids input f has in row r; ids holds input 0's ids of rows 0, 1, ...,
 // then input 1's, and so on (string inputs: their fnv1a64 hashes, rocketrec_hash.h);
 // dense is [rows x D] row by row, NaN where a value is missing. A server that holds its
 // candidates' features as arrays scores them without one Request (and its heap vectors)
-// per row: Predictor::predict(Columns) and score(context, Columns).
+// per row: Predictor::predict(Columns) and score(context, Columns). Every input has its
+// lengths and dense slots: an input the context gives has length 0 (dense: NaN) in every
+// candidate row. A parsed Request's bags hold string ids already hashed: copy them as they are.
 struct Columns {
   int64_t rows = 0;
   std::vector<int64_t> lengths;  // [F * rows]
@@ -49,6 +49,8 @@ struct Columns {
   std::vector<float> dense;      // [rows * D]
 };
 
+// One context row against N candidate rows. Every input is given by the context or
+// by the candidates, never by both (checked by the parser and by Predictor::score).
 struct CandidatesRequest {
   Request context;
   std::vector<Request> candidates;
