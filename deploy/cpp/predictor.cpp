@@ -468,14 +468,29 @@ std::vector<float> Predictor::score(const Request& context, const std::vector<Re
   bool overlap = false;
   auto in = build_inputs(&context, candidates, &overlap);  // row 0 = the context; checks every shape
   if (overlap) parser_.check_disjoint(context, candidates);  // throws, naming the input
-  if (aoti_) {
-    if (candidates.size() == 1) {  // compiled for >= 2 candidates: score this one twice
-      auto two = to_vector(run_aoti(true, build_inputs(&context, {candidates[0], candidates[0]})));
-      return {two.at(0)};
-    }
-    return to_vector(run_aoti(true, std::move(in)));
+  return run_candidates(std::move(in));
+}
+
+// score_candidates on the model inputs (row 0 the context). An AOTInductor package is
+// compiled for >= 2 candidates: one candidate is scored as two (its row repeated, input
+// by input), and the first score kept.
+std::vector<float> Predictor::run_candidates(std::vector<c10::IValue> in) const {
+  if (!aoti_) return to_vector(run(static_candidates_, "score_candidates", std::move(in)).toTensor());
+  const at::Tensor dense = in[2].toTensor();
+  if (dense.size(0) != 2) return to_vector(run_aoti(true, std::move(in)));
+  const at::Tensor values = in[0].toTensor(), lengths = in[1].toTensor().view({-1, 2});
+  std::vector<at::Tensor> ids;
+  const int64_t* l = lengths.data_ptr<int64_t>();
+  int64_t pos = 0;
+  for (int64_t f = 0; f < lengths.size(0); ++f) {  // input f: the context's ids, the candidate's twice
+    const int64_t n0 = l[2 * f], n1 = l[2 * f + 1];
+    const at::Tensor cand = values.narrow(0, pos + n0, n1);
+    ids.insert(ids.end(), {values.narrow(0, pos, n0), cand, cand});
+    pos += n0 + n1;
   }
-  return to_vector(run(static_candidates_, "score_candidates", std::move(in)).toTensor());
+  std::vector<c10::IValue> three{at::cat(ids), at::cat({lengths, lengths.narrow(1, 1, 1)}, 1).reshape({-1}),
+                                 at::cat({dense, dense.narrow(0, 1, 1)})};
+  return {to_vector(run_aoti(true, std::move(three))).at(0)};
 }
 
 // -- Columns ---------------------------------------------------------------------------
@@ -594,25 +609,7 @@ std::vector<float> Predictor::score(const Request& context, const Columns& candi
     throw RequestError("this model file has no score_candidates entry point (exported by an older rocketrec)");
   auto in = column_inputs(&context, candidates);  // checks shapes and that no input is given twice
   if (candidates.rows == 0) return {};
-  if (aoti_) {
-    if (candidates.rows == 1) {  // compiled for >= 2 candidates: score this one twice
-      Columns two;
-      two.rows = 2;
-      const size_t F = sparse().size();
-      for (size_t f = 0; f < F; ++f) two.lengths.insert(two.lengths.end(), 2, candidates.lengths[f]);
-      size_t at = 0;
-      for (size_t f = 0; f < F; ++f) {
-        const auto n = static_cast<size_t>(candidates.lengths[f]);
-        for (int k = 0; k < 2; ++k) two.ids.insert(two.ids.end(), candidates.ids.begin() + static_cast<long>(at),
-                                                   candidates.ids.begin() + static_cast<long>(at + n));
-        at += n;
-      }
-      for (int k = 0; k < 2; ++k) two.dense.insert(two.dense.end(), candidates.dense.begin(), candidates.dense.end());
-      return {to_vector(run_aoti(true, column_inputs(&context, two))).at(0)};
-    }
-    return to_vector(run_aoti(true, std::move(in)));
-  }
-  return to_vector(run(static_candidates_, "score_candidates", std::move(in)).toTensor());
+  return run_candidates(std::move(in));
 }
 
 // -- PredictorWatch ----------------------------------------------------------------------

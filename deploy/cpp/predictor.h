@@ -122,6 +122,7 @@ class Predictor {
   void load_aoti(const std::string& path, size_t runners);
   void warm_up() const;
   at::Tensor run_aoti(bool candidates, std::vector<c10::IValue> in) const;
+  std::vector<float> run_candidates(std::vector<c10::IValue> in) const;
   c10::IValue run(const std::shared_ptr<StaticMethod>& sm, const char* method, std::vector<c10::IValue> in) const;
 };
 

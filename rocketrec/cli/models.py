@@ -120,19 +120,14 @@ def _cmd_requests(a: argparse.Namespace) -> int:
             for i, field in enumerate(t.schema):  # dictionary strings: their values (as
                 if pa.types.is_dictionary(field.type):  # the reader does), so files can mix
                     t = t.set_column(i, field.name, t.column(i).cast(field.type.value_type))
-            tables.append((f, t))
+            tables.append(t)
             n += t.num_rows
         if n >= a.rows:
             break
-    table = None
     try:
-        if tables:
-            table = pa.concat_tables([t for _, t in tables], promote_options="permissive")
-    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
-        first = tables[0][0]
-        raise UserError(
-            f"{a.data}: its files' columns cannot be read together (from {first} on): {e}"
-        ) from None
+        table = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:  # pyarrow's message names the column
+        raise UserError(f"{a.data}: its files' columns cannot be read together: {e}") from None
     if table is None or table.num_rows == 0:
         raise UserError(f"{a.data}: no rows")
     if a.candidates:
