@@ -223,7 +223,8 @@ int64_t check_inputs(const Config& c, const at::Tensor& values, const at::Tensor
   const int64_t B = dense.size(0);
   TORCH_CHECK(lengths.numel() == c.I * B, "rocketrec: lengths must have I*B = ", c.I, "*", B,
               " entries (input-major), got ", lengths.numel());
-  const at::Tensor lc = lengths.contiguous();
+  const auto lc_ = lengths.expect_contiguous();
+  const at::Tensor& lc = *lc_;
   const int64_t* l = lc.data_ptr<int64_t>();
   // one pass, no branch per entry: a negative length (huge as unsigned) or one past
   // values.numel() sets `bad`. When n lengths of at most nv each cannot sum past 2^64, the
@@ -567,7 +568,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& valu
   const Config& c = cached_config(icfg, fcfg);
   const int64_t B = check_inputs(c, values, lengths, dense);
   TORCH_CHECK(!context || B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
-  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+  // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
+  const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
+  const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
   Work w(c, B, context);
   w.sources(vc, lc, dc);
   std::vector<int64_t> rows;
@@ -753,7 +756,9 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void pool_bag_
   __m512 acc[2][NV];
   for (int c = 0; c < 2; ++c)
     for (int v = 0; v < NV; ++v) acc[c][v] = _mm512_setzero_ps();
-  float bsum = 0.0f;  // int8: the rows' biases, added once at the end
+  // int8: the rows' biases, added once at the end, in two chains beside the two of rows
+  // (one chain of scalar adds was twice as long as the rows' and set a 20-id bag's latency)
+  float bsum[2] = {0.0f, 0.0f};
   int64_t i = 0;
   for (; i + 2 <= n; i += 2) {
     if (i + 1 + kAhead < npf) {
@@ -762,11 +767,11 @@ __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void pool_bag_
     } else if (i + kAhead < npf) {
       __builtin_prefetch(base + rows[i + kAhead] * stride);
     }
-    pool_row_avx512<NV>(base + rows[i] * stride, int8, qdim, acc[0], bsum);
-    pool_row_avx512<NV>(base + rows[i + 1] * stride, int8, qdim, acc[1], bsum);
+    pool_row_avx512<NV>(base + rows[i] * stride, int8, qdim, acc[0], bsum[0]);
+    pool_row_avx512<NV>(base + rows[i + 1] * stride, int8, qdim, acc[1], bsum[1]);
   }
-  if (i < n) pool_row_avx512<NV>(base + rows[i] * stride, int8, qdim, acc[0], bsum);
-  const __m512 vsc = _mm512_set1_ps(scale), vb = _mm512_set1_ps(bsum);
+  if (i < n) pool_row_avx512<NV>(base + rows[i] * stride, int8, qdim, acc[0], bsum[0]);
+  const __m512 vsc = _mm512_set1_ps(scale), vb = _mm512_set1_ps(bsum[0] + bsum[1]);
   for (int v = 0; v < NV; ++v) {
     __m512 t = _mm512_add_ps(acc[0][v], acc[1][v]);
     if (int8) t = _mm512_add_ps(t, vb);
@@ -991,7 +996,7 @@ struct Rows {
 // The fused tables against the config: count, shape, dtype, and every lookup's rows inside
 // its table (rows come out of `id mod rows` + the lookup's offset: checking each lookup's
 // range once bounds every row, so a corrupt config cannot read past a table).
-void check_tables(const Config& c, const std::vector<at::Tensor>& tables, bool int8) {
+void check_tables(const Config& c, at::TensorList tables, bool int8) {
   TORCH_CHECK(static_cast<int64_t>(tables.size()) == c.G, "rocketrec: ", c.G, " tables expected, got ",
               tables.size());
   for (int64_t g = 0; g < c.G; ++g) {
@@ -1013,7 +1018,7 @@ void check_tables(const Config& c, const std::vector<at::Tensor>& tables, bool i
                 "rocketrec: a lookup's rows lie outside table ", k.group);
 }
 
-Rows table_rows(const Config& c, Work& w, const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+Rows table_rows(const Config& c, Work& w, at::TensorList tables, bool int8, int64_t B) {
   check_tables(c, tables, int8);
   WorkBuffers& wb = w.buf;
   Rows r{wb.base, wb.stride, wb.rows, wb.bag_end};
@@ -1083,7 +1088,7 @@ void pool_into(const Config& c, const Work& w, const Rows& r, const at::Tensor& 
 }
 
 at::Tensor pooled(const Config& c, Work& w, const at::Tensor& dense,
-                  const std::vector<at::Tensor>& tables, bool int8, int64_t B) {
+                  at::TensorList tables, bool int8, int64_t B) {
   auto x = at::empty({B, c.K}, at::kFloat);
   pool_into(c, w, table_rows(c, w, tables, int8, B), dense, int8, B, x.data_ptr<float>());
   return x;
@@ -1111,10 +1116,12 @@ Split context_split(const at::Tensor& values, const at::Tensor& lengths, const a
   const Config& c = cached_config(icfg, fcfg);
   const int64_t B = check_inputs(c, values, lengths, dense);
   TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
-  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+  // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
+  const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
+  const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
   Work w(c, B, true);
   w.sources(vc, lc, dc);
-  const Rows r = table_rows(c, w, tables.vec(), int8, B);
+  const Rows r = table_rows(c, w, tables, int8, B);
   const int64_t M = B - 1;
   // which columns the context gives: a lookup's, when the context gives its input
   std::vector<uint8_t> ctx_col(static_cast<size_t>(c.K), 0);
@@ -1192,10 +1199,12 @@ at::Tensor light_features(const at::Tensor& values, const at::Tensor& lengths, c
   const Config& c = cached_config(icfg, fcfg);
   TORCH_CHECK(out_dim == c.K, "rocketrec: out_dim ", out_dim, " != the config's ", c.K);
   const int64_t B = check_inputs(c, values, lengths, dense);
-  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+  // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
+  const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
+  const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
   Work w(c, B, false);
   w.sources(vc, lc, dc);
-  return pooled(c, w, dc, tables.vec(), int8, B);
+  return pooled(c, w, dc, tables, int8, B);
 }
 
 at::Tensor to_tensor(const std::vector<int64_t>& v) {
@@ -1653,7 +1662,7 @@ bool single_id_lookup(const Config& c, int64_t l) {
 }
 
 std::shared_ptr<const FoldSet> build_fold_set(const Config& c, const at::Tensor& icfg,
-                                              const std::vector<at::Tensor>& tables, bool int8,
+                                              at::TensorList tables, bool int8,
                                               const at::Tensor& wg, int64_t H, int64_t budget_bytes) {
   auto fs = std::make_shared<FoldSet>();
   const float* wg_t = wg.data_ptr<float>();
@@ -1796,7 +1805,7 @@ int64_t fold_clear() {
 // fold_clear) is dropped when its successor is built; a freed model's, at the next miss or
 // within 1024 calls of each thread.
 const FoldSet* fold_set(const Config& c, const at::Tensor& icfg,
-                                        const std::vector<at::Tensor>& tables, bool int8, const at::Tensor& wg_t,
+                                        at::TensorList tables, bool int8, const at::Tensor& wg_t,
                                         int64_t H) {
   const int64_t budget = fold_budget_mb_ref().load();
   if (budget <= 0 || H <= 0 || !wg_t.is_contiguous() || wg_t.scalar_type() != at::kFloat || c.L == 0)
@@ -1978,6 +1987,22 @@ RowShare folded_share(const FoldSet& fs, const Config& c, const Rows& r, const s
   return share;
 }
 
+// The first layer's output h [rows, cols], per thread and entry point (slot 0 forward, 1
+// score_candidates): the last call's, resized in place, when nothing else holds it any more
+// (the caller has let it go: its tensor and storage referenced here alone, the storage large
+// enough), else a new one with room to grow. A fresh tensor per call cost the allocator a
+// tenth of a batch-1 call (the Predictor reuses its input tensors the same way).
+at::Tensor first_layer_out(int slot, int64_t rows, int64_t cols) {
+  thread_local at::Tensor cache[2];
+  at::Tensor& t = cache[slot];
+  const size_t bytes = static_cast<size_t>(rows * cols) * sizeof(float);
+  if (!(t.defined() && t.use_count() == 1 && t.storage().use_count() == 1 && t.storage().nbytes() >= bytes &&
+        t.is_inference() == c10::InferenceMode::is_enabled()))  // an inference tensor only where one is made
+    t = at::empty({std::max<int64_t>(2 * rows * cols, 1024)}, at::kFloat);
+  t.unsafeGetTensorImpl()->set_sizes_contiguous({rows, cols});
+  return t;
+}
+
 // forward's first layer: the pooled rows x [B, K] -> h [B, H] (FirstLayer); the folded
 // lookups (FoldSet) add their rows' shares, x keeps the other lookups' and the dense columns
 at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense,
@@ -1987,12 +2012,14 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
   const Config& c = cached_config(icfg, fcfg);
   const FirstLayer f(wg_t, wg_sum, b_eff, c.K, eps);
   const int64_t B = check_inputs(c, values, lengths, dense);
-  const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
+  // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
+  const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
+  const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
   Work w(c, B, false);
   w.sources(vc, lc, dc);
-  const std::vector<at::Tensor> tv = tables.vec();
+  const at::TensorList tv = tables;  // no copy: a vector of them took a malloc and 2 atomics per table
   const Rows r = table_rows(c, w, tv, int8, B);
-  at::Tensor h = at::empty({B, f.H}, at::kFloat);
+  at::Tensor h = first_layer_out(0, B, f.H);
   float* hp = h.data_ptr<float>();
   // x stays inside the call: a per-thread buffer (a fresh 100 KB block per call at batch
   // 256 cost malloc's trimming and page faults)
@@ -2256,7 +2283,7 @@ int64_t lean_calls() { return lean_count.load(); }
 
 // values, lengths, dense: contiguous and checked (check_inputs: B rows); tables checked
 bool candidates_lean(const Config& c, const FirstLayer& f, const FoldSet& fs, const at::Tensor& values,
-                     const at::Tensor& lengths, const at::Tensor& dense, const std::vector<at::Tensor>& tables,
+                     const at::Tensor& lengths, const at::Tensor& dense, at::TensorList tables,
                      bool int8, int64_t B, float* hp) {
   const int64_t M = B - 1, H = f.H, K = c.K;
   const int64_t* v = values.data_ptr<int64_t>();
@@ -2437,14 +2464,16 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
                                      const at::Tensor& wg_sum, const at::Tensor& b_eff, double eps) {
   const Config& c = cached_config(icfg, fcfg);
   const FirstLayer f(wg_t, wg_sum, b_eff, c.K, eps);  // checks wg_t's shape before fold_set reads it
-  const std::vector<at::Tensor> tv = tables.vec();
+  const at::TensorList tv = tables;
   check_tables(c, tv, int8);  // and the tables'
   const FoldSet* fs = fold_set(c, icfg, tv, int8, wg_t, f.H);
   if (fs != nullptr && lean_enabled()) {
     const int64_t B = check_inputs(c, values, lengths, dense);
     TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
-    const at::Tensor vc = values.contiguous(), lc = lengths.contiguous(), dc = dense.contiguous();
-    at::Tensor h = at::empty({B - 1, f.H}, at::kFloat);
+    // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
+    const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
+    const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
+    at::Tensor h = first_layer_out(1, B - 1, f.H);
     if (candidates_lean(c, f, *fs, vc, lc, dc, tv, int8, B, h.data_ptr<float>())) {
       lean_count.fetch_add(1, std::memory_order_relaxed);
       return h;
@@ -2461,7 +2490,7 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
   wc.resize(static_cast<size_t>(kc * H));  // wg_t's rows of the candidates' columns
   for (int64_t j = 0; j < kc; ++j)
     std::memcpy(wc.data() + j * H, f.wg_t + cols[static_cast<size_t>(j)] * H, static_cast<size_t>(H) * sizeof(float));
-  at::Tensor h = at::empty({M, H}, at::kFloat);
+  at::Tensor h = first_layer_out(1, M, H);
   const float* yp = sp.cand_p;
   float* hp = h.data_ptr<float>();
   double cs = 0, css = 0;
