@@ -425,9 +425,11 @@ def test_cpp_api_checks_sizes(predictor, cross_exported):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
-    # 7 checks of Request rows, 8 of Columns, an empty row's score (Columns == Request)
-    assert len(lines) == 16 and all(x.startswith("ok ") for x in lines), lines
+    # 7 checks of Request rows, 8 of Columns, an empty row's score (Columns == Request),
+    # inputs a caller keeps not written over by the Predictor's reused input tensors
+    assert len(lines) == 17 and all(x.startswith("ok ") for x in lines), lines
     assert sum(x.startswith("ok columns: ") for x in lines) == 8
+    assert "ok inputs a caller keeps are not reused" in lines
 
 
 def _mutate(line: bytes, rng: random.Random) -> bytes:

@@ -1991,7 +1991,9 @@ RowShare folded_share(const FoldSet& fs, const Config& c, const Rows& r, const s
 // score_candidates): the last call's, resized in place, when nothing else holds it any more
 // (the caller has let it go: its tensor and storage referenced here alone, the storage large
 // enough), else a new one with room to grow. A fresh tensor per call cost the allocator a
-// tenth of a batch-1 call (the Predictor reuses its input tensors the same way).
+// tenth of a batch-1 call (the Predictor reuses its input tensors the same way). Inside an
+// AOTInductor or TorchScript graph h never leaves the call; one handed to Python is never
+// reused (its Python object keeps a reference to it).
 at::Tensor first_layer_out(int slot, int64_t rows, int64_t cols) {
   thread_local at::Tensor cache[2];
   at::Tensor& t = cache[slot];

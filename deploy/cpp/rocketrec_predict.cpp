@@ -527,6 +527,20 @@ int self_test(const rocketrec::Predictor& p) {
     std::printf("FAIL columns: an empty row scores %.9g, as a Request %.9g\n", col, one);
     ++bad;
   }
+  // the Predictor reuses its input tensors per thread, but only once nothing else holds
+  // them: inputs a caller keeps are not written over by the next calls
+  auto some = good();
+  for (size_t f = 0; f < F; ++f) some.bags[f] = {static_cast<int64_t>(7 * f + 3)};
+  for (size_t k = 0; k < D; ++k) some.dense[k] = 1.5f + static_cast<float>(k);
+  const auto kept = p.inputs({some, some});
+  std::vector<at::Tensor> copies;
+  for (const auto& v : kept) copies.push_back(v.toTensor().clone());
+  p.predict({r, r, r});
+  p.predict(cols(4));
+  bool same = true;
+  for (size_t i = 0; i < kept.size(); ++i) same = same && kept[i].toTensor().equal(copies[i]);
+  std::printf("%s inputs a caller keeps are not reused\n", same ? "ok" : "FAIL");
+  bad += same ? 0 : 1;
   return bad ? 1 : 0;
 }
 
