@@ -1,6 +1,6 @@
 """Serving: light vs booster latency from the C++ predictor, candidates, threads, int8.
 
-    python benchmarks/bench_serving.py [--checkpoint RUN_DIR] [--seconds 1.0] [--repeat 3]
+    python benchmarks/bench_serving.py [--checkpoint RUN_DIR] [--seconds 1.0] [--repeat 4]
 
 Without --checkpoint it trains a short rocket run on `rocketrec synth` data
 for feature_specs/ads_ctr.yaml. It exports the light tower (fp32 and int8)
@@ -426,9 +426,10 @@ def main() -> None:
     ap.add_argument(
         "--repeat",
         type=int,
-        default=3,
+        default=4,
         help="rounds over all models, interleaved; each figure is the median of its rounds "
-        "(this VM's timings drift by tens of percent over minutes)",
+        "(this VM's timings drift by tens of percent over minutes; the models' order is "
+        "reversed every other round, so an even number balances it)",
     )
     ap.add_argument("--rows", type=int, default=200_000, help="training rows when no checkpoint")
     a = ap.parse_args()
@@ -517,10 +518,16 @@ def main() -> None:
         fold_models["int8"] = aoti["int8"]
     rounds: list[list[dict]] = []
     for i in range(max(1, a.repeat)):  # interleaved: drift hits every model alike
-        # each round turns the models' order by one: a model's place in the turns is
-        # worth a few percent at batch 256 (one model twice: the second copy 1-4% slower)
+        # the models' order (in which they load, and take turns) is reversed every other
+        # round, and turned by one every two: the model loaded first measured 6-10% faster
+        # at batch 256 than a copy of itself loaded second (its tables got more of the 2 MB
+        # pages: with ROCKETREC_HUGE_PAGES=0 the order made no difference), so each pair
+        # of rounds has every two models in both orders
         order = list(pair_models.items())
-        order = order[i % len(order) :] + order[: i % len(order)]
+        k = (i // 2) % len(order)
+        order = order[k:] + order[:k]
+        if i % 2:
+            order.reverse()
         paired.append(bench_paired(exe, dict(order), math, 2 * a.seconds))
         folds.append(bench_knob(exe, fold_models, a.seconds, "fold"))
         leans.append(bench_knob(exe, fold_models, a.seconds, "lean"))
