@@ -262,7 +262,7 @@ def _report_aoti(rounds, lb, bb, qb, mb, al, aq, abo) -> None:  # type: ignore[n
         )
     ca, cs = al["candidates"], lb["candidates"]
     print(
-        f"1 context x {ca['candidates']} candidates: aoti {ca['p50_us']:.1f} us (its rows as a "
+        f"1 context x {int(ca['candidates'])} candidates: aoti {ca['p50_us']:.1f} us (its rows as a "
         f"batch {ca['batch_p50_us']:.1f}); TorchScript {cs['p50_us']:.1f} us (batch "
         f"{cs['batch_p50_us']:.1f})"
     )
@@ -519,10 +519,10 @@ def main() -> None:
     rounds: list[list[dict]] = []
     for i in range(max(1, a.repeat)):  # interleaved: drift hits every model alike
         # the models' order (in which they load, and take turns) is reversed every other
-        # round, and turned by one every two: the model loaded first measured 6-10% faster
-        # at batch 256 than a copy of itself loaded second (its tables got more of the 2 MB
-        # pages: with ROCKETREC_HUGE_PAGES=0 the order made no difference), so each pair
-        # of rounds has every two models in both orders
+        # round, and turned by one every two: the model loaded first measured 5-10% faster
+        # at batch 256 than a copy of itself loaded second (most likely more of its tables
+        # on 2 MB pages: with ROCKETREC_HUGE_PAGES=0 the order made no difference), so each
+        # pair of rounds has every two models in both orders
         order = list(pair_models.items())
         k = (i // 2) % len(order)
         order = order[k:] + order[:k]
@@ -591,7 +591,7 @@ def main() -> None:
         )
     c, th = lb["candidates"], lb["threads"]
     print(
-        f"1 context x {c['candidates']} candidates (context: {c['context']}): p50 "
+        f"1 context x {int(c['candidates'])} candidates (context: {c['context']}): p50 "
         f"{c['p50_us']:.1f} us vs the same rows as a batch {c['batch_p50_us']:.1f} us "
         f"(max |diff| {c['max_abs_diff']:.2g})"
     )
