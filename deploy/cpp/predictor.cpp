@@ -1,4 +1,5 @@
 #include "predictor.h"
+#include "reused_tensor.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <caffe2/serialize/inline_container.h>
@@ -381,26 +382,11 @@ void Predictor::warm_up() const {
   predict({r});
 }
 
-// The model inputs' tensors, per thread and slot (0 values, 1 lengths, 2 dense): the last
-// call's, resized in place, when nothing else holds it any more (its storage large enough),
-// else a new one with room to grow. A call allocates no input tensor in steady state: the
-// allocator's work for three tensors (malloc, its consolidation, two tensor objects each)
-// was a tenth of a batch-1 call on AOTI.
+// The model inputs' tensors, per thread and slot (0 values, 1 lengths, 2 dense): reused
+// from the last call when nothing else holds them (reused_tensor.h)
 static at::Tensor input_tensor(int slot, at::IntArrayRef sizes, at::ScalarType type) {
   thread_local at::Tensor cache[3];
-  at::Tensor& t = cache[slot];
-  int64_t n = 1;
-  for (int64_t x : sizes) n *= x;
-  const size_t bytes = static_cast<size_t>(n) * c10::elementSize(type);
-  if (t.defined() && t.use_count() == 1 && t.storage().use_count() == 1 && t.storage().nbytes() >= bytes &&
-      t.is_inference() == c10::InferenceMode::is_enabled()) {
-    t.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
-    return t;
-  }
-  const int64_t room = std::max<int64_t>(2 * n, 256);
-  t = torch::empty({room}, type);
-  t.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
-  return t;
+  return reused_tensor(cache[slot], sizes, type);
 }
 
 std::vector<torch::jit::IValue> Predictor::inputs(const std::vector<Request>& batch) const {

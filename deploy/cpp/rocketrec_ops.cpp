@@ -64,6 +64,7 @@
 #include <sys/mman.h>  // madvise
 
 #include "rocketrec_hash.h"
+#include "reused_tensor.h"
 
 namespace rocketrec_ops {
 
@@ -210,6 +211,17 @@ const Config& cached_config(const at::Tensor& icfg, const at::Tensor& fcfg) {
 // The serving contract's input checks (the same messages as the portable module's).
 extern const bool kHasAvx512;
 uint64_t lengths_scan_avx512(const int64_t* l, int64_t n, uint64_t nv, uint64_t& sum);
+
+// An entry point's values, lengths and dense, contiguous: borrowed when they are already
+// (the usual case: no new tensor handles, no reference counts), else contiguous copies
+struct Contiguous {
+  c10::MaybeOwned<at::Tensor> vo, lo, dop;
+  Contiguous(const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& dense)
+      : vo(values.expect_contiguous()), lo(lengths.expect_contiguous()), dop(dense.expect_contiguous()) {}
+  const at::Tensor& v() const { return *vo; }
+  const at::Tensor& l() const { return *lo; }
+  const at::Tensor& d() const { return *dop; }
+};
 
 int64_t check_inputs(const Config& c, const at::Tensor& values, const at::Tensor& lengths,
                      const at::Tensor& dense) {
@@ -568,9 +580,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> preprocess(const at::Tensor& valu
   const Config& c = cached_config(icfg, fcfg);
   const int64_t B = check_inputs(c, values, lengths, dense);
   TORCH_CHECK(!context || B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
-  // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
-  const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
-  const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
+  const Contiguous in(values, lengths, dense);
+  const at::Tensor &vc = in.v(), &lc = in.l(), &dc = in.d();
   Work w(c, B, context);
   w.sources(vc, lc, dc);
   std::vector<int64_t> rows;
@@ -1116,9 +1127,8 @@ Split context_split(const at::Tensor& values, const at::Tensor& lengths, const a
   const Config& c = cached_config(icfg, fcfg);
   const int64_t B = check_inputs(c, values, lengths, dense);
   TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
-  // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
-  const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
-  const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
+  const Contiguous in(values, lengths, dense);
+  const at::Tensor &vc = in.v(), &lc = in.l(), &dc = in.d();
   Work w(c, B, true);
   w.sources(vc, lc, dc);
   const Rows r = table_rows(c, w, tables, int8, B);
@@ -1199,9 +1209,8 @@ at::Tensor light_features(const at::Tensor& values, const at::Tensor& lengths, c
   const Config& c = cached_config(icfg, fcfg);
   TORCH_CHECK(out_dim == c.K, "rocketrec: out_dim ", out_dim, " != the config's ", c.K);
   const int64_t B = check_inputs(c, values, lengths, dense);
-  // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
-  const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
-  const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
+  const Contiguous in(values, lengths, dense);
+  const at::Tensor &vc = in.v(), &lc = in.l(), &dc = in.d();
   Work w(c, B, false);
   w.sources(vc, lc, dc);
   return pooled(c, w, dc, tables, int8, B);
@@ -1988,21 +1997,12 @@ RowShare folded_share(const FoldSet& fs, const Config& c, const Rows& r, const s
 }
 
 // The first layer's output h [rows, cols], per thread and entry point (slot 0 forward, 1
-// score_candidates): the last call's, resized in place, when nothing else holds it any more
-// (the caller has let it go: its tensor and storage referenced here alone, the storage large
-// enough), else a new one with room to grow. A fresh tensor per call cost the allocator a
-// tenth of a batch-1 call (the Predictor reuses its input tensors the same way). Inside an
-// AOTInductor or TorchScript graph h never leaves the call; one handed to Python is never
-// reused (its Python object keeps a reference to it).
+// score_candidates): reused from the last call when nothing else holds it (reused_tensor.h).
+// Inside an AOTInductor or TorchScript graph h never leaves the call; one handed to Python
+// is never reused (its Python object keeps a reference to it).
 at::Tensor first_layer_out(int slot, int64_t rows, int64_t cols) {
   thread_local at::Tensor cache[2];
-  at::Tensor& t = cache[slot];
-  const size_t bytes = static_cast<size_t>(rows * cols) * sizeof(float);
-  if (!(t.defined() && t.use_count() == 1 && t.storage().use_count() == 1 && t.storage().nbytes() >= bytes &&
-        t.is_inference() == c10::InferenceMode::is_enabled()))  // an inference tensor only where one is made
-    t = at::empty({std::max<int64_t>(2 * rows * cols, 1024)}, at::kFloat);
-  t.unsafeGetTensorImpl()->set_sizes_contiguous({rows, cols});
-  return t;
+  return rocketrec::reused_tensor(cache[slot], {rows, cols}, at::kFloat);
 }
 
 // forward's first layer: the pooled rows x [B, K] -> h [B, H] (FirstLayer); the folded
@@ -2014,19 +2014,17 @@ at::Tensor light_first_layer(const at::Tensor& values, const at::Tensor& lengths
   const Config& c = cached_config(icfg, fcfg);
   const FirstLayer f(wg_t, wg_sum, b_eff, c.K, eps);
   const int64_t B = check_inputs(c, values, lengths, dense);
-  // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
-  const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
-  const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
+  const Contiguous in(values, lengths, dense);
+  const at::Tensor &vc = in.v(), &lc = in.l(), &dc = in.d();
   Work w(c, B, false);
   w.sources(vc, lc, dc);
-  const at::TensorList tv = tables;  // no copy: a vector of them took a malloc and 2 atomics per table
-  const Rows r = table_rows(c, w, tv, int8, B);
+  const Rows r = table_rows(c, w, tables, int8, B);
   at::Tensor h = first_layer_out(0, B, f.H);
   float* hp = h.data_ptr<float>();
   // x stays inside the call: a per-thread buffer (a fresh 100 KB block per call at batch
   // 256 cost malloc's trimming and page faults)
   thread_local std::vector<float> x;
-  const FoldSet* fs = fold_set(c, icfg, tv, int8, wg_t, f.H);
+  const FoldSet* fs = fold_set(c, icfg, tables, int8, wg_t, f.H);
   thread_local std::vector<int64_t> use, kept;
   use.clear();
   kept.clear();
@@ -2466,17 +2464,15 @@ at::Tensor light_first_layer_context(const at::Tensor& values, const at::Tensor&
                                      const at::Tensor& wg_sum, const at::Tensor& b_eff, double eps) {
   const Config& c = cached_config(icfg, fcfg);
   const FirstLayer f(wg_t, wg_sum, b_eff, c.K, eps);  // checks wg_t's shape before fold_set reads it
-  const at::TensorList tv = tables;
-  check_tables(c, tv, int8);  // and the tables'
-  const FoldSet* fs = fold_set(c, icfg, tv, int8, wg_t, f.H);
+  check_tables(c, tables, int8);  // and the tables'
+  const FoldSet* fs = fold_set(c, icfg, tables, int8, wg_t, f.H);
   if (fs != nullptr && lean_enabled()) {
     const int64_t B = check_inputs(c, values, lengths, dense);
     TORCH_CHECK(B >= 2, "rocketrec: score_candidates needs the context row and >= 1 candidate");
-    // borrowed when contiguous already (the usual case): no new tensor handles, no refcounts
-    const auto vc_ = values.expect_contiguous(), lc_ = lengths.expect_contiguous(), dc_ = dense.expect_contiguous();
-    const at::Tensor &vc = *vc_, &lc = *lc_, &dc = *dc_;
+    const Contiguous in(values, lengths, dense);
+    const at::Tensor &vc = in.v(), &lc = in.l(), &dc = in.d();
     at::Tensor h = first_layer_out(1, B - 1, f.H);
-    if (candidates_lean(c, f, *fs, vc, lc, dc, tv, int8, B, h.data_ptr<float>())) {
+    if (candidates_lean(c, f, *fs, vc, lc, dc, tables, int8, B, h.data_ptr<float>())) {
       lean_count.fetch_add(1, std::memory_order_relaxed);
       return h;
     }
